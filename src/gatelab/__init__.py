@@ -1,0 +1,21 @@
+"""gatelab: gated computation for PyTorch.
+
+Routers return a :class:`~gatelab.routing.Routing`; dispatchers, losses, telemetry and
+model edits consume it. See ``docs/architecture.md``.
+"""
+
+from .experts import ExpertBank, ExpertWeights, SharedExpert
+from .layers import MoE
+from .routing import ROUTERS, Routing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ROUTERS",
+    "ExpertBank",
+    "ExpertWeights",
+    "MoE",
+    "Routing",
+    "SharedExpert",
+    "__version__",
+]

@@ -1,0 +1,36 @@
+"""Dispatchers: get each token to its experts and the weighted outputs back.
+
+A dispatcher is ``fn(x [T, D], experts [T, K], weights [T, K], bank: ExpertWeights,
+deterministic) -> [T, D]``. It reads only the slot half of a Routing, so HF's experts
+interface, which passes (top_k_index, top_k_weights), can call it unchanged.
+"""
+
+from __future__ import annotations
+
+from ..registry import Registry
+from .grouped import grouped_dispatch, grouped_linear, grouped_mm_supported
+from .loop import loop_dispatch
+
+DISPATCHERS = Registry("dispatcher")
+DISPATCHERS.register("loop")(loop_dispatch)
+DISPATCHERS.register("grouped")(grouped_dispatch)
+
+
+def get_dispatcher(name: str):
+    """The dispatcher registered under ``name``; "auto" picks the fastest for any device."""
+    if name == "auto":
+        return grouped_dispatch
+    if name not in DISPATCHERS:
+        valid = ", ".join(["auto", *DISPATCHERS.names()])
+        raise ValueError(f"unknown dispatcher {name!r}; valid names are: {valid}")
+    return DISPATCHERS.get(name)
+
+
+__all__ = [
+    "DISPATCHERS",
+    "get_dispatcher",
+    "grouped_dispatch",
+    "grouped_linear",
+    "grouped_mm_supported",
+    "loop_dispatch",
+]

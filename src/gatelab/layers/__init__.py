@@ -1,0 +1,5 @@
+"""nn.Modules users put in models."""
+
+from .moe import MoE
+
+__all__ = ["MoE"]

@@ -1,0 +1,185 @@
+"""The MoE layer: router -> (capacity) -> dispatch through an expert bank -> (+ shared)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..dispatch import get_dispatcher
+from ..experts import EXPERT_BANKS, ExpertBank, SharedExpert
+from ..routing import LOSSES, ROUTERS, Router, Routing, apply_capacity
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts layer on inputs [..., dim].
+
+    Args:
+        dim: model width D.
+        hidden_dim: width F of each routed expert.
+        num_experts: E.
+        top_k: experts per token (for expert choice: the average).
+        router: a registered router name (``gatelab.routing.ROUTERS``) or a Router module.
+        experts: a registered bank name ("glu", "mlp") or an ExpertBank.
+        act, bias: activation and biases of the routed experts (when built by name).
+        dispatcher: "auto", "grouped" or "loop".
+        shared_experts: hidden width of a shared expert every token also passes (0: none).
+        shared_gate: scale the shared expert by sigmoid(x w) (Qwen2-MoE).
+        capacity_factor: None for dropless; otherwise each expert takes at most
+            ceil(capacity_factor * T * k / E) slots and the rest are dropped.
+        loss_weights: coefficients of the auxiliary losses to compute in training, e.g.
+            ``{"balance": 0.01, "z": 0.001}``; names from ``gatelab.routing.LOSSES``.
+        deterministic: combine without atomic adds (bitwise repeatable on GPUs).
+        router_kwargs: extra arguments for a router built by name.
+
+    After each forward, ``last_routing`` holds the Routing the experts ran with and
+    ``aux_losses`` the weighted auxiliary losses (``aux_loss`` their sum) computed on the
+    routing before capacity drops, with padding excluded through ``token_mask``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        router: str | Router = "topk",
+        experts: str | ExpertBank = "glu",
+        act: str = "silu",
+        bias: bool = False,
+        dispatcher: str = "auto",
+        shared_experts: int = 0,
+        shared_gate: bool = False,
+        capacity_factor: float | None = None,
+        loss_weights: dict[str, float] | None = None,
+        deterministic: bool = True,
+        router_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = self._build_router(router, router_kwargs or {})
+        self.experts = self._build_experts(experts, act, bias)
+        get_dispatcher(dispatcher)  # fail early on an unknown name
+        self.dispatcher = dispatcher
+        self.shared_experts = (
+            SharedExpert(dim, shared_experts, act=act, gated=shared_gate)
+            if shared_experts
+            else None
+        )
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(
+                f"capacity_factor must be > 0, or None for dropless routing; got {capacity_factor}"
+            )
+        self.capacity_factor = capacity_factor
+        self.loss_weights = _check_loss_weights(loss_weights or {})
+        self.deterministic = deterministic
+        self.last_routing: Routing | None = None
+        self.aux_losses: dict[str, Tensor] = {}
+
+    def _build_router(self, router, kwargs) -> Router:
+        if isinstance(router, nn.Module):
+            if kwargs:
+                raise ValueError("router_kwargs apply only to a router given by name")
+            built = router
+        else:
+            built = ROUTERS.get(router)(self.dim, self.num_experts, self.top_k, **kwargs)
+        if (built.dim, built.num_experts) != (self.dim, self.num_experts):
+            raise ValueError(
+                f"router is for dim={built.dim}, num_experts={built.num_experts}; "
+                f"the layer has dim={self.dim}, num_experts={self.num_experts}"
+            )
+        return built
+
+    def _build_experts(self, experts, act, bias) -> nn.Module:
+        if isinstance(experts, nn.Module):
+            built = experts
+        else:
+            built = EXPERT_BANKS.get(experts)(
+                self.num_experts, self.dim, self.hidden_dim, act=act, bias=bias
+            )
+        w = built.weights().check()
+        if (w.num_experts, w.dim) != (self.num_experts, self.dim):
+            raise ValueError(
+                f"expert bank has num_experts={w.num_experts}, dim={w.dim}; the layer has "
+                f"num_experts={self.num_experts}, dim={self.dim}"
+            )
+        return built
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
+            f"top_k={self.top_k}, dispatcher={self.dispatcher!r}, "
+            f"capacity_factor={self.capacity_factor}"
+        )
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """The sum of the weighted auxiliary losses of the last forward (0 when none)."""
+        if not self.aux_losses:
+            return torch.zeros((), device=self.router_device)
+        return sum(self.aux_losses.values())
+
+    @property
+    def router_device(self) -> torch.device:
+        return next(self.experts.parameters()).device
+
+    def forward(
+        self,
+        x: Tensor,
+        token_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        routing_edit=None,
+    ) -> Tensor:
+        """x [..., dim] -> [..., dim].
+
+        token_ids: [...] ids for hash routing. token_mask: [...] True for real tokens,
+        excluded from the losses when False. routing_edit: an optional ``Routing -> Routing``
+        function applied before dispatch (steer, skip, prune).
+        """
+        self._check_input(x)
+        shape = x.shape
+        flat = x.reshape(-1, self.dim)
+        positions = None
+        if x.dim() >= 2:
+            positions = torch.arange(shape[-2], device=x.device).repeat(
+                flat.shape[0] // max(shape[-2], 1)
+            )
+        routing = self.router(flat, token_ids=token_ids, positions=positions)
+        if self.training and self.loss_weights:
+            self.aux_losses = {
+                name: weight * LOSSES[name](routing, token_mask)
+                for name, weight in self.loss_weights.items()
+            }
+        else:
+            self.aux_losses = {}
+        if self.capacity_factor is not None:
+            routing = apply_capacity(routing, self.capacity_factor)
+        if routing_edit is not None:
+            routing = routing_edit(routing)
+        self.last_routing = routing
+        out = get_dispatcher(self.dispatcher)(
+            flat, routing.experts, routing.weights, self.experts.weights(), self.deterministic
+        )
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.reshape(shape)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoE expects a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"MoE input must be a real floating tensor, got {x.dtype}; "
+                "embed token ids first, or cast with x.float()"
+            )
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE input must be [..., dim={self.dim}], got shape {tuple(x.shape)}")
+
+
+def _check_loss_weights(weights: dict[str, float]) -> dict[str, float]:
+    for name, value in weights.items():
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; valid names are: {', '.join(sorted(LOSSES))}")
+        if value < 0:
+            raise ValueError(f"loss weight {name}={value} must be >= 0")
+    return {name: float(value) for name, value in weights.items() if value > 0}

@@ -1,0 +1,45 @@
+"""Routers and everything that reads their decisions: the Routing contract, capacity, losses."""
+
+from .aux_free import attach_bias_update, update_expert_bias
+from .capacity import apply_capacity, expert_capacity
+from .losses import (
+    LOSSES,
+    cv_squared,
+    importance_loss,
+    load_loss,
+    switch_balance_loss,
+    z_loss,
+)
+from .routers import (
+    ROUTERS,
+    ExpertChoiceRouter,
+    HashRouter,
+    Router,
+    SigmoidRouter,
+    TopKRouter,
+    TopKSoftmaxRouter,
+)
+from .routing import EMPTY, FlatRouting, Routing
+
+__all__ = [
+    "EMPTY",
+    "LOSSES",
+    "ROUTERS",
+    "ExpertChoiceRouter",
+    "FlatRouting",
+    "HashRouter",
+    "Router",
+    "Routing",
+    "SigmoidRouter",
+    "TopKRouter",
+    "TopKSoftmaxRouter",
+    "apply_capacity",
+    "attach_bias_update",
+    "cv_squared",
+    "expert_capacity",
+    "importance_loss",
+    "load_loss",
+    "switch_balance_loss",
+    "update_expert_bias",
+    "z_loss",
+]
