@@ -35,7 +35,9 @@ def grouped_linear(x: Tensor, w: Tensor, counts: Tensor, offsets: Tensor) -> Ten
     if grouped_mm_supported(x, w):
         return _GROUPED_MM(x, w.transpose(1, 2), offs=offsets)
     pieces = x.split(counts.tolist())
-    outs = [piece @ w_e.t() for piece, w_e in zip(pieces, w.unbind(0)) if piece.shape[0]]
+    outs = [
+        piece @ w_e.t() for piece, w_e in zip(pieces, w.unbind(0), strict=True) if piece.shape[0]
+    ]
     if not outs:
         return x.new_zeros(0, w.shape[1]) + w.sum() * 0  # keep the graph for an empty batch
     return torch.cat(outs)
