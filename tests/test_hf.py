@@ -1,0 +1,345 @@
+"""gatelab as a transformers experts implementation: same logits and gradients as eager."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pathlib
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface  # noqa: E402
+
+import gatelab.hf  # noqa: E402
+from gatelab.hf import experts as hf_experts  # noqa: E402
+
+VOCAB = 64
+ATOL, RTOL = 1e-5, 1e-4
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def _mixtral():
+    return transformers.MixtralConfig(
+        **COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2
+    )
+
+
+def _qwen2_moe():
+    return transformers.Qwen2MoeConfig(
+        **COMMON,
+        intermediate_size=48,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    )
+
+
+def _qwen3_moe():
+    return transformers.Qwen3MoeConfig(
+        **COMMON,
+        intermediate_size=48,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=8,
+        norm_topk_prob=True,
+    )
+
+
+def _olmoe():
+    return transformers.OlmoeConfig(
+        **COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2
+    )
+
+
+def _deepseek_v3():
+    return transformers.DeepseekV3Config(
+        **{**COMMON, "num_key_value_heads": 4},  # MLA: one kv head per query head
+        intermediate_size=48,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    )
+
+
+def _gpt_oss():
+    return transformers.GptOssConfig(
+        **COMMON,
+        intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
+CONFIGS = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "deepseek_v3": _deepseek_v3,
+    "gpt_oss": _gpt_oss,
+}
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    gatelab.hf.register()
+
+
+def _experts_modules(model):
+    return [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
+
+
+def _build(name: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        CONFIGS[name](), experts_implementation="gatelab", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        for module in _experts_modules(model):
+            for pname, param in module.named_parameters():
+                if pname.endswith("_bias"):  # GPT-OSS initialises its biases to zero
+                    param.normal_(0.0, 0.1)
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:  # DeepSeek-V3's aux-loss-free bias, zero at init
+                bias.copy_(torch.rand(bias.shape) * 0.5)
+    return model
+
+
+class _Spy:
+    """Counts calls to the dispatcher the gatelab forward uses."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = hf_experts.grouped_dispatch
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(hf_experts, "grouped_dispatch", spy)
+
+
+def _run(model, impl: str, ids: torch.Tensor):
+    """Logits and gradients of a loss wrt every experts parameter, under ``impl``."""
+    model.set_experts_implementation(impl)
+    assert model.config._experts_implementation == impl
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    grads = {
+        name: param.grad.clone()
+        for name, param in model.named_parameters()
+        if ".experts." in name or ".mlp.gate." in name or ".router." in name
+    }
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_eager(name, monkeypatch):
+    if name == "gpt_oss" and not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no GPT-OSS")
+    model = _build(name)
+    assert model.config._experts_implementation == "gatelab"
+    experts = _experts_modules(model)
+    assert experts, f"{name}: no HF experts module found"
+    if name == "gpt_oss":
+        assert experts[0].is_transposed and experts[0].has_bias
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    spy = _Spy(monkeypatch)
+    ours, our_grads = _run(model, "gatelab", ids)
+    assert spy.calls == len(experts), "the gatelab experts forward did not run in every MoE layer"
+    ref, ref_grads = _run(model, "eager", ids)
+    assert spy.calls == len(experts)
+
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+    assert our_grads.keys() == ref_grads.keys()
+    assert any(".experts." in key for key in our_grads)
+    for key in ref_grads:
+        torch.testing.assert_close(our_grads[key], ref_grads[key], atol=ATOL, rtol=RTOL, msg=key)
+
+
+def test_deepseek_bias_changes_routing():
+    """The random e_score_correction_bias must steer the choice, or the DeepSeek test is weak."""
+    model = _build("deepseek_v3")
+    gate = model.model.layers[1].mlp.gate
+    hidden = torch.randn(64, gate.hidden_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, _, with_bias = gate(hidden)
+        gate.e_score_correction_bias.zero_()
+        _, _, without_bias = gate(hidden)
+    assert not torch.equal(with_bias.sort(dim=1).values, without_bias.sort(dim=1).values)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = _build("qwen2_moe")
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, experts_implementation="gatelab", dtype=torch.float32
+    ).eval()
+    assert loaded.config._experts_implementation == "gatelab"
+    with torch.no_grad():
+        ours = loaded(ids).logits
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_register_is_idempotent():
+    assert gatelab.hf.register() == "gatelab"
+    before = dict(ExpertsInterface._global_mapping)
+    gatelab.hf.register()
+    assert ExpertsInterface._global_mapping == before
+    assert ALL_EXPERTS_FUNCTIONS["gatelab"] is gatelab.hf.gatelab_experts_forward
+
+
+def _mixtral_experts():
+    torch.manual_seed(0)
+    config = _mixtral()
+    config._experts_implementation = "gatelab"
+    module = transformers.models.mixtral.modeling_mixtral.MixtralExperts(config)
+    with torch.no_grad():
+        module.gate_up_proj.normal_(0.0, 0.2)
+        module.down_proj.normal_(0.0, 0.2)
+    return module
+
+
+def test_sentinel_slots_are_empty():
+    """HF's expert-parallel sentinel id (== num_experts) contributes nothing."""
+    experts = _mixtral_experts()
+    num = experts.num_experts
+    x = torch.randn(6, 32)
+    index = torch.stack([torch.randperm(num)[:2] for _ in range(6)])
+    weights = torch.rand(6, 2)
+    sentinel = torch.full((6, 1), num)
+    # A third slot that only holds sentinels, with a nonzero weight, equals no third slot.
+    with_sentinel = experts(
+        x, torch.cat([index, sentinel], dim=1), torch.cat([weights, torch.rand(6, 1)], dim=1)
+    )
+    torch.testing.assert_close(with_sentinel, experts(x, index, weights), atol=ATOL, rtol=RTOL)
+    # Sentinels scattered among real slots match eager, which skips the sentinel class.
+    scattered = index.clone()
+    scattered[[0, 3, 5], [1, 0, 1]] = num
+    ours = experts(x, scattered, weights)
+    experts.config._experts_implementation = "eager"
+    torch.testing.assert_close(ours, experts(x, scattered, weights), atol=ATOL, rtol=RTOL)
+
+
+def test_plain_experts_without_gate():
+    """has_gate=False experts (up_proj + act_fn), as NemotronH uses."""
+    modeling = pytest.importorskip("transformers.models.nemotron_h.modeling_nemotron_h")
+    config = transformers.NemotronHConfig(
+        hidden_size=32, n_routed_experts=4, moe_intermediate_size=24, num_experts_per_tok=2
+    )
+    config._experts_implementation = "gatelab"
+    torch.manual_seed(0)
+    experts = modeling.NemotronHExperts(config)
+    assert not experts.has_gate
+    with torch.no_grad():
+        experts.up_proj.normal_(0.0, 0.2)
+        experts.down_proj.normal_(0.0, 0.2)
+    x = torch.randn(10, 32)
+    index = torch.stack([torch.randperm(4)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2)
+    ours = experts(x, index, weights)
+    config._experts_implementation = "eager"
+    torch.testing.assert_close(ours, experts(x, index, weights), atol=ATOL, rtol=RTOL)
+
+
+def test_expert_weights_layout():
+    experts = _mixtral_experts()
+    bank = gatelab.hf.expert_weights_from_hf(experts)
+    assert bank.w_in is experts.gate_up_proj and bank.w_out is experts.down_proj
+    assert bank.b_in is None and bank.b_out is None
+    # A transposed layout ([E, in, out]) is viewed, not copied, in gatelab's [E, out, in].
+    experts.is_transposed = True
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2))
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().transpose(1, 2))
+    bank = gatelab.hf.expert_weights_from_hf(experts)
+    assert bank.w_in.shape == (4, 96, 32) and bank.w_out.shape == (4, 32, 48)
+    assert bank.w_in.data_ptr() == experts.gate_up_proj.data_ptr()
+
+
+@pytest.mark.parametrize("flag", ["has_post_expert_norm", "_is_expert_parallel"])
+def test_unsupported_layouts_raise(flag):
+    experts = _mixtral_experts()
+    setattr(experts, flag, True)
+    with pytest.raises(NotImplementedError, match="grouped_mm") as info:
+        experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+    assert "MixtralExperts" in str(info.value)
+
+
+def test_import_error_without_transformers(monkeypatch):
+    for mod in [m for m in sys.modules if m == "gatelab.hf" or m.startswith("gatelab.hf.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(
+        ImportError, match=r"gatelab.hf needs transformers>=5: pip install 'gatelab\[hf\]'"
+    ):
+        importlib.import_module("gatelab.hf")
+
+
+def _imported_modules(path: pathlib.Path, root: pathlib.Path):
+    """Absolute names of the modules a file of the gatelab package imports."""
+    package = ["gatelab", *path.relative_to(root).with_suffix("").parts[:-1]]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            yield module
+            yield from (f"{module}.{alias.name}" for alias in node.names)
+
+
+def test_core_never_imports_hf():
+    root = pathlib.Path(gatelab.hf.__file__).resolve().parents[1]
+    offenders = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if root / "hf" not in path.parents
+        and any(
+            name == "gatelab.hf" or name.startswith("gatelab.hf.")
+            for name in _imported_modules(path, root)
+        )
+    )
+    assert not offenders, f"core modules import gatelab.hf: {offenders}"
