@@ -1,8 +1,18 @@
 """The grouped dispatcher: sort slots by expert, one grouped GEMM per projection, combine.
 
 ``torch.nn.functional.grouped_mm`` runs each projection for all experts in one call where
-the running torch has it for the dtype and device; elsewhere (float64, old torch) a loop of
-plain matmuls over the same sorted rows gives the same result.
+the running torch has a kernel for the dtype, device and alignment; elsewhere (float64,
+odd widths, old torch) a loop of plain matmuls over the same sorted rows gives the same
+result.
+
+The experts run inside one autograd Function, :class:`GroupedExperts`, so that forward and
+backward touch each [slots, width] tensor as few times as possible:
+
+- the routing weight is folded into the activation (``w * act(h)``) instead of scaling
+  the [slots, D] output, and the combine is one ``index_add_`` into [T, D];
+- backward recomputes the activation from the saved pre-activation (one elementwise pass)
+  instead of keeping it, and writes weight gradients with grouped GEMMs straight into
+  [E, ...] tensors: no per-token copy of any weight, no per-expert dense gradient.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..experts.bank import ExpertWeights
 
@@ -17,67 +28,168 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
-    """Whether torch's grouped GEMM kernel takes these operands on this device."""
-    if _GROUPED_MM is None or x.dtype not in _GROUPED_DTYPES or w.dtype != x.dtype:
+def _aligned(t: Tensor) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(
+        (stride * size) % 16 == 0
+        for stride, n in zip(t.stride(), t.shape, strict=True)
+        if stride != 1 and n > 1
+    )
+
+
+def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
+    """Whether torch's grouped GEMM kernel takes operands ``a`` and ``b`` as they are."""
+    if _GROUPED_MM is None or a.dtype not in _GROUPED_DTYPES or b.dtype != a.dtype:
         return False
-    if w.device.type == "cuda":
-        # The CUDA kernel needs sm80+ and 16-byte aligned rows.
-        itemsize = x.element_size()
-        aligned = (w.shape[1] * itemsize) % 16 == 0 and (w.shape[2] * itemsize) % 16 == 0
-        return aligned and torch.cuda.get_device_capability(w.device) >= (8, 0)
-    return w.device.type == "cpu"
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (8, 0):
+        return False
+    if a.device.type == "cpu" and not hasattr(F, "grouped_mm"):
+        return False  # torch._grouped_mm of torch <= 2.9 has no CPU kernel
+    if a.device.type not in ("cpu", "cuda"):
+        return False
+    return _aligned(a) and _aligned(b)
 
 
 def grouped_linear(x: Tensor, w: Tensor, counts: Tensor, offsets: Tensor) -> Tensor:
-    """Rows of x [N, in] sorted by expert times w[e].T ([E, out, in]) -> [N, out]."""
-    x = x.to(w.dtype)
-    if grouped_mm_supported(x, w):
-        return _GROUPED_MM(x, w.transpose(1, 2), offs=offsets)
-    pieces = x.split(counts.tolist())
-    outs = [
-        piece @ w_e.t() for piece, w_e in zip(pieces, w.unbind(0), strict=True) if piece.shape[0]
-    ]
-    if not outs:
-        return x.new_zeros(0, w.shape[1]) + w.sum() * 0  # keep the graph for an empty batch
-    return torch.cat(outs)
+    """Rows of x [N, in], sorted by expert, times w[e].T for w [E, out, in] -> [N, out]."""
+    w_t = w.transpose(1, 2)
+    if grouped_mm_supported(x, w_t):
+        return _GROUPED_MM(x, w_t, offs=offsets)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, count in enumerate(counts.tolist()):
+        if count:
+            torch.mm(x[start : start + count], w_t[e], out=out[start : start + count])
+        start += count
+    return out
+
+
+def grouped_weight_grad(grad: Tensor, inp: Tensor, counts: Tensor, offsets: Tensor) -> Tensor:
+    """Per-expert grad[e].T @ inp[e] for rows sorted by expert -> [E, out, in]."""
+    grad_t = grad.t()
+    if grouped_mm_supported(grad_t, inp):
+        return _GROUPED_MM(grad_t, inp, offs=offsets)
+    out = grad.new_zeros(counts.shape[0], grad.shape[1], inp.shape[1])
+    start = 0
+    for e, count in enumerate(counts.tolist()):
+        if count:
+            torch.mm(grad_t[:, start : start + count], inp[start : start + count], out=out[e])
+        start += count
+    return out
+
+
+def _segment_sum(rows: Tensor, counts: Tensor) -> Tensor:
+    """Sum of each expert's rows (rows sorted by expert) -> [E, width], without atomics."""
+    return torch.segment_reduce(rows, "sum", lengths=counts, axis=0, unsafe=True)
+
+
+class GroupedExperts(torch.autograd.Function):
+    """out[t] = sum over t's slots of w * (W_out act(W_in x_t + b_in) + b_out).
+
+    ``routed`` comes from :func:`sort_slots`: the routed slots in expert order with their
+    tokens and experts [N], ``counts`` [E] and int32 ``offsets`` [E]; ``slot_weights`` [N]
+    follows the same order and ``shape`` is the routing's (T, K).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, slot_weights, w_in, w_out, b_in, b_out, activate, routed, shape, deterministic
+    ):
+        slots, tokens, experts, counts, offsets = routed
+        xs = x.index_select(0, tokens).to(w_in.dtype)
+        hidden = grouped_linear(xs, w_in, counts, offsets)
+        if b_in is not None:
+            hidden += b_in[experts]
+        scale = slot_weights.to(hidden.dtype).unsqueeze(1)
+        act = activate(hidden)
+        act = act * scale if act.data_ptr() == hidden.data_ptr() else act.mul_(scale)
+        y = grouped_linear(act, w_out, counts, offsets)
+        if b_out is not None:
+            y.addcmul_(scale, b_out[experts])
+        ctx.save_for_backward(
+            xs, hidden, slot_weights, w_in, w_out, b_out, slots, tokens, experts, counts, offsets
+        )
+        ctx.activate, ctx.has_b_in, ctx.x_dtype = activate, b_in is not None, x.dtype
+        ctx.shape, ctx.deterministic = shape, deterministic
+        return combine(y, slots, tokens, shape, deterministic).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        xs, hidden, slot_weights, w_in, w_out, b_out = saved[:6]
+        slots, tokens, experts, counts, offsets = saved[6:]
+        gy = grad_out.to(w_out.dtype).index_select(0, tokens)  # d out / d y, per slot
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_()
+            act = ctx.activate(h)
+        scale = slot_weights.to(hidden.dtype).unsqueeze(1)
+        g_w_out = grouped_weight_grad(gy, act.detach() * scale, counts, offsets)
+        g_b_out = _segment_sum(gy * scale, counts) if b_out is not None else None
+        g_act = grouped_linear(gy, w_out.transpose(1, 2), counts, offsets)
+        g_scale = (g_act * act.detach()).sum(1)
+        if b_out is not None:
+            g_scale += (gy * b_out[experts]).sum(1)
+        (g_hidden,) = torch.autograd.grad(act, h, g_act.mul_(scale))
+        g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets)
+        g_b_in = _segment_sum(g_hidden, counts) if ctx.has_b_in else None
+        g_xs = grouped_linear(g_hidden, w_in.transpose(1, 2), counts, offsets)
+        g_x = combine(g_xs, slots, tokens, ctx.shape, ctx.deterministic)
+        return (
+            g_x.to(ctx.x_dtype),
+            g_scale.to(slot_weights.dtype),
+            g_w_in,
+            g_w_out,
+            g_b_in,
+            g_b_out,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def combine(
+    y: Tensor, slots: Tensor, tokens: Tensor, shape: tuple[int, int], deterministic: bool
+) -> Tensor:
+    """Sum each routed slot's weighted expert output into its token's row of [T, D].
+
+    ``slots`` are the routed slots' flat ids in the [T, K] routing, ``shape`` is (T, K).
+    """
+    num_tokens, num_slots = shape
+    if deterministic and y.device.type != "cpu":
+        # CUDA's index_add_ accumulates with atomics; put the rows back in slot order and
+        # sum over k instead, which gives the same bits every run.
+        by_slot = y.new_zeros(num_tokens * num_slots, y.shape[1]).index_copy_(0, slots, y)
+        return by_slot.view(num_tokens, num_slots, -1).sum(dim=1)
+    # On CPU index_add_ walks the rows in order, so it is deterministic already.
+    return y.new_zeros(num_tokens, y.shape[1]).index_add_(0, tokens, y)
+
+
+def sort_slots(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The routed slots of [T, K] ``experts`` in expert order (stable).
+
+    Returns (slots, tokens, experts, counts, offsets): flat slot ids, their tokens and
+    experts [N], slots per expert [E], and the int32 end offsets grouped GEMMs take.
+    """
+    num_slots = experts.shape[1]
+    key = experts.reshape(-1)
+    key = torch.where(key < 0, num_experts, key)  # empty slots sort to the end
+    slots = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)
+    slots = slots[: key.numel() - int(counts[num_experts])]
+    counts = counts[:num_experts]
+    tokens = torch.div(slots, num_slots, rounding_mode="floor")
+    return slots, tokens, key[slots], counts, counts.cumsum(0).to(torch.int32)
 
 
 def grouped_dispatch(
     x: Tensor, experts: Tensor, weights: Tensor, bank: ExpertWeights, deterministic: bool = True
 ) -> Tensor:
     """Sum over slots of weight * expert(x) for x [T, D], experts/weights [T, K]."""
-    num_tokens, num_slots = experts.shape
-    num_experts = bank.num_experts
-    key = experts.reshape(-1)
-    key = torch.where(key < 0, num_experts, key)  # empty slots sort to the end
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)
-    num_routed = key.numel() - int(counts[num_experts])
-    counts = counts[:num_experts]
-    order = order[:num_routed]
-    sorted_experts = key[order]
-    offsets = counts.cumsum(0).to(torch.int32)
-    tokens = torch.div(order, num_slots, rounding_mode="floor")
-
-    hidden = grouped_linear(x.index_select(0, tokens), bank.w_in, counts, offsets)
-    if bank.b_in is not None:
-        hidden = hidden + bank.b_in[sorted_experts]
-    y = grouped_linear(bank.activate(hidden), bank.w_out, counts, offsets)
-    if bank.b_out is not None:
-        y = y + bank.b_out[sorted_experts]
-    y = y * weights.reshape(-1)[order].unsqueeze(1).to(y.dtype)
-    return combine(y, order, tokens, num_tokens, num_slots, deterministic).to(x.dtype)
-
-
-def combine(
-    y: Tensor, order: Tensor, tokens: Tensor, num_tokens: int, num_slots: int, deterministic: bool
-) -> Tensor:
-    """Sum each token's weighted expert outputs back into [T, D]."""
-    dim = y.shape[1]
-    if deterministic and y.device.type != "cpu":
-        # index_add_ uses atomics on GPUs; put rows back in slot order and sum over k instead.
-        slots = y.new_zeros(num_tokens * num_slots, dim).index_copy(0, order, y)
-        return slots.view(num_tokens, num_slots, dim).sum(dim=1)
-    # On CPU index_add_ is sequential per row, so it is deterministic already.
-    return y.new_zeros(num_tokens, dim).index_add(0, tokens, y)
+    routed = sort_slots(experts, bank.num_experts)
+    slot_weights = weights.reshape(-1)[routed[0]]
+    return GroupedExperts.apply(
+        x, slot_weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out,
+        bank.activate, routed, tuple(experts.shape), deterministic,
+    )  # fmt: skip
