@@ -135,6 +135,10 @@ class Routing:
         """[E] int64: how many slots each expert received (masked tokens excluded)."""
         valid = self.valid
         if token_mask is not None:
+            if token_mask.numel() != self.num_tokens:
+                raise ValueError(
+                    f"token_mask has {token_mask.numel()} elements for {self.num_tokens} tokens"
+                )
             valid = valid & token_mask.reshape(-1, 1).bool()
         ids = self.experts[valid]
         return torch.bincount(ids, minlength=self.num_experts)
