@@ -29,12 +29,12 @@ _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _aligned(t: Tensor) -> bool:
+    """The kernel's layout rule: 16-byte aligned data, one unit stride among the last two
+    dims and every other stride a multiple of 16 bytes."""
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(
-        (stride * size) % 16 == 0
-        for stride, n in zip(t.stride(), t.shape, strict=True)
-        if stride != 1 and n > 1
-    )
+    *batch, row, col = t.stride()
+    inner = (col == 1 and row * size % 16 == 0) or (row == 1 and col * size % 16 == 0)
+    return t.data_ptr() % 16 == 0 and inner and all(s * size % 16 == 0 for s in batch)
 
 
 def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:

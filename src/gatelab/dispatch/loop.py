@@ -19,6 +19,7 @@ def loop_dispatch(
     b_in = bank.b_in.unbind(0) if bank.b_in is not None else [None] * bank.num_experts
     b_out = bank.b_out.unbind(0) if bank.b_out is not None else [None] * bank.num_experts
     out = torch.zeros_like(x)
+    routed = False
     for e in range(bank.num_experts):
         tokens, slots = torch.where(experts == e)
         if tokens.numel() == 0:
@@ -26,4 +27,9 @@ def loop_dispatch(
         hidden = bank.activate(F.linear(x[tokens], w_in[e], b_in[e]))
         y = F.linear(hidden, w_out[e], b_out[e])
         out = out.index_add(0, tokens, y * weights[tokens, slots].unsqueeze(1).to(y.dtype))
+        routed = True
+    if not routed:
+        # Keep the inputs in the graph so backward yields zero gradients, as grouped does.
+        tensors = (x, weights, *(t for t in bank[:4] if t is not None))
+        out = out + 0 * sum(t.sum() for t in tensors)
     return out

@@ -31,7 +31,7 @@ class MoE(nn.Module):
         deterministic: combine without atomic adds (bitwise repeatable on GPUs).
         router_kwargs: extra arguments for a router built by name.
 
-    After each forward, ``last_routing`` holds the Routing the experts ran with and
+    After each forward, ``last_routing`` holds the Routing the experts ran with (detached) and
     ``aux_losses`` the weighted auxiliary losses (``aux_loss`` their sum) computed on the
     routing before capacity drops, with padding excluded through ``token_mask``.
     """
@@ -75,6 +75,13 @@ class MoE(nn.Module):
         self.deterministic = deterministic
         self.last_routing: Routing | None = None
         self.aux_losses: dict[str, Tensor] = {}
+
+    def __getstate__(self):
+        # The last forward's losses belong to its autograd graph, which cannot be copied
+        # or pickled: copies (deepcopy for EMA, pickling) start without them.
+        state = dict(super().__getstate__())
+        state["last_routing"], state["aux_losses"] = None, {}
+        return state
 
     def _build_router(self, router, kwargs) -> Router:
         if isinstance(router, nn.Module):
@@ -156,7 +163,7 @@ class MoE(nn.Module):
             routing = apply_capacity(routing, self.capacity_factor)
         if routing_edit is not None:
             routing = routing_edit(routing)
-        self.last_routing = routing
+        self.last_routing = routing.detach()
         out = get_dispatcher(self.dispatcher)(
             flat, routing.experts, routing.weights, self.experts.weights(), self.deterministic
         )
