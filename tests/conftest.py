@@ -9,7 +9,7 @@ import torch
 from hypothesis import strategies as st
 
 from gatelab import ExpertBank, Routing
-from gatelab.experts import ACTIVATIONS
+from gatelab.experts import ACTIVATION_NAMES
 from gatelab.routing import EMPTY
 
 
@@ -126,7 +126,7 @@ def dispatch_cases(draw, max_tokens: int = 40) -> DispatchCase:
         top_k=top_k,
         glu=draw(st.booleans()),
         bias=draw(st.booleans()),
-        act=draw(st.sampled_from(sorted(ACTIVATIONS))),
+        act=draw(st.sampled_from(ACTIVATION_NAMES)),
         pattern=pattern,
         empty_rate=draw(st.sampled_from([0.0, 0.0, 0.3, 0.7])),
         deterministic=draw(st.booleans()),

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
+from .workspace import scratch
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -50,12 +52,26 @@ def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
     return _aligned(a) and _aligned(b)
 
 
-def grouped_linear(x: Tensor, w: Tensor, counts: Tensor, offsets: Tensor) -> Tensor:
-    """Rows of x [N, in], sorted by expert, times w[e].T for w [E, out, in] -> [N, out]."""
+def _use_kernel(a: Tensor, b: Tensor) -> bool:
+    # On CPU torch's kernel is itself a loop of GEMMs but cannot write into a reused
+    # buffer, so the loop below is as fast and allocates less; under torch.compile the
+    # kernel avoids the loop's data-dependent Python.
+    if not grouped_mm_supported(a, b):
+        return False
+    return a.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def grouped_linear(
+    x: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """Rows of x [N, in], sorted by expert, times w[e].T for w [E, out, in] -> [N, out].
+
+    Writes into ``out`` [N, out] when given and the loop path runs.
+    """
     w_t = w.transpose(1, 2)
-    if grouped_mm_supported(x, w_t):
+    if _use_kernel(x, w_t):
         return _GROUPED_MM(x, w_t, offs=offsets)
-    out = x.new_empty(x.shape[0], w.shape[1])
+    out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
     start = 0
     for e, count in enumerate(counts.tolist()):
         if count:
@@ -67,13 +83,15 @@ def grouped_linear(x: Tensor, w: Tensor, counts: Tensor, offsets: Tensor) -> Ten
 def grouped_weight_grad(grad: Tensor, inp: Tensor, counts: Tensor, offsets: Tensor) -> Tensor:
     """Per-expert grad[e].T @ inp[e] for rows sorted by expert -> [E, out, in]."""
     grad_t = grad.t()
-    if grouped_mm_supported(grad_t, inp):
+    if _use_kernel(grad_t, inp):
         return _GROUPED_MM(grad_t, inp, offs=offsets)
-    out = grad.new_zeros(counts.shape[0], grad.shape[1], inp.shape[1])
+    out = grad.new_empty(counts.shape[0], grad.shape[1], inp.shape[1])
     start = 0
     for e, count in enumerate(counts.tolist()):
         if count:
             torch.mm(grad_t[:, start : start + count], inp[start : start + count], out=out[e])
+        else:
+            out[e].zero_()
         start += count
     return out
 
@@ -83,70 +101,85 @@ def _segment_sum(rows: Tensor, counts: Tensor) -> Tensor:
     return torch.segment_reduce(rows, "sum", lengths=counts, axis=0, unsafe=True)
 
 
+def _gather(x: Tensor, tokens: Tensor, name: str, like: Tensor) -> Tensor:
+    x = x.to(like.dtype)
+    return torch.index_select(x, 0, tokens, out=scratch(name, (tokens.shape[0], x.shape[1]), like))
+
+
 class GroupedExperts(torch.autograd.Function):
     """out[t] = sum over t's slots of w * (W_out act(W_in x_t + b_in) + b_out).
 
     ``routed`` comes from :func:`sort_slots`: the routed slots in expert order with their
     tokens and experts [N], ``counts`` [E] and int32 ``offsets`` [E]; ``slot_weights`` [N]
-    follows the same order and ``shape`` is the routing's (T, K).
+    follows the same order and ``shape`` is the routing's (T, K). Only the pre-activation
+    is kept for backward; the gathered rows and the activation are recomputed there, and
+    every temporary lives in a reused scratch buffer (see ``workspace.py``).
     """
 
     @staticmethod
     def forward(
-        ctx, x, slot_weights, w_in, w_out, b_in, b_out, activate, routed, shape, deterministic
+        ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed, shape, deterministic
     ):
         slots, tokens, experts, counts, offsets = routed
-        xs = x.index_select(0, tokens).to(w_in.dtype)
+        rows, ffn = tokens.shape[0], w_out.shape[2]
+        xs = _gather(x, tokens, "rows_in", w_in)
         hidden = grouped_linear(xs, w_in, counts, offsets)
         if b_in is not None:
             hidden += b_in[experts]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-        act = activate(hidden)
-        act = act * scale if act.data_ptr() == hidden.data_ptr() else act.mul_(scale)
-        y = grouped_linear(act, w_out, counts, offsets)
+        act = activation.forward_into(hidden, scale, scratch("act", (rows, ffn), hidden))
+        y = grouped_linear(act, w_out, counts, offsets, out=scratch("rows_out", xs.shape, hidden))
         if b_out is not None:
             y.addcmul_(scale, b_out[experts])
         ctx.save_for_backward(
-            xs, hidden, slot_weights, w_in, w_out, b_out, slots, tokens, experts, counts, offsets
+            x, hidden, slot_weights, w_in, w_out, b_out, slots, tokens, experts, counts, offsets
         )
-        ctx.activate, ctx.has_b_in, ctx.x_dtype = activate, b_in is not None, x.dtype
+        ctx.activation, ctx.has_b_in = activation, b_in is not None
         ctx.shape, ctx.deterministic = shape, deterministic
         return combine(y, slots, tokens, shape, deterministic).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        xs, hidden, slot_weights, w_in, w_out, b_out = saved[:6]
-        slots, tokens, experts, counts, offsets = saved[6:]
-        gy = grad_out.to(w_out.dtype).index_select(0, tokens)  # d out / d y, per slot
-        with torch.enable_grad():
-            h = hidden.detach().requires_grad_()
-            act = ctx.activate(h)
+        x, hidden, slot_weights, w_in, w_out, b_out = ctx.saved_tensors[:6]
+        slots, tokens, experts, counts, offsets = ctx.saved_tensors[6:]
+        need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
+        rows, ffn = tokens.shape[0], w_out.shape[2]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-        g_w_out = grouped_weight_grad(gy, act.detach() * scale, counts, offsets)
-        g_b_out = _segment_sum(gy * scale, counts) if b_out is not None else None
-        g_act = grouped_linear(gy, w_out.transpose(1, 2), counts, offsets)
-        g_scale = (g_act * act.detach()).sum(1)
-        if b_out is not None:
-            g_scale += (gy * b_out[experts]).sum(1)
-        (g_hidden,) = torch.autograd.grad(act, h, g_act.mul_(scale))
-        g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets)
-        g_b_in = _segment_sum(g_hidden, counts) if ctx.has_b_in else None
-        g_xs = grouped_linear(g_hidden, w_in.transpose(1, 2), counts, offsets)
-        g_x = combine(g_xs, slots, tokens, ctx.shape, ctx.deterministic)
-        return (
-            g_x.to(ctx.x_dtype),
-            g_scale.to(slot_weights.dtype),
-            g_w_in,
-            g_w_out,
-            g_b_in,
-            g_b_out,
-            None,
-            None,
-            None,
-            None,
+        gy = _gather(grad_out, tokens, "rows_out", w_out)  # d loss / d y, per slot
+
+        g_w_out = g_b_out = g_w_in = g_b_in = g_x = None
+        if need_w_out:
+            act = ctx.activation.forward_into(hidden, scale, scratch("act", (rows, ffn), hidden))
+            g_w_out = grouped_weight_grad(gy, act, counts, offsets)
+        if need_b_out:
+            g_b_out = _segment_sum(gy * scale, counts)
+        g_act = grouped_linear(
+            gy, w_out.transpose(1, 2), counts, offsets, out=scratch("g_act", (rows, ffn), hidden)
         )
+        g_hidden = scratch("g_hidden", hidden.shape, hidden)
+        g_scale = ctx.activation.backward_into(
+            hidden, scale, g_act, g_hidden, scratch("act", (rows, ffn), hidden)
+        )
+        if b_out is not None:
+            g_scale += (gy * b_out[experts]).sum(dim=1)
+        if need_w_in:
+            g_w_in = grouped_weight_grad(
+                g_hidden, _gather(x, tokens, "rows_in", w_in), counts, offsets
+            )
+        if need_b_in:
+            g_b_in = _segment_sum(g_hidden, counts)
+        if need_x:
+            g_xs = grouped_linear(
+                g_hidden,
+                w_in.transpose(1, 2),
+                counts,
+                offsets,
+                out=scratch("rows_out", gy.shape, gy),
+            )
+            g_x = combine(g_xs, slots, tokens, ctx.shape, ctx.deterministic).to(x.dtype)
+        g_scale = g_scale.to(slot_weights.dtype) if need_scale else None
+        return g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out, None, None, None, None
 
 
 def combine(
@@ -191,5 +224,5 @@ def grouped_dispatch(
     slot_weights = weights.reshape(-1)[routed[0]]
     return GroupedExperts.apply(
         x, slot_weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out,
-        bank.activate, routed, tuple(experts.shape), deterministic,
+        as_activation(bank.activate), routed, tuple(experts.shape), deterministic,
     )  # fmt: skip

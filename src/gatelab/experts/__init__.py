@@ -1,14 +1,26 @@
 """Expert weight banks (fused [E, ...] parameters) and shared experts."""
 
-from .bank import ACTIVATIONS, EXPERT_BANKS, ExpertBank, ExpertWeights, activation, glu
+from .activation import (
+    ACTIVATION_NAMES,
+    GLU,
+    AutogradActivation,
+    ExpertActivation,
+    Plain,
+    as_activation,
+)
+from .bank import EXPERT_BANKS, ExpertBank, ExpertWeights, activation
 from .shared import SharedExpert
 
 __all__ = [
-    "ACTIVATIONS",
+    "ACTIVATION_NAMES",
+    "AutogradActivation",
+    "ExpertActivation",
+    "GLU",
+    "Plain",
+    "as_activation",
     "EXPERT_BANKS",
     "ExpertBank",
     "ExpertWeights",
     "SharedExpert",
     "activation",
-    "glu",
 ]

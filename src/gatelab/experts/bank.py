@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -18,41 +17,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import Registry
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-}
+from .activation import GLU, ExpertActivation, Plain
 
 EXPERT_BANKS: Registry[type[nn.Module]] = Registry("expert bank")
 
 
 def activation(name: str) -> Callable[[Tensor], Tensor]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown act {name!r}; valid names are: {', '.join(sorted(ACTIVATIONS))}")
-    return ACTIVATIONS[name]
-
-
-def glu(act: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
-    """act(gate) * up for a [N, 2F] tensor laid out [gate | up]."""
-    gate, up = hidden.chunk(2, dim=-1)
-    return act(gate) * up
+    """The elementwise function registered under ``name`` ("silu", "gelu", ...)."""
+    return Plain(name).fn
 
 
 class ExpertWeights(NamedTuple):
     """What a dispatcher needs to run E experts: y = w_out @ activate(w_in @ x + b_in) + b_out.
 
     w_in: [E, H, D] (H = 2F for GLU experts); w_out: [E, D, F]; b_in: [E, H] or None;
-    b_out: [E, D] or None; activate maps [N, H] -> [N, F].
+    b_out: [E, D] or None; activate maps [N, H] -> [N, F]: an
+    :class:`~gatelab.experts.activation.ExpertActivation`, or any callable (differentiated
+    by autograd).
     """
 
     w_in: Tensor
     w_out: Tensor
     b_in: Tensor | None
     b_out: Tensor | None
-    activate: Callable[[Tensor], Tensor]
+    activate: ExpertActivation | Callable[[Tensor], Tensor]
 
     @property
     def num_experts(self) -> int:
@@ -107,7 +95,7 @@ class ExpertBank(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.act, self.glu = act, glu
-        self.act_fn = activation(act)
+        self.activation = GLU(act) if glu else Plain(act)
         rows = 2 * hidden_dim if glu else hidden_dim
         self.in_name = "gate_up_proj" if glu else "up_proj"
         self.register_parameter(self.in_name, nn.Parameter(torch.empty(num_experts, rows, dim)))
@@ -136,13 +124,12 @@ class ExpertBank(nn.Module):
         )
 
     def weights(self) -> ExpertWeights:
-        activate = partial(glu, self.act_fn) if self.glu else self.act_fn
         return ExpertWeights(
             getattr(self, self.in_name),
             self.down_proj,
             getattr(self, self.in_name + "_bias"),
             self.down_proj_bias,
-            activate,
+            self.activation,
         )
 
     def forward_expert(self, index: int, x: Tensor) -> Tensor:
