@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
-from .workspace import scratch
+from .workspace import saved_buffer, scratch
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -72,12 +72,30 @@ def grouped_linear(
     if _use_kernel(x, w_t):
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
+    few_rows_ok = w.stride(2) == 1
     start = 0
     for e, count in enumerate(counts.tolist()):
-        if count:
-            torch.mm(x[start : start + count], w_t[e], out=out[start : start + count])
+        rows = slice(start, start + count)
+        if few_rows_ok and 0 < count <= _FEW_ROWS:
+            out[rows] = _few_rows_linear(x[rows], w[e])
+        elif count:
+            torch.mm(x[rows], w_t[e], out=out[rows])
         start += count
     return out
+
+
+# Below this many rows per expert, MKL reads a row-major weight W several times faster as
+# W @ x.T than as x @ W.T (measured at decode shapes: 0.74 vs 4.4 ms for 7 experts of
+# 2048 x 512 with 2 rows each); above it the two meet.
+_FEW_ROWS = 32
+
+
+def _few_rows_linear(x: Tensor, w: Tensor) -> Tensor:
+    """x [c, in] @ w.T for a row-major w [out, in] and small c."""
+    if x.shape[0] == 1:
+        # One row would take MKL's GEMV path, which reads at a quarter of the GEMM's speed.
+        return torch.mm(w, x.expand(2, -1).t())[:, :1].t()
+    return torch.mm(w, x.t()).t()
 
 
 def grouped_weight_grad(grad: Tensor, inp: Tensor, counts: Tensor, offsets: Tensor) -> Tensor:
@@ -123,7 +141,8 @@ class GroupedExperts(torch.autograd.Function):
         slots, tokens, experts, counts, offsets = routed
         rows, ffn = tokens.shape[0], w_out.shape[2]
         xs = _gather(x, tokens, "rows_in", w_in)
-        hidden = grouped_linear(xs, w_in, counts, offsets)
+        hidden, ctx.lease = saved_buffer((rows, w_in.shape[1]), w_in)
+        hidden = grouped_linear(xs, w_in, counts, offsets, out=hidden)
         if b_in is not None:
             hidden += b_in[experts]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
@@ -149,18 +168,17 @@ class GroupedExperts(torch.autograd.Function):
         gy = _gather(grad_out, tokens, "rows_out", w_out)  # d loss / d y, per slot
 
         g_w_out = g_b_out = g_w_in = g_b_in = g_x = None
+        kept = scratch("kept", (rows, ffn), hidden)
+        act = ctx.activation.forward_into(hidden, scale, scratch("act", (rows, ffn), hidden), kept)
         if need_w_out:
-            act = ctx.activation.forward_into(hidden, scale, scratch("act", (rows, ffn), hidden))
             g_w_out = grouped_weight_grad(gy, act, counts, offsets)
         if need_b_out:
             g_b_out = _segment_sum(gy * scale, counts)
         g_act = grouped_linear(
-            gy, w_out.transpose(1, 2), counts, offsets, out=scratch("g_act", (rows, ffn), hidden)
+            gy, w_out.transpose(1, 2), counts, offsets, out=scratch("act", (rows, ffn), hidden)
         )
         g_hidden = scratch("g_hidden", hidden.shape, hidden)
-        g_scale = ctx.activation.backward_into(
-            hidden, scale, g_act, g_hidden, scratch("act", (rows, ffn), hidden)
-        )
+        g_scale = ctx.activation.backward_into(hidden, scale, g_act, g_hidden, kept)
         if b_out is not None:
             g_scale += (gy * b_out[experts]).sum(dim=1)
         if need_w_in:

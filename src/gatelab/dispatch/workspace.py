@@ -6,7 +6,11 @@ slower than into a reused one (docs/benchmarks.md). The grouped dispatcher's tem
 (gathered rows, activations, gradients that never leave the call) therefore live in
 per-thread buffers that grow to the largest size seen and are reused. CUDA's caching
 allocator already does this, so on other devices, and under ``torch.compile``, ``scratch``
-is a plain ``torch.empty``. ``release_workspace()`` frees the buffers of the calling thread.
+is a plain ``torch.empty``.
+
+The pre-activation each layer saves for backward comes from a pool instead
+(``saved_buffer``): a buffer returns to it only when the autograd node that saved it is
+freed. ``release_workspace()`` frees the calling thread's scratch and the idle pool.
 """
 
 from __future__ import annotations
@@ -43,5 +47,43 @@ def scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
 
 
 def release_workspace() -> None:
-    """Free the calling thread's scratch buffers (they are made again when needed)."""
+    """Free the calling thread's scratch buffers and the pooled saved buffers not in use."""
     _WORKSPACE.buffers.clear()
+    with _POOL_LOCK:
+        _POOL.clear()
+
+
+class _Lease:
+    """Gives a pooled buffer back when the autograd node that saved it is freed."""
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, buffer: Tensor):
+        self.buffer = buffer
+
+    def __del__(self):
+        with _POOL_LOCK:
+            _POOL.setdefault(self.buffer.dtype, []).append(self.buffer)
+
+
+_POOL: dict[torch.dtype, list[Tensor]] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def saved_buffer(shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, _Lease | None]:
+    """An uninitialised tensor to save for backward, and the lease that returns it.
+
+    Keep the lease on the autograd ctx: the buffer goes back to the pool only when the
+    ctx is freed (after backward, or when the graph is dropped; never while
+    ``retain_graph`` keeps it), so it is reused across steps instead of faulted in anew.
+    """
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=like.dtype, device=like.device), None
+    numel = math.prod(shape)
+    with _POOL_LOCK:
+        free = _POOL.get(like.dtype, [])
+        fits = [i for i, b in enumerate(free) if b.numel() >= numel]
+        buffer = free.pop(min(fits, key=lambda i: free[i].numel())) if fits else None
+    if buffer is None:
+        buffer = torch.empty(numel, dtype=like.dtype)
+    return buffer[:numel].view(shape), _Lease(buffer)

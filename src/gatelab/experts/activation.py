@@ -5,10 +5,10 @@ The grouped dispatcher folds each slot's routing weight into the activation
 (``scale * act(hidden)``) and runs its own backward, so an activation offers:
 
 - ``__call__(hidden)``: the plain autograd-friendly function (the loop oracle uses it);
-- ``forward_into(hidden, scale, out)``: ``scale * act(hidden)``, into ``out`` when it can;
-- ``backward_into(hidden, scale, grad, grad_hidden, scratch)``: given d loss / d output in
-  ``grad`` (which it may overwrite), write d loss / d hidden into ``grad_hidden`` and
-  return d loss / d scale [N].
+- ``forward_into(hidden, scale, out, keep)``: ``scale * act(hidden)``, into ``out`` when it
+  can, leaving in ``keep`` what backward needs (e.g. act(gate) of a GLU);
+- ``backward_into(hidden, scale, grad, grad_hidden, kept)``: given d loss / d output in
+  ``grad``, write d loss / d hidden into ``grad_hidden`` and return d loss / d scale [N].
 
 :class:`GLU` and :class:`Plain` cover the named activations with hand-written derivatives;
 :class:`AutogradActivation` wraps any callable (HF's ``_apply_gate``, say) and differentiates
@@ -64,10 +64,17 @@ class ExpertActivation:
     def __call__(self, hidden: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward_into(self, hidden: Tensor, scale: Tensor, out: Tensor | None) -> Tensor:
+    def forward_into(self, hidden: Tensor, scale: Tensor, out: Tensor | None, keep=None) -> Tensor:
+        """``scale * act(hidden)``; with ``keep`` [N, F], also leave there what
+        ``backward_into`` needs, so backward does not compute it twice."""
         raise NotImplementedError
 
-    def backward_into(self, hidden, scale, grad, grad_hidden, scratch) -> Tensor:
+    def backward_into(self, hidden, scale, grad, grad_hidden, kept) -> Tensor:
+        """Write d loss / d hidden into ``grad_hidden``; return d loss / d scale [N].
+
+        ``kept`` is the ``keep`` buffer of a ``forward_into`` on the same inputs; ``grad``
+        and ``kept`` may be overwritten.
+        """
         raise NotImplementedError
 
 
@@ -84,13 +91,14 @@ class Plain(ExpertActivation):
     def __call__(self, hidden: Tensor) -> Tensor:
         return self.fn(hidden)
 
-    def forward_into(self, hidden, scale, out):
-        out = self._forward(hidden, _empty_like(hidden) if out is None else out)
-        return out.mul_(scale)
+    def forward_into(self, hidden, scale, out, keep=None):
+        out = _empty_like(hidden) if out is None else out
+        if keep is None:
+            return self._forward(hidden, out).mul_(scale)
+        return torch.mul(self._forward(hidden, keep), scale, out=out)
 
-    def backward_into(self, hidden, scale, grad, grad_hidden, scratch):
-        act = self._forward(hidden, scratch)
-        grad_scale = act.mul_(grad).sum(dim=1)
+    def backward_into(self, hidden, scale, grad, grad_hidden, kept):
+        grad_scale = kept.mul_(grad).sum(dim=1)  # kept = act(hidden)
         self._backward(grad.mul_(scale), hidden, grad_hidden)
         return grad_scale
 
@@ -109,16 +117,17 @@ class GLU(ExpertActivation):
         gate, up = hidden.chunk(2, dim=-1)
         return self.fn(gate) * up
 
-    def forward_into(self, hidden, scale, out):
+    def forward_into(self, hidden, scale, out, keep=None):
         gate, up = hidden.chunk(2, dim=-1)
-        out = self._forward(gate, _empty_like(gate) if out is None else out)
-        return out.mul_(up).mul_(scale)
+        out = _empty_like(gate) if out is None else out
+        if keep is None:
+            return self._forward(gate, out).mul_(up).mul_(scale)
+        return torch.mul(self._forward(gate, keep), up, out=out).mul_(scale)
 
-    def backward_into(self, hidden, scale, grad, grad_hidden, scratch):
+    def backward_into(self, hidden, scale, grad, grad_hidden, kept):
         gate, up = hidden.chunk(2, dim=-1)
         grad_gate, grad_up = grad_hidden.chunk(2, dim=-1)
-        act = self._forward(gate, scratch)
-        torch.mul(grad, act, out=grad_up)  # grad * act(gate), scaled below
+        torch.mul(grad, kept, out=grad_up)  # grad * act(gate), scaled below
         # d loss / d scale = sum_f grad * act(gate) * up (grad_gate is free scratch until the end).
         grad_scale = torch.mul(grad_up, up, out=grad_gate).sum(dim=1)
         grad_up.mul_(scale)
@@ -138,11 +147,11 @@ class AutogradActivation(ExpertActivation):
     def __call__(self, hidden: Tensor) -> Tensor:
         return self.fn(hidden)
 
-    def forward_into(self, hidden, scale, out):
+    def forward_into(self, hidden, scale, out, keep=None):
         act = self.fn(hidden)
         return act * scale if act.data_ptr() == hidden.data_ptr() else act.mul_(scale)
 
-    def backward_into(self, hidden, scale, grad, grad_hidden, scratch):
+    def backward_into(self, hidden, scale, grad, grad_hidden, kept):
         with torch.enable_grad():
             leaf = hidden.detach().requires_grad_()
             act = self.fn(leaf)
