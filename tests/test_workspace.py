@@ -20,7 +20,11 @@ def _grads(layer, x, grad):
 
 def test_retained_graph_survives_other_forwards():
     layer = _layer()
-    x1, x2, grad = torch.randn(10, 8).double(), torch.randn(10, 8).double(), torch.randn(10, 8).double()
+    x1, x2, grad = (
+        torch.randn(10, 8).double(),
+        torch.randn(10, 8).double(),
+        torch.randn(10, 8).double(),
+    )
     expected = _grads(layer, x1, grad)
 
     x = x1.clone().requires_grad_()
@@ -38,7 +42,11 @@ def test_retained_graph_survives_other_forwards():
 
 def test_two_forwards_before_backward_match_separate_steps():
     layer = _layer()
-    x1, x2, grad = torch.randn(6, 8).double(), torch.randn(9, 8).double(), torch.randn(9, 8).double()
+    x1, x2, grad = (
+        torch.randn(6, 8).double(),
+        torch.randn(9, 8).double(),
+        torch.randn(9, 8).double(),
+    )
     g1 = _grads(layer, x1, grad[:6])
     g2 = _grads(layer, x2, grad)
     layer.zero_grad()
