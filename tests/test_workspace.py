@@ -55,18 +55,21 @@ def test_two_forwards_before_backward_match_separate_steps():
         torch.testing.assert_close(p.grad, a + b)
 
 
-def test_saved_buffer_returns_to_pool_only_when_graph_is_freed():
+def test_saved_buffers_return_to_pool_only_when_graph_is_freed():
     workspace.release_workspace()
     layer = _layer()
     x = torch.randn(5, 8).double().requires_grad_()
     out = layer(x)
-    assert not workspace._POOL.get(torch.float64)  # held by the live graph
+    assert not workspace._POOL.get(torch.float64)  # all held by the live graph
     out.sum().backward()
     del out
-    assert len(workspace._POOL[torch.float64]) == 1
+    returned = len(workspace._POOL[torch.float64])
+    assert returned == 4  # gathered rows, pre-activation, activation, act(gate)
+    layer(x).sum().backward()  # the next step reuses them: the pool does not grow
+    assert len(workspace._POOL[torch.float64]) == returned
     with torch.no_grad():
-        layer(x)  # inference: the buffer comes back at once
-    assert len(workspace._POOL[torch.float64]) == 1
+        layer(x)  # inference saves nothing
+    assert len(workspace._POOL[torch.float64]) == returned
     workspace.release_workspace()
     assert not workspace._POOL
 

@@ -119,9 +119,8 @@ def _segment_sum(rows: Tensor, counts: Tensor) -> Tensor:
     return torch.segment_reduce(rows, "sum", lengths=counts, axis=0, unsafe=True)
 
 
-def _gather(x: Tensor, tokens: Tensor, name: str, like: Tensor) -> Tensor:
-    x = x.to(like.dtype)
-    return torch.index_select(x, 0, tokens, out=scratch(name, (tokens.shape[0], x.shape[1]), like))
+def _gather(x: Tensor, tokens: Tensor, out: Tensor) -> Tensor:
+    return torch.index_select(x.to(out.dtype), 0, tokens, out=out)
 
 
 class GroupedExperts(torch.autograd.Function):
@@ -129,9 +128,12 @@ class GroupedExperts(torch.autograd.Function):
 
     ``routed`` comes from :func:`sort_slots`: the routed slots in expert order with their
     tokens and experts [N], ``counts`` [E] and int32 ``offsets`` [E]; ``slot_weights`` [N]
-    follows the same order and ``shape`` is the routing's (T, K). Only the pre-activation
-    is kept for backward; the gathered rows and the activation are recomputed there, and
-    every temporary lives in a reused scratch buffer (see ``workspace.py``).
+    follows the same order and ``shape`` is the routing's (T, K).
+
+    What backward needs (gathered rows, pre-activation, activation) is kept in pooled
+    buffers that return to the pool when this node is freed; temporaries live in scratch
+    buffers (see ``workspace.py``). Backward only reads what forward saved, so a graph
+    kept with ``retain_graph=True`` can be differentiated again.
     """
 
     @staticmethod
@@ -140,19 +142,32 @@ class GroupedExperts(torch.autograd.Function):
     ):
         slots, tokens, experts, counts, offsets = routed
         rows, ffn = tokens.shape[0], w_out.shape[2]
-        xs = _gather(x, tokens, "rows_in", w_in)
-        hidden, ctx.lease = saved_buffer((rows, w_in.shape[1]), w_in)
+        need_w_in, need_w_out = ctx.needs_input_grad[2:4]
+        training = any(ctx.needs_input_grad)
+        ctx.leases = []
+
+        def buffer(name: str, shape: tuple[int, ...], keep: bool) -> Tensor:
+            if not keep:
+                return scratch(name, shape, w_in)
+            tensor, lease = saved_buffer(shape, w_in)
+            ctx.leases.append(lease)
+            return tensor
+
+        xs = _gather(x, tokens, buffer("rows_in", (rows, x.shape[1]), need_w_in))
+        hidden = buffer("hidden", (rows, w_in.shape[1]), training)
         hidden = grouped_linear(xs, w_in, counts, offsets, out=hidden)
         if b_in is not None:
             hidden += b_in[experts]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-        act = activation.forward_into(hidden, scale, scratch("act", (rows, ffn), hidden))
+        kept = buffer("kept", (rows, ffn), training)
+        act = activation.forward_into(hidden, scale, buffer("act", (rows, ffn), need_w_out), kept)
         y = grouped_linear(act, w_out, counts, offsets, out=scratch("rows_out", xs.shape, hidden))
         if b_out is not None:
             y.addcmul_(scale, b_out[experts])
         ctx.save_for_backward(
-            x, hidden, slot_weights, w_in, w_out, b_out, slots, tokens, experts, counts, offsets
-        )
+            x, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out,
+            slots, tokens, experts, counts, offsets,
+        )  # fmt: skip
         ctx.activation, ctx.has_b_in = activation, b_in is not None
         ctx.shape, ctx.deterministic = shape, deterministic
         return combine(y, slots, tokens, shape, deterministic).to(x.dtype)
@@ -160,16 +175,14 @@ class GroupedExperts(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, hidden, slot_weights, w_in, w_out, b_out = ctx.saved_tensors[:6]
-        slots, tokens, experts, counts, offsets = ctx.saved_tensors[6:]
+        x, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out = ctx.saved_tensors[:9]
+        slots, tokens, experts, counts, offsets = ctx.saved_tensors[9:]
         need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
         rows, ffn = tokens.shape[0], w_out.shape[2]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-        gy = _gather(grad_out, tokens, "rows_out", w_out)  # d loss / d y, per slot
+        gy = _gather(grad_out, tokens, scratch("rows_out", (rows, x.shape[1]), w_out))
 
         g_w_out = g_b_out = g_w_in = g_b_in = g_x = None
-        kept = scratch("kept", (rows, ffn), hidden)
-        act = ctx.activation.forward_into(hidden, scale, scratch("act", (rows, ffn), hidden), kept)
         if need_w_out:
             g_w_out = grouped_weight_grad(gy, act, counts, offsets)
         if need_b_out:
@@ -182,19 +195,12 @@ class GroupedExperts(torch.autograd.Function):
         if b_out is not None:
             g_scale += (gy * b_out[experts]).sum(dim=1)
         if need_w_in:
-            g_w_in = grouped_weight_grad(
-                g_hidden, _gather(x, tokens, "rows_in", w_in), counts, offsets
-            )
+            g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets)
         if need_b_in:
             g_b_in = _segment_sum(g_hidden, counts)
         if need_x:
-            g_xs = grouped_linear(
-                g_hidden,
-                w_in.transpose(1, 2),
-                counts,
-                offsets,
-                out=scratch("rows_out", gy.shape, gy),
-            )
+            g_xs = scratch("rows_out", gy.shape, gy)  # gy is no longer needed
+            g_xs = grouped_linear(g_hidden, w_in.transpose(1, 2), counts, offsets, out=g_xs)
             g_x = combine(g_xs, slots, tokens, ctx.shape, ctx.deterministic).to(x.dtype)
         g_scale = g_scale.to(slot_weights.dtype) if need_scale else None
         return g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out, None, None, None, None

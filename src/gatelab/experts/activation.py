@@ -72,8 +72,8 @@ class ExpertActivation:
     def backward_into(self, hidden, scale, grad, grad_hidden, kept) -> Tensor:
         """Write d loss / d hidden into ``grad_hidden``; return d loss / d scale [N].
 
-        ``kept`` is the ``keep`` buffer of a ``forward_into`` on the same inputs; ``grad``
-        and ``kept`` may be overwritten.
+        ``kept`` is the ``keep`` buffer of a ``forward_into`` on the same inputs and must
+        not be changed (a retained graph reads it again); ``grad`` may be overwritten.
         """
         raise NotImplementedError
 
@@ -98,7 +98,8 @@ class Plain(ExpertActivation):
         return torch.mul(self._forward(hidden, keep), scale, out=out)
 
     def backward_into(self, hidden, scale, grad, grad_hidden, kept):
-        grad_scale = kept.mul_(grad).sum(dim=1)  # kept = act(hidden)
+        # kept = act(hidden); grad_hidden is free scratch until the last line.
+        grad_scale = torch.mul(kept, grad, out=grad_hidden).sum(dim=1)
         self._backward(grad.mul_(scale), hidden, grad_hidden)
         return grad_scale
 
