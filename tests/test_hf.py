@@ -343,3 +343,19 @@ def test_core_never_imports_hf():
         )
     )
     assert not offenders, f"core modules import gatelab.hf: {offenders}"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("mixtral", "GLU('silu')"), ("deepseek_v3", "GLU('silu')"), ("gpt_oss", None)],
+)
+def test_activation_choice(name, expected):
+    """HF's default gate with a known hidden_act takes gatelab's hand-written GLU; a custom
+    gate (GPT-OSS's clamped, interleaved one) stays the module's own callable."""
+    model = _build(name)
+    for module in _experts_modules(model):
+        activate = gatelab.hf.expert_weights_from_hf(module).activate
+        if expected is None:
+            assert activate == module._apply_gate
+        else:
+            assert repr(activate) == expected

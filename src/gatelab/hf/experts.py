@@ -10,10 +10,11 @@ into a :class:`~gatelab.experts.ExpertWeights` without copying; the forward regi
 from __future__ import annotations
 
 from torch import Tensor, nn
+from transformers.integrations import moe as hf_moe
 from transformers.integrations.moe import ExpertsInterface
 
 from ..dispatch import grouped_dispatch
-from ..experts import ExpertWeights
+from ..experts import GLU, ExpertWeights, Plain
 from ..routing import EMPTY
 
 IMPLEMENTATION = "gatelab"
@@ -57,8 +58,29 @@ def expert_weights_from_hf(module: nn.Module) -> ExpertWeights:
         w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
     b_in = getattr(module, in_name + "_bias") if has_bias else None
     b_out = module.down_proj_bias if has_bias else None
-    activate = module._apply_gate if has_gate else module.act_fn
-    return ExpertWeights(w_in, w_out, b_in, b_out, activate).check()
+    return ExpertWeights(w_in, w_out, b_in, b_out, _activation(module, has_gate)).check()
+
+
+# HF ``hidden_act`` names whose functions gatelab's activations compute exactly.
+_HF_ACTS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+def _activation(module: nn.Module, has_gate: bool):
+    """gatelab's GLU/Plain (hand-written backward) when the module uses HF's default gate
+    with a known ``hidden_act``; the module's own callable (autograd) otherwise."""
+    name = _HF_ACTS.get(getattr(getattr(module, "config", None), "hidden_act", None))
+    default_gate = getattr(type(module), "_apply_gate", None) is getattr(
+        hf_moe, "_default_apply_gate", 0
+    )
+    if name is not None and (default_gate or not has_gate):
+        return GLU(name) if has_gate else Plain(name)
+    return module._apply_gate if has_gate else module.act_fn
 
 
 def gatelab_experts_forward(
