@@ -62,14 +62,20 @@ def _use_kernel(a: Tensor, b: Tensor) -> bool:
 
 
 def grouped_linear(
-    x: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, out: Tensor | None = None
+    x: Tensor,
+    w: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    out: Tensor | None = None,
+    kernel: bool | None = None,
 ) -> Tensor:
     """Rows of x [N, in], sorted by expert, times w[e].T for w [E, out, in] -> [N, out].
 
-    Writes into ``out`` [N, out] when given and the loop path runs.
+    Writes into ``out`` [N, out] when given and the loop path runs. ``kernel`` forces
+    torch's grouped GEMM (True) or the loop (False); None picks as described above.
     """
     w_t = w.transpose(1, 2)
-    if _use_kernel(x, w_t):
+    if _use_kernel(x, w_t) if kernel is None else kernel:
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
     few_rows_ok = w.stride(2) == 1
@@ -98,10 +104,12 @@ def _few_rows_linear(x: Tensor, w: Tensor) -> Tensor:
     return torch.mm(w, x.t()).t()
 
 
-def grouped_weight_grad(grad: Tensor, inp: Tensor, counts: Tensor, offsets: Tensor) -> Tensor:
+def grouped_weight_grad(
+    grad: Tensor, inp: Tensor, counts: Tensor, offsets: Tensor, kernel: bool | None = None
+) -> Tensor:
     """Per-expert grad[e].T @ inp[e] for rows sorted by expert -> [E, out, in]."""
     grad_t = grad.t()
-    if _use_kernel(grad_t, inp):
+    if _use_kernel(grad_t, inp) if kernel is None else kernel:
         return _GROUPED_MM(grad_t, inp, offs=offsets)
     out = grad.new_empty(counts.shape[0], grad.shape[1], inp.shape[1])
     start = 0
