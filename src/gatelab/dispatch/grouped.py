@@ -92,8 +92,8 @@ def grouped_linear(
 
 # Below this many rows per expert, MKL reads a row-major weight W several times faster as
 # W @ x.T than as x @ W.T (0.79 vs 4.89 ms for 7 experts of 2048 x 512 with 2 rows each,
-# benchmarks/cpu_notes.py); at 32 rows the two still differ, by 64 they meet.
-_FEW_ROWS = 32
+# benchmarks/cpu_notes.py); with the copy back into row order the two meet at 32 rows.
+_FEW_ROWS = 16
 
 
 def _few_rows_linear(x: Tensor, w: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Reusable scratch buffers for the CPU dispatch path.
 
 On CPU, PyTorch takes every large tensor fresh from the OS, and the first touch of its
-pages costs more than the work done in them: a GEMM into a new 64 MB output ran 17%
+pages is expensive: a GEMM into a new 64 MB output ran 17%
 slower than into a reused one (benchmarks/cpu_notes.py). The grouped dispatcher's temporaries
 (gathered rows, activations, gradients that never leave the call) therefore live in
 per-thread buffers that grow to the largest size seen and are reused. CUDA's caching
