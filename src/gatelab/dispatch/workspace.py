@@ -1,16 +1,16 @@
 """Reusable scratch buffers for the CPU dispatch path.
 
 On CPU, PyTorch takes every large tensor fresh from the OS, and the first touch of its
-pages is expensive: a GEMM into a new 64 MB output ran 17%
-slower than into a reused one (benchmarks/cpu_notes.py). The grouped dispatcher's temporaries
-(gathered rows, activations, gradients that never leave the call) therefore live in
-per-thread buffers that grow to the largest size seen and are reused. CUDA's caching
+pages is expensive: a GEMM into a new 64 MB output ran 17% slower than into a reused one
+(benchmarks/cpu_notes.py). The grouped dispatcher's temporaries (gradients of activations,
+outputs that are summed away) therefore live in per-thread buffers that grow to the
+largest size seen and are reused. CUDA's caching
 allocator already does this, so on other devices, and under ``torch.compile``, ``scratch``
 is a plain ``torch.empty``.
 
-The pre-activation each layer saves for backward comes from a pool instead
-(``saved_buffer``): a buffer returns to it only when the autograd node that saved it is
-freed. ``release_workspace()`` frees the calling thread's scratch and the idle pool.
+What a layer saves for backward (gathered rows, pre-activation, activation) comes from a
+pool instead (``saved_buffer``): a buffer returns to it only when the autograd node that
+saved it is freed. ``release_workspace()`` frees the calling thread's scratch and the idle pool.
 """
 
 from __future__ import annotations
