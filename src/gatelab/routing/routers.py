@@ -57,12 +57,17 @@ class Router(nn.Module):
         return logits
 
     def _check_logits(self, logits: Tensor) -> None:
-        if self.nan_policy == "raise" and not _compiling() and logits.numel():
-            if not bool(torch.isfinite(logits).all()):
-                raise FloatingPointError(
-                    f"{type(self).__name__} produced NaN or inf logits; check the layer input "
-                    "(and the learning rate), or pass nan_policy='ignore' to route them anyway"
-                )
+        if self.nan_policy != "raise" or _compiling() or not logits.numel():
+            return
+        finite = torch.isfinite(logits).all()
+        message = (
+            f"{type(self).__name__} produced NaN or inf logits; check the layer input "
+            "(and the learning rate), or pass nan_policy='ignore' to route them anyway"
+        )
+        if logits.device.type != "cpu":
+            torch._assert_async(finite, message)  # no host sync on accelerators
+        elif not bool(finite):
+            raise FloatingPointError(message)
 
 
 def _check_sizes(dim: int, num_experts: int, top_k: int) -> None:

@@ -97,20 +97,25 @@ class Routing:
     def _check_values(self) -> None:
         if self.experts.numel() == 0:
             return
-        lo, hi = int(self.experts.min()), int(self.experts.max())
-        if lo < EMPTY or hi >= self.num_experts:
-            raise ValueError(
-                f"Routing.experts holds ids in [{lo}, {hi}]; valid ids are 0..{self.num_experts - 1} "
-                f"and {EMPTY} for an empty slot"
-            )
-        empty = self.experts == EMPTY
-        if bool((self.weights.detach()[empty] != 0).any()):
-            raise ValueError("Routing.weights must be 0 in empty slots (experts == -1)")
-        if self.num_slots > 1:
-            ordered = self.experts.sort(dim=1).values
-            same = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY)
-            if bool(same.any()):
-                raise ValueError("Routing.experts names the same expert twice for one token")
+        experts = self.experts
+        in_range = (experts >= EMPTY) & (experts < self.num_experts)
+        empty_weight_zero = (self.weights.detach() == 0) | (experts != EMPTY)
+        ordered = experts.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY)
+        checks = (
+            (in_range.all(), f"Routing.experts holds an id outside the valid ids: valid ids "
+             f"are 0..{self.num_experts - 1} and {EMPTY} for an empty slot"),
+            (empty_weight_zero.all(), "Routing.weights must be 0 in empty slots (experts == -1)"),
+            (~repeated.any(), "Routing.experts names the same expert twice for one token"),
+        )  # fmt: skip
+        for ok, message in checks:
+            if experts.device.type == "cpu":
+                if not bool(ok):
+                    raise ValueError(message)
+            else:
+                # On accelerators a host check would stall the stream every layer; this
+                # assertion fails asynchronously instead (a device-side assert).
+                torch._assert_async(ok, message)
 
     # -- sizes ------------------------------------------------------------------------
     @property
