@@ -1,0 +1,98 @@
+"""Data that ships with Python and the data extras, synthetic tasks, and file readers.
+
+Nothing here touches the network. scikit-learn, scikit-image and statsmodels are imported
+inside the functions that need them (``pip install 'gatelab[data]'``).
+
+- :mod:`~gatelab.data.text`: the two-domain (prose / code) byte-level corpus, resumable LM
+  batches and per-domain evaluation batches.
+- :mod:`~gatelab.data.images`: digits with rotations, photographs and patches.
+- :mod:`~gatelab.data.series`: statsmodels series as forecasting windows split by time.
+- :mod:`~gatelab.data.synthetic`: MQAR, Gaussian mixture-of-experts regression, MMoE tasks.
+- :mod:`~gatelab.data.loaders`: MNIST / Fashion-MNIST / EMNIST (IDX) and CIFAR-10 (binary).
+"""
+
+from .images import (
+    PHOTO_NAMES,
+    ImageSet,
+    extract_patches,
+    load_digits,
+    load_photo,
+    load_photos,
+    photo_patches,
+    rotate,
+)
+from .loaders import (
+    CIFAR10_CLASSES,
+    EMNIST_CLASSES,
+    load_cifar10,
+    load_emnist,
+    load_fashion_mnist,
+    load_mnist,
+    read_idx,
+)
+from .series import SERIES_NAMES, ForecastData, ForecastSet, forecast_windows, load_series
+from .synthetic import (
+    GaussianMoEData,
+    GaussianMoEParams,
+    MMoEData,
+    MQARData,
+    gaussian_moe,
+    mmoe_synthetic,
+    mqar,
+)
+from .text import (
+    DOMAINS,
+    EOS,
+    IGNORE_INDEX,
+    ByteTokenizer,
+    Document,
+    EvalBatches,
+    LMBatch,
+    LMBatches,
+    TextCorpus,
+    code_documents,
+    load_corpus,
+    prose_documents,
+)
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "DOMAINS",
+    "EMNIST_CLASSES",
+    "EOS",
+    "IGNORE_INDEX",
+    "PHOTO_NAMES",
+    "SERIES_NAMES",
+    "ByteTokenizer",
+    "Document",
+    "EvalBatches",
+    "ForecastData",
+    "ForecastSet",
+    "GaussianMoEData",
+    "GaussianMoEParams",
+    "ImageSet",
+    "LMBatch",
+    "LMBatches",
+    "MMoEData",
+    "MQARData",
+    "TextCorpus",
+    "code_documents",
+    "extract_patches",
+    "forecast_windows",
+    "gaussian_moe",
+    "load_cifar10",
+    "load_corpus",
+    "load_digits",
+    "load_emnist",
+    "load_fashion_mnist",
+    "load_mnist",
+    "load_photo",
+    "load_photos",
+    "load_series",
+    "mmoe_synthetic",
+    "mqar",
+    "photo_patches",
+    "prose_documents",
+    "read_idx",
+    "rotate",
+]
