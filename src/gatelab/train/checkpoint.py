@@ -1,0 +1,583 @@
+"""Training checkpoints: one safetensors file of tensors + one JSON file that describes it.
+
+Why this shape:
+
+- No pickle anywhere. Every tensor (model, optimizer state, torch/numpy RNG states) goes into
+  safetensors; everything else (step, config, data position, scheduler, optimizer
+  hyperparameters, Python's ``random`` state as a list of ints) goes into JSON. Loading a
+  checkpoint someone sent you can therefore not run code.
+- A checkpoint is complete when its JSON exists. Each file is written to a temporary file in the
+  same directory, flushed, fsynced, renamed over its final name and the directory fsynced; the
+  tensors file is written first and the JSON last, so a crash or a full disk at any point leaves
+  either the new checkpoint complete or no new checkpoint at all, and never touches the previous
+  one. The tensors file carries a short content hash in its name, so re-saving the same step
+  never overwrites the file an existing JSON points to.
+- The JSON records the SHA-256 of the tensors file and a fingerprint of the run's config; loading
+  checks both, and checks parameter names and shapes, before it changes anything.
+
+Layout: ``DIR/step_00000042.json`` and ``DIR/step_00000042-<hash12>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "config_diff",
+    "config_fingerprint",
+    "find_checkpoints",
+    "get_rng_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "read_checkpoint",
+    "remove_stale_temporaries",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+FORMAT = "gatelab.train.checkpoint"
+VERSION = 1
+TMP_SUFFIX = ".tmp"
+_JSON_NAME = re.compile(r"^step_(\d+)\.json$")
+_TENSORS_NAME = re.compile(r"^step_(\d+)-[0-9a-f]{12}\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, read or applied; the message names the file and why."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` found besides the states it applied."""
+
+    path: Path
+    step: int
+    config: Any
+    data_state: Any
+    extra: dict = field(default_factory=dict)
+
+
+# -- file writing ----------------------------------------------------------------------------
+
+
+def _write_all(file, data: bytes) -> None:
+    """Write ``data`` to an open file (a seam where tests simulate a full disk)."""
+    file.write(data)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable; best effort where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it holds either its old content or all of ``data``, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; checkpoints are shareable
+                os.fchmod(file.fileno(), 0o644)
+            _write_all(file, data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> int:
+    """Delete temporary files a killed save left behind in ``directory``; returns how many."""
+    removed = 0
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    for path in directory.iterdir():
+        if path.name.startswith(".step_") and path.name.endswith(TMP_SUFFIX):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+# -- tensors <-> JSON ------------------------------------------------------------------------
+
+
+def _split(obj: Any, prefix: str, tensors: dict[str, Tensor], seen: set[int]) -> Any:
+    """A JSON-able copy of ``obj`` whose tensors are moved into ``tensors``.
+
+    A tensor becomes ``{"__tensor__": key}``; a dict with int keys (optimizer state) becomes
+    ``{"__int_keys__": {...}}``; tuples become lists (callers that need tuples restore them).
+    """
+    if isinstance(obj, Tensor):
+        key = f"{prefix}#{len(tensors)}" if not prefix.startswith("model/") else prefix
+        tensors[key] = _storable(obj, seen)
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return _split(torch.from_numpy(np.ascontiguousarray(obj)), prefix, tensors, seen)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if obj and all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+            inner = {str(k): _split(v, f"{prefix}/{k}", tensors, seen) for k, v in obj.items()}
+            return {"__int_keys__": inner}
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise CheckpointError(
+                f"cannot store {prefix}: dict keys must be str or all int, got {bad[0]!r}"
+            )
+        return {k: _split(v, f"{prefix}/{k}", tensors, seen) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_split(v, f"{prefix}/{i}", tensors, seen) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise CheckpointError(
+        f"cannot store {prefix} ({type(obj).__name__}) in a checkpoint: only tensors, numbers, "
+        "strings, None, lists and dicts are stored (no pickle)"
+    )
+
+
+def _storable(tensor: Tensor, seen: set[int]) -> Tensor:
+    """A CPU, contiguous tensor that shares memory with no other stored tensor (safetensors
+    refuses shared storage, e.g. tied embedding and output weights)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.numel():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensor = tensor.clone()
+            ptr = tensor.untyped_storage().data_ptr()
+        seen.add(ptr)
+    return tensor
+
+
+def _join(obj: Any, tensors: dict[str, Tensor], where: str) -> Any:
+    """The inverse of :func:`_split`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"{where}: the tensors file has no tensor {key!r}")
+            return tensors[key]
+        if set(obj) == {"__int_keys__"}:
+            return {int(k): _join(v, tensors, where) for k, v in obj["__int_keys__"].items()}
+        return {k: _join(v, tensors, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors, where) for v in obj]
+    return obj
+
+
+# -- RNG ---------------------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The global RNG states the training loop may draw from: torch (CPU, and CUDA when it is
+    in use), numpy's legacy global generator and Python's ``random`` (as plain ints)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {
+            "version": version,
+            "internal": torch.tensor(internal, dtype=torch.int64),  # 625 ints, kept out of JSON
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned (also after a JSON/safetensors round trip)."""
+    try:
+        torch.set_rng_state(state["torch"].to(torch.uint8))
+        py = state["python"]
+        internal = py["internal"]
+        internal = tuple(
+            int(v) for v in (internal.tolist() if torch.is_tensor(internal) else internal)
+        )
+        gauss = None if py["gauss_next"] is None else float(py["gauss_next"])
+        random.setstate((int(py["version"]), internal, gauss))
+        npy = state["numpy"]
+        keys = np.asarray(npy["keys"].numpy(), dtype=np.uint32)
+        np.random.set_state(
+            (
+                str(npy["name"]),
+                keys,
+                int(npy["pos"]),
+                int(npy["has_gauss"]),
+                float(npy["cached_gaussian"]),
+            )
+        )
+        cuda = state.get("cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"invalid RNG state: {e}") from e
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def _canonical(config: Any) -> Any:
+    """The config as JSON will give it back (tuples -> lists), so comparisons are fair."""
+    try:
+        return json.loads(json.dumps(config, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the config must be JSON-serialisable: {e}") from e
+
+
+def config_fingerprint(config: Any) -> str:
+    """SHA-256 of the config's canonical JSON: equal configs, equal fingerprints."""
+    text = json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix or "<config>": obj}
+
+
+def config_diff(saved: Any, current: Any) -> list[str]:
+    """``key: checkpoint X, now Y`` for every dotted key whose value differs."""
+    a, b = _flatten(_canonical(saved)), _flatten(_canonical(current))
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a:
+            lines.append(f"{key}: absent in the checkpoint, now {b[key]!r}")
+        elif key not in b:
+            lines.append(f"{key}: checkpoint {a[key]!r}, absent now")
+        elif a[key] != b[key]:
+            lines.append(f"{key}: checkpoint {a[key]!r}, now {b[key]!r}")
+    return lines
+
+
+# -- save --------------------------------------------------------------------------------------
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Per optimizer group, the model's name for each parameter: what ties optimizer state
+    (stored by position) to parameters, checked on load."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        [names.get(id(p), f"<not in model: {i}>") for i, p in enumerate(group["params"])]
+        for group in optimizer.param_groups
+    ]
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    data_state: Any = None,
+    config: Any = None,
+    extra: dict | None = None,
+    rng: bool = True,
+) -> Path:
+    """Write the checkpoint of ``step`` into ``directory``; returns the JSON path.
+
+    ``scheduler`` is anything with ``state_dict()``; ``data_state`` the data iterator's
+    ``state_dict()``; ``config`` a JSON-able dict whose fingerprint a later load compares;
+    ``extra`` a JSON-able dict returned as is by :func:`load_checkpoint`. Raises
+    :class:`CheckpointError` when a write fails (the previous checkpoints are untouched).
+    """
+    directory = Path(directory)
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, value in model.state_dict().items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"model state {name!r} is not a tensor; it cannot be stored")
+        tensors[f"model/{name}"] = _storable(value, seen)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "config": _canonical(config),
+        "config_fingerprint": config_fingerprint(config),
+        "model_keys": list(model.state_dict().keys()),
+        "data_state": _split(copy.deepcopy(data_state), "data", tensors, seen),
+        "scheduler": None
+        if scheduler is None
+        else _split(scheduler.state_dict(), "sched", tensors, seen),
+        "optimizer": None,
+        "rng": _split(get_rng_state(), "rng", tensors, seen) if rng else None,
+        "extra": _canonical(extra or {}),
+        "torch_version": torch.__version__,
+    }
+    if optimizer is not None:
+        meta["optimizer"] = {
+            "class": type(optimizer).__name__,
+            "param_names": _param_names(model, optimizer),
+            "state_dict": _split(optimizer.state_dict(), "optim", tensors, seen),
+        }
+    blob = st_save(tensors, metadata={"format": FORMAT})
+    digest = hashlib.sha256(blob).hexdigest()
+    tensors_path = directory / f"step_{step:08d}-{digest[:12]}.safetensors"
+    json_path = directory / f"step_{step:08d}.json"
+    meta["tensors_file"] = tensors_path.name
+    meta["tensors_sha256"] = digest
+    text = json.dumps(meta, indent=1, allow_nan=True) + "\n"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(tensors_path, blob)
+        _atomic_write(json_path, text.encode())
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint {json_path}: {e.strerror or e}; earlier checkpoints "
+            "are untouched"
+        ) from e
+    return json_path
+
+
+# -- find / prune --------------------------------------------------------------------------------
+
+
+def find_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The JSON files of the checkpoints in ``directory``, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _JSON_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The JSON of the highest step in ``directory`` (or ``directory/checkpoints``), or None."""
+    directory = Path(directory)
+    found = find_checkpoints(directory) or find_checkpoints(directory / "checkpoints")
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints, and tensors files no JSON points to.
+
+    The JSON goes first, so an interrupted prune leaves an orphan tensors file (ignored, removed
+    next time), never a JSON without its tensors.
+    """
+    directory = Path(directory)
+    jsons = find_checkpoints(directory)
+    for path in jsons[: max(0, len(jsons) - max(1, keep))]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    referenced, unreadable_steps = set(), set()
+    for path in find_checkpoints(directory):
+        try:
+            referenced.add(json.loads(path.read_text())["tensors_file"])
+        except (OSError, ValueError, KeyError, TypeError):
+            unreadable_steps.add(int(_JSON_NAME.match(path.name).group(1)))
+    for path in directory.iterdir():
+        m = _TENSORS_NAME.match(path.name)
+        if m and path.name not in referenced and int(m.group(1)) not in unreadable_steps:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+# -- load --------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """The checkpoint's JSON and its tensors, checked (format, hash) but applied to nothing.
+
+    ``path`` is a checkpoint JSON, or a directory whose latest checkpoint is read. Safe on
+    untrusted files: JSON and safetensors only.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint (step_*.json) in {path}")
+        path = found
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    try:
+        meta = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: not valid JSON ({e}); delete it (and its "
+            ".safetensors) to fall back to an earlier checkpoint"
+        ) from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a gatelab training checkpoint (format {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {meta.get('version')!r}; this gatelab reads "
+            f"version {VERSION}"
+        )
+    missing = [
+        k for k in ("step", "tensors_file", "tensors_sha256", "config_fingerprint") if k not in meta
+    ]
+    name = meta.get("tensors_file")
+    if missing or not isinstance(name, str) or not _TENSORS_NAME.match(name):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: missing or bad fields {missing or ['tensors_file']}"
+        )
+    tensors_path = path.parent / name  # a bare file name (checked above): no path traversal
+    try:
+        blob = tensors_path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} needs {tensors_path}, which is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {tensors_path}: {e.strerror or e}") from e
+    if hashlib.sha256(blob).hexdigest() != meta["tensors_sha256"]:
+        raise CheckpointError(
+            f"{tensors_path} does not match the SHA-256 recorded in {path}: the file is corrupt "
+            "(truncated or changed)"
+        )
+    try:
+        tensors = st_load(blob)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{tensors_path} is not a readable safetensors file: {e}") from e
+    meta["_path"] = str(path)
+    return meta, tensors
+
+
+def _check_model(path: Path, meta: dict, tensors: dict[str, Tensor], model: nn.Module) -> dict:
+    saved = {k[len("model/") :]: t for k, t in tensors.items() if k.startswith("model/")}
+    current = model.state_dict()
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    shapes = [
+        f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(current[k].shape)}"
+        for k in current
+        if k in saved and saved[k].shape != current[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing in the checkpoint: {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"not in the model: {', '.join(unexpected[:10])}")
+        if shapes:
+            parts.append(f"shape mismatch: {'; '.join(shapes[:10])}")
+        raise CheckpointError(f"checkpoint {path} does not fit the model: " + " | ".join(parts))
+    return saved
+
+
+def _optimizer_state(
+    path: Path, meta: dict, tensors: dict, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict:
+    saved = meta.get("optimizer")
+    if saved is None:
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state")
+    if saved.get("class") != type(optimizer).__name__:
+        raise CheckpointError(
+            f"checkpoint {path} holds {saved.get('class')} state; the optimizer is "
+            f"{type(optimizer).__name__}"
+        )
+    now = _param_names(model, optimizer)
+    if saved["param_names"] != now:
+        old = {n for group in saved["param_names"] for n in group}
+        new = {n for group in now for n in group}
+        differ = sorted(old ^ new) or ["(same names, different groups or order)"]
+        raise CheckpointError(
+            f"checkpoint {path}: the optimizer's parameters differ from the checkpoint's: "
+            + ", ".join(differ[:10])
+        )
+    state = _join(saved["state_dict"], tensors, str(path))
+    for group, live in zip(state["param_groups"], optimizer.param_groups, strict=True):
+        for key, value in live.items():  # JSON turned tuples (betas) into lists
+            if isinstance(value, tuple) and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
+    return state
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    config: Any = None,
+    data: Any = None,
+    rng: bool = True,
+) -> Checkpoint:
+    """Check a checkpoint against the run, then restore it into the given objects.
+
+    Everything is validated before anything is changed: a corrupt or missing file, a hash
+    mismatch, a different config (when ``config`` is given; the message names the differing
+    keys), different parameter names or shapes raise :class:`CheckpointError` and leave the
+    model, optimizer and files as they were. ``data`` (optional) gets ``load_state_dict`` with
+    the stored data position; it is also returned as ``Checkpoint.data_state``.
+    """
+    meta, tensors = read_checkpoint(path)
+    path = Path(meta["_path"])
+    if config is not None and meta["config_fingerprint"] != config_fingerprint(config):
+        diff = config_diff(meta.get("config"), config)
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run with another config; differing keys: "
+            + ("; ".join(diff) if diff else "(unknown: the checkpoint holds no config)")
+        )
+    model_state = _check_model(path, meta, tensors, model)
+    optim_state = None
+    if optimizer is not None:
+        optim_state = _optimizer_state(path, meta, tensors, model, optimizer)
+    if scheduler is not None and meta.get("scheduler") is None:
+        raise CheckpointError(f"checkpoint {path} holds no scheduler state")
+    data_state = _join(meta.get("data_state"), tensors, str(path))
+    rng_state = _join(meta["rng"], tensors, str(path)) if rng and meta.get("rng") else None
+
+    # The RNG goes first: it is the one part not validated above, and if it fails nothing
+    # has been changed yet.
+    previous_rng = get_rng_state()
+    if rng_state is not None:
+        set_rng_state(rng_state)
+    try:
+        model.load_state_dict(model_state, strict=True)
+        if optim_state is not None:
+            optimizer.load_state_dict(optim_state)
+        if scheduler is not None:
+            scheduler.load_state_dict(_join(meta["scheduler"], tensors, str(path)))
+        if data is not None:
+            data.load_state_dict(data_state)
+    except Exception:
+        set_rng_state(previous_rng)
+        raise
+    return Checkpoint(
+        path, int(meta["step"]), meta.get("config"), data_state, meta.get("extra") or {}
+    )
