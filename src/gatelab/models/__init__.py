@@ -1,0 +1,66 @@
+"""Small complete models the recipes train, each configured by a plain-typed dataclass.
+
+``MODELS`` maps a recipe's ``model = "lm"`` to its (config class, model class);
+``build_model(name, table)`` checks the table and builds both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..registry import Registry
+from .classifier import LeNet5, LeNet5Config, MLPClassifier, MLPConfig, c3_connections
+from .common import ModelOutput, moe_modules, num_active_parameters, num_parameters
+from .config import Config, ConfigError
+from .lm import (
+    LM,
+    CausalSelfAttention,
+    LMConfig,
+    SwiGLU,
+    apply_rope,
+    dense_equivalent,
+    rope_cache,
+)
+
+MODELS: Registry[tuple[type[Config], type[nn.Module]]] = Registry("model")
+MODELS.register("lm")((LMConfig, LM))
+MODELS.register("mlp")((MLPConfig, MLPClassifier))
+MODELS.register("lenet5")((LeNet5Config, LeNet5))
+
+
+def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Config, nn.Module]:
+    """(config, model) for the model registered as ``name``, configured by ``table``.
+
+    Raises ValueError for an unknown name (listing the valid ones) and ConfigError for an
+    unknown key (naming the nearest valid one) or a value of the wrong type.
+    """
+    config_cls, model_cls = MODELS.get(name)
+    config = config_cls.from_dict(table or {})
+    return config, model_cls(config)
+
+
+__all__ = [
+    "LM",
+    "MODELS",
+    "CausalSelfAttention",
+    "Config",
+    "ConfigError",
+    "LMConfig",
+    "LeNet5",
+    "LeNet5Config",
+    "MLPClassifier",
+    "MLPConfig",
+    "ModelOutput",
+    "SwiGLU",
+    "apply_rope",
+    "build_model",
+    "c3_connections",
+    "dense_equivalent",
+    "moe_modules",
+    "num_active_parameters",
+    "num_parameters",
+    "rope_cache",
+]

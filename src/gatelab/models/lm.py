@@ -1,0 +1,366 @@
+"""A decoder-only language model whose FFN is dense or MoE, layer by layer.
+
+The model a reader holds in their head at once (after nanoGPT's ``model.py``)::
+
+    h = embed(ids)                                   # [B, S, D]
+    for block in blocks:                             # num_layers times
+        h = h + attn(rms_norm(h))                    # causal, multi-head, RoPE on q and k
+        h = h + ffn(rms_norm(h))                     # SwiGLU MLP, or a gatelab MoE
+    logits = rms_norm(h) @ embed.weight.T            # LM head tied to the embedding
+
+``LMConfig`` holds every choice as a plain value, one field per key of a recipe's TOML
+table; ``LM(config)`` builds the model; ``dense_equivalent(config)`` gives the dense model
+with the same active parameters, the baseline an MoE LM is compared against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .common import (
+    ModelOutput,
+    collect_aux_losses,
+    masked_cross_entropy,
+    moe_modules,
+    num_active_parameters,
+    num_parameters,
+)
+from .config import (
+    Config,
+    ConfigError,
+    build_moe,
+    check_moe_fields,
+    check_positive,
+    resolve_layers,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig(Config):
+    """Every setting of :class:`LM`; the fields are the keys of a recipe's ``[model]`` table.
+
+    Sizes: ``vocab_size``, ``dim`` (D), ``num_layers``, ``num_heads`` (D must divide by it,
+    into an even head width for RoPE), ``max_seq_len`` (the RoPE table's length),
+    ``ffn_hidden_dim`` (hidden width of the dense SwiGLU FFNs).
+
+    MoE: ``moe_layers`` picks the layers whose FFN is a gatelab ``MoE``: "all", "none",
+    "every_other" (layers 1, 3, 5, ...) or a list of indices. Those layers use
+    ``num_experts`` SwiGLU experts of width ``expert_hidden_dim``, ``top_k`` per token,
+    the router ``router`` (a name in ``gatelab.routing.ROUTERS``) built with
+    ``router_kwargs``, ``capacity_factor`` (left out: dropless), a shared SwiGLU expert of
+    width ``shared_expert_dim`` (0: none), the auxiliary ``loss_weights`` (names in
+    ``gatelab.routing.LOSSES``) and ``dispatcher`` ("auto", "grouped", "loop").
+
+    Training: ``dropout`` (embedding, attention weights, residual branches), ``rope_theta``,
+    ``norm_eps`` of the RMSNorms, ``init_std`` (see :meth:`LM.reset_parameters`).
+
+    The defaults are the demo's MoE LM (4 layers, width 256, 8 experts of width 512, top-2,
+    byte vocabulary); ``ffn_hidden_dim`` = 1024 = top_k * expert_hidden_dim, so a mixed
+    model built from them has a dense equivalent.
+    """
+
+    vocab_size: int = 256
+    dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    max_seq_len: int = 256
+    ffn_hidden_dim: int = 1024
+    moe_layers: Literal["all", "none", "every_other"] | list[int] = "all"
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden_dim: int = 512
+    router: str = "topk"
+    router_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    capacity_factor: float | None = None
+    shared_expert_dim: int = 0
+    loss_weights: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"balance": 0.01, "z": 0.001}
+    )
+    dispatcher: str = "auto"
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        check_positive(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len")
+        check_positive(self, "rope_theta", "norm_eps", "init_std")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ConfigError(
+                f"{self._key('dim')}={self.dim} must split into num_heads={self.num_heads} "
+                "heads of an even width (RoPE rotates pairs of channels)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{self._key('dropout')} must lie in [0, 1), got {self.dropout}")
+        moe = self.moe_layer_indices()
+        if len(moe) < self.num_layers:
+            check_positive(self, "ffn_hidden_dim")
+        check_moe_fields(self)
+
+    def moe_layer_indices(self) -> list[int]:
+        """The sorted indices of the layers whose FFN is an MoE."""
+        return resolve_layers(self.moe_layers, self.num_layers, self._key("moe_layers"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+def dense_equivalent(config: LMConfig) -> LMConfig:
+    """The dense LM config with the same active parameters as ``config``, up to the routers.
+
+    Each MoE FFN becomes a dense SwiGLU FFN of hidden width
+    ``top_k * expert_hidden_dim + shared_expert_dim``: the same weights a token passes
+    through. So ``LM(dense_equivalent(c)).num_active_parameters()`` equals
+    ``LM(c).num_active_parameters()`` minus the MoE layers' router parameters (E * D per
+    layer for the learned routers, E * D + E for ``topk_softmax`` with its bias, 0 for
+    ``hash``). Every other field is kept. A mixed config (some dense layers) qualifies only
+    when its dense layers already have that width, since one ``ffn_hidden_dim`` serves all.
+    """
+    moe = config.moe_layer_indices()
+    if not moe:
+        return config
+    width = config.top_k * config.expert_hidden_dim + config.shared_expert_dim
+    if len(moe) < config.num_layers and config.ffn_hidden_dim != width:
+        raise ConfigError(
+            f"dense_equivalent: the dense layers of this mixed config have ffn_hidden_dim="
+            f"{config.ffn_hidden_dim}, but an MoE layer's dense equivalent needs "
+            f"top_k * expert_hidden_dim + shared_expert_dim = {width}; set ffn_hidden_dim="
+            f"{width} so one width fits every layer"
+        )
+    return config.replace(moe_layers="none", ffn_hidden_dim=width)
+
+
+# -- Parts --------------------------------------------------------------------------------
+
+
+def rope_cache(
+    head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [max_seq_len, head_dim] (float32) for :func:`apply_rope`.
+
+    Channel i < head_dim / 2 is paired with channel i + head_dim / 2 and rotated by the
+    angle ``position * theta ** (-2i / head_dim)`` (RoFormer's frequencies, in the
+    half-split channel order of GPT-NeoX and HF Llama rather than RoFormer's interleaved one).
+    """
+    inv_freq = theta ** (
+        -torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
+    )
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [..., S, head_dim] by the first S rows of the tables (see :func:`rope_cache`)."""
+    seq = x.shape[-2]
+    cos, sin = cos[:seq].to(x.dtype), sin[:seq].to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with rotary position embeddings, no biases.
+
+    RoPE: "RoFormer: Enhanced Transformer with Rotary Position Embedding" (Su et al.,
+    arXiv 2104.09864), applied to queries and keys, in the half-split channel order (see
+    :func:`rope_cache`). The scores run through ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, s, d))
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN: down(silu(x W_gate) * (x W_up)), no biases.
+
+    "GLU Variants Improve Transformer" (Shazeer, arXiv 2002.05202). The gate and up
+    projections are one fused ``gate_up_proj`` (gate rows first), the layout of a gatelab
+    expert bank, so one GEMM computes both and a dense FFN copies into an expert as is.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: LMConfig, moe: bool):
+        super().__init__()
+        d = config.dim
+        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(d, config.num_heads, config.dropout)
+        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.is_moe = moe
+        self.ffn = (
+            build_moe(config, d, config.expert_hidden_dim)
+            if moe
+            else SwiGLU(d, config.ffn_hidden_dim)
+        )
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, token_ids: Tensor, token_mask: Tensor | None
+    ) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+        h = self.ffn_norm(x)
+        h = self.ffn(h, token_ids=token_ids, token_mask=token_mask) if self.is_moe else self.ffn(h)
+        return x + self.drop(h)
+
+
+# -- The model ----------------------------------------------------------------------------
+
+
+class LM(nn.Module):
+    """Decoder-only transformer LM with dense or MoE FFNs (see the module docstring).
+
+    Follows GPT-2 ("Language Models are Unsupervised Multitask Learners", Radford et al.
+    2019) as nanoGPT writes it: pre-norm blocks, a final norm, the LM head tied to the
+    token embedding ("Using the Output Embedding to Improve Language Models", Press & Wolf,
+    arXiv 1608.05859), and its initialisation. Departs from GPT-2 where Llama ("LLaMA",
+    Touvron et al., arXiv 2302.13971) does, because these train better at small scale:
+    RMSNorm (Zhang & Sennrich, arXiv 1910.07467) for LayerNorm, rotary positions for learned
+    position embeddings, a SwiGLU FFN for the GELU MLP, no biases. Any FFN can be a gatelab
+    ``MoE`` (``LMConfig.moe_layers``).
+
+    The head is ``F.linear(h, embed.weight)``: there is no separate head parameter, so the
+    state dict holds the shared matrix once (``embed.weight``), as safetensors wants.
+    ``lm_head_weight`` returns it.
+
+    Causality: attention is causal, and so is every router that scores tokens one by one
+    (topk, topk_softmax, sigmoid, hash). ``capacity_factor`` and the ``expert_choice``
+    router let tokens compete for experts across the whole batch, so a later token can
+    change how an earlier one is routed; use them knowing that (Zhou et al. note the same
+    for expert choice in decoders).
+    """
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        if not isinstance(config, LMConfig):
+            raise TypeError(f"LM takes an LMConfig, got {type(config).__name__}")
+        self.config = config
+        moe = set(config.moe_layer_indices())
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i in moe) for i in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        """The output projection [vocab_size, dim]: the token embedding itself."""
+        return self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation, as nanoGPT writes it.
+
+        Every matrix (embedding, attention, FFN, expert banks, routers) ~ N(0, init_std);
+        the projections that write into the residual stream (attention ``proj``, dense,
+        expert and shared-expert ``down_proj``) ~ N(0, init_std / sqrt(2 * num_layers)),
+        since each layer adds two of them. Vectors keep their modules' init (RMSNorm
+        weights 1, router biases 0). A router at N(0, 0.02) starts close to uniform.
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                residual = name.endswith(("attn.proj.weight", "down_proj.weight", "down_proj"))
+                nn.init.normal_(p, 0.0, residual_std if residual else std)
+
+    def forward(
+        self, ids: Tensor, targets: Tensor | None = None, token_mask: Tensor | None = None
+    ) -> ModelOutput:
+        """ids [B, S] int64 -> :class:`~gatelab.models.ModelOutput` (logits [B, S, V]).
+
+        targets: [B, S] next-token ids (usually ids shifted left by one); -100 ignores one.
+        token_mask: [B, S] True (or 1) for real tokens: padding is left out of the loss and
+            of the MoE layers' routing statistics (aux losses). Attention is only causal, so
+            put padding on the right, where no real token attends to it.
+        """
+        self._check_inputs(ids, targets, token_mask)
+        mask = None if token_mask is None else token_mask.bool()
+        h = self.drop(self.embed(ids))
+        for block in self.blocks:
+            h = block(h, self.rope_cos, self.rope_sin, ids, mask)
+        logits = F.linear(self.norm(h), self.embed.weight)
+
+        aux_loss, aux_losses = collect_aux_losses(self, logits)
+
+        loss = None
+        if targets is not None:
+            flat_mask = None if mask is None else mask.flatten()
+            loss = masked_cross_entropy(logits.flatten(0, 1), targets.flatten(), flat_mask)
+        return ModelOutput(logits, loss, aux_loss, aux_losses)
+
+    def _check_inputs(self, ids: Tensor, targets: Tensor | None, token_mask: Tensor | None):
+        cfg = self.config
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"LM expects token ids [batch, seq], got {shape}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.shape[1] > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {ids.shape[1]} exceeds max_seq_len={cfg.max_seq_len}; "
+                "cut the sequence or raise max_seq_len"
+            )
+        if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= cfg.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, vocab_size={cfg.vocab_size}), got [{low}, {high}]"
+                )
+        for name, t in (("targets", targets), ("token_mask", token_mask)):
+            if t is not None and tuple(t.shape) != tuple(ids.shape):
+                raise ValueError(
+                    f"{name} must have the shape of ids {tuple(ids.shape)}, got {tuple(t.shape)}"
+                )
+
+    def moe_layers(self) -> dict[str, nn.Module]:
+        """The MoE modules by qualified name ("blocks.0.ffn", ...), in layer order."""
+        return moe_modules(self)
+
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        """All parameters; the tied embedding/head matrix counts once (or not at all)."""
+        n = num_parameters(self)
+        return n if include_embedding else n - self.embed.weight.numel()
+
+    def num_active_parameters(self, include_embedding: bool = True) -> int:
+        """The parameters one token passes through (see
+        :func:`gatelab.models.common.num_active_parameters`): all dense parameters, and per
+        MoE layer its router, ``top_k`` experts and the shared expert. The tied
+        embedding/head matrix counts in full by default (the head multiplies all of it);
+        ``include_embedding=False`` leaves it out."""
+        n = num_active_parameters(self)
+        return n if include_embedding else n - self.embed.weight.numel()
