@@ -151,8 +151,17 @@ def file_bytes(directory) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny ops on 2 threads stall badly when the cores are busy (OpenMP waits); 1 is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, _one_thread):
     """The uninterrupted run every resume test compares against."""
     run_dir = tmp_path_factory.mktemp("reference")
     run_tiny(run_dir)
