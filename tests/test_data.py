@@ -522,3 +522,24 @@ def test_cifar10(tmp_path):
 def test_optional_import_message():
     with pytest.raises(ImportError, match=r"pip install 'gatelab\[data\]'"):
         require("gatelab_no_such_module.sub", "this test")
+
+
+def test_tensor_batches_resume_and_cover_each_epoch():
+    from gatelab.data import TensorBatches
+
+    x, y = torch.arange(10).float().unsqueeze(1), torch.arange(10)
+    whole = TensorBatches(x, y, batch_size=4, seed=3)
+    batches = [next(whole) for _ in range(6)]
+    assert sorted(torch.cat([b[1] for b in batches[:2]] + [batches[2][1][:2]]).tolist()) == list(
+        range(10)
+    )
+    part = TensorBatches(x, y, batch_size=4, seed=3)
+    for _ in range(2):
+        next(part)
+    resumed = TensorBatches(x, y, batch_size=4, seed=3)
+    resumed.load_state_dict(part.state_dict())
+    for expected in batches[2:]:
+        got = next(resumed)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(ValueError, match="seed"):
+        TensorBatches(x, y, batch_size=4, seed=4).load_state_dict(part.state_dict())

@@ -11,6 +11,7 @@ inside the functions that need them (``pip install 'gatelab[data]'``).
 - :mod:`~gatelab.data.loaders`: MNIST / Fashion-MNIST / EMNIST (IDX) and CIFAR-10 (binary).
 """
 
+from .batches import TensorBatches
 from .images import (
     PHOTO_NAMES,
     ImageSet,
@@ -56,6 +57,7 @@ from .text import (
 )
 
 __all__ = [
+    "TensorBatches",
     "CIFAR10_CLASSES",
     "DOMAINS",
     "EMNIST_CLASSES",

@@ -1,0 +1,69 @@
+"""Resumable, shuffled minibatches over in-memory tensors (digits, MNIST, CIFAR...)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+class TensorBatches:
+    """Endless shuffled minibatches of rows of equally long tensors, e.g. (images, labels).
+
+    The order of epoch ``e`` comes from ``(seed, e)`` alone and the position is
+    ``(epoch, index)``, so ``load_state_dict(state_dict())`` continues with exactly the
+    batches an uninterrupted iterator would have given (the trainer's resume relies on it).
+    """
+
+    def __init__(self, *tensors: Tensor, batch_size: int, seed: int = 0, shuffle: bool = True):
+        if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors):
+            raise ValueError("TensorBatches needs tensors with the same number of rows")
+        if tensors[0].shape[0] == 0:
+            raise ValueError("TensorBatches needs at least one row")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tensors, self.batch_size = tensors, batch_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch = self.index = 0
+
+    def _order(self, epoch: int) -> Tensor:
+        rows = self.tensors[0].shape[0]
+        if not self.shuffle:
+            return torch.arange(rows)
+        return torch.randperm(
+            rows, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        )
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        return self
+
+    def __next__(self) -> tuple[Tensor, ...]:
+        parts, need = [], self.batch_size
+        while need:
+            order = self._order(self.epoch)
+            take = order[self.index : self.index + need]
+            parts.append(take)
+            need -= len(take)
+            self.index += len(take)
+            if self.index >= len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+        rows = torch.cat(parts)
+        return tuple(t[rows] for t in self.tensors)
+
+    def state_dict(self) -> dict:
+        return {
+            "rows": int(self.tensors[0].shape[0]),
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "index": self.index,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("rows", "seed"):
+            if state.get(key) != self.state_dict()[key]:
+                raise ValueError(
+                    f"cannot resume: saved {key}={state.get(key)!r} but these batches have "
+                    f"{key}={self.state_dict()[key]!r} (a different dataset or seed)"
+                )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
