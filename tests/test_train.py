@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -246,6 +247,26 @@ def test_aux_free_bias_update_is_attached(tmp_path):
     assert trainer.model.moe.router.expert_bias.abs().sum() > 0
     trainer, _ = run_tiny(tmp_path / "off", steps=3, aux_free_bias=False)
     assert trainer.model.moe.router.expert_bias.abs().sum() == 0
+
+
+def test_named_tuple_batches_and_a_custom_forward(tmp_path):
+    class Pair(NamedTuple):
+        x: torch.Tensor
+        y: torch.Tensor
+
+    class PairBatches(Batches):
+        def __next__(self):
+            return Pair(*Batches.__next__(self))
+
+    seen = []
+
+    def forward(model, batch):
+        seen.append(type(batch))
+        return model(batch.x, batch.y)
+
+    torch.manual_seed(0)
+    Trainer(TinyNet(), PairBatches(), tiny_cfg(tmp_path, steps=2), forward=forward).fit()
+    assert seen == [Pair] * 4
 
 
 def test_weight_decay_groups():

@@ -232,6 +232,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True) if batch.device != device else batch
     if isinstance(batch, Mapping):
         return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
     if isinstance(batch, tuple | list):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
