@@ -8,6 +8,7 @@ arguments and sets ``func`` to the function that runs it. Add a command (``train
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gatelab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(commands)
+    _add_eval(commands)
+    _add_info(commands)
     _add_bench(commands)
     return parser
 
@@ -31,7 +35,140 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["gatelab", *argv])
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except _user_errors() as error:
+        # Bad recipes, configs, checkpoints or run directories: the message says what to fix.
+        print(f"gatelab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .models.config import ConfigError
+    from .recipes import RecipeError
+    from .train import TrainError
+    from .train.checkpoint import CheckpointError
+
+    return (RecipeError, ConfigError, TrainError, CheckpointError, FileNotFoundError)
+
+
+# -- gatelab train / eval / info -----------------------------------------------------------
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a recipe (a shipped name such as moe-lm, or a .toml path)",
+        description="Train the run a recipe describes. Shipped recipes: moe-lm, dense-lm, "
+        "digits-moe, digits-dense. Metrics, routing telemetry and checkpoints go to the "
+        "run directory ([train] run_dir, runs/<recipe> by default).",
+    )
+    train.add_argument("recipe", help="a shipped recipe name or a path to a .toml file")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value (TOML syntax), e.g. --set train.steps=200; repeatable",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
+    )
+    train.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .recipes.run import run_recipe
+
+    result = run_recipe(args.recipe, args.overrides, resume=args.resume)
+    print(json.dumps({"step": result.step, "stopped": result.stopped, "loss": result.loss,
+                      "eval": result.eval, "checkpoint": str(result.checkpoint)}))  # fmt: skip
+    return 0 if result.stopped in ("completed", "time_budget", "interrupted") else 1
+
+
+def _add_eval(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a checkpoint (or a run directory's latest) as its recipe says",
+        description="Rebuild the model and evaluation from the recipe stored in a checkpoint, "
+        "load its weights and print the evaluation metrics as JSON.",
+    )
+    evaluate.add_argument("checkpoint", help="a checkpoint .json, a checkpoints/ dir or a run dir")
+    evaluate.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .recipes.run import build_run
+    from .train.checkpoint import load_checkpoint
+
+    path, meta = _checkpoint_meta(args.checkpoint)
+    run = build_run(meta["config"]["run"])
+    load_checkpoint(path, run.model, rng=False)
+    run.model.eval()
+    with torch.no_grad():
+        metrics = run.eval_fn(run.model)
+    print(json.dumps({"checkpoint": str(path), "step": meta["step"], **metrics}))
+    return 0
+
+
+def _add_info(commands) -> None:
+    info = commands.add_parser(
+        "info",
+        help="what a checkpoint holds: config, parameters, active parameters, routing",
+        description="Print a checkpoint's recipe, its parameter counts (total and active per "
+        "token) and the last routing summary its run logged (routing.jsonl).",
+    )
+    info.add_argument("checkpoint", help="a checkpoint .json, a checkpoints/ dir or a run dir")
+    info.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .recipes.run import build_run
+    from .train.metrics import read_jsonl
+
+    path, meta = _checkpoint_meta(args.checkpoint)
+    run = build_run(meta["config"]["run"])
+    model = run.model
+    total = sum(p.numel() for p in model.parameters())
+    active = model.num_active_parameters() if hasattr(model, "num_active_parameters") else total
+    print(f"checkpoint  {path} (step {meta['step']}, torch {meta.get('torch_version')})")
+    print(f"recipe      {json.dumps(meta['config']['run'], sort_keys=True)}")
+    print(f"training    {json.dumps(meta['config']['train'], sort_keys=True)}")
+    print(f"parameters  {total:,} total, {active:,} active per token")
+    routing_log = path.parent.parent / "routing.jsonl"
+    records = read_jsonl(routing_log) if routing_log.exists() else []
+    if not records:
+        print("routing     (no routing.jsonl next to the checkpoint)")
+    for name, stats in (records[-1]["layers"] if records else {}).items():
+        print(
+            f"routing     {name}: load share {[round(s, 3) for s in stats['load_share']]}, "
+            f"dead experts {stats['dead_experts']}, load entropy {stats['load_entropy']:.3f} "
+            f"(steps {records[-1].get('from_step')}..{records[-1]['step']})"
+        )
+    return 0
+
+
+def _checkpoint_meta(where: str):
+    """(path, metadata) of a checkpoint given as its file, its directory or its run dir."""
+    from pathlib import Path
+
+    from .train.checkpoint import latest_checkpoint, read_checkpoint
+
+    path = Path(where)
+    if path.is_dir():
+        found = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        if found is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {where}; give a checkpoint .json or a run dir"
+            )
+        path = found
+    meta, _ = read_checkpoint(path)
+    if "run" not in (meta.get("config") or {}):
+        raise FileNotFoundError(f"{path} was not written by `gatelab train` (it holds no recipe)")
+    return Path(meta["_path"]), meta
 
 
 # -- gatelab bench ------------------------------------------------------------------------

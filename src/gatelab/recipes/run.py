@@ -1,0 +1,188 @@
+"""From a recipe to a run: build the model, the data, the evaluation and the trainer.
+
+A recipe has four parts::
+
+    name = "moe-lm"              # optional; the file name by default
+    description = "..."          # optional
+    [model]  kind = "lm" | "mlp" | "lenet5", then that model's config keys
+    [data]   kind = "corpus" | "digits", then the keys of DATA_KEYS[kind]
+    [train]  the keys of gatelab.train.TrainConfig (run_dir defaults to runs/<name>)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import DOMAINS, EvalBatches, LMBatches, TensorBatches, load_corpus, load_digits
+from ..data.text import IGNORE_INDEX, ByteTokenizer
+from ..models import build_model
+from ..train import TrainConfig, Trainer, TrainResult
+from . import RecipeError, check_keys, load_recipe
+
+RECIPE_KEYS = ["name", "description", "model", "data", "train"]
+
+# Data keys and their defaults, per data kind.
+DATA_KEYS: dict[str, dict[str, Any]] = {
+    "corpus": {"seq_len": 256, "batch_size": 16, "seed": 0, "val_fraction": 0.1, "eval_batches": 8},
+    "digits": {"batch_size": 64, "seed": 0, "rotation": 0.0},
+}
+
+
+@dataclass
+class Run:
+    """Everything a recipe builds; ``trainer()`` makes the Trainer."""
+
+    recipe: dict[str, Any]
+    model: nn.Module
+    data: Any
+    eval_fn: Callable[[nn.Module], dict[str, float]]
+    forward: Callable[[nn.Module, Any], Any] | None
+    train_config: TrainConfig
+
+    def trainer(self) -> Trainer:
+        run_config = {k: v for k, v in self.recipe.items() if k != "train"}
+        return Trainer(
+            self.model,
+            self.data,
+            self.train_config,
+            eval_fn=self.eval_fn,
+            config=run_config,
+            forward=self.forward,
+        )
+
+
+def build_run(recipe: dict[str, Any]) -> Run:
+    """Build the model, data and evaluation a recipe describes (nothing is trained)."""
+    check_keys(recipe, RECIPE_KEYS, "the recipe")
+    name = str(recipe.get("name", "run"))
+    model_table = dict(_table(recipe, "model"))
+    model_kind = model_table.pop("kind", "lm")
+    _, model = build_model(model_kind, model_table)
+    data_table = dict(_table(recipe, "data"))
+    data_kind = data_table.pop("kind", "corpus")
+    if data_kind not in DATA_KEYS:
+        raise RecipeError(
+            f"unknown data kind {data_kind!r} in [data]; valid kinds: {', '.join(DATA_KEYS)}"
+        )
+    check_keys(data_table, ["kind", *DATA_KEYS[data_kind]], f"[data] (kind {data_kind!r})")
+    data_options = {**DATA_KEYS[data_kind], **data_table}
+    build = _corpus_data if data_kind == "corpus" else _digits_data
+    data, eval_fn, forward = build(model, data_options)
+    return Run(recipe, model, data, eval_fn, forward, _train_config(recipe, name))
+
+
+def _table(recipe: dict[str, Any], name: str) -> dict[str, Any]:
+    table = recipe.get(name, {})
+    if not isinstance(table, dict):
+        raise RecipeError(f"[{name}] must be a table, got {type(table).__name__}")
+    return table
+
+
+def _train_config(recipe: dict[str, Any], name: str) -> TrainConfig:
+    table = dict(_table(recipe, "train"))
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    check_keys(table, fields, "[train]")
+    table.setdefault("run_dir", f"runs/{name}")
+    try:
+        return TrainConfig(**table)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"[train]: {error}") from None
+
+
+def _corpus_data(model: nn.Module, options: dict[str, Any]):
+    vocab = ByteTokenizer.vocab_size
+    if getattr(getattr(model, "config", None), "vocab_size", vocab) < vocab:
+        raise RecipeError(
+            f"[model] vocab_size={model.config.vocab_size} is smaller than the byte corpus's "
+            f"{vocab} token ids (256 bytes + EOS); set vocab_size = {vocab}"
+        )
+    corpus = load_corpus(seed=options["seed"], val_fraction=options["val_fraction"])
+    data = LMBatches(
+        corpus,
+        "train",
+        seq_len=options["seq_len"],
+        batch_size=options["batch_size"],
+        seed=options["seed"],
+    )
+
+    def eval_fn(model: nn.Module) -> dict[str, float]:
+        return bits_per_byte(
+            model, corpus, options["seq_len"], options["batch_size"], options["eval_batches"]
+        )
+
+    return data, eval_fn, lambda m, batch: m(batch.inputs, batch.targets)
+
+
+@torch.no_grad()
+def bits_per_byte(
+    model: nn.Module, corpus, seq_len: int, batch_size: int, max_batches: int | None
+) -> dict[str, float]:
+    """Validation cross entropy in bits per byte, per domain (``bpb_prose``, ``bpb_code``),
+    over at most ``max_batches`` batches of each domain's validation stream."""
+    device = next(model.parameters()).device
+    results = {}
+    for domain in DOMAINS:
+        total, count = 0.0, 0
+        for batch in EvalBatches(
+            corpus,
+            "val",
+            seq_len=seq_len,
+            batch_size=batch_size,
+            domain=domain,
+            max_batches=max_batches,
+        ):
+            logits = model(batch.inputs.to(device)).logits
+            targets = batch.targets.to(device)
+            total += float(
+                F.cross_entropy(
+                    logits.flatten(0, 1),
+                    targets.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
+            count += int((targets != IGNORE_INDEX).sum())
+        results[f"bpb_{domain}"] = total / max(count, 1) / math.log(2)
+    return results
+
+
+def _digits_data(model: nn.Module, options: dict[str, Any]):
+    from ..data import rotate
+
+    splits = load_digits(seed=options["seed"])
+
+    def images(split: str):
+        x = splits[split].images
+        return rotate(x, options["rotation"]) if options["rotation"] else x
+
+    data = TensorBatches(
+        images("train"),
+        splits["train"].labels,
+        batch_size=options["batch_size"],
+        seed=options["seed"],
+    )
+    val_x, val_y = images("val"), splits["val"].labels
+
+    def eval_fn(model: nn.Module) -> dict[str, float]:
+        out = model(val_x, val_y)
+        return {
+            "val_loss": float(out.loss),
+            "val_accuracy": float((out.logits.argmax(-1) == val_y).float().mean()),
+        }
+
+    return data, eval_fn, None
+
+
+def run_recipe(
+    name_or_path: str, overrides: list[str] | None = None, resume: bool = False
+) -> TrainResult:
+    """``gatelab train``: load a recipe, build its run and train it."""
+    return build_run(load_recipe(name_or_path, overrides)).trainer().fit(resume=resume)
