@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gatelab import MoE
+from gatelab import io as gatelab_io
 from gatelab.train import (
     CheckpointError,
     Progress,
@@ -44,7 +45,6 @@ from gatelab.train import (
     truncate_jsonl,
     warmup_cosine,
 )
-from gatelab.train import checkpoint as checkpoint_module
 
 DIM = 8
 STEPS = 12
@@ -468,7 +468,7 @@ def test_truncate_jsonl_drops_later_and_partial_lines(tmp_path):
 
 @pytest.mark.parametrize("failing_write", [1, 2], ids=["tensors", "json"])
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing_write):
-    real = checkpoint_module._write_all
+    real = gatelab_io._write_all
     calls = []
 
     def write_all(file, data):
@@ -478,10 +478,10 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(file, data)
 
-    monkeypatch.setattr(checkpoint_module, "_write_all", write_all)
+    monkeypatch.setattr(gatelab_io, "_write_all", write_all)
     with pytest.raises(CheckpointError, match="No space left on device"):
         run_tiny(tmp_path, save_every=2)
-    monkeypatch.setattr(checkpoint_module, "_write_all", real)
+    monkeypatch.setattr(gatelab_io, "_write_all", real)
     names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert not [n for n in names if n.endswith(".tmp")], names
     assert latest_checkpoint(tmp_path).name == "step_00000002.json"

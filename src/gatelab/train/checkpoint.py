@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
+
+from ..io import TMP_SUFFIX, atomic_write
 
 __all__ = [
     "Checkpoint",
@@ -56,7 +57,6 @@ __all__ = [
 
 FORMAT = "gatelab.train.checkpoint"
 VERSION = 1
-TMP_SUFFIX = ".tmp"
 _JSON_NAME = re.compile(r"^step_(\d+)\.json$")
 _TENSORS_NAME = re.compile(r"^step_(\d+)-[0-9a-f]{12}\.safetensors$")
 
@@ -77,43 +77,6 @@ class Checkpoint:
 
 
 # -- file writing ----------------------------------------------------------------------------
-
-
-def _write_all(file, data: bytes) -> None:
-    """Write ``data`` to an open file (a seam where tests simulate a full disk)."""
-    file.write(data)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; best effort where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it holds either its old content or all of ``data``, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; checkpoints are shareable
-                os.fchmod(file.fileno(), 0o644)
-            _write_all(file, data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> int:
@@ -362,8 +325,8 @@ def save_checkpoint(
     text = json.dumps(meta, indent=1, allow_nan=True) + "\n"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(tensors_path, blob)
-        _atomic_write(json_path, text.encode())
+        atomic_write(tensors_path, blob)
+        atomic_write(json_path, text.encode())
     except OSError as e:
         raise CheckpointError(
             f"could not write checkpoint {json_path}: {e.strerror or e}; earlier checkpoints "

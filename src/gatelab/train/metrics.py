@@ -13,10 +13,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from ..io import atomic_write
 
 __all__ = ["JsonlLog", "Progress", "read_jsonl", "truncate_jsonl"]
 
@@ -50,17 +51,7 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             if record["step"] <= max_step:
                 kept.append(line + "\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.writelines(kept)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, "".join(kept).encode())
 
 
 class JsonlLog:
