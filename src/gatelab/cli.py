@@ -183,6 +183,20 @@ def _add_bench(commands) -> None:
     )
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     _add_bench_moe(benchmarks)
+    _add_bench_train(benchmarks)
+
+
+def _add_bench_train(benchmarks) -> None:
+    from .bench.train import add_arguments, run
+
+    train = benchmarks.add_parser(
+        "train",
+        help="training tokens/s: the MoE LM vs the dense LM of equal active parameters",
+        description="Time full training steps of the MoE LM and its dense equivalent "
+        "round-robin in one process; print tokens/s and their ratio, write JSON.",
+    )
+    add_arguments(train)
+    train.set_defaults(func=run)
 
 
 def _add_bench_moe(benchmarks) -> None:
