@@ -200,6 +200,7 @@ def _add_bench_train(benchmarks) -> None:
 
 
 def _add_bench_moe(benchmarks) -> None:
+    from .bench.common import int_at_least
     from .bench.moe import DTYPES, SHAPE_FORMAT
 
     moe = benchmarks.add_parser(
@@ -226,10 +227,10 @@ def _add_bench_moe(benchmarks) -> None:
         help="parameter and input dtype (default: float32 on CPU, bfloat16 on CUDA)",
     )
     moe.add_argument(
-        "--repeats", type=_int_at_least(1), default=None, help="timed calls per measurement"
+        "--repeats", type=int_at_least(1), default=None, help="timed calls per measurement"
     )
     moe.add_argument(
-        "--warmup", type=_int_at_least(0), default=None, help="untimed calls before timing"
+        "--warmup", type=int_at_least(0), default=None, help="untimed calls before timing"
     )
     moe.add_argument(
         "--shapes",
@@ -285,20 +286,6 @@ def _shape_arg(text: str):
         return parse_shape(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {low}"
-    return parse
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ before it stops, so the time covers the kernels and not only their launch.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -162,3 +163,19 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
 
 def log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def int_at_least(low: int):
+    """An argparse type: an int of at least ``low``, with a message naming the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse

@@ -41,7 +41,16 @@ import torch
 
 from ..models.config import ConfigError
 from ..models.lm import LM, LMConfig, dense_equivalent
-from .common import device_sync, environment, load_average, log_stderr, median, timeit, utc_now
+from .common import (
+    device_sync,
+    environment,
+    int_at_least,
+    load_average,
+    log_stderr,
+    median,
+    timeit,
+    utc_now,
+)
 from .moe import resolve_device
 
 SCHEMA = "gatelab.bench.train/1"
@@ -424,21 +433,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="sequences per step (default: 8 on CPU, 4 with --quick; 32 on CUDA)",
     )
     parser.add_argument(
         "--seq-len",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="tokens per sequence (default: 256; 128 with --quick on CPU)",
     )
     parser.add_argument(
-        "--repeats", type=_int_at_least(1), default=None, help="timed steps per model"
+        "--repeats", type=int_at_least(1), default=None, help="timed steps per model"
     )
     parser.add_argument(
-        "--warmup", type=_int_at_least(0), default=None, help="untimed steps per model first"
+        "--warmup", type=int_at_least(0), default=None, help="untimed steps per model first"
     )
     parser.add_argument(
         "--router",
@@ -505,17 +514,3 @@ def _check_corpus_fits(settings: TrainBenchSettings) -> None:
     from ..data.text import LMBatches, load_corpus
 
     LMBatches(load_corpus(seed=settings.seed), "train", seq_len=settings.seq_len, batch_size=1)
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {low}"
-    return parse
