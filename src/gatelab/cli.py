@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gatelab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_demo(commands)
     _add_train(commands)
     _add_eval(commands)
     _add_info(commands)
@@ -50,6 +51,23 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .train.checkpoint import CheckpointError
 
     return (RecipeError, ConfigError, TrainError, CheckpointError, FileNotFoundError)
+
+
+# -- gatelab demo ---------------------------------------------------------------------------
+
+
+def _add_demo(commands) -> None:
+    from .demo import add_demo_arguments, run_demo
+
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: train an MoE and a dense LM on prose + code, compare, profile",
+        description="Train the MoE LM and the dense LM of equal active parameters on the "
+        "two-domain byte corpus (same tokens, same seed), report bits per byte per domain, "
+        "profile which experts each domain uses, and write runs/demo/report.md with plots.",
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(func=run_demo)
 
 
 # -- gatelab train / eval / info -----------------------------------------------------------
