@@ -12,19 +12,17 @@ A recipe has four parts::
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import DOMAINS, EvalBatches, LMBatches, TensorBatches, load_corpus, load_digits
-from ..data.text import IGNORE_INDEX, ByteTokenizer
+from ..data.text import ByteTokenizer
 from ..models import build_model
 from ..train import TrainConfig, Trainer, TrainResult
+from ..train.evaluate import bits_per_byte
 from . import RecipeError, check_keys, load_recipe
 
 RECIPE_KEYS = ["name", "description", "model", "data", "train"]
@@ -114,44 +112,18 @@ def _corpus_data(model: nn.Module, options: dict[str, Any]):
     )
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
-        return bits_per_byte(
-            model, corpus, options["seq_len"], options["batch_size"], options["eval_batches"]
-        )
+        batches = (
+            batch
+            for domain in DOMAINS
+            for batch in EvalBatches(
+                corpus, "val", seq_len=options["seq_len"], batch_size=options["batch_size"],
+                domain=domain, max_batches=options["eval_batches"],
+            )
+        )  # fmt: skip
+        per_domain = bits_per_byte(model, batches)
+        return {f"bpb_{domain}": numbers["bits_per_byte"] for domain, numbers in per_domain.items()}
 
     return data, eval_fn, lambda m, batch: m(batch.inputs, batch.targets)
-
-
-@torch.no_grad()
-def bits_per_byte(
-    model: nn.Module, corpus, seq_len: int, batch_size: int, max_batches: int | None
-) -> dict[str, float]:
-    """Validation cross entropy in bits per byte, per domain (``bpb_prose``, ``bpb_code``),
-    over at most ``max_batches`` batches of each domain's validation stream."""
-    device = next(model.parameters()).device
-    results = {}
-    for domain in DOMAINS:
-        total, count = 0.0, 0
-        for batch in EvalBatches(
-            corpus,
-            "val",
-            seq_len=seq_len,
-            batch_size=batch_size,
-            domain=domain,
-            max_batches=max_batches,
-        ):
-            logits = model(batch.inputs.to(device)).logits
-            targets = batch.targets.to(device)
-            total += float(
-                F.cross_entropy(
-                    logits.flatten(0, 1),
-                    targets.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-            count += int((targets != IGNORE_INDEX).sum())
-        results[f"bpb_{domain}"] = total / max(count, 1) / math.log(2)
-    return results
 
 
 def _digits_data(model: nn.Module, options: dict[str, Any]):
