@@ -279,8 +279,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         )
     )
 
+    t = time.perf_counter()
     torch.manual_seed(args.seed)
     init_profile = profile_moe(LM(settings.model), eval_sets)  # the reference: untrained
+    stages["init_profile_s"] = time.perf_counter() - t
     t = time.perf_counter()
     models, runs = train_both(settings, plan, args.seed, run_dir, corpus)
     stages["train_s"] = time.perf_counter() - t
