@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -55,13 +56,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import __version__
 from .data.text import DOMAINS, EvalBatches, LMBatch, LMBatches, TextCorpus, load_corpus
-from .models.common import IGNORE_INDEX
 from .models.lm import LM, LMConfig, dense_equivalent
 from .train import TrainConfig, Trainer, TrainResult, param_groups, read_jsonl
+from .train.evaluate import bits_per_byte
 
 __all__ = [
     "DemoError",
@@ -546,36 +546,11 @@ def result_tokens(run_dir: Path) -> int:
 # -- 3. evaluate ------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(model: LM, eval_sets: dict[str, list[LMBatch]]) -> dict[str, dict[str, float]]:
-    """Bits per byte and target count per domain over the validation batches.
-
-    Every target (not ``IGNORE_INDEX``) counts with its ``domains`` entry; bits per byte =
-    summed cross entropy in nats / (targets * ln 2), one byte per target (EOS included).
-    """
-    model.eval()
-    nats = torch.zeros(len(DOMAINS), dtype=torch.float64)
-    count = torch.zeros(len(DOMAINS), dtype=torch.int64)
-    for batches in eval_sets.values():
-        for batch in batches:
-            logits = model(batch.inputs).logits
-            per_token = F.cross_entropy(
-                logits.flatten(0, 1).float(),
-                batch.targets.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).double()
-            domains = batch.domains.flatten()
-            real = (batch.targets.flatten() != IGNORE_INDEX) & (domains >= 0)
-            nats.index_add_(0, domains[real], per_token[real])
-            count += torch.bincount(domains[real], minlength=len(DOMAINS))
-    return {
-        domain: {
-            "bits_per_byte": float(nats[i] / (count[i] * math.log(2))) if count[i] else math.nan,
-            "tokens": int(count[i]),
-        }
-        for i, domain in enumerate(DOMAINS)
-    }
+    """Bits per byte and target count per domain over all the validation batches
+    (:func:`gatelab.train.evaluate.bits_per_byte`: summed cross entropy in nats /
+    (targets * ln 2), one byte per target, EOS included, each target with its domain)."""
+    return bits_per_byte(model, itertools.chain.from_iterable(eval_sets.values()))
 
 
 # -- 4. profile -------------------------------------------------------------------------------
