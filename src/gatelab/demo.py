@@ -43,7 +43,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import platform
 import shlex
 import shutil
@@ -59,6 +58,7 @@ import torch
 
 from . import __version__
 from .data.text import DOMAINS, EvalBatches, LMBatch, LMBatches, TextCorpus, load_corpus
+from .io import atomic_write
 from .models.lm import LM, LMConfig, dense_equivalent
 from .train import TrainConfig, Trainer, TrainResult, param_groups, read_jsonl
 from .train.evaluate import bits_per_byte
@@ -310,7 +310,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     stages["total_s"] = time.perf_counter() - start
     summary["timing"] = {**stages, "budget_s": budget_s}
     write_report(run_dir, summary)
-    _write_json(run_dir / "summary.json", summary)
+    atomic_write(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
@@ -700,12 +700,6 @@ def build_summary(
         out["models"][name] = numbers
     out["same_tokens"] = out["models"]["moe"]["tokens"] == out["models"]["dense"]["tokens"]
     return out
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _fmt_params(n: int) -> str:
