@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_info(commands)
     _add_bench(commands)
+    _add_experiment(commands)
     return parser
 
 
@@ -291,6 +292,54 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     print(format_table(result))
     path = write_json_atomic(result, args.json or f"bench-results/moe-{settings.device}.json")
     print(f"\nwrote {path}")
+    return 0
+
+
+# -- gatelab experiment ---------------------------------------------------------------------
+
+
+def _add_experiment(commands) -> None:
+    experiment = commands.add_parser(
+        "experiment",
+        help="run an experiment that tests a paper's claim (see `gatelab experiment list`)",
+        description="Run one experiment of gatelab.experiments: print its table of measured "
+        "numbers and write result.json (the numbers docs/results.md quotes come from here).",
+    )
+    experiment.add_argument("name", help="experiment name, or 'list' to list them")
+    experiment.add_argument(
+        "--scale",
+        choices=("smoke", "full"),
+        default="full",
+        help="full: the documented run (default); smoke: seconds, to check it runs",
+    )
+    experiment.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    experiment.add_argument(
+        "--out", default=None, help="output directory (default runs/experiments/NAME)"
+    )
+    experiment.set_defaults(func=cmd_experiment, parser=experiment)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from . import experiments
+    from .bench.common import environment, utc_now, write_json_atomic
+
+    if args.name == "list":
+        for name in experiments.names():
+            print(f"{name:24s} {experiments.get(name).description}")
+        return 0
+    try:
+        experiment = experiments.get(args.name)
+    except ValueError as error:
+        args.parser.error(str(error))
+    out = args.out or f"runs/experiments/{experiment.name}"
+    started = utc_now()
+    result = experiment.run(scale=args.scale, seed=args.seed, out_dir=out)
+    result.update(
+        command=getattr(args, "command_line", None), started=started, environment=environment("cpu")
+    )
+    print(result["table"])
+    path = write_json_atomic(result, f"{out}/result.json")
+    print(f"\nwrote {path} ({result['seconds']} s)")
     return 0
 
 
