@@ -36,7 +36,9 @@ def sigmoid(v):
 
 
 def test_registry_names():
-    assert ROUTERS.names() == ["expert_choice", "hash", "sigmoid", "topk", "topk_softmax"]
+    # Other modules register more routers (routing/temperature.py, ...); these must stay.
+    core = {"expert_choice", "hash", "sigmoid", "topk", "topk_softmax"}
+    assert core <= set(ROUTERS.names())
 
 
 # -- topk -------------------------------------------------------------------------------

@@ -20,19 +20,30 @@ from .routers import (
     TopKSoftmaxRouter,
 )
 from .routing import EMPTY, FlatRouting, Routing
+from .temperature import (
+    GATE_ACTIVATIONS,
+    ActivationTemperatureRouter,
+    TemperatureRouter,
+    activation_scores,
+    temperature_scores,
+)
 
 __all__ = [
     "EMPTY",
+    "GATE_ACTIVATIONS",
     "LOSSES",
     "ROUTERS",
+    "ActivationTemperatureRouter",
     "ExpertChoiceRouter",
     "FlatRouting",
     "HashRouter",
     "Router",
     "Routing",
     "SigmoidRouter",
+    "TemperatureRouter",
     "TopKRouter",
     "TopKSoftmaxRouter",
+    "activation_scores",
     "apply_capacity",
     "attach_bias_update",
     "cv_squared",
@@ -40,6 +51,7 @@ __all__ = [
     "importance_loss",
     "load_loss",
     "switch_balance_loss",
+    "temperature_scores",
     "update_expert_bias",
     "z_loss",
 ]
