@@ -2,6 +2,7 @@
 
 from .aux_free import attach_bias_update, update_expert_bias
 from .capacity import apply_capacity, expert_capacity
+from .dense_to_sparse import DenseToSparseRouter
 from .losses import (
     LOSSES,
     cv_squared,
@@ -20,6 +21,7 @@ from .routers import (
     TopKSoftmaxRouter,
 )
 from .routing import EMPTY, FlatRouting, Routing
+from .schedules import SCHEDULES, Schedule, attach_schedule, build_schedule, step_schedules
 from .temperature import (
     GATE_ACTIVATIONS,
     ActivationTemperatureRouter,
@@ -33,12 +35,15 @@ __all__ = [
     "GATE_ACTIVATIONS",
     "LOSSES",
     "ROUTERS",
+    "SCHEDULES",
     "ActivationTemperatureRouter",
+    "DenseToSparseRouter",
     "ExpertChoiceRouter",
     "FlatRouting",
     "HashRouter",
     "Router",
     "Routing",
+    "Schedule",
     "SigmoidRouter",
     "TemperatureRouter",
     "TopKRouter",
@@ -46,10 +51,13 @@ __all__ = [
     "activation_scores",
     "apply_capacity",
     "attach_bias_update",
+    "attach_schedule",
+    "build_schedule",
     "cv_squared",
     "expert_capacity",
     "importance_loss",
     "load_loss",
+    "step_schedules",
     "switch_balance_loss",
     "temperature_scores",
     "update_expert_bias",

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inspect import RoutingMonitor
-from ..routing import attach_bias_update
+from ..routing import attach_bias_update, step_schedules
 from .checkpoint import (
     get_rng_state,
     latest_checkpoint,
@@ -431,6 +431,9 @@ class Trainer:
         """Forward/backward over ``grad_accum`` micro-batches, clip, update; the record to log."""
         cfg, model = self.cfg, self.model
         model.train()
+        # Schedules (router temperature, k, capacity) are functions of the steps taken, which
+        # the checkpoint stores, so a resumed run sets the same values.
+        step_schedules(model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = aux_sum = None
         tokens = 0
