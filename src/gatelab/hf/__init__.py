@@ -35,6 +35,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 if int(_transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     raise ImportError(_NEED + f" (found transformers {_transformers.__version__})")
 
+from .access import (  # noqa: E402  (registers the HF adapter of gatelab.edit.access)
+    HFAdapter,
+    is_hf_directory,
+    load_pretrained,
+    routing_from_hf,
+    routing_to_hf,
+)
 from .experts import (  # noqa: E402  (after the transformers check)
     IMPLEMENTATION,
     expert_weights_from_hf,
@@ -42,4 +49,14 @@ from .experts import (  # noqa: E402  (after the transformers check)
     register,
 )
 
-__all__ = ["IMPLEMENTATION", "expert_weights_from_hf", "gatelab_experts_forward", "register"]
+__all__ = [
+    "IMPLEMENTATION",
+    "HFAdapter",
+    "expert_weights_from_hf",
+    "gatelab_experts_forward",
+    "is_hf_directory",
+    "load_pretrained",
+    "register",
+    "routing_from_hf",
+    "routing_to_hf",
+]
