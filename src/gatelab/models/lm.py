@@ -16,6 +16,7 @@ with the same active parameters, the baseline an MoE LM is compared against.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.attention import GatedAttention, apply_rope, rope_cache
+from ..layers.mlp import MLPS, HourglassFFN
 from .common import (
     ModelOutput,
     collect_aux_losses,
@@ -35,10 +38,22 @@ from .config import (
     Config,
     ConfigError,
     build_moe,
+    check_choice,
     check_moe_fields,
     check_positive,
     resolve_layers,
+    unknown_key_message,
 )
+
+# LMConfig.ffn -> the gatelab.layers.MLPS name of the dense FFN ("swiglu" keeps SwiGLU below).
+LM_FFNS = {
+    "swiglu": "swiglu",
+    "geglu": "geglu",
+    "reglu": "reglu",
+    "bilinear": "bilinear",
+    "mlp": "mlp",
+    "hourglass": "hourglass_ffn",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +71,16 @@ class LMConfig(Config):
     ``router_kwargs``, ``capacity_factor`` (left out: dropless), a shared SwiGLU expert of
     width ``shared_expert_dim`` (0: none), the auxiliary ``loss_weights`` (names in
     ``gatelab.routing.LOSSES``) and ``dispatcher`` ("auto", "grouped", "loop").
+
+    Block kinds (gatelab.layers): ``ffn`` names the dense FFN, one of "swiglu" (default),
+    "geglu", "reglu", "bilinear" (:class:`~gatelab.layers.GluMlp`), "mlp"
+    (:class:`~gatelab.layers.Mlp`, act from ``ffn_kwargs``) or "hourglass"
+    (:class:`~gatelab.layers.HourglassFFN`: ``ffn_hidden_dim`` is its narrow width, < dim;
+    ``ffn_kwargs = { num_blocks = K }``); ``ffn_kwargs`` go to its constructor.
+    ``attn_gate`` "headwise" / "elementwise" puts the G1 output gate of Gated Attention
+    (:class:`~gatelab.layers.GatedAttention`) on every attention layer, and ``num_kv_heads``
+    > 0 makes it grouped-query attention; with the defaults ("none", 0) the attention is the
+    fused-qkv :class:`CausalSelfAttention`, so existing checkpoints load unchanged.
 
     Training: ``dropout`` (embedding, attention weights, residual branches), ``rope_theta``,
     ``norm_eps`` of the RMSNorms, ``init_std`` (see :meth:`LM.reset_parameters`).
@@ -87,6 +112,10 @@ class LMConfig(Config):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    ffn: str = "swiglu"
+    ffn_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    attn_gate: Literal["none", "headwise", "elementwise"] = "none"
+    num_kv_heads: int = 0
 
     def validate(self) -> None:
         check_positive(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len")
@@ -102,6 +131,37 @@ class LMConfig(Config):
         if len(moe) < self.num_layers:
             check_positive(self, "ffn_hidden_dim")
         check_moe_fields(self)
+        self._check_blocks(dense_layers=len(moe) < self.num_layers)
+
+    def _check_blocks(self, dense_layers: bool) -> None:
+        """The block-kind fields: ffn, ffn_kwargs, attn_gate, num_kv_heads."""
+        check_choice(self._key("ffn"), self.ffn, list(LM_FFNS))
+        if self.ffn != "swiglu":
+            fixed = ("self", "dim", "hidden_dim", "out_dim", "bias", "dropout", "variant")
+            params = inspect.signature(MLPS.get(LM_FFNS[self.ffn])).parameters
+            accepted = [n for n in params if n not in fixed]
+            for name in self.ffn_kwargs:
+                if name not in accepted:
+                    where = f"{self._key('ffn_kwargs')} ({self.ffn!r})"
+                    raise ConfigError(unknown_key_message(name, accepted, where))
+        elif self.ffn_kwargs:
+            raise ConfigError(f"{self._key('ffn_kwargs')}: the swiglu FFN takes no options")
+        if dense_layers and self.ffn == "hourglass" and self.ffn_hidden_dim >= self.dim:
+            raise ConfigError(
+                f"{self._key('ffn_hidden_dim')}={self.ffn_hidden_dim}: the hourglass FFN is "
+                f"narrow, so it must be < dim={self.dim} (the paper uses 0.4-0.6 * dim)"
+            )
+        check_positive(self, "num_kv_heads", allow_zero=True)
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"{self._key('num_kv_heads')}={self.num_kv_heads} must divide num_heads="
+                f"{self.num_heads} (each key/value head serves a whole group of query heads)"
+            )
+
+    @property
+    def gated_attention(self) -> bool:
+        """True when the blocks use GatedAttention (a gate or grouped-query heads)."""
+        return self.attn_gate != "none" or self.num_kv_heads > 0
 
     def moe_layer_indices(self) -> list[int]:
         """The sorted indices of the layers whose FFN is an MoE."""
@@ -134,35 +194,18 @@ def dense_equivalent(config: LMConfig) -> LMConfig:
             f"top_k * expert_hidden_dim + shared_expert_dim = {width}; set ffn_hidden_dim="
             f"{width} so one width fits every layer"
         )
-    return config.replace(moe_layers="none", ffn_hidden_dim=width)
+    if config.ffn != "swiglu" and len(moe) < config.num_layers:
+        raise ConfigError(
+            f"dense_equivalent: the dense layers of this mixed config use ffn={config.ffn!r}, "
+            "but an MoE layer's dense equivalent is a SwiGLU FFN; use ffn = 'swiglu'"
+        )
+    return config.replace(moe_layers="none", ffn_hidden_dim=width, ffn="swiglu", ffn_kwargs={})
 
 
 # -- Parts --------------------------------------------------------------------------------
 
 
-def rope_cache(
-    head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None
-) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [max_seq_len, head_dim] (float32) for :func:`apply_rope`.
-
-    Channel i < head_dim / 2 is paired with channel i + head_dim / 2 and rotated by the
-    angle ``position * theta ** (-2i / head_dim)`` (RoFormer's frequencies, in the
-    half-split channel order of GPT-NeoX and HF Llama rather than RoFormer's interleaved one).
-    """
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
-    )
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [..., S, head_dim] by the first S rows of the tables (see :func:`rope_cache`)."""
-    seq = x.shape[-2]
-    cos, sin = cos[:seq].to(x.dtype), sin[:seq].to(x.dtype)
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+# rope_cache and apply_rope live in gatelab.layers.attention and are re-exported here.
 
 
 class CausalSelfAttention(nn.Module):
@@ -209,6 +252,14 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def dense_ffn(config: LMConfig) -> nn.Module:
+    """The dense FFN ``config.ffn`` names, of hidden width ``ffn_hidden_dim``, no biases."""
+    if config.ffn == "swiglu":
+        return SwiGLU(config.dim, config.ffn_hidden_dim)
+    factory = MLPS.get(LM_FFNS[config.ffn])
+    return factory(config.dim, config.ffn_hidden_dim, bias=False, **config.ffn_kwargs)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
@@ -216,14 +267,22 @@ class Block(nn.Module):
         super().__init__()
         d = config.dim
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.attn = CausalSelfAttention(d, config.num_heads, config.dropout)
+        self.attn = (
+            GatedAttention(
+                d,
+                config.num_heads,
+                config.num_kv_heads or None,
+                gate=config.attn_gate,
+                dropout=config.dropout,
+            )
+            if config.gated_attention
+            else CausalSelfAttention(d, config.num_heads, config.dropout)
+        )
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.is_moe = moe
-        self.ffn = (
-            build_moe(config, d, config.expert_hidden_dim)
-            if moe
-            else SwiGLU(d, config.ffn_hidden_dim)
-        )
+        self.ffn = build_moe(config, d, config.expert_hidden_dim) if moe else dense_ffn(config)
+        if isinstance(self.ffn, HourglassFFN):
+            self.ffn_norm = nn.Identity()  # each hourglass sub-block norms its own input
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
@@ -295,7 +354,15 @@ class LM(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.num_layers)
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                residual = name.endswith(("attn.proj.weight", "down_proj.weight", "down_proj"))
+                residual = name.endswith(
+                    (
+                        "attn.proj.weight",
+                        "down_proj.weight",
+                        "down_proj",
+                        "o_proj.weight",
+                        "fc2.weight",
+                    )
+                )
                 nn.init.normal_(p, 0.0, residual_std if residual else std)
 
     def forward(

@@ -1,0 +1,392 @@
+"""MLP blocks with one constructor vocabulary: ``dim``, ``hidden_dim``, ``act``, ``bias``, ``dropout``.
+
+After timm's ``layers/mlp.py``: one file of MLP variants a model picks by name.
+
+- :class:`Mlp`: ``fc2(act(fc1(x)))``, the transformer / ViT MLP.
+- :class:`GluMlp`: the GLU family, ``down(act(x W_gate) * (x W_up))``, with the named variants
+  SwiGLU, GeGLU, ReGLU and bilinear.
+- :class:`ResidualMlpBlock`: ``x + Mlp(norm(x))``; :class:`BottleneckBlock` is its inverted
+  bottleneck (Scaling MLPs), :class:`HourglassBlock` its narrow bottleneck (Hourglass MLP).
+- :class:`BottleneckMLP` and :class:`HourglassMLP`: lift -> residual blocks -> readout, the
+  classifiers of those two papers.
+- :class:`HourglassFFN`: K stacked hourglass blocks that replace a transformer FFN.
+
+``MLPS`` registers them by name (``MLPS.get("geglu")(dim=64, hidden_dim=128)``) so recipes
+and model configs can name a block. Every input is [..., dim]; the classifiers flatten
+[B, ...] examples.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..experts import ACTIVATION_NAMES, activation
+from ..registry import Registry
+
+MLPS: Registry[Callable[..., nn.Module]] = Registry("mlp block")
+
+# GLU variant -> the activation of its gate ("GLU Variants Improve Transformer", Table 1).
+GLU_VARIANTS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "bilinear": "identity"}
+NORMS = ("layer", "rms")
+
+__all__ = [
+    "GLU_VARIANTS",
+    "MLPS",
+    "BottleneckBlock",
+    "BottleneckMLP",
+    "GluMlp",
+    "HourglassBlock",
+    "HourglassFFN",
+    "HourglassMLP",
+    "Mlp",
+    "ResidualMlpBlock",
+]
+
+
+def _act(name: str) -> Callable[[Tensor], Tensor]:
+    if name == "identity":
+        return nn.Identity()
+    if name not in ACTIVATION_NAMES:
+        valid = ", ".join((*ACTIVATION_NAMES, "identity"))
+        raise ValueError(f"unknown act {name!r}; valid names are: {valid}")
+    return activation(name)
+
+
+def _check_sizes(who: str, **sizes: int | None) -> None:
+    for name, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
+
+
+def _check_dropout(who: str, dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{who}: dropout must lie in [0, 1), got {dropout}")
+
+
+def _check_input(who: str, x: Tensor, dim: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != dim:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{who} expects inputs [..., dim={dim}], got {shape}")
+
+
+def _norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rms":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; valid: {', '.join(NORMS)}")
+
+
+# -- Plain and gated MLPs -----------------------------------------------------------------
+
+
+@MLPS.register("mlp")
+class Mlp(nn.Module):
+    """``dropout(fc2(dropout(act(fc1(x)))))``: the MLP of a transformer block (timm's ``Mlp``).
+
+    ``hidden_dim`` defaults to 4 * dim, ``out_dim`` to dim. Parameters:
+    ``dim * hidden_dim + hidden_dim * out_dim`` (+ ``hidden_dim + out_dim`` with ``bias``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int | None = None,
+        out_dim: int | None = None,
+        act: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        _check_sizes("Mlp", dim=dim, hidden_dim=hidden_dim, out_dim=out_dim)
+        _check_dropout("Mlp", dropout)
+        self.dim, self.act = dim, act
+        self.hidden_dim = hidden_dim or 4 * dim
+        self.out_dim = out_dim or dim
+        self.act_fn = _act(act)
+        self.fc1 = nn.Linear(dim, self.hidden_dim, bias=bias)
+        self.fc2 = nn.Linear(self.hidden_dim, self.out_dim, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input("Mlp", x, self.dim)
+        return self.drop(self.fc2(self.drop(self.act_fn(self.fc1(x)))))
+
+
+class GluMlp(nn.Module):
+    """``dropout(down_proj(act(x W_gate) * (x W_up)))``: the GLU family.
+
+    "GLU Variants Improve Transformer" (Shazeer, arXiv 2002.05202). ``variant`` names the
+    gate's activation: "swiglu" (silu), "geglu" (gelu), "reglu" (relu), "bilinear" (none);
+    a gatelab activation name ("gelu_tanh", ...) is accepted as well. The gate and up
+    projections are one fused ``gate_up_proj`` (gate rows first), the layout of the LM's
+    ``SwiGLU`` and of a gatelab expert bank, so a trained block copies into an expert as is.
+
+    ``hidden_dim`` defaults to round(8 * dim / 3), Shazeer's choice: three matrices of
+    that width hold as many weights as a 4 * dim two-matrix MLP. Parameters:
+    ``3 * dim * hidden_dim`` for out_dim = dim (+ ``2 * hidden_dim + out_dim`` with
+    ``bias``). Departure: no bias by default (the paper's T5 setting); ``bias=True`` adds them.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int | None = None,
+        out_dim: int | None = None,
+        variant: str = "swiglu",
+        bias: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        _check_sizes("GluMlp", dim=dim, hidden_dim=hidden_dim, out_dim=out_dim)
+        _check_dropout("GluMlp", dropout)
+        self.variant = variant
+        self.act = GLU_VARIANTS.get(variant, variant)
+        if self.act not in (*ACTIVATION_NAMES, "identity"):
+            valid = ", ".join((*GLU_VARIANTS, *ACTIVATION_NAMES))
+            raise ValueError(f"GluMlp: unknown variant {variant!r}; valid: {valid}")
+        self.act_fn = _act(self.act)
+        self.dim = dim
+        self.hidden_dim = hidden_dim or round(8 * dim / 3)
+        self.out_dim = out_dim or dim
+        self.gate_up_proj = nn.Linear(dim, 2 * self.hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(self.hidden_dim, self.out_dim, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input("GluMlp", x, self.dim)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.drop(self.down_proj(self.drop(self.act_fn(gate) * up)))
+
+
+for _name in GLU_VARIANTS:
+    MLPS.register(_name)(functools.partial(GluMlp, variant=_name))
+
+
+# -- Residual blocks ----------------------------------------------------------------------
+
+
+class ResidualMlpBlock(nn.Module):
+    """``x + Mlp(norm(x))`` at width ``dim`` through a hidden width ``hidden_dim``.
+
+    The pre-norm residual MLP block both papers below build on; ``norm`` is "layer"
+    (LayerNorm, with bias) or "rms". ``branch(x)`` is the residual branch alone.
+    Parameters: the norm's (2 * dim or dim) plus :class:`Mlp` (dim, hidden_dim, dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        act: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        norm: str = "layer",
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        who = type(self).__name__
+        _check_sizes(who, dim=dim, hidden_dim=hidden_dim)
+        if norm not in NORMS:
+            raise ValueError(f"{who}: norm must be one of {NORMS}, got {norm!r}")
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.norm = _norm(norm, dim, norm_eps)
+        self.mlp = Mlp(dim, hidden_dim, dim, act=act, bias=bias, dropout=dropout)
+
+    def branch(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(type(self).__name__, x, self.dim)
+        return x + self.branch(x)
+
+
+@MLPS.register("bottleneck")
+class BottleneckBlock(ResidualMlpBlock):
+    """The inverted-bottleneck block of "Scaling MLPs: A Tale of Inductive Bias" (Bachmann,
+    Anagnostidis, Hofmann; arXiv 2306.13575): ``x + W2 GELU(W1 LN(x))``, W1: dim -> 4 dim.
+
+    ``hidden_dim`` defaults to 4 * dim, the reference's expansion (gregorbachmann/
+    scaling_mlps, ``BottleneckBlock``); LayerNorm and biases as there.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int | None = None,
+        act: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        norm: str = "layer",
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__(dim, hidden_dim or 4 * dim, act, bias, dropout, norm, norm_eps)
+
+
+@MLPS.register("hourglass")
+class HourglassBlock(ResidualMlpBlock):
+    """The wide-narrow-wide block of "Hourglass MLPs" (MediaTek, arXiv 2510.01796):
+    ``z + W_up act(W_down norm(z))`` with the residual stream at the wide width ``dim``
+    (the paper's d_z) and a narrow ``hidden_dim`` (d_h < d_z; default dim // 2).
+
+    Here ``mlp.fc1`` is the paper's W_down (dim -> hidden_dim) and ``mlp.fc2`` its W_up.
+    A ``hidden_dim`` that is not narrower than ``dim`` raises: that is a conventional or
+    inverted block (:class:`BottleneckBlock`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int | None = None,
+        act: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        norm: str = "layer",
+        norm_eps: float = 1e-5,
+    ):
+        _check_sizes("HourglassBlock", dim=dim, hidden_dim=hidden_dim)
+        hidden_dim = hidden_dim or max(1, dim // 2)
+        if hidden_dim >= dim:
+            raise ValueError(
+                f"HourglassBlock: hidden_dim={hidden_dim} must be narrower than dim={dim} "
+                "(wide-narrow-wide); use BottleneckBlock for hidden_dim >= dim"
+            )
+        super().__init__(dim, hidden_dim, act, bias, dropout, norm, norm_eps)
+
+
+@MLPS.register("hourglass_ffn")
+class HourglassFFN(nn.Module):
+    """The hourglass FFN of "Hourglass FFN in Transformer LMs" (arXiv 2602.06471):
+    ``num_blocks`` (K) stacked :class:`HourglassBlock` at the model width, each
+    ``h <- h + W_up act(W_down norm(h))`` with ``hidden_dim`` < dim (the paper's range
+    d_h / d_model ~ 0.4-0.6; default dim // 2).
+
+    It replaces a transformer block's whole FFN sublayer, its pre-norm included (each
+    sub-block has its own norm). So that it drops into the ``x + ffn(...)`` slot of a
+    block, ``forward(x)`` returns the update ``h_K - x`` (the sum of the K branches) and
+    the host must pass the un-normed stream: ``x + HourglassFFN(x)`` is the paper's FFN.
+    Departures: RMSNorm and no biases by default, to match gatelab's LM (the paper's norm
+    is not stated in the notes). Parameters: K * (dim + 2 * dim * hidden_dim) for those
+    defaults.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int | None = None,
+        num_blocks: int = 2,
+        act: str = "gelu",
+        bias: bool = False,
+        dropout: float = 0.0,
+        norm: str = "rms",
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        _check_sizes("HourglassFFN", num_blocks=num_blocks)
+        self.dim, self.num_blocks = dim, num_blocks
+        self.blocks = nn.ModuleList(
+            HourglassBlock(dim, hidden_dim, act, bias, dropout, norm, norm_eps)
+            for _ in range(num_blocks)
+        )
+        self.hidden_dim = self.blocks[0].hidden_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input("HourglassFFN", x, self.dim)
+        h, update = x, torch.zeros_like(x)
+        for block in self.blocks:
+            step = block.branch(h)
+            h, update = h + step, update + step
+        return update
+
+
+# -- Classifiers --------------------------------------------------------------------------
+
+
+class BottleneckMLP(nn.Module):
+    """The classifier of "Scaling MLPs: A Tale of Inductive Bias" (arXiv 2306.13575)::
+
+        x = lift(flatten(example))            # input_dim -> dim
+        x = block(x), num_blocks times        # BottleneckBlock: x + W2 GELU(W1 LN(x))
+        logits = readout(x)                   # dim -> num_classes, no final norm
+
+    as the reference's ``BottleneckMLP`` (gregorbachmann/scaling_mlps): B-12/Wi-1024 is
+    ``dim=1024, num_blocks=12``. ``hidden_dim`` defaults to 4 * dim. Returns logits
+    [B, num_classes] for inputs [B, input_dim] or [B, ...] with input_dim elements.
+
+    ``fixed_lift=True`` freezes the lift at its random initialisation (a buffer
+    ``lift_weight`` [dim, input_dim] ~ N(0, 1 / input_dim), no bias), the Hourglass MLP
+    paper's option; it is then not a parameter and not counted. The trainable lift is an
+    ``nn.Linear`` with bias.
+    """
+
+    block_cls: type[ResidualMlpBlock] = BottleneckBlock
+
+    def __init__(
+        self,
+        input_dim: int,
+        dim: int,
+        num_blocks: int,
+        num_classes: int,
+        hidden_dim: int | None = None,
+        act: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        norm: str = "layer",
+        fixed_lift: bool = False,
+    ):
+        super().__init__()
+        who = type(self).__name__
+        _check_sizes(who, input_dim=input_dim, dim=dim, num_classes=num_classes)
+        if not isinstance(num_blocks, int) or num_blocks < 0:
+            raise ValueError(f"{who}: num_blocks must be an int >= 0, got {num_blocks!r}")
+        self.input_dim, self.dim, self.fixed_lift = input_dim, dim, fixed_lift
+        if fixed_lift:
+            lift = torch.randn(dim, input_dim) / math.sqrt(input_dim)
+            self.register_buffer("lift_weight", lift)
+            self.lift = None
+        else:
+            self.lift = nn.Linear(input_dim, dim)
+        self.blocks = nn.Sequential(
+            *(self.block_cls(dim, hidden_dim, act, bias, dropout, norm) for _ in range(num_blocks))
+        )
+        self.readout = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        who = type(self).__name__
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{who} expects a float tensor, got {kind}")
+        if x.dim() < 2 or math.prod(x.shape[1:]) != self.input_dim:
+            raise ValueError(
+                f"{who} expects [batch, {self.input_dim}] (or [batch, ...] with "
+                f"{self.input_dim} elements per example), got {tuple(x.shape)}"
+            )
+        x = x.reshape(x.shape[0], self.input_dim)
+        z = F.linear(x, self.lift_weight) if self.lift is None else self.lift(x)
+        return self.readout(self.blocks(z))
+
+
+class HourglassMLP(BottleneckMLP):
+    """The Hourglass MLP of "Hourglass MLPs" (MediaTek, arXiv 2510.01796)::
+
+        z = W_in x                               # lift to the wide d_z = dim
+        z = z + W_up act(W_down norm(z))         # HourglassBlock, num_blocks times
+        y = W_out z                              # readout
+
+    The residual stream is wide (``dim``), the computation narrow (``hidden_dim`` < dim,
+    default dim // 2). The paper reports that W_in can stay at its random initialisation:
+    ``fixed_lift=True`` (see :class:`BottleneckMLP`). Departure: the paper's norm and
+    biases are not given in the notes; LayerNorm and biases here, as in the Scaling-MLPs
+    block, so the two differ only in their widths.
+    """
+
+    block_cls = HourglassBlock
