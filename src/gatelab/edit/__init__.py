@@ -1,10 +1,11 @@
 """Edit trained MoE models, gatelab's and Hugging Face's, through one access layer.
 
-:mod:`gatelab.edit.access` finds the MoE blocks of a model, captures their exact Routing and
-applies ``Routing -> Routing`` edits; the tools (steer, prune, ...) are built on it.
+:mod:`gatelab.inspect.access` (re-exported here) finds the MoE blocks of a model, captures
+their exact Routing and applies ``Routing -> Routing`` edits; the tools (steer, prune, ...)
+are built on it.
 """
 
-from .access import (
+from ..inspect.access import (
     BlockAdapter,
     Edit,
     EditHandle,

@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 if int(_transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     raise ImportError(_NEED + f" (found transformers {_transformers.__version__})")
 
-from .access import (  # noqa: E402  (registers the HF adapter of gatelab.edit.access)
+from .access import (  # noqa: E402  (the access layer's HF adapter)
     HFAdapter,
     is_hf_directory,
     load_pretrained,

@@ -1,7 +1,10 @@
-"""The HF transformers v5 adapter of the access layer (:mod:`gatelab.edit.access`).
+"""The HF transformers v5 adapter of the access layer (:mod:`gatelab.inspect.access`).
 
-Registered when ``gatelab.hf`` is imported. It recognises an MoE block by shape rather
-than by class name, so the six families below and others built the same way are found:
+``gatelab.inspect.access.find_moe_blocks`` registers :class:`HFAdapter` the first time it
+sees a transformers model (this module imports nothing from ``inspect``: the adapter is
+duck-typed against ``MoEBlock`` and the per-block hook owner). It recognises an MoE block
+by shape rather than by class name, so the six families below and others built the same
+way are found:
 
 - a module with an ``experts`` child holding 3-D ``gate_up_proj`` (or ``up_proj``) and
   ``down_proj`` parameters, and
@@ -37,7 +40,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..edit.access import MoEBlock, _BlockHooks, register_adapter
 from ..experts import ExpertWeights
 from ..layers import MoE
 from ..routing import EMPTY, Routing
@@ -96,7 +98,9 @@ class HFAdapter:
             )))  # fmt: skip
         return found
 
-    def install(self, block: MoEBlock, hooks: _BlockHooks) -> list[Any]:
+    def install(self, block, hooks) -> list[Any]:
+        """A router forward hook passing each Routing through ``hooks.apply``."""
+
         def hook(module, args, output):
             routing = routing_from_hf(output, block)
             edited = hooks.apply(routing)
@@ -106,11 +110,11 @@ class HFAdapter:
 
         return [block.router.register_forward_hook(hook)]
 
-    def expert_weights(self, block: MoEBlock) -> ExpertWeights:
+    def expert_weights(self, block) -> ExpertWeights:
         return expert_weights_from_hf(block.experts)
 
 
-def routing_from_hf(output: tuple, block: MoEBlock) -> Routing:
+def routing_from_hf(output: tuple, block) -> Routing:
     """The Routing of an HF router's ``(router_logits, top_k_weights, top_k_index)``."""
     logits, weights, index = output[0], output[1], output[2]
     logits = logits.reshape(-1, logits.shape[-1]).float()
@@ -126,7 +130,7 @@ def routing_from_hf(output: tuple, block: MoEBlock) -> Routing:
     return Routing(logits, scores, experts, weights, aux, check=False)
 
 
-def routing_to_hf(routing: Routing, output: tuple, block: MoEBlock) -> tuple:
+def routing_to_hf(routing: Routing, output: tuple, block) -> tuple:
     """An HF router output carrying ``routing`` (EMPTY slots handled as the module says)."""
     logits, weights, index = output[0], output[1], output[2]
     experts = routing.experts
@@ -140,7 +144,7 @@ def routing_to_hf(routing: Routing, output: tuple, block: MoEBlock) -> tuple:
     return new + tuple(output[3:])
 
 
-def _implementation(block: MoEBlock) -> str | None:
+def _implementation(block) -> str | None:
     config = getattr(block.experts, "config", None)
     return getattr(config, "_experts_implementation", None)
 
@@ -201,8 +205,6 @@ def load_pretrained(
     )
     return model.eval()
 
-
-register_adapter(HFAdapter())
 
 __all__ = [
     "HFAdapter",

@@ -1,5 +1,23 @@
-"""Tools that look at routing decisions: telemetry now; profiling and plots later."""
+"""Tools that look at routing decisions: telemetry, the access layer over any model's MoE
+blocks (gatelab's and HF's), profiling by prompt set, contrastive localisation, plots."""
 
+from .access import (
+    MoEBlock,
+    NoMoEBlocksError,
+    RoutingCapture,
+    capture_routing,
+    edit_routing,
+    find_moe_blocks,
+)
 from .telemetry import RoutingMonitor, routing_stats
 
-__all__ = ["RoutingMonitor", "routing_stats"]
+__all__ = [
+    "MoEBlock",
+    "NoMoEBlocksError",
+    "RoutingCapture",
+    "RoutingMonitor",
+    "capture_routing",
+    "edit_routing",
+    "find_moe_blocks",
+    "routing_stats",
+]

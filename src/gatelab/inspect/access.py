@@ -24,10 +24,15 @@ When the last edit and recorder of a block are removed, its hooks are removed to
   top_k_index)`` to a Routing and, when edits are active, back (see ``gatelab.hf.access``).
   The Routing is the router's own output, never recomputed (DeepSeek's bias and groups).
 
-Model families plug in through :func:`register_adapter`. The HF adapter lives in
-``gatelab.hf.access`` and registers itself when ``gatelab.hf`` is imported; for a model
-whose class comes from ``transformers``, :func:`find_moe_blocks` imports it on demand
-(``importlib``, so this module and the rest of the core never depend on transformers).
+Model families plug in through :func:`register_adapter`. The HF adapter is
+``gatelab.hf.access.HFAdapter``; for a model whose class comes from ``transformers``,
+:func:`find_moe_blocks` imports it on demand and registers it (``importlib``: this module
+and the rest of the core keep no static dependency on ``gatelab.hf``, so transformers stays
+optional, and ``gatelab.hf`` needs nothing from here).
+
+This module sits in ``inspect/`` so that both the inspection tools (profile, localise) and
+the edits in ``edit/`` (which may import ``inspect``) build on it; ``gatelab.edit``
+re-exports it.
 """
 
 from __future__ import annotations
@@ -182,13 +187,13 @@ def _layer_numbers(names: Sequence[str]) -> list[int]:
 
 
 def _load_hf_adapter_for(model: nn.Module) -> None:
-    """Import gatelab.hf (which registers the HF adapter) for a transformers model."""
+    """Register gatelab.hf's adapter when ``model`` is a transformers model."""
     is_hf = any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
     if is_hf and not any(a.family == "hf" for a in _ADAPTERS):
         # By name, on demand: only a model built by transformers reaches here, so the
         # import cannot fail for want of transformers, and the core keeps no static
         # dependency on gatelab.hf.
-        importlib.import_module("gatelab.hf")
+        register_adapter(importlib.import_module("gatelab.hf.access").HFAdapter())
 
 
 def select_blocks(model, layers: Iterable[int] | None = None) -> list[MoEBlock]:

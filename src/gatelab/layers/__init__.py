@@ -14,8 +14,24 @@ from .mlp import (
     ResidualMlpBlock,
 )
 from .moe import MoE
+from .wide_mlp import (
+    WideMLP,
+    block_gates,
+    mask_to_routing,
+    moe_to_wide,
+    moex_layer,
+    routing_mask,
+    wide_to_moe,
+)
 
 __all__ = [
+    "WideMLP",
+    "block_gates",
+    "mask_to_routing",
+    "moe_to_wide",
+    "moex_layer",
+    "routing_mask",
+    "wide_to_moe",
     "ATTN_GATES",
     "GLU_VARIANTS",
     "MLPS",

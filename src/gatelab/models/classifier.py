@@ -30,6 +30,7 @@ from .config import (
     check_choice,
     check_moe_fields,
     check_positive,
+    layer_top_ks,
     resolve_layers,
 )
 
@@ -47,6 +48,11 @@ class MLPConfig(Config):
     ``hidden_dims[i]`` must equal the width before it. The MoE fields mean what they mean
     in :class:`~gatelab.models.LMConfig`; the experts are plain two-layer MLPs
     (``act``) of width ``expert_hidden_dim``.
+    ``k_schedule`` (left out: ``top_k`` everywhere) gives each MoE layer its own K_max:
+    a name in ``gatelab.routing.K_SCHEDULES`` ("uniform", "descending", "ascending",
+    "pyramid", "valley", "wave") spreading K_max between ``k_schedule_min`` and
+    ``top_k`` over the MoE layers, or a list with one K_max per MoE layer; with the
+    ``dynamic_k`` and ``top_p`` routers K_max bounds each token's number of experts.
     """
 
     input_dim: int = 64
@@ -64,6 +70,8 @@ class MLPConfig(Config):
     shared_expert_dim: int = 0
     loss_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"balance": 0.01})
     dispatcher: str = "auto"
+    k_schedule: str | list[int] | None = None
+    k_schedule_min: int = 1
 
     def validate(self) -> None:
         check_positive(self, "input_dim", "num_classes")
@@ -83,6 +91,7 @@ class MLPConfig(Config):
                 )
             width = self.hidden_dims[i]
         check_moe_fields(self)
+        self.moe_top_ks()
         if self.router == "hash" and self.router_kwargs.get("key", "token") == "token":
             raise ConfigError(
                 f"{self._key('router_kwargs')}: the classifier has no token ids to hash; "
@@ -92,6 +101,10 @@ class MLPConfig(Config):
     def moe_layer_indices(self) -> list[int]:
         """The sorted indices of the hidden layers that are MoE."""
         return resolve_layers(self.moe_layers, len(self.hidden_dims), self._key("moe_layers"))
+
+    def moe_top_ks(self) -> list[int]:
+        """K_max of each MoE layer, in the order of :meth:`moe_layer_indices`."""
+        return layer_top_ks(self, len(self.moe_layer_indices()))
 
 
 class MLPClassifier(nn.Module):
@@ -112,6 +125,7 @@ class MLPClassifier(nn.Module):
             raise TypeError(f"MLPClassifier takes an MLPConfig, got {type(config).__name__}")
         self.config = config
         moe = self.moe_indices = frozenset(config.moe_layer_indices())
+        top_ks = dict(zip(config.moe_layer_indices(), config.moe_top_ks(), strict=True))
         self.act_fn = activation(config.act)
         self.drop = nn.Dropout(config.dropout)
         layers, width = [], config.input_dim
@@ -119,7 +133,12 @@ class MLPClassifier(nn.Module):
             if i in moe:
                 layers.append(
                     build_moe(
-                        config, width, config.expert_hidden_dim, experts="mlp", act=config.act
+                        config,
+                        width,
+                        config.expert_hidden_dim,
+                        top_k=top_ks[i],
+                        experts="mlp",
+                        act=config.act,
                     )
                 )
             else:

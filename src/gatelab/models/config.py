@@ -293,15 +293,17 @@ def check_moe_fields(cfg: Config) -> None:
             raise ConfigError(f"{cfg._key('loss_weights')}.{name} must be >= 0, got {weight}")
 
 
-def build_moe(cfg: Config, dim: int, hidden_dim: int, **kwargs: Any):
-    """A gatelab ``MoE`` of width ``dim`` from a config's MoE fields (see MOE_FIELDS)."""
+def build_moe(cfg: Config, dim: int, hidden_dim: int, top_k: int | None = None, **kwargs: Any):
+    """A gatelab ``MoE`` of width ``dim`` from a config's MoE fields (see MOE_FIELDS);
+    ``top_k`` overrides the config's (a layer's K_max from ``k_schedule``). A router that
+    reads its experts' weights (``bind_experts``, MoE-X) is bound to the layer's bank."""
     from ..layers import MoE
 
-    return MoE(
+    moe = MoE(
         dim,
         hidden_dim,
         cfg.num_experts,
-        cfg.top_k,
+        cfg.top_k if top_k is None else top_k,
         router=cfg.router,
         dispatcher=cfg.dispatcher,
         shared_experts=cfg.shared_expert_dim,
@@ -310,3 +312,26 @@ def build_moe(cfg: Config, dim: int, hidden_dim: int, **kwargs: Any):
         router_kwargs=dict(cfg.router_kwargs),
         **kwargs,
     )
+    bind = getattr(moe.router, "bind_experts", None)
+    if callable(bind):
+        bind(moe.experts)
+    return moe
+
+
+def layer_top_ks(cfg: Config, num_moe_layers: int) -> list[int]:
+    """K_max of each of the ``num_moe_layers`` MoE layers, in order: ``top_k`` for every
+    layer, or what ``k_schedule`` gives (``gatelab.routing.resolve_k_schedule``: a schedule
+    name or one K_max per MoE layer, between ``k_schedule_min`` and ``top_k``)."""
+    schedule = getattr(cfg, "k_schedule", None)
+    if schedule is None or num_moe_layers == 0:
+        return [cfg.top_k] * num_moe_layers
+    from ..routing import K_SCHEDULES, resolve_k_schedule
+
+    if isinstance(schedule, str):
+        check_choice(cfg._key("k_schedule"), schedule, K_SCHEDULES.names())
+    try:
+        return resolve_k_schedule(
+            schedule, num_moe_layers, cfg.k_schedule_min, cfg.top_k, cfg.num_experts
+        )
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{cfg._key('k_schedule')}: {error}") from None

@@ -41,6 +41,7 @@ from .config import (
     check_choice,
     check_moe_fields,
     check_positive,
+    layer_top_ks,
     resolve_layers,
     unknown_key_message,
 )
@@ -71,6 +72,11 @@ class LMConfig(Config):
     ``router_kwargs``, ``capacity_factor`` (left out: dropless), a shared SwiGLU expert of
     width ``shared_expert_dim`` (0: none), the auxiliary ``loss_weights`` (names in
     ``gatelab.routing.LOSSES``) and ``dispatcher`` ("auto", "grouped", "loop").
+    ``k_schedule`` (left out: ``top_k`` everywhere) gives each MoE layer its own K_max:
+    a name in ``gatelab.routing.K_SCHEDULES`` ("uniform", "descending", "ascending",
+    "pyramid", "valley", "wave") spreading K_max between ``k_schedule_min`` and
+    ``top_k`` over the MoE layers, or a list with one K_max per MoE layer; with the
+    ``dynamic_k`` and ``top_p`` routers K_max bounds each token's number of experts.
 
     Block kinds (gatelab.layers): ``ffn`` names the dense FFN, one of "swiglu" (default),
     "geglu", "reglu", "bilinear" (:class:`~gatelab.layers.GluMlp`), "mlp"
@@ -112,6 +118,8 @@ class LMConfig(Config):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    k_schedule: str | list[int] | None = None
+    k_schedule_min: int = 1
     ffn: str = "swiglu"
     ffn_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     attn_gate: Literal["none", "headwise", "elementwise"] = "none"
@@ -131,6 +139,7 @@ class LMConfig(Config):
         if len(moe) < self.num_layers:
             check_positive(self, "ffn_hidden_dim")
         check_moe_fields(self)
+        self.moe_top_ks()
         self._check_blocks(dense_layers=len(moe) < self.num_layers)
 
     def _check_blocks(self, dense_layers: bool) -> None:
@@ -167,6 +176,10 @@ class LMConfig(Config):
         """The sorted indices of the layers whose FFN is an MoE."""
         return resolve_layers(self.moe_layers, self.num_layers, self._key("moe_layers"))
 
+    def moe_top_ks(self) -> list[int]:
+        """K_max of each MoE layer, in the order of :meth:`moe_layer_indices`."""
+        return layer_top_ks(self, len(self.moe_layer_indices()))
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
@@ -186,6 +199,11 @@ def dense_equivalent(config: LMConfig) -> LMConfig:
     moe = config.moe_layer_indices()
     if not moe:
         return config
+    if config.k_schedule is not None:
+        raise ConfigError(
+            "dense_equivalent needs one top_k for every MoE layer; this config sets "
+            f"k_schedule={config.k_schedule!r}"
+        )
     width = config.top_k * config.expert_hidden_dim + config.shared_expert_dim
     if len(moe) < config.num_layers and config.ffn_hidden_dim != width:
         raise ConfigError(
@@ -263,7 +281,7 @@ def dense_ffn(config: LMConfig) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, config: LMConfig, moe: bool):
+    def __init__(self, config: LMConfig, moe: bool, top_k: int | None = None):
         super().__init__()
         d = config.dim
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
@@ -280,7 +298,11 @@ class Block(nn.Module):
         )
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.is_moe = moe
-        self.ffn = build_moe(config, d, config.expert_hidden_dim) if moe else dense_ffn(config)
+        self.ffn = (
+            build_moe(config, d, config.expert_hidden_dim, top_k=top_k)
+            if moe
+            else dense_ffn(config)
+        )
         if isinstance(self.ffn, HourglassFFN):
             self.ffn_norm = nn.Identity()  # each hourglass sub-block norms its own input
         self.drop = nn.Dropout(config.dropout)
@@ -326,9 +348,12 @@ class LM(nn.Module):
             raise TypeError(f"LM takes an LMConfig, got {type(config).__name__}")
         self.config = config
         moe = set(config.moe_layer_indices())
+        top_ks = dict(zip(config.moe_layer_indices(), config.moe_top_ks(), strict=True))
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i in moe) for i in range(config.num_layers))
+        self.blocks = nn.ModuleList(
+            Block(config, i in moe, top_ks.get(i)) for i in range(config.num_layers)
+        )
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)

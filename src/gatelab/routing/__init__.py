@@ -3,6 +3,13 @@
 from .aux_free import attach_bias_update, update_expert_bias
 from .capacity import apply_capacity, expert_capacity
 from .dense_to_sparse import DenseToSparseRouter
+from .dynamic import (
+    K_SCHEDULES,
+    DynamicKRouter,
+    TopPRouter,
+    experts_per_token,
+    resolve_k_schedule,
+)
 from .losses import (
     LOSSES,
     cv_squared,
@@ -22,6 +29,7 @@ from .routers import (
 )
 from .routing import EMPTY, FlatRouting, Routing
 from .schedules import SCHEDULES, Schedule, attach_schedule, build_schedule, step_schedules
+from .sparsity_aware import SparsityAwareRouter
 from .temperature import (
     GATE_ACTIVATIONS,
     ActivationTemperatureRouter,
@@ -31,6 +39,12 @@ from .temperature import (
 )
 
 __all__ = [
+    "K_SCHEDULES",
+    "DynamicKRouter",
+    "SparsityAwareRouter",
+    "TopPRouter",
+    "experts_per_token",
+    "resolve_k_schedule",
     "EMPTY",
     "GATE_ACTIVATIONS",
     "LOSSES",
