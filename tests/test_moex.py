@@ -170,8 +170,6 @@ def drop_some(seed):
 def test_moe_to_wide_is_exact(glu, act, bias, router, tokens):
     bank = random_params(ExpertBank(5, 6, 4, act=act, glu=glu, bias=bias).double(), 3)
     moe = MoE(6, 4, 5, top_k=3, router=router, experts=bank).double()
-    if router == "moex":
-        moe.router.bind_experts(moe.experts)
     x = torch.randn(tokens, 6, dtype=torch.float64)
     y = moe(x, routing_edit=drop_some(tokens))
     routing = moe.last_routing

@@ -59,6 +59,10 @@ class MoE(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.router = self._build_router(router, router_kwargs or {})
         self.experts = self._build_experts(experts, act, bias)
+        # Routers that score tokens by the experts' own weights (MoE-X) read this bank.
+        bind = getattr(self.router, "bind_experts", None)
+        if callable(bind):
+            bind(self.experts)
         get_dispatcher(dispatcher)  # fail early on an unknown name
         self.dispatcher = dispatcher
         self.shared_experts = (

@@ -241,8 +241,8 @@ def moex_layer(
     **moe_kwargs,
 ) -> MoE:
     """MoE-X's layer (arXiv 2503.07639): plain ReLU experts and the sparsity-aware router
-    (``"moex"``) bound to them. ``moe_kwargs`` go to :class:`MoE`."""
-    moe = MoE(
+    (``"moex"``), which the MoE layer binds to them. ``moe_kwargs`` go to :class:`MoE`."""
+    return MoE(
         dim,
         hidden_dim,
         num_experts,
@@ -252,5 +252,3 @@ def moex_layer(
         router_kwargs=router_kwargs,
         **moe_kwargs,
     )
-    moe.router.bind_experts(moe.experts)
-    return moe

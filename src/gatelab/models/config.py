@@ -295,11 +295,10 @@ def check_moe_fields(cfg: Config) -> None:
 
 def build_moe(cfg: Config, dim: int, hidden_dim: int, top_k: int | None = None, **kwargs: Any):
     """A gatelab ``MoE`` of width ``dim`` from a config's MoE fields (see MOE_FIELDS);
-    ``top_k`` overrides the config's (a layer's K_max from ``k_schedule``). A router that
-    reads its experts' weights (``bind_experts``, MoE-X) is bound to the layer's bank."""
+    ``top_k`` overrides the config's (a layer's K_max from ``k_schedule``)."""
     from ..layers import MoE
 
-    moe = MoE(
+    return MoE(
         dim,
         hidden_dim,
         cfg.num_experts,
@@ -312,10 +311,6 @@ def build_moe(cfg: Config, dim: int, hidden_dim: int, top_k: int | None = None, 
         router_kwargs=dict(cfg.router_kwargs),
         **kwargs,
     )
-    bind = getattr(moe.router, "bind_experts", None)
-    if callable(bind):
-        bind(moe.experts)
-    return moe
 
 
 def layer_top_ks(cfg: Config, num_moe_layers: int) -> list[int]:

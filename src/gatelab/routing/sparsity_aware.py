@@ -38,8 +38,8 @@ class SparsityAwareRouter(Router):
 
     The estimate costs two [T, D] x [D, E] products, the cost of a linear router, instead
     of running every expert. The router has no weights of its own: it reads the bank it is
-    bound to (:meth:`bind_experts`; ``gatelab.models`` configs and
-    :func:`gatelab.layers.moex_layer` bind it). Gradients flow through the gate into the
+    bound to (:meth:`bind_experts`; a :class:`gatelab.layers.MoE` binds its router to its
+    bank). Gradients flow through the gate into the
     experts' weights and the input unless ``detach_experts``. With an activation other than
     ReLU the score still ranks experts by their expected fraction of positive
     pre-activations.
@@ -83,8 +83,7 @@ class SparsityAwareRouter(Router):
         if self._bank is None:
             raise RuntimeError(
                 "SparsityAwareRouter reads the experts' weights: bind it first with "
-                "router.bind_experts(moe.experts) (the model configs and "
-                "gatelab.layers.moex_layer do this)"
+                "router.bind_experts(bank) (gatelab.layers.MoE binds its router to its experts)"
             )
         return self._bank
 
