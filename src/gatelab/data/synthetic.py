@@ -13,6 +13,9 @@ import torch
 
 IGNORE_INDEX = -100
 
+# The activations of the activation dense-to-sparse gate (data may not import routing).
+GATE_ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}
+
 
 # -- MQAR ----------------------------------------------------------------------------------
 
@@ -123,6 +126,10 @@ class GaussianMoEParams:
       al., arXiv 2309.13850): the K largest beta1_i^T x keep beta1_i^T x + beta0_i, the rest
       -inf, then the softmax (divided by ``temperature``, 1 in that paper).
 
+    - activation dense-to-sparse (``activation`` set; arXiv 2401.13875, the proposed gate):
+      G(x) = softmax(act(beta1 x + beta0) / temperature), act one of ``GATE_ACTIVATIONS``
+      ("tanh", "sigmoid", "gelu"), the bias inside act as ``gatelab.routing`` reads it.
+
     ``sigma`` is the standard deviation; the papers write the variance nu = sigma^2.
     """
 
@@ -133,6 +140,7 @@ class GaussianMoEParams:
     sigma: torch.Tensor  # [num_experts] expert standard deviations
     temperature: float = 1.0
     top_k: int | None = None
+    activation: str | None = None
 
     def __post_init__(self):
         e, d = self.beta1.shape
@@ -145,6 +153,14 @@ class GaussianMoEParams:
             raise ValueError(f"top_k must be in [1, num_experts={e}], got {self.top_k}")
         if self.temperature <= 0 or bool((self.sigma <= 0).any()):
             raise ValueError("temperature and every sigma must be > 0")
+        if self.activation is not None:
+            if self.activation not in GATE_ACTIVATIONS:
+                raise ValueError(
+                    f"activation must be one of {sorted(GATE_ACTIVATIONS)} or None, "
+                    f"got {self.activation!r}"
+                )
+            if self.top_k is not None:
+                raise ValueError("pass activation or top_k, not both: no paper combines them")
 
     @property
     def num_experts(self) -> int:
@@ -165,6 +181,7 @@ class GaussianMoEParams:
         temperature: float = 1.0,
         top_k: int | None = None,
         dtype: torch.dtype = torch.float32,
+        activation: str | None = None,
     ) -> GaussianMoEParams:
         """beta1, beta0, a, b drawn N(0, 1) and every sigma equal to ``sigma``.
 
@@ -179,11 +196,15 @@ class GaussianMoEParams:
         a = torch.randn(num_experts, dim, generator=gen, dtype=torch.float64)
         b = torch.randn(num_experts, generator=gen, dtype=torch.float64)
         s = torch.full((num_experts,), float(sigma), dtype=torch.float64)
-        return cls(*(t.to(dtype) for t in (beta1, beta0, a, b, s)), temperature, top_k)
+        tensors = (t.to(dtype) for t in (beta1, beta0, a, b, s))
+        return cls(*tensors, temperature, top_k, activation)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Gate probabilities [N, num_experts] for inputs [N, dim]."""
         logits = x @ self.beta1.T
+        if self.activation is not None:
+            act = GATE_ACTIVATIONS[self.activation]
+            return torch.softmax(act(logits + self.beta0) / self.temperature, dim=1)
         if self.top_k is not None and self.top_k < self.num_experts:
             kth = logits.topk(self.top_k, dim=1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -218,17 +239,25 @@ def gaussian_moe(
     top_k: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    activation: str | None = None,
 ) -> GaussianMoEData:
     """Samples X ~ N(0, I_dim), expert i ~ G(X), Y ~ N(a_i^T X + b_i, sigma_i^2).
 
     Without ``params``, true parameters come from ``GaussianMoEParams.random(dim,
-    num_experts, seed=seed, temperature=temperature, top_k=top_k)``; with them, ``dim``,
-    ``num_experts``, ``temperature`` and ``top_k`` are the params'. To draw several samples
+    num_experts, seed=seed, temperature=temperature, top_k=top_k, activation=activation)``;
+    with them, ``dim``, ``num_experts``, ``temperature``, ``top_k`` and ``activation`` are
+    the params'. To draw several samples
     of one ground truth, build the params once and vary ``seed``.
     """
     if params is None:
         params = GaussianMoEParams.random(
-            dim, num_experts, seed=seed, temperature=temperature, top_k=top_k, dtype=dtype
+            dim,
+            num_experts,
+            seed=seed,
+            temperature=temperature,
+            top_k=top_k,
+            dtype=dtype,
+            activation=activation,
         )
     gen = torch.Generator().manual_seed(seed)
     p = params
