@@ -203,3 +203,35 @@ def test_lm_default_ffn_is_unchanged():
 def test_experiment_smoke(name, tmp_path):
     result = experiments.get(name).run("smoke", seed=0, out_dir=tmp_path)
     assert result["table"].startswith("|") and result["rows"]
+
+
+# -- The MLP classifier's block option ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "block,cls,hidden", [("bottleneck", BottleneckMLP, 0), ("hourglass", HourglassMLP, 8)]
+)
+def test_classifier_block_kind_builds_the_paper_model(block, cls, hidden):
+    from gatelab.models import build_model
+
+    table = {"hidden_dims": [32, 32, 32], "block": block, "block_hidden_dim": hidden}
+    _, model = build_model("mlp", table)
+    reference = cls(64, 32, 2, 10, hidden_dim=hidden or None)
+    assert count(model) == count(reference)
+    torch.manual_seed(0)
+    reference = cls(64, 32, 2, 10, hidden_dim=hidden or None)
+    model.layers[0].load_state_dict(reference.lift.state_dict())
+    for i in (1, 2):
+        model.layers[i].load_state_dict(reference.blocks[i - 1].state_dict())
+    model.head.load_state_dict(reference.readout.state_dict())
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(model(x).logits, reference(x))
+
+
+def test_classifier_block_errors():
+    from gatelab.models import MLPConfig
+
+    with pytest.raises(ConfigError, match="block_hidden_dim=32: hourglass blocks are narrow"):
+        MLPConfig(hidden_dims=[32, 32], block="hourglass", block_hidden_dim=32)
+    with pytest.raises(ConfigError, match="block"):
+        MLPConfig(block="gmlp")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..experts import ACTIVATION_NAMES, activation
+from ..layers.mlp import MLPS
 from .common import (
     ModelOutput,
     collect_aux_losses,
@@ -53,6 +54,13 @@ class MLPConfig(Config):
     "pyramid", "valley", "wave") spreading K_max between ``k_schedule_min`` and
     ``top_k`` over the MoE layers, or a list with one K_max per MoE layer; with the
     ``dynamic_k`` and ``top_p`` routers K_max bounds each token's number of experts.
+
+    ``block`` "linear" (default) makes every dense hidden layer ``act(Linear(x))``.
+    "bottleneck" or "hourglass" (names in ``gatelab.layers.MLPS``) builds the residual MLPs
+    of Scaling MLPs and Hourglass MLPs instead: a dense hidden layer that changes the width
+    is a Linear lift (no activation), one that keeps it is that residual block (its own
+    ``x + mlp(norm(x))``) with hidden width ``block_hidden_dim`` (0: the block's default,
+    4 * width or width // 2).
     """
 
     input_dim: int = 64
@@ -70,6 +78,8 @@ class MLPConfig(Config):
     shared_expert_dim: int = 0
     loss_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"balance": 0.01})
     dispatcher: str = "auto"
+    block: Literal["linear", "bottleneck", "hourglass"] = "linear"
+    block_hidden_dim: int = 0
     k_schedule: str | list[int] | None = None
     k_schedule_min: int = 1
 
@@ -91,6 +101,14 @@ class MLPConfig(Config):
                 )
             width = self.hidden_dims[i]
         check_moe_fields(self)
+        check_positive(self, "block_hidden_dim", allow_zero=True)
+        if self.block == "hourglass" and self.block_hidden_dim:
+            for i, width in enumerate(self.hidden_dims):
+                if self.block_hidden_dim >= width:
+                    raise ConfigError(
+                        f"{self._key('block_hidden_dim')}={self.block_hidden_dim}: hourglass "
+                        f"blocks are narrow, so it must be < hidden_dims[{i}]={width}"
+                    )
         self.moe_top_ks()
         if self.router == "hash" and self.router_kwargs.get("key", "token") == "token":
             raise ConfigError(
@@ -141,16 +159,23 @@ class MLPClassifier(nn.Module):
                         act=config.act,
                     )
                 )
+            elif config.block != "linear" and hidden == width:
+                layers.append(_residual_block(config, width))
             else:
                 layers.append(nn.Linear(width, hidden))
             width = hidden
         self.layers = nn.ModuleList(layers)
+        # Layers applied as they are: the lifts and residual blocks of a non-linear ``block``.
+        self.as_is = frozenset(range(len(layers)) if config.block != "linear" else ()) - moe
         self.head = nn.Linear(width, config.num_classes)
 
     def forward(self, x: Tensor, targets: Tensor | None = None) -> ModelOutput:
         """x [B, input_dim] (or [B, ...] flattened) -> logits [B, num_classes]."""
         x = _flatten_examples(x, self.config.input_dim, "MLPClassifier")
         for i, layer in enumerate(self.layers):
+            if i in self.as_is:
+                x = layer(x)
+                continue
             x = (
                 x + self.drop(layer(x))
                 if i in self.moe_indices
@@ -169,6 +194,13 @@ class MLPClassifier(nn.Module):
     def num_active_parameters(self) -> int:
         """See :func:`gatelab.models.common.num_active_parameters`."""
         return num_active_parameters(self)
+
+
+def _residual_block(config: MLPConfig, width: int) -> nn.Module:
+    """A ``config.block`` residual block (gatelab.layers.MLPS) of width ``width``."""
+    factory = MLPS.get(config.block)
+    hidden = config.block_hidden_dim or None
+    return factory(width, hidden, act=config.act, dropout=config.dropout)
 
 
 # -- LeNet-5 ------------------------------------------------------------------------------
