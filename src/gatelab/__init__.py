@@ -6,6 +6,7 @@ model edits consume it. See ``docs/architecture.md``.
 
 from .experts import ExpertBank, ExpertWeights, SharedExpert
 from .layers import MoE
+from .parallel import parallelize
 from .routing import ROUTERS, Routing
 
 __version__ = "0.1.0"
@@ -18,4 +19,5 @@ __all__ = [
     "Routing",
     "SharedExpert",
     "__version__",
+    "parallelize",
 ]

@@ -94,16 +94,34 @@ def _add_train(commands) -> None:
     train.add_argument(
         "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
     )
+    from .bench.common import int_at_least
+
+    train.add_argument(
+        "--ep",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="expert-parallel size under torchrun (experts sharded over N ranks; the rest "
+        "data parallel), e.g. torchrun --nproc_per_node=2 -m gatelab train moe-lm --ep 2",
+    )
     train.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .recipes.run import run_recipe
 
-    result = run_recipe(args.recipe, args.overrides, resume=args.resume)
-    print(json.dumps({"step": result.step, "stopped": result.stopped, "loss": result.loss,
-                      "eval": result.eval, "checkpoint": str(result.checkpoint)}))  # fmt: skip
+    result = run_recipe(args.recipe, args.overrides, resume=args.resume, ep=args.ep)
+    if _is_main_process():
+        print(json.dumps({"step": result.step, "stopped": result.stopped, "loss": result.loss,
+                          "eval": result.eval, "checkpoint": str(result.checkpoint)}))  # fmt: skip
     return 0 if result.stopped in ("completed", "time_budget", "interrupted") else 1
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints the result."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _add_eval(commands) -> None:

@@ -8,6 +8,7 @@ interface, which passes (top_k_index, top_k_weights), can call it unchanged.
 from __future__ import annotations
 
 from ..registry import Registry
+from .expert_parallel import ExpertParallel
 from .grouped import grouped_dispatch, grouped_linear, grouped_mm_supported
 from .loop import loop_dispatch
 
@@ -28,6 +29,7 @@ def get_dispatcher(name: str):
 
 __all__ = [
     "DISPATCHERS",
+    "ExpertParallel",
     "get_dispatcher",
     "grouped_dispatch",
     "grouped_linear",

@@ -21,7 +21,9 @@ class MoE(nn.Module):
         router: a registered router name (``gatelab.routing.ROUTERS``) or a Router module.
         experts: a registered bank name ("glu", "mlp") or an ExpertBank.
         act, bias: activation and biases of the routed experts (when built by name).
-        dispatcher: "auto", "grouped" or "loop".
+        dispatcher: "auto", "grouped" or "loop", or a dispatcher object: any callable with
+            the dispatcher signature, such as ``gatelab.dispatch.ExpertParallel`` (which
+            ``gatelab.parallelize`` installs from outside).
         shared_experts: hidden width of a shared expert every token also passes (0: none).
         shared_gate: scale the shared expert by sigmoid(x w) (Qwen2-MoE).
         capacity_factor: None for dropless; otherwise each expert takes at most
@@ -34,6 +36,11 @@ class MoE(nn.Module):
     After each forward, ``last_routing`` holds the Routing the experts ran with (detached) and
     ``aux_losses`` the weighted auxiliary losses (``aux_loss`` their sum) computed on the
     routing before capacity drops, with padding excluded through ``token_mask``.
+
+    ``aux_loss_routing`` (None by default) may be set to a function ``(routing, token_mask)
+    -> (routing, token_mask)`` that the aux losses are computed on instead: under data
+    parallelism ``gatelab.parallelize`` sets it to gather every rank's routing, so the
+    losses are those of the global batch.
     """
 
     def __init__(
@@ -63,8 +70,10 @@ class MoE(nn.Module):
         bind = getattr(self.router, "bind_experts", None)
         if callable(bind):
             bind(self.experts)
-        get_dispatcher(dispatcher)  # fail early on an unknown name
+        if not callable(dispatcher):
+            get_dispatcher(dispatcher)  # fail early on an unknown name
         self.dispatcher = dispatcher
+        self.aux_loss_routing = None
         self.shared_experts = (
             SharedExpert(dim, shared_experts, act=act, gated=shared_gate)
             if shared_experts
@@ -157,8 +166,11 @@ class MoE(nn.Module):
             )
         routing = self.router(flat, token_ids=token_ids, positions=positions)
         if self.training and self.loss_weights:
+            seen, seen_mask = routing, token_mask
+            if self.aux_loss_routing is not None:
+                seen, seen_mask = self.aux_loss_routing(routing, token_mask)
             self.aux_losses = {
-                name: weight * LOSSES[name](routing, token_mask)
+                name: weight * LOSSES[name](seen, seen_mask)
                 for name, weight in self.loss_weights.items()
             }
         else:
@@ -168,7 +180,10 @@ class MoE(nn.Module):
         if routing_edit is not None:
             routing = routing_edit(routing)
         self.last_routing = routing.detach()
-        out = get_dispatcher(self.dispatcher)(
+        dispatch = self.dispatcher
+        if not callable(dispatch):
+            dispatch = get_dispatcher(dispatch)
+        out = dispatch(
             flat, routing.experts, routing.weights, self.experts.weights(), self.deterministic
         )
         if self.shared_experts is not None:

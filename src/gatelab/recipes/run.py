@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..data import DOMAINS, EvalBatches, LMBatches, TensorBatches, load_corpus, load_digits
@@ -154,7 +155,40 @@ def _digits_data(model: nn.Module, options: dict[str, Any]):
 
 
 def run_recipe(
-    name_or_path: str, overrides: list[str] | None = None, resume: bool = False
+    name_or_path: str,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    ep: int | None = None,
 ) -> TrainResult:
-    """``gatelab train``: load a recipe, build its run and train it."""
-    return build_run(load_recipe(name_or_path, overrides)).trainer().fit(resume=resume)
+    """``gatelab train``: load a recipe, build its run and train it.
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) the run is distributed: the model goes
+    through ``gatelab.parallelize`` with expert-parallel size ``ep`` (None: 1, data
+    parallel only). ``ep`` > 1 without torchrun is an error that says how to launch.
+    """
+    import torch.distributed as dist
+
+    from ..parallel import init_distributed, parallelize
+
+    recipe = load_recipe(name_or_path, overrides)
+    ours = not dist.is_initialized()  # a group the caller made is the caller's to destroy
+    distributed = init_distributed()
+    if not distributed and ep not in (None, 1):
+        raise RecipeError(
+            f"--ep {ep} needs {ep} or a multiple of {ep} processes: launch with "
+            f"torchrun --nproc_per_node={ep} -m gatelab train {name_or_path} --ep {ep}"
+        )
+    try:
+        # The model's initial weights come from [train] seed too, so a run is repeatable and
+        # a distributed run starts where the single-process run does.
+        torch.manual_seed(int(_table(recipe, "train").get("seed", 0)))
+        run = build_run(recipe)
+        if distributed:
+            try:
+                run.model = parallelize(run.model, ep=ep or 1)
+            except ValueError as error:
+                raise RecipeError(f"--ep {ep}: {error}") from None
+        return run.trainer().fit(resume=resume)
+    finally:
+        if distributed and ours:
+            dist.destroy_process_group()

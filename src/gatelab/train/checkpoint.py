@@ -279,6 +279,8 @@ def save_checkpoint(
     config: Any = None,
     extra: dict | None = None,
     rng: bool = True,
+    model_state: dict[str, Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` into ``directory``; returns the JSON path.
 
@@ -286,11 +288,15 @@ def save_checkpoint(
     ``state_dict()``; ``config`` a JSON-able dict whose fingerprint a later load compares;
     ``extra`` a JSON-able dict returned as is by :func:`load_checkpoint`. Raises
     :class:`CheckpointError` when a write fails (the previous checkpoints are untouched).
+    ``model_state`` / ``optimizer_state`` replace ``model.state_dict()`` /
+    ``optimizer.state_dict()`` (a distributed run passes the gathered, unsharded ones).
     """
     directory = Path(directory)
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
-    for name, value in model.state_dict().items():
+    if model_state is None:
+        model_state = model.state_dict()
+    for name, value in model_state.items():
         if not isinstance(value, Tensor):
             raise CheckpointError(f"model state {name!r} is not a tensor; it cannot be stored")
         tensors[f"model/{name}"] = _storable(value, seen)
@@ -300,7 +306,7 @@ def save_checkpoint(
         "step": int(step),
         "config": _canonical(config),
         "config_fingerprint": config_fingerprint(config),
-        "model_keys": list(model.state_dict().keys()),
+        "model_keys": list(model_state.keys()),
         "data_state": _split(copy.deepcopy(data_state), "data", tensors, seen),
         "scheduler": None
         if scheduler is None
@@ -314,7 +320,12 @@ def save_checkpoint(
         meta["optimizer"] = {
             "class": type(optimizer).__name__,
             "param_names": _param_names(model, optimizer),
-            "state_dict": _split(optimizer.state_dict(), "optim", tensors, seen),
+            "state_dict": _split(
+                optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                "optim",
+                tensors,
+                seen,
+            ),
         }
     blob = st_save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(blob).hexdigest()
@@ -499,6 +510,7 @@ def load_checkpoint(
     config: Any = None,
     data: Any = None,
     rng: bool = True,
+    transform: Any = None,
 ) -> Checkpoint:
     """Check a checkpoint against the run, then restore it into the given objects.
 
@@ -507,8 +519,12 @@ def load_checkpoint(
     keys), different parameter names or shapes raise :class:`CheckpointError` and leave the
     model, optimizer and files as they were. ``data`` (optional) gets ``load_state_dict`` with
     the stored data position; it is also returned as ``Checkpoint.data_state``.
+    ``transform(meta, tensors) -> (meta, tensors)``, when given, runs on the checkpoint as
+    read, before any check (a distributed run cuts out its rank's expert shards).
     """
     meta, tensors = read_checkpoint(path)
+    if transform is not None:
+        meta, tensors = transform(meta, tensors)
     path = Path(meta["_path"])
     if config is not None and meta["config_fingerprint"] != config_fingerprint(config):
         diff = config_diff(meta.get("config"), config)

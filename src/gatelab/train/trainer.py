@@ -270,6 +270,22 @@ class _DataExhausted(Exception):
     pass
 
 
+class _NoLog:
+    """The logs of ranks other than 0 in a distributed run: rank 0 writes them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _clear_router_counts(model: nn.Module) -> None:
     """Zero the per-step token counts of aux-free-biased routers (non-persistent buffers, zero
     at every step boundary), after a rolled-back step or a load, so the next bias update sees
@@ -316,6 +332,12 @@ class Trainer:
                     f"{type(data).__name__} has no {method}()"
                 )
         self.model, self.data = model, data
+        # Under gatelab.parallelize: the module inside DDP (checkpoints and telemetry use
+        # its names) and the state that shards batches and syncs gradients.
+        from ..parallel import parallel_state, unwrap
+
+        self._core, self.parallel = unwrap(model), parallel_state(model)
+        self._is_main = self.parallel is None or self.parallel.is_main
         self.cfg = cfg or TrainConfig()
         self.eval_fn, self.forward = eval_fn, forward or _call_model
         self.tokens_in = tokens_in or count_tokens
@@ -371,15 +393,16 @@ class Trainer:
             self._seed()
         else:
             ckpt = load_checkpoint(
-                path, self.model, self.optimizer, self.scheduler, config=self.config, data=self.data
-            )
+                path, self._core, self.optimizer, self.scheduler, config=self.config, data=self.data,
+                transform=self.parallel.reshard if self.parallel else None,
+            )  # fmt: skip
             _clear_router_counts(self.model)
             self.step = ckpt.step
             self.tokens = int(ckpt.extra.get("tokens", 0))
             self._elapsed_before = float(ckpt.extra.get("elapsed_s", 0.0))
             self._last_saved = ckpt.step
             self._say(f"resumed from {path} at step {ckpt.step}")
-        for name in ("metrics.jsonl", "routing.jsonl"):
+        for name in ("metrics.jsonl", "routing.jsonl") if self._is_main else ():
             truncate_jsonl(self.run_dir / name, self.step)
 
     def _seed(self) -> None:
@@ -391,7 +414,7 @@ class Trainer:
     # -- messages and stopping -----------------------------------------------------------
 
     def _say(self, message: str) -> None:
-        if not self.cfg.verbose:
+        if not self.cfg.verbose or not self._is_main:
             return
         progress = getattr(self, "_progress", None)
         if progress is not None:
@@ -440,6 +463,8 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             batch = self._next_batch()
             tokens += self.tokens_in(batch)
+            if self.parallel is not None:  # every rank reads the global batch, keeps its rows
+                batch = self.parallel.shard_batch(batch)
             loss, aux = _losses(self.forward(model, _to_device(batch, self._device)))
             total = loss if aux is None else loss + aux
             (total / cfg.grad_accum).backward()
@@ -450,7 +475,12 @@ class Trainer:
         aux_value = float(aux_sum) / cfg.grad_accum if aux_sum is not None else 0.0
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.parallel is not None:
+            self.parallel.finish_backward(model)
+            loss_value, aux_value = self.parallel.mean([loss_value, aux_value])
+            grad_norm = float(self.parallel.clip_grad_norm_(model, params, max_norm))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise FloatingPointError(
                 f"step {self.step + 1}: loss {loss_value}, gradient norm {grad_norm}; the update "
@@ -459,6 +489,8 @@ class Trainer:
             )
         lr = self.optimizer.param_groups[0]["lr"]
         self._updating = True
+        if self.parallel is not None:
+            self.parallel.before_optimizer_step(model)  # global aux-free router counts
         self.optimizer.step()  # the aux-loss-free bias hook runs here
         self.scheduler.step()
         self._updating = False
@@ -490,12 +522,14 @@ class Trainer:
             self.model.train()
             set_rng_state(rng)
             if monitor is not None:
-                monitor.attach(self.model)
+                monitor.attach(self._core)
         if isinstance(result, Mapping):
             return {str(k): float(v) for k, v in result.items()}
         return {"eval_loss": float(result)}
 
     def _log_routing(self) -> None:
+        if self.parallel is not None:
+            self.parallel.reduce_monitor(self._monitor)
         summary = self._monitor.summary()
         if summary:
             self._routing_log.write(
@@ -504,25 +538,51 @@ class Trainer:
         self._monitor.reset()
         self._routing_from = self.step
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step (logs are synced first) and prune old ones."""
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (logs are synced first) and prune old ones.
+
+        Distributed: every rank gathers the expert shards, rank 0 writes one whole
+        checkpoint (loadable under any expert-parallel size) and returns its path, the
+        others None; all ranks wait until it is written.
+        """
         for log in (self._metrics, self._routing_log):
             if log is not None:
                 log.sync()
-        path = save_checkpoint(
-            self.checkpoint_dir,
-            self.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            data_state=self.data.state_dict(),
-            config=self.config,
-            extra={"tokens": self.tokens, "elapsed_s": self._elapsed()},
-        )
-        prune_checkpoints(self.checkpoint_dir, self.cfg.keep_checkpoints)
+        whole = (None, None)
+        if self.parallel is not None:
+            whole = self.parallel.full_state(self.model, self.optimizer)
+        path = None
+        if self._is_main:
+            path = save_checkpoint(
+                self.checkpoint_dir,
+                self.step,
+                self._core,
+                self.optimizer,
+                self.scheduler,
+                data_state=self.data.state_dict(),
+                config=self.config,
+                extra={"tokens": self.tokens, "elapsed_s": self._elapsed()},
+                model_state=whole[0],
+                optimizer_state=whole[1],
+            )
+            prune_checkpoints(self.checkpoint_dir, self.cfg.keep_checkpoints)
+        if self.parallel is not None:
+            self.parallel.barrier()
         self._last_saved = self.step
         self._last_path = path
         return path
+
+    def _stop_reason(self) -> str | None:
+        """Why to stop now ("interrupted", "time_budget") or None; distributed, the ranks
+        agree, so none waits in a collective for a rank that stopped."""
+        cfg = self.cfg
+        code = int(
+            cfg.time_budget_s is not None and time.perf_counter() - self._t0 >= cfg.time_budget_s
+        )
+        code = 2 if self._stop_requested else code
+        if self.parallel is not None:
+            code = self.parallel.agree(code)
+        return (None, "time_budget", "interrupted")[code]
 
     def _elapsed(self) -> float:
         return self._elapsed_before + (time.perf_counter() - self._t0)
@@ -538,6 +598,8 @@ class Trainer:
         """
         cfg = self.cfg
         self._prepare_run_dir(resume)
+        if self.parallel is not None:  # every rank has checked run_dir before rank 0 writes
+            self.parallel.barrier()
         if resume:
             self._resume()
         else:
@@ -549,12 +611,15 @@ class Trainer:
         self._stop_requested = False
         has_routing = any(hasattr(m, "last_routing") for m in self.model.modules())
         self._monitor = (
-            RoutingMonitor().attach(self.model) if cfg.routing_every and has_routing else None
+            RoutingMonitor().attach(self._core) if cfg.routing_every and has_routing else None
         )
         self._routing_from = self.step
-        self._metrics = JsonlLog(self.run_dir / "metrics.jsonl")
-        self._routing_log = JsonlLog(self.run_dir / "routing.jsonl") if self._monitor else None
-        self._progress = Progress(cfg.steps, initial=self.step, enabled=cfg.progress)
+        log = JsonlLog if self._is_main else _NoLog  # rank 0 writes the logs
+        self._metrics = log(self.run_dir / "metrics.jsonl")
+        self._routing_log = log(self.run_dir / "routing.jsonl") if self._monitor else None
+        self._progress = Progress(
+            cfg.steps, initial=self.step, enabled=cfg.progress if self._is_main else False
+        )
         last: dict[str, float] = {}
         last_eval: dict[str, float] | None = None
         window_t, window_tokens = time.perf_counter(), 0
@@ -562,14 +627,9 @@ class Trainer:
         try:
             with self._sigint_stops():
                 while self.step < cfg.steps:
-                    if self._stop_requested:
-                        stopped = "interrupted"
-                        break
-                    if (
-                        cfg.time_budget_s is not None
-                        and time.perf_counter() - self._t0 >= cfg.time_budget_s
-                    ):
-                        stopped = "time_budget"
+                    reason = self._stop_reason()
+                    if reason is not None:
+                        stopped = reason
                         break
                     snapshot = (copy.deepcopy(self.data.state_dict()), get_rng_state())
                     try:

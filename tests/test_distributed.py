@@ -1,0 +1,354 @@
+"""Expert parallelism and multi-process training on torch.distributed (Gloo, 2 processes).
+
+Spawning processes costs seconds each, so one spawn runs every layer-level case and one
+torchrun runs the training case; each worker compares itself with a single-process
+reference it computes from the same weights, and raises on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gatelab import ExpertBank, MoE
+from gatelab.dispatch import ExpertParallel, loop_dispatch
+from gatelab.parallel import GlobalRouting, parallel_state, parallelize
+from gatelab.routing import EMPTY, LOSSES, ROUTERS
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+
+
+# -- layer cases --------------------------------------------------------------------------
+
+E, D, F, K = 4, 6, 5, 2
+
+
+def _routing(case: str, sizes: list[int], gen: torch.Generator) -> torch.Tensor:
+    """Global [T, K] experts for a case; T = sum(sizes)."""
+    t = sum(sizes)
+    experts = torch.argsort(torch.rand(t, E, generator=gen), dim=1)[:, :K]
+    if case == "skewed":  # every token to the experts of rank 0
+        experts = torch.stack([torch.zeros(t), torch.ones(t)], dim=1).long()
+    elif case == "empty_slots":  # some slots empty, expert 3 never chosen
+        experts = torch.where(experts == 3, EMPTY, experts)
+    elif case == "all_empty":
+        experts = torch.full((t, K), EMPTY)
+    return experts
+
+
+CASES = {
+    "random": [5, 7],
+    "skewed": [6, 3],
+    "empty_rank": [8, 0],
+    "empty_slots": [4, 4],
+    "all_empty": [3, 2],
+    "nobody": [0, 0],
+}
+
+
+def _check_case(case: str, sizes: list[int], rank: int, local: str) -> None:
+    gen = torch.Generator().manual_seed(list(CASES).index(case))
+    t = sum(sizes)
+    x = torch.randn(t, D, generator=gen, dtype=torch.float64)
+    experts = _routing(case, sizes, gen)
+    weights = (torch.rand(t, K, generator=gen, dtype=torch.float64) + 0.1).masked_fill(
+        experts == EMPTY, 0.0
+    )
+    grad_out = torch.randn(t, D, generator=gen, dtype=torch.float64)
+    bank = ExpertBank(E, D, F, bias=True).double()
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+
+    # The single-process layer on all tokens.
+    ref_x, ref_w = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    ref_out = loop_dispatch(ref_x, experts, ref_w, bank.weights())
+    ref_out.backward(grad_out)
+    ref_bank_grads = [p.grad.clone() for p in bank.parameters()]
+
+    # This rank's tokens through the expert-parallel dispatcher with this rank's experts.
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    per = E // WORLD
+    shard = ExpertBank(per, D, F, bias=True).double()
+    with torch.no_grad():
+        for mine, full in zip(shard.parameters(), bank.parameters(), strict=True):
+            mine.copy_(full[rank * per : (rank + 1) * per])
+    ep = ExpertParallel(local=local)
+    my_x, my_w = x[rows].clone().requires_grad_(), weights[rows].clone().requires_grad_()
+    out = ep(my_x, experts[rows], my_w, shard.weights())
+    out.backward(grad_out[rows])
+
+    where = f"case {case!r}, local {local!r}, rank {rank}"
+    torch.testing.assert_close(out, ref_out[rows].detach(), msg=f"forward, {where}")
+    torch.testing.assert_close(my_x.grad, ref_x.grad[rows], msg=f"grad x, {where}")
+    torch.testing.assert_close(my_w.grad, ref_w.grad[rows], msg=f"grad weights, {where}")
+    for mine, full in zip(shard.parameters(), ref_bank_grads, strict=True):
+        torch.testing.assert_close(
+            mine.grad, full[rank * per : (rank + 1) * per], msg=f"grad experts, {where}"
+        )
+    # Bytes leaving this rank: its rows for remote experts out, other ranks' rows back.
+    sent = int(((experts[rows] >= 0) & (experts[rows] // per != rank)).sum())
+    others = torch.ones(t, dtype=torch.bool)
+    others[rows] = False
+    received = int(((experts[others] >= 0) & (experts[others] // per == rank)).sum())
+    assert ep.counters["remote_rows"] == sent, where
+    assert ep.counters["forward_bytes"] == (sent + received) * D * 8, where
+    assert ep.counters["backward_bytes"] == (sent + received) * D * 8, where
+
+
+def _check_moe_layer(rank: int) -> None:
+    """A whole MoE layer (router, aux losses on the global batch, shared expert) under
+    parallelize equals the single-process layer on the full batch, for the mean loss."""
+    torch.manual_seed(3)
+    layer = MoE(D, F, E, K, shared_experts=4, loss_weights={"balance": 0.1, "z": 0.01}).double()
+    x = torch.randn(2 * WORLD, 3, D, dtype=torch.float64)
+    ref = MoE(D, F, E, K, shared_experts=4, loss_weights={"balance": 0.1, "z": 0.01}).double()
+    ref.load_state_dict(layer.state_dict())
+    ref_out = ref(x)
+    (ref_out.square().mean() + ref.aux_loss).backward()
+
+    model = parallelize(layer, ep=WORLD)
+    state = parallel_state(model)
+    mine = state.shard_batch(x)
+    out = model(mine)
+    (out.square().mean() + layer.aux_loss).backward()
+    state.finish_backward(model)
+    rows = slice(rank * 2, rank * 2 + 2)
+    torch.testing.assert_close(out, ref_out[rows].detach())
+    torch.testing.assert_close(layer.aux_loss.detach(), ref.aux_loss.detach())
+    per = E // WORLD
+    ref_params = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        want = ref_params[name].grad
+        if name in state.expert_params:
+            want = want[rank * per : (rank + 1) * per]
+        torch.testing.assert_close(p.grad, want, msg=f"grad {name}, rank {rank}")
+    # Gradient norm over all shards equals the single-process norm.
+    params = list(layer.parameters())
+    norm = state.clip_grad_norm_(model, params, 1e9)
+    ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+    torch.testing.assert_close(norm.double(), ref_norm.double())
+
+
+def _check_errors(rank: int) -> None:
+    with pytest.raises(ValueError, match="not divisible by ep=2"):
+        parallelize(MoE(D, F, 3, 1), ep=2)
+    with pytest.raises(ValueError, match="divisor of the world size"):
+        parallelize(MoE(D, F, 4, 1), ep=3)
+    ep = ExpertParallel()
+    with pytest.raises(ValueError, match="not divisible by the expert-parallel size"):
+        ep.local_experts(5)
+
+
+def _check_global_routing(rank: int) -> None:
+    """Every registered loss of the gathered routing equals the loss of the full batch."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(9, E, generator=gen)
+    mask = torch.rand(9, generator=gen) > 0.3
+    router = ROUTERS.get("topk")(E, E, K)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))
+    full = router(logits)
+    rows = slice(0, 4) if rank == 0 else slice(4, 9)
+    gathered, gathered_mask = GlobalRouting()(router(logits[rows]), mask[rows])
+    assert torch.equal(gathered_mask, mask)
+    for name, fn in LOSSES.items():
+        torch.testing.assert_close(fn(gathered, mask), fn(full, mask), msg=name)
+
+
+def _check_reshard(rank: int, checkpoint: str) -> None:
+    """1 -> 2: a single-process checkpoint loads into a 2-rank model (each rank its
+    experts), and gathering the shards gives back the checkpoint's tensors."""
+    from gatelab.recipes import load_recipe
+    from gatelab.recipes.run import build_run
+    from gatelab.train.checkpoint import load_checkpoint, read_checkpoint
+
+    meta, tensors = read_checkpoint(checkpoint)
+    run = build_run(load_recipe("moe-lm", SMALL))
+    model = parallelize(run.model, ep=WORLD)
+    trainer = run.trainer()
+    trainer.model = model
+    state = parallel_state(model)
+    load_checkpoint(checkpoint, run.model, trainer.optimizer, rng=False, transform=state.reshard)
+    per = 4 // WORLD
+    for name in state.expert_params:
+        want = tensors[f"model/{name}"][rank * per : (rank + 1) * per]
+        torch.testing.assert_close(run.model.get_parameter(name).detach(), want, rtol=0, atol=0)
+    model_state, optim_state = state.full_state(model, trainer.optimizer)
+    for name, value in model_state.items():
+        torch.testing.assert_close(value, tensors[f"model/{name}"], rtol=0, atol=0)
+    assert optim_state["state"], "the optimizer state was not restored"
+
+
+# -- training -----------------------------------------------------------------------------
+
+SMALL = [
+    "model.dim=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.max_seq_len=32",
+    "model.num_experts=4",
+    "model.expert_hidden_dim=32",
+    "data.seq_len=16",
+    "data.batch_size=4",
+    "data.eval_batches=1",
+    "train.steps=2",
+    "train.warmup_steps=1",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "train.routing_every=1",
+    "train.progress=false",
+]
+
+
+def _run_args(run_dir: Path) -> list[str]:
+    return [*SMALL, f'train.run_dir="{run_dir}"']
+
+
+def _worker(rank: int, port: int, checkpoint: str, run_dir: str) -> None:
+    """Every layer case, the 1 -> 2 reshard, then the 2-process training run."""
+    from gatelab.recipes.run import run_recipe
+
+    _init(rank, port)
+    try:
+        for local in ("grouped", "loop"):
+            for case, sizes in CASES.items():
+                _check_case(case, sizes, rank, local)
+        _check_moe_layer(rank)
+        _check_global_routing(rank)
+        _check_errors(rank)
+        _check_reshard(rank, checkpoint)
+        run_recipe("moe-lm", _run_args(Path(run_dir)), ep=WORLD)
+    except BaseException:
+        # spawn reports one rank's error; the first failure may be on the other rank.
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"train"' in line]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The shrunk moe-lm recipe trained 2 steps in this process (the reference)."""
+    from gatelab.recipes.run import run_recipe
+
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    result = run_recipe("moe-lm", _run_args(run_dir))
+    assert result.stopped == "completed"
+    return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def two_processes(single_run, tmp_path_factory):
+    """One spawn of 2 Gloo processes for all the distributed checks (spawning costs
+    seconds); returns the run directory of their training run."""
+    run_dir = tmp_path_factory.mktemp("ep2") / "run"
+    args = (_free_port(), str(single_run[1].checkpoint), str(run_dir))
+    mp.start_processes(_worker, args=args, nprocs=WORLD, join=True, start_method="fork")
+    return run_dir
+
+
+def test_expert_parallel_matches_single_process(two_processes):
+    """In the workers (float64, same weights and routing): the EP dispatcher's forward,
+    input, routing-weight and expert gradients and byte counters for random and skewed
+    routing, empty ranks, empty slots and idle experts, with grouped and loop local
+    dispatch; a parallelized MoE layer with aux losses and a shared expert; the aux
+    losses of the gathered routing; the errors; and 1 -> 2 checkpoint resharding. A
+    mismatch in any of them fails the spawn, hence this test."""
+    assert (two_processes / "metrics.jsonl").exists()
+
+
+def test_two_process_training_matches_single_process(single_run, two_processes):
+    """moe-lm trained 2 steps by 2 processes with --ep 2 (global batch split over the
+    ranks) logs the losses, aux losses and gradient norms of the single-process run on
+    the full batch; its checkpoint loads into one process (2 -> 1) with the
+    single-process run's parameters; its routing telemetry counts every rank's tokens."""
+    from gatelab.recipes import load_recipe
+    from gatelab.recipes.run import build_run
+    from gatelab.train.checkpoint import load_checkpoint
+    from gatelab.train.metrics import read_jsonl
+
+    single_dir, single = single_run
+    ours = [r for r in read_jsonl(two_processes / "metrics.jsonl") if r["kind"] == "train"]
+    theirs = [r for r in read_jsonl(single_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(ours) == len(theirs) == 2
+    for key in ("loss", "aux", "grad_norm", "tokens"):
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-5), key
+
+    routing = read_jsonl(two_processes / "routing.jsonl")
+    for a, b in zip(routing, read_jsonl(single_dir / "routing.jsonl"), strict=True):
+        for name, stats in a["layers"].items():
+            assert stats["tokens_per_expert"] == b["layers"][name]["tokens_per_expert"], name
+
+    run = build_run(load_recipe("moe-lm", SMALL))
+    assert load_checkpoint(two_processes / "checkpoints", run.model, rng=False).step == 2
+    reference = build_run(load_recipe("moe-lm", SMALL)).model
+    load_checkpoint(single.checkpoint, reference, rng=False)
+    for (name, p), q in zip(run.model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_cli(single_run, tmp_path):
+    """``torchrun --nproc_per_node=2 -m gatelab train moe-lm --ep 2`` on Gloo logs the
+    single-process run's losses."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    run_dir = tmp_path / "run"
+    command = [
+        torchrun, "--nproc_per_node=2", "--master_port", str(_free_port()),
+        "-m", "gatelab", "train", "moe-lm", "--ep", "2",
+        *(arg for o in _run_args(run_dir) for arg in ("--set", o)),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2
+    assert _losses(run_dir) == pytest.approx(_losses(single_run[0]), rel=1e-5)
+
+
+def test_parallelize_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        parallelize(MoE(D, F, E, K))
+    with pytest.raises(RuntimeError, match="torchrun"):
+        ExpertParallel()
+
+
+def test_ep_flag_without_torchrun_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from gatelab.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "moe-lm", "--ep", "2", "--set", f'train.run_dir="{tmp_path}"']) == 2
+    assert "torchrun --nproc_per_node=2" in capsys.readouterr().err
