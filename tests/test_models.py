@@ -402,12 +402,12 @@ def test_configs_round_trip_and_read_toml():
 
 
 def test_registry_builds_models_by_name():
-    assert MODELS.names() == ["lenet5", "lm", "mlp"]
+    assert {"lenet5", "lm", "mlp"} <= set(MODELS.names())  # other models register too
     cfg, model = build_model("lm", tiny().to_dict())
     assert isinstance(model, LM) and cfg == tiny()
     cfg, model = build_model("mlp", {"input_dim": 64})
     assert isinstance(model, MLPClassifier)
-    with pytest.raises(ValueError, match="unknown model 'gpt'; valid names are: lenet5, lm, mlp"):
+    with pytest.raises(ValueError, match="unknown model 'gpt'; valid names are: lenet5, lm, "):
         build_model("gpt")
     with pytest.raises(ConfigError, match="did you mean 'num_classes'"):
         build_model("lenet5", {"num_class": 3})

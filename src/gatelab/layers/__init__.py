@@ -14,6 +14,20 @@ from .mlp import (
     ResidualMlpBlock,
 )
 from .moe import MoE
+from .token_mixing import (
+    ActivatorBlock,
+    ActivatorGatingUnit,
+    CrossGatingBlock,
+    GMLPBlock,
+    MaximGmlpLayer,
+    MixerBlock,
+    MixerGatingUnit,
+    MultiAxisGatedMLPBlock,
+    NiNformerBlock,
+    RaftLevel,
+    SpatialGatingUnit,
+    SpatialGatingWeights,
+)
 from .wide_mlp import (
     WideMLP,
     block_gates,
@@ -25,6 +39,18 @@ from .wide_mlp import (
 )
 
 __all__ = [
+    "ActivatorBlock",
+    "ActivatorGatingUnit",
+    "CrossGatingBlock",
+    "GMLPBlock",
+    "MaximGmlpLayer",
+    "MixerBlock",
+    "MixerGatingUnit",
+    "MultiAxisGatedMLPBlock",
+    "NiNformerBlock",
+    "RaftLevel",
+    "SpatialGatingUnit",
+    "SpatialGatingWeights",
     "WideMLP",
     "block_gates",
     "mask_to_routing",

@@ -24,11 +24,13 @@ from .lm import (
     dense_equivalent,
     rope_cache,
 )
+from .mixing import MixingClassifier, MixingClassifierConfig
 
 MODELS: Registry[tuple[type[Config], type[nn.Module]]] = Registry("model")
 MODELS.register("lm")((LMConfig, LM))
 MODELS.register("mlp")((MLPConfig, MLPClassifier))
 MODELS.register("lenet5")((LeNet5Config, LeNet5))
+MODELS.register("mixing")((MixingClassifierConfig, MixingClassifier))
 
 
 def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Config, nn.Module]:
@@ -43,6 +45,8 @@ def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Conf
 
 
 __all__ = [
+    "MixingClassifier",
+    "MixingClassifierConfig",
     "LM",
     "MODELS",
     "CausalSelfAttention",
