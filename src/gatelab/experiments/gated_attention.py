@@ -65,7 +65,8 @@ def _config(s: dict, gate: str) -> LMConfig:
     )
 
 
-def _train(model: LM, batches: LMBatches, steps: int, lr: float) -> float:
+def train_lm(model: LM, batches: LMBatches, steps: int, lr: float) -> float:
+    """AdamW (weight decay 0.1 on matrices), 10% warm-up + cosine, clip 1; returns seconds."""
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
     schedule = WarmupCosine(opt, warmup_steps=max(1, steps // 10), total_steps=steps)
     model.train()
@@ -160,7 +161,7 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
             batches = LMBatches(
                 corpus, "train", seq_len=s["seq_len"], batch_size=s["batch_size"], seed=run_seed
             )
-            seconds = _train(model, batches, s["steps"], s["lr"])
+            seconds = train_lm(model, batches, s["steps"], s["lr"])
             rows.append(
                 {
                     "gate": gate,

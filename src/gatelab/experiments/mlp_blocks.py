@@ -21,6 +21,13 @@ Widths: GLU blocks hidden = 4 * dim * 2/3 (Shazeer's matched width); bottleneck 
 4 * dim; hourglass hidden = dim / 4. AdamW (lr 3e-3, weight decay 0.01), batch 64, cosine
 schedule with warm-up, the same steps for every model; test accuracy at the end (no early
 stopping), mean and standard deviation over seeds.
+
+LM part ("Hourglass FFN in Transformer LMs", arXiv 2602.06471): the byte-corpus LM (4
+layers, 4 heads, sequences of 64) with its SwiGLU FFN (width 128, hidden 512) against the
+LM whose every FFN is K = 2 stacked hourglass blocks of hidden d_model / 2, whose d_model is
+widened until the total parameter count matches (the paper spends the FFN's savings on
+d_model or attention). Same seed, batches and schedule (AdamW lr 2e-3, 300 steps); one
+seed. Validation bits per byte per domain (gatelab.train.evaluate.bits_per_byte).
 """
 
 from __future__ import annotations
@@ -35,8 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import load_digits
+from ..data.text import DOMAINS, EvalBatches, LMBatches, load_corpus
 from ..layers import BottleneckMLP, GluMlp, HourglassMLP
+from ..models import LM, LMConfig
+from ..train.evaluate import bits_per_byte
 from ..train.schedule import WarmupCosine
+from .gated_attention import train_lm
 
 NAME = "mlp-blocks"
 DESCRIPTION = "digits at matched params: plain MLP vs GLU variants vs bottleneck vs hourglass"
@@ -45,6 +56,12 @@ SETTINGS = {
     "smoke": dict(budgets=[3000], num_blocks=2, steps=20, seeds=[0]),
     "full": dict(budgets=[5000, 40000], num_blocks=4, steps=800, seeds=[0, 1, 2]),
 }
+LM_SETTINGS = {
+    "smoke": dict(dim=16, num_layers=1, num_heads=2, seq_len=16, batch_size=2, steps=2,
+                  eval_batches=1, lr=1e-3, hourglass_blocks=2),
+    "full": dict(dim=128, num_layers=4, num_heads=4, seq_len=64, batch_size=16, steps=300,
+                 eval_batches=4, lr=2e-3, hourglass_blocks=2),
+}  # fmt: skip
 INPUT, CLASSES = 64, 10
 
 
@@ -162,7 +179,77 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
                     "seconds": round(time.perf_counter() - start, 1),
                 }
             )
-    return {"table": _table(rows), "rows": rows, "settings": s}
+    lm_rows = _lm_rows(LM_SETTINGS[scale], seed)
+    table = _table(rows) + "\n\n" + _lm_table(lm_rows)
+    return {"table": table, "rows": rows, "lm_rows": lm_rows, "settings": s}
+
+
+# -- LM: hourglass FFN vs SwiGLU FFN ------------------------------------------------------
+
+
+def _lm_config(s: dict, hourglass: bool, dim: int) -> LMConfig:
+    ffn = {"ffn": "hourglass", "ffn_hidden_dim": dim // 2,
+           "ffn_kwargs": {"num_blocks": s["hourglass_blocks"]}} if hourglass else {
+           "ffn_hidden_dim": 4 * dim}  # fmt: skip
+    return LMConfig(
+        vocab_size=257, dim=dim, num_layers=s["num_layers"], num_heads=s["num_heads"],
+        max_seq_len=s["seq_len"], moe_layers="none", **ffn,
+    )  # fmt: skip
+
+
+def _hourglass_dim(s: dict) -> int:
+    """The model width (a multiple of 2 * num_heads) whose hourglass LM has the parameter
+    count closest to the SwiGLU LM's: the paper spends the FFN's savings on d_model."""
+    target = LM(_lm_config(s, False, s["dim"])).num_parameters()
+    step = 2 * s["num_heads"]
+    dims = range(step, 4 * s["dim"], step)
+    return min(dims, key=lambda d: abs(LM(_lm_config(s, True, d)).num_parameters() - target))
+
+
+def _lm_rows(s: dict, seed: int) -> list[dict]:
+    corpus = load_corpus(seed=0)
+    rows = []
+    for hourglass, dim in ((False, s["dim"]), (True, _hourglass_dim(s))):
+        torch.manual_seed(seed)
+        model = LM(_lm_config(s, hourglass, dim))
+        batches = LMBatches(
+            corpus, "train", seq_len=s["seq_len"], batch_size=s["batch_size"], seed=seed
+        )
+        seconds = train_lm(model, batches, s["steps"], s["lr"])
+        evals = (
+            batch
+            for domain in DOMAINS
+            for batch in EvalBatches(corpus, "val", seq_len=s["seq_len"],
+                                     batch_size=s["batch_size"], domain=domain,
+                                     max_batches=s["eval_batches"])
+        )  # fmt: skip
+        bpb = bits_per_byte(model, evals)
+        rows.append(
+            {
+                "ffn": "hourglass" if hourglass else "swiglu",
+                "dim": dim,
+                "ffn_hidden_dim": model.config.ffn_hidden_dim,
+                "params": model.num_parameters(),
+                "train_seconds": round(seconds, 1),
+                **{f"bpb_{d}": bpb[d]["bits_per_byte"] for d in DOMAINS},
+            }
+        )
+    return rows
+
+
+def _lm_table(rows: list[dict]) -> str:
+    lines = [
+        "| LM FFN | d_model | FFN hidden | params | "
+        + " | ".join(f"val bits/byte {d}" for d in DOMAINS)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(DOMAINS),
+    ]
+    for r in rows:
+        bpb = " | ".join(f"{r[f'bpb_{d}']:.3f}" for d in DOMAINS)
+        lines.append(
+            f"| {r['ffn']} | {r['dim']} | {r['ffn_hidden_dim']} | {r['params']:,} | {bpb} |"
+        )
+    return "\n".join(lines)
 
 
 def _table(rows: list[dict]) -> str:
