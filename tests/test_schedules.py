@@ -189,3 +189,26 @@ def test_set_step_restarts_the_noise_per_step():
     first = router(x).experts
     step_schedules(router, 2)
     assert torch.equal(router(x).experts, first)
+
+
+def test_a_recipe_names_the_gate_and_its_tau_schedule(tmp_path):
+    from gatelab.recipes import load_recipe
+    from gatelab.recipes.run import build_run
+
+    overrides = [
+        'model.router="dense_to_sparse"',
+        "model.top_k=4",
+        "model.num_experts=4",
+        'model.router_kwargs={ tau = { kind = "exponential", start = 2.0, end = 0.1, '
+        "steps = 2 }, hard_from = 3 }",
+        "model.dim=16", "model.num_layers=1", "model.num_heads=2", "model.expert_hidden_dim=16",
+        "model.max_seq_len=8", "data.seq_len=8", "data.batch_size=2", "data.eval_batches=1",
+        "train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=0",
+        f'train.run_dir="{tmp_path}"', "train.verbose=false",
+    ]  # fmt: skip
+    run = build_run(load_recipe("moe-lm", overrides))
+    router = run.model.blocks[0].ffn.router
+    assert isinstance(router, DenseToSparseRouter)
+    assert router.schedule == Exponential(2.0, 0.1, 2) and router.hard_from == 3
+    result = run.trainer().fit()
+    assert result.step == 4 and router.step == 3 and router.hard

@@ -223,3 +223,18 @@ def test_upcycle_lm_needs_a_dense_lm():
     moe_lm = upcycle_lm(dense_lm(), 2)
     with pytest.raises(ValueError, match="all dense"):
         upcycle_lm(moe_lm, 2)
+
+
+def test_evomoe_experiment_smoke(tmp_path):
+    from gatelab.experiments import get
+
+    result = get("evomoe").run("smoke", seed=0, out_dir=tmp_path)
+    rows = result["results"]
+    assert set(rows) == {"switch", "top2", "evomoe"} and "| evomoe |" in result["table"]
+    assert rows["switch"][0]["experts_per_token"] == 1.0
+    assert rows["top2"][0]["experts_per_token"] == 2.0
+    # Dense steps count 1, DTS steps up to 4, hard top-1 steps 1: strictly between.
+    assert 1.0 < rows["evomoe"][0]["experts_per_token"] < 4.0
+    for arm in rows.values():
+        assert all(v > 0 for v in arm[0]["bpb"].values())
+    assert (tmp_path / "evomoe-0" / "metrics.jsonl").exists()
