@@ -104,3 +104,12 @@ def test_zero_length_sequence_is_fine():
     for k in (3, -1):
         layer = BaseConv(4, max_seq_len=8, kernel_size=k)
         assert layer(torch.randn(2, 0, 4)).shape == (2, 0, 4)
+
+
+def test_mqar_experiment_smoke(tmp_path):
+    from gatelab import experiments
+
+    result = experiments.get("mqar").run("smoke", seed=0, out_dir=tmp_path)
+    assert len(result["rows"]) == 2 and "| 32 | 2 | 16 |" in result["table"]
+    for row in result["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0

@@ -150,6 +150,25 @@ def test_bad_group_configurations_name_the_argument():
 # -- S-KAN ----------------------------------------------------------------------------------
 
 
+def _cox_de_boor(x, num_basis, order=3):
+    """Cubic B-splines by the recursion, knots spaced 2 / (num_basis - 3) from -1 - 3h."""
+    h = 2.0 / (num_basis - order)
+    knots = torch.arange(-order, num_basis + 1, dtype=x.dtype) * h - 1
+    x = x.unsqueeze(-1)
+    b = ((x >= knots[:-1]) & (x < knots[1:])).to(x.dtype)
+    for k in range(1, order + 1):
+        b = (x - knots[: -(k + 1)]) / (k * h) * b[..., :-1] + (knots[k + 1 :] - x) / (k * h) * b[
+            ..., 1:
+        ]
+    return b
+
+
+def test_bspline_closed_form_equals_the_recursion():
+    x = torch.linspace(-1.5, 1.5, 97, dtype=torch.float64)
+    for k in (4, 6, 9):
+        assert torch.allclose(basis("bspline", x, k), _cox_de_boor(x, k), atol=1e-12)
+
+
 def test_bases_are_their_textbook_functions():
     x = torch.linspace(-1, 1, 41, dtype=torch.float64)
     spline = basis("bspline", x, 8)
@@ -226,3 +245,17 @@ def test_skan_errors():
         layer.prune()
     with pytest.raises(ValueError, match=r"expects \[\.\.\., dim=2\]"):
         layer(torch.randn(4, 3))
+
+
+def test_kan_fit_experiment_smoke(tmp_path):
+    from gatelab import experiments
+
+    result = experiments.get("kan-fit").run("smoke", seed=0, out_dir=tmp_path)
+    assert "| exp_sin |" in result["table"]
+    rows = result["rows"]
+    assert {r["model"] for r in rows} == {"s-kan", "kan", "gr-kan", "mlp"}
+    budget = next(r["params"] for r in rows if r["model"] == "kan")
+    assert next(r["params"] for r in rows if r["model"] == "s-kan") == budget
+    for r in rows:  # matched within one hidden unit's worth of parameters
+        assert abs(r["params"] - budget) <= 0.15 * budget, r
+        assert r["test_rmse"] == r["test_rmse"]  # not NaN

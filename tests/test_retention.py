@@ -166,3 +166,13 @@ def test_bad_configurations_are_named():
         layer(torch.randn(1, 4, 6, 8))
     with pytest.raises(ValueError, match=r"expects \[batch, height, width, dim=8\]"):
         layer(torch.randn(1, 6, 8))
+
+
+def test_gated_retention_experiment_smoke(tmp_path):
+    from gatelab import experiments
+
+    result = experiments.get("gated-retention").run("smoke", seed=0, out_dir=tmp_path)
+    variants = [r["variant"] for r in result["rows"]]
+    assert variants == ["ungated", "G1 output gate", "SwiGLU value", "both gates"]
+    params = [r["params"] for r in result["rows"]]
+    assert params[0] < params[1] == params[2] < params[3]
