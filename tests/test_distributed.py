@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gatelab import ExpertBank, MoE
-from gatelab.dispatch import ExpertParallel, loop_dispatch
+from gatelab.dispatch import ExpertParallel, layer_bytes, loop_dispatch
 from gatelab.parallel import GlobalRouting, parallel_state, parallelize
 from gatelab.routing import EMPTY, LOSSES, ROUTERS
 
@@ -116,7 +116,8 @@ def _check_case(case: str, sizes: list[int], rank: int, local: str) -> None:
     received = int(((experts[others] >= 0) & (experts[others] // per == rank)).sum())
     assert ep.counters["remote_rows"] == sent, where
     assert ep.counters["forward_bytes"] == (sent + received) * D * 8, where
-    assert ep.counters["backward_bytes"] == (sent + received) * D * 8, where
+    formula = layer_bytes(sent, received, D, 8)
+    assert {k: ep.counters[k] for k in formula} == formula, where
 
 
 def _check_moe_layer(rank: int) -> None:
@@ -151,6 +152,25 @@ def _check_moe_layer(rank: int) -> None:
     norm = state.clip_grad_norm_(model, params, 1e9)
     ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
     torch.testing.assert_close(norm.double(), ref_norm.double())
+
+
+def _check_bias_counts(rank: int) -> None:
+    """The aux-loss-free bias moves by the token counts of the global batch."""
+    kwargs = {"router": "sigmoid", "router_kwargs": {"bias_update_rate": 0.01}}
+    torch.manual_seed(5)
+    layer = MoE(D, F, E, K, **kwargs).double()
+    ref = MoE(D, F, E, K, **kwargs).double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2 * WORLD, 3, D, dtype=torch.float64)
+    ref(x)
+    ref.router.update_bias()
+    model = parallelize(layer, ep=WORLD, data_parallel=False)
+    state = parallel_state(model)
+    model(state.shard_batch(x))
+    state.before_optimizer_step(model)
+    layer.router.update_bias()
+    assert ref.router.expert_bias.abs().sum() > 0
+    torch.testing.assert_close(layer.router.expert_bias, ref.router.expert_bias)
 
 
 def _check_errors(rank: int) -> None:
@@ -188,16 +208,16 @@ def _check_reshard(rank: int, checkpoint: str) -> None:
 
     meta, tensors = read_checkpoint(checkpoint)
     run = build_run(load_recipe("moe-lm", SMALL))
-    model = parallelize(run.model, ep=WORLD)
+    model = run.model
+    run.model = parallelize(model, ep=WORLD)
     trainer = run.trainer()
-    trainer.model = model
-    state = parallel_state(model)
-    load_checkpoint(checkpoint, run.model, trainer.optimizer, rng=False, transform=state.reshard)
+    state = parallel_state(run.model)
+    load_checkpoint(checkpoint, model, trainer.optimizer, rng=False, transform=state.reshard)
     per = 4 // WORLD
     for name in state.expert_params:
         want = tensors[f"model/{name}"][rank * per : (rank + 1) * per]
-        torch.testing.assert_close(run.model.get_parameter(name).detach(), want, rtol=0, atol=0)
-    model_state, optim_state = state.full_state(model, trainer.optimizer)
+        torch.testing.assert_close(model.get_parameter(name).detach(), want, rtol=0, atol=0)
+    model_state, optim_state = state.full_state(run.model, trainer.optimizer)
     for name, value in model_state.items():
         torch.testing.assert_close(value, tensors[f"model/{name}"], rtol=0, atol=0)
     assert optim_state["state"], "the optimizer state was not restored"
@@ -239,6 +259,7 @@ def _worker(rank: int, port: int, checkpoint: str, run_dir: str) -> None:
                 _check_case(case, sizes, rank, local)
         _check_moe_layer(rank)
         _check_global_routing(rank)
+        _check_bias_counts(rank)
         _check_errors(rank)
         _check_reshard(rank, checkpoint)
         run_recipe("moe-lm", _run_args(Path(run_dir)), ep=WORLD)
@@ -314,6 +335,15 @@ def test_two_process_training_matches_single_process(single_run, two_processes):
     load_checkpoint(single.checkpoint, reference, rng=False)
     for (name, p), q in zip(run.model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ep_traffic_experiment_smoke(tmp_path):
+    """The docs' traffic check: each layer's byte counters equal the formula."""
+    from gatelab import experiments
+
+    result = experiments.get("ep-traffic").run("smoke", 0, tmp_path)
+    assert result["all_equal"], result["table"]
+    assert "counter = formula" in result["table"]
 
 
 @pytest.mark.slow

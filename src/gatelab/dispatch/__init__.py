@@ -8,7 +8,7 @@ interface, which passes (top_k_index, top_k_weights), can call it unchanged.
 from __future__ import annotations
 
 from ..registry import Registry
-from .expert_parallel import ExpertParallel
+from .expert_parallel import ExpertParallel, layer_bytes
 from .grouped import grouped_dispatch, grouped_linear, grouped_mm_supported
 from .loop import loop_dispatch
 
@@ -34,5 +34,6 @@ __all__ = [
     "grouped_dispatch",
     "grouped_linear",
     "grouped_mm_supported",
+    "layer_bytes",
     "loop_dispatch",
 ]

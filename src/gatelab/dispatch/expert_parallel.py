@@ -35,6 +35,7 @@ kept on the same rank are a local copy and counted apart): the numbers
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,25 @@ COUNTER_KEYS = (
     "local_bytes",  # rows a rank routes to its own experts (copied, not sent)
     "remote_rows",  # routed slots whose expert lives on another rank (forward)
     "routed_rows",  # all routed slots (forward)
+    "exchange_s",  # wall time inside the token all-to-alls (blocking on Gloo; on NCCL only
+    # the launch, the collective runs asynchronously on its stream)
 )
+
+
+def layer_bytes(sent_rows: int, received_rows: int, dim: int, element_size: int) -> dict:
+    """Bytes one rank sends to other ranks for one MoE layer, forward and backward.
+
+    ``sent_rows``: routed slots of this rank's tokens whose expert lives on another rank;
+    ``received_rows``: slots of other ranks' tokens routed to this rank's experts. Forward
+    sends the first as token rows and returns the second as expert outputs; backward
+    sends the gradients of both the other way:
+    forward = backward = (sent + received) * dim * element_size.
+    With T tokens per rank, top-k, W ranks and balanced routing, sent = received =
+    k * T * (W - 1) / W, so one training step moves 4 k T D s (W - 1) / W bytes out of each
+    rank per layer, plus the counts, 8 E (W - 1) / W bytes per forward.
+    """
+    per_pass = (sent_rows + received_rows) * dim * element_size
+    return {"forward_bytes": per_pass, "backward_bytes": per_pass}
 
 
 def _remote_elements(splits: list[int], rank: int) -> int:
@@ -104,20 +123,23 @@ class ExpertParallel:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        self.counters = dict.fromkeys(COUNTER_KEYS, 0)
+        self.reset_counters()
 
     def __repr__(self) -> str:
         return f"ExpertParallel(rank={self.rank}, size={self.size}, local={self.local_name!r})"
 
     def reset_counters(self) -> None:
         self.counters = dict.fromkeys(COUNTER_KEYS, 0)
+        self.counters["exchange_s"] = 0.0
 
     def exchange(self, x: Tensor, out_splits: list[int], in_splits: list[int], phase: str):
         """One uneven ``all_to_all_single`` of rows; counts the bytes that leave the rank."""
         row_bytes = math.prod(x.shape[1:]) * x.element_size()  # x may have no rows
         self.counters[f"{phase}_bytes"] += _remote_elements(in_splits, self.rank) * row_bytes
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        start = time.perf_counter()
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
+        self.counters["exchange_s"] += time.perf_counter() - start
         return out
 
     def local_experts(self, num_experts: int) -> tuple[int, int]:
