@@ -298,3 +298,6 @@ def test_dynamoe_experiment_smoke(tmp_path):
         assert math.isfinite(summary["loss"][0])
     # the last layer of the descending stack has K_max = 1: exactly one expert per token
     assert result["summary"]["descending"]["per_layer"][-1] == 1.0
+    lm = result["lm_runs"]
+    assert lm["ascending"]["k_max"] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["prose"]) and math.isfinite(r["code"]) for r in lm.values())

@@ -15,13 +15,21 @@ Protocol (ours; the paper's models and budgets were not available):
   see :class:`gatelab.routing.DynamicKRouter`) at percentile 0.75, so before the per-layer
   clamp a token takes (1 - 0.75) * 8 = 2 experts on average; ``k_schedule`` sets each
   layer's K_max between 1 and 4 (``gatelab.routing.K_SCHEDULES``). Switch balance loss 0.01.
-- Training: AdamW (lr 3e-3, weight decay 0.01), batch 64, the same batches and the same
-  initialisation for every schedule within a seed (the layers' K_max does not change the
-  parameter shapes).
+- Training: AdamW (lr 3e-3 decayed to 0 by a cosine, weight decay 0.01), batch 64, the
+  same batches and the same initialisation for every schedule within a seed (the layers'
+  K_max does not change the parameter shapes).
 - Reported: test accuracy and cross entropy (mean and standard deviation over seeds), the
   measured experts per token on the test set (eval mode, so the routers' running
   thresholds) overall and per MoE layer, and the paired per-seed accuracy difference of
   each schedule against uniform.
+
+A short LM run (full scale only) checks the language-modelling side (the paper: the best
+schedule depends on model size; descending for its smallest model): ``gatelab.models.LM``
+with 4 MoE layers (width 64, 4 heads, 8 SwiGLU experts of width 128, the same
+``dynamic_k`` router, K_max between 1 and 4), trained on the byte corpus (sequences of 64,
+batch 16, AdamW 2e-3 with a cosine) for uniform, descending and ascending, one seed;
+reported: validation bits per byte on prose and on code (the first 4 batches of each) and
+the experts per token.
 """
 
 from __future__ import annotations
@@ -31,17 +39,20 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_digits
-from ..models import MLPClassifier, MLPConfig
+from ..data import EvalBatches, LMBatches, load_corpus, load_digits
+from ..models import LM, LMConfig, MLPClassifier, MLPConfig
 from ..routing import K_SCHEDULES
+from ..train.evaluate import bits_per_byte
 
 NAME = "dynamoe"
 DESCRIPTION = "DynaMoE K_max schedules (uniform, descending, ...) with dynamic-k routing on digits"
 
 SCALES = {
-    "smoke": {"steps": 8, "seeds": 1, "schedules": ["uniform", "descending"]},
-    "full": {"steps": 400, "seeds": 4, "schedules": None},  # None: every schedule
+    "smoke": {"steps": 8, "seeds": 1, "schedules": ["uniform", "descending"], "lm_steps": 2},
+    # schedules None: every schedule
+    "full": {"steps": 400, "seeds": 6, "schedules": None, "lm_steps": 300},
 }
+LM_SCHEDULES = ["uniform", "descending", "ascending"]
 SCHEDULE_ORDER = ["uniform", "descending", "ascending", "pyramid", "valley", "wave"]
 
 
@@ -68,6 +79,7 @@ def train_one(schedule: str, seed: int, steps: int, data) -> dict:
     torch.manual_seed(seed)
     model = MLPClassifier(model_config(schedule))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     x_train = data["train"].images.flatten(1)
     y_train = data["train"].labels
     gen = torch.Generator().manual_seed(seed)
@@ -78,6 +90,7 @@ def train_one(schedule: str, seed: int, steps: int, data) -> dict:
         opt.zero_grad(set_to_none=True)
         out.total_loss.backward()
         opt.step()
+        decay.step()
     model.eval()
     with torch.no_grad():
         out = model(data["test"].images.flatten(1), data["test"].labels)
@@ -92,6 +105,64 @@ def train_one(schedule: str, seed: int, steps: int, data) -> dict:
         "experts_per_token": per_layer,
         "k_max": [moe.top_k for moe in model.moe_layers().values()],
     }
+
+
+def lm_config(schedule: str) -> LMConfig:
+    return LMConfig(
+        vocab_size=257,
+        dim=64,
+        num_layers=4,
+        num_heads=4,
+        max_seq_len=64,
+        num_experts=8,
+        top_k=4,
+        expert_hidden_dim=128,
+        router="dynamic_k",
+        router_kwargs={"percentile": 0.75},
+        k_schedule=schedule,
+    )
+
+
+def train_lm(schedule: str, seed: int, steps: int, corpus) -> dict:
+    """Train the small LM; return validation bits per byte by domain and experts per token."""
+    torch.manual_seed(seed)
+    model = LM(lm_config(schedule))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    batches = LMBatches(corpus, "train", seq_len=64, batch_size=16, seed=seed)
+    model.train()
+    for _ in range(steps):
+        batch = next(batches)
+        out = model(batch.inputs, batch.targets)
+        opt.zero_grad(set_to_none=True)
+        out.total_loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay.step()
+    result = {"k_max": [moe.top_k for moe in model.moe_layers().values()]}
+    for domain in ("prose", "code"):
+        evals = EvalBatches(corpus, "val", seq_len=64, batch_size=16, domain=domain, max_batches=4)
+        with torch.no_grad():
+            result[domain] = bits_per_byte(model, evals)[domain]["bits_per_byte"]
+        result[f"{domain}_experts_per_token"] = statistics.fmean(
+            float(moe.last_routing.valid.sum(dim=1).float().mean())
+            for moe in model.moe_layers().values()
+        )
+    return result
+
+
+def _lm_table(runs: dict) -> str:
+    rows = [
+        "| LM schedule | K_max per layer | val bits/byte prose | val bits/byte code "
+        "| experts/token (prose, code) |",
+        "|---|---|---|---|---|",
+    ]
+    for s, r in runs.items():
+        rows.append(
+            f"| {s} | {r['k_max']} | {r['prose']:.4f} | {r['code']:.4f} | "
+            f"{r['prose_experts_per_token']:.2f}, {r['code_experts_per_token']:.2f} |"
+        )
+    return "\n".join(rows)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -138,10 +209,18 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
             f"{', '.join(f'{v:.2f}' for v in layers)} | "
             f"{diff[0]:+.4f} ± {diff[1]:.4f} ({summary[s]['wins_vs_uniform']}/{len(seeds)} wins) |"
         )
+    table = "\n".join(rows)
+    lm_runs = {}
+    if cfg["lm_steps"]:
+        corpus = load_corpus(seed=seed)
+        lm_runs = {s: train_lm(s, seed, cfg["lm_steps"], corpus) for s in LM_SCHEDULES}
+        table += "\n\n" + _lm_table(lm_runs)
     return {
-        "table": "\n".join(rows),
+        "table": table,
         "seeds": seeds,
         "steps": cfg["steps"],
         "summary": summary,
         "runs": runs,
+        "lm_steps": cfg["lm_steps"],
+        "lm_runs": lm_runs,
     }
