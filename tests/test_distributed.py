@@ -324,6 +324,10 @@ def test_two_process_training_matches_single_process(single_run, two_processes):
     for key in ("loss", "aux", "grad_norm", "tokens"):
         assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-5), key
 
+    evals = [read_jsonl(d / "metrics.jsonl")[-1] for d in (two_processes, single_dir)]
+    assert evals[0]["kind"] == evals[1]["kind"] == "eval"
+    assert evals[0] == pytest.approx(evals[1], rel=1e-5)
+
     routing = read_jsonl(two_processes / "routing.jsonl")
     for a, b in zip(routing, read_jsonl(single_dir / "routing.jsonl"), strict=True):
         for name, stats in a["layers"].items():

@@ -165,6 +165,13 @@ class ParallelState:
         self.ep_rank = self.rank % ep
         # Every rank creates every group, in the same order (new_group is collective).
         self.world_group = dist.new_group(list(range(self.world)))
+        # Python numbers (logged losses, stop flags, telemetry) travel as CPU tensors, so
+        # over Gloo even when the default backend (NCCL) takes only device tensors.
+        self.cpu_group = (
+            self.world_group
+            if dist.get_backend() == "gloo"
+            else dist.new_group(list(range(self.world)), backend="gloo")
+        )
         self.ep_group = self.edp_group = None
         for start in range(0, self.world, ep):
             group = dist.new_group(list(range(start, start + ep)))
@@ -227,8 +234,9 @@ class ParallelState:
         grads = [p.grad for p in params if p.grad is not None and id(p) not in experts]
         shard = [p.grad for p in params if p.grad is not None and id(p) in experts]
         squares = []
+        device = params[0].device if params else torch.device("cpu")
         for group in (grads, shard):
-            norm = torch.nn.utils.get_total_norm(group) if group else torch.zeros(())
+            norm = torch.nn.utils.get_total_norm(group) if group else torch.zeros((), device=device)
             squares.append(norm.double().square())
         if self.ep > 1:
             dist.all_reduce(squares[1], group=self.ep_group)
@@ -248,17 +256,17 @@ class ParallelState:
     def mean(self, values: list[float]) -> list[float]:
         """The mean of each value over all ranks (for logged losses)."""
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, group=self.world_group)
+        dist.all_reduce(t, group=self.cpu_group)
         return (t / self.world).tolist()
 
     def agree(self, code: int) -> int:
         """The largest ``code`` over all ranks, so every rank stops at the same step."""
         t = torch.tensor([code], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.world_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return int(t)
 
     def barrier(self) -> None:
-        dist.barrier(group=self.world_group)
+        dist.barrier(group=self.cpu_group)
 
     def reduce_monitor(self, monitor) -> None:
         """Sum a RoutingMonitor's additive counts over all ranks (every rank records the
@@ -271,7 +279,7 @@ class ParallelState:
             flat = torch.tensor(
                 [*layer["tokens_per_expert"], *(layer[k] for k in _ADDITIVE)], dtype=torch.float64
             )
-            dist.all_reduce(flat, group=self.world_group)
+            dist.all_reduce(flat, group=self.cpu_group)
             num_experts = len(layer["tokens_per_expert"])
             layer["tokens_per_expert"] = [round(v) for v in flat[:num_experts].tolist()]
             for key, value in zip(_ADDITIVE, flat[num_experts:].tolist(), strict=True):

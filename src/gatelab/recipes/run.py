@@ -184,6 +184,8 @@ def run_recipe(
         torch.manual_seed(int(_table(recipe, "train").get("seed", 0)))
         run = build_run(recipe)
         if distributed:
+            if dist.get_backend() == "nccl":  # NCCL moves device tensors: one GPU per rank
+                run.model.to(torch.device("cuda", torch.cuda.current_device()))
             try:
                 run.model = parallelize(run.model, ep=ep or 1)
             except ValueError as error:
