@@ -134,6 +134,14 @@ def test_grkan_mlp_at_init_is_the_gelu_mlp():
     assert (mlp(x) - ref)[inside].abs().max() < 3e-3 * 32 * mlp.fc2.weight.abs().max()
 
 
+def test_registered_block_picks_groups_that_divide_both_widths():
+    from gatelab.layers import MLPS
+
+    mlp = MLPS.get("grkan")(dim=12, hidden_dim=20)
+    assert mlp.act1.num_groups == mlp.act2.num_groups == 4
+    assert GRKANMLP(16, 64, num_groups=None).act1.num_groups == 8
+
+
 def test_bad_group_configurations_name_the_argument():
     with pytest.raises(ValueError, match=r"dim=10 must be a positive multiple of num_groups=4"):
         GroupRational(10, num_groups=4)

@@ -1,6 +1,8 @@
 """nn.Modules users put in models."""
 
 from .attention import ATTN_GATES, GatedAttention, apply_rope, rope_cache
+from .conv import BaseConv, LongConv, ShortConv
+from .kan import GRKANMLP, SKAN, GroupRational, SKANLayer
 from .mlp import (
     GLU_VARIANTS,
     MLPS,
@@ -14,6 +16,7 @@ from .mlp import (
     ResidualMlpBlock,
 )
 from .moe import MoE
+from .retention import GatedRetention
 from .token_mixing import (
     ActivatorBlock,
     ActivatorGatingUnit,
@@ -39,6 +42,14 @@ from .wide_mlp import (
 )
 
 __all__ = [
+    "BaseConv",
+    "GRKANMLP",
+    "GatedRetention",
+    "GroupRational",
+    "LongConv",
+    "SKAN",
+    "SKANLayer",
+    "ShortConv",
     "ActivatorBlock",
     "ActivatorGatingUnit",
     "CrossGatingBlock",

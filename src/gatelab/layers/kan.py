@@ -12,12 +12,15 @@ The rational coefficients below are the deterministic least-squares fits of
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .mlp import MLPS
 
 NUM_ORDER, DEN_ORDER = 5, 4
 
@@ -191,20 +194,24 @@ class GRKANMLP(nn.Module):
     input keeps unit variance through fc1 and fc2. For fc1 (F = identity) this is Kaiming
     normal with gain 1; for fc2 it is KAT's gain 1 / E[F^2], here computed by quadrature
     from the stored coefficients (:func:`second_moment`) rather than sampled. Biases start
-    at 0. KAT's "mimetic" attention initialisation is not part of the MLP.
+    at 0. KAT's "mimetic" attention initialisation is not part of the MLP. Registered in
+    ``gatelab.layers.MLPS`` as "grkan" with ``num_groups=None``: the largest count up to
+    KAT's 8 that divides dim and hidden_dim.
     """
 
     def __init__(
         self,
         dim: int,
         hidden_dim: int | None = None,
-        num_groups: int = 8,
+        num_groups: int | None = 8,
         act: str = "gelu",
         bias: bool = True,
         dropout: float = 0.0,
     ):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
+        if num_groups is None:  # the most groups, up to KAT's 8, that divide both widths
+            num_groups = next(g for g in range(8, 0, -1) if dim % g == 0 and hidden_dim % g == 0)
         if act not in ("gelu", "silu"):
             raise ValueError(f"act must be 'gelu' or 'silu', got {act!r}")
         _check_groups(dim, num_groups, "dim")
@@ -228,6 +235,9 @@ class GRKANMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1(self.drop(self.act1(x)))
         return self.fc2(self.drop(self.act2(x)))
+
+
+MLPS.register("grkan")(functools.partial(GRKANMLP, num_groups=None))
 
 
 def _check_groups(width: int, num_groups: int, name: str) -> None:
