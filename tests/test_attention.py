@@ -240,3 +240,17 @@ def test_lm_attention_config_errors():
         small_lm(num_kv_heads=3)
     with pytest.raises(ConfigError, match="attn_gate"):
         small_lm(attn_gate="sparse")
+
+
+def test_gated_attention_experiment_puts_bos_first():
+    from gatelab.data import EOS
+    from gatelab.data.text import LMBatch
+    from gatelab.experiments.gated_attention import with_bos
+
+    x = torch.arange(10).view(2, 5)
+    batch = with_bos(LMBatch(x, x + 1, torch.zeros_like(x)))
+    assert torch.equal(batch.inputs[:, 0], torch.full((2,), EOS))
+    assert torch.equal(batch.inputs[:, 1:], x[:, :-1])
+    # every target is still the byte after its input
+    assert torch.equal(batch.targets[:, 1:], batch.inputs[:, 1:] + 1)
+    assert torch.equal(batch.targets[:, 0], x[:, 0])

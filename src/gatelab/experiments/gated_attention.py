@@ -21,6 +21,12 @@ Measured on validation windows (the first ``eval_batches`` batches of each domai
   not a BOS token; a sink there is the positional sink of StreamingLLM;
 - ``max_activation``: max |h| over the residual stream (every block's output);
 - ``gate_mean``: the mean gate score sigmoid(x W_theta) (the paper: about 0.12, sparse).
+
+Every training and validation window starts with a BOS token (the corpus's end-of-document
+id, 257th symbol) followed by the window's first S - 1 bytes, as LLM training sequences
+start with one; the sink the paper measures is attention on that first token. The table
+also gives the share a uniform causal attention would put on position 0 (the mean of
+1 / (q + 1) over queries q = 1..S-1), the level below which there is no sink.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.text import DOMAINS, IGNORE_INDEX, EvalBatches, LMBatches, load_corpus
+from ..data.text import DOMAINS, EOS, IGNORE_INDEX, EvalBatches, LMBatch, LMBatches, load_corpus
 from ..layers import GatedAttention
 from ..models import LM, LMConfig
 from ..models.lm import CausalSelfAttention, apply_rope
@@ -65,7 +71,31 @@ def _config(s: dict, gate: str) -> LMConfig:
     )
 
 
-def train_lm(model: LM, batches: LMBatches, steps: int, lr: float) -> float:
+def with_bos(batch: LMBatch) -> LMBatch:
+    """The window shifted right by one behind a BOS token (EOS id): inputs [BOS, x0..x_{S-2}],
+    targets [x0..x_{S-1}]; the same length, so every model sees BOS at position 0."""
+    bos = torch.full_like(batch.inputs[:, :1], EOS)
+    return LMBatch(
+        torch.cat([bos, batch.inputs[:, :-1]], dim=1),
+        torch.cat([batch.inputs[:, :1], batch.targets[:, :-1]], dim=1),
+        torch.cat([batch.domains[:, :1], batch.domains[:, :-1]], dim=1),
+    )
+
+
+class BosBatches:
+    """LMBatches with :func:`with_bos` applied to every batch."""
+
+    def __init__(self, batches: LMBatches):
+        self.batches = batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> LMBatch:
+        return with_bos(next(self.batches))
+
+
+def train_lm(model: LM, batches, steps: int, lr: float) -> float:
     """AdamW (weight decay 0.1 on matrices), 10% warm-up + cosine, clip 1; returns seconds."""
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
     schedule = WarmupCosine(opt, warmup_steps=max(1, steps // 10), total_steps=steps)
@@ -123,7 +153,7 @@ class _Probe:
         return {
             "first_token_share": sum(self.sink) / len(self.sink),
             "max_activation": self.max_act,
-            "gate_mean": sum(self.gates) / len(self.gates) if self.gates else float("nan"),
+            "gate_mean": sum(self.gates) / len(self.gates) if self.gates else None,
         }
 
 
@@ -137,6 +167,7 @@ def _evaluate(model: LM, corpus, s: dict) -> dict[str, float]:
             corpus, "val", seq_len=s["seq_len"], batch_size=s["batch_size"],
             domain=domain, max_batches=s["eval_batches"],
         ):  # fmt: skip
+            batch = with_bos(batch)
             logits = model(batch.inputs).logits
             nats += float(
                 F.cross_entropy(
@@ -158,9 +189,12 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
         for gate in GATES:
             torch.manual_seed(run_seed)
             model = LM(_config(s, gate))
-            batches = LMBatches(
-                corpus, "train", seq_len=s["seq_len"], batch_size=s["batch_size"], seed=run_seed
-            )
+            batches = BosBatches(
+                LMBatches(
+                    corpus, "train", seq_len=s["seq_len"], batch_size=s["batch_size"],
+                    seed=run_seed,
+                )
+            )  # fmt: skip
             seconds = train_lm(model, batches, s["steps"], s["lr"])
             rows.append(
                 {
@@ -171,17 +205,18 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
                     **_evaluate(model, corpus, s),
                 }
             )
-    return {"table": _table(rows), "rows": rows, "settings": s}
+    uniform = sum(1 / (q + 1) for q in range(1, s["seq_len"])) / (s["seq_len"] - 1)
+    return {"table": _table(rows, uniform), "rows": rows, "uniform_share": uniform, "settings": s}
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], uniform: float) -> str:
     lines = [
-        "| attention | seed | params | val loss (nats/byte) | first-token share | "
-        "max abs activation | mean gate |",
+        "| attention | seed | params | val loss (nats/byte) | first-token share "
+        f"(uniform: {uniform:.3f}) | max abs activation | mean gate |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        gate = "" if math.isnan(r["gate_mean"]) else f"{r['gate_mean']:.3f}"
+        gate = "" if r["gate_mean"] is None else f"{r['gate_mean']:.3f}"
         lines.append(
             f"| {r['gate']} | {r['seed']} | {r['params']:,} | {r['val_loss']:.4f} | "
             f"{r['first_token_share']:.3f} | {r['max_activation']:.1f} | {gate} |"
