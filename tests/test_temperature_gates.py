@@ -20,6 +20,8 @@ from gatelab.routing import (
     ActivationTemperatureRouter,
     TemperatureRouter,
     activation_scores,
+    attach_schedule,
+    step_schedules,
     temperature_scores,
     z_loss,
 )
@@ -137,6 +139,18 @@ def test_fixed_temperature_is_a_buffer():
     assert "log_temperature" not in dict(router.named_parameters())
     assert "log_temperature" in dict(router.named_buffers())
     assert router.temperature.item() == pytest.approx(0.25)
+
+
+def test_a_schedule_can_anneal_a_fixed_temperature():
+    router = TemperatureRouter(4, 4, top_k=1, learn_temperature=False)
+    attach_schedule(
+        router, "temperature", {"kind": "linear", "start": 2.0, "end": 0.5, "steps": 10}
+    )
+    assert router.temperature.item() == pytest.approx(2.0)
+    step_schedules(router, 10)
+    assert router.temperature.item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        router.temperature = 0.0
 
 
 @pytest.mark.parametrize("cls", [TemperatureRouter, ActivationTemperatureRouter])

@@ -112,6 +112,14 @@ class TemperatureRouter(Router):
         """tau as a 0-d tensor (differentiable when learned)."""
         return self.log_temperature.exp()
 
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        """Set tau in place, so ``routing.attach_schedule(router, "temperature", ...)`` can
+        anneal a fixed (``learn_temperature=False``) temperature."""
+        _check_temperature(float(value))
+        with torch.no_grad():
+            self.log_temperature.fill_(math.log(float(value)))
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={float(self.temperature):.4g}"
 
