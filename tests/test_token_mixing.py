@@ -16,6 +16,7 @@ from gatelab.layers.token_mixing import (
     NiNformerBlock,
     RaftLevel,
     SpatialGatingUnit,
+    SpatialGatingWeights,
     block_images,
     unblock_images,
 )
@@ -125,6 +126,11 @@ CASES = {
         MaximGmlpLayer(D, 2, "grid"),
         torch.randn(2, 4, 8, D),
         maxim_layer(D, 4),
+    ),
+    "gating_weights": lambda: (
+        SpatialGatingWeights(D, block_size=2, grid_size=4),
+        torch.randn(2, 8, 12, D),
+        gating_weights(D, 4, 16),
     ),
     "mab": lambda: (
         MultiAxisGatedMLPBlock(D, block_size=2, grid_size=4),

@@ -305,7 +305,8 @@ class RaftLevel(nn.Module):
     """One RaftMLP block: vertical-channel, horizontal-channel, then channel mixing.
 
     "RaftMLP: How Much Can Be Done Without Attention and with Less Spatial Locality?"
-    (Tatsunami, Taki; arXiv 2108.04384), following ``okojoalg/raft-mlp``
+    (Tatsunami, Taki; arXiv 2108.04384, id recalled, not in the shared notes),
+    following ``okojoalg/raft-mlp``
     (``SerialPermutedLevel``). Tokens [B, height * width, dim] in row-major order, dim =
     raft_size * c'. The channels split as (r c'), r outer, as the reference's rearrange
     ``b (h w) (r c') -> b (c' w) (r h)`` does. The vertical mixer is
@@ -386,7 +387,8 @@ class MixerGatingUnit(nn.Module):
     """NiNformer's MLP-Mixer gating unit: MGU(z) = Linear_{dim -> dim}(z) * Mixer(z).
 
     "NiNformer: A Network in Network Transformer with Token Mixing Generated Gating
-    Function" (Abdullah, Aydin; arXiv 2403.02411), following ``Abdullah-88/NiNformer``
+    Function" (Abdullah, Aydin; arXiv 2403.02411, id recalled, not in the shared notes),
+    following ``Abdullah-88/NiNformer``
     (``MixerGatingUnit``): a whole :class:`MixerBlock` produces an input-dependent,
     elementwise gate on a linear projection of the same tokens.
     """
@@ -413,7 +415,8 @@ class NiNformerBlock(nn.Module):
     """NiNformer block: x1 = x + MGU(LN(x)); out = x1 + FFN(LN(x1)).
 
     "NiNformer: A Network in Network Transformer with Token Mixing Generated Gating
-    Function" (Abdullah, Aydin; arXiv 2403.02411), following ``Abdullah-88/NiNformer``
+    Function" (Abdullah, Aydin; arXiv 2403.02411, id recalled, not in the shared notes),
+    following ``Abdullah-88/NiNformer``
     (``NiNBlock``): the attention sublayer of a transformer block is replaced by
     :class:`MixerGatingUnit`. As in the reference code one LayerNorm module (one set of
     affine parameters) serves both sublayers. FFN: dim -> hidden_dim -> dim, with dropout;
@@ -453,8 +456,9 @@ class NiNformerBlock(nn.Module):
 class ActivatorGatingUnit(nn.Module):
     """Activator's gating unit: W3 (LN_h(act(W1 z)) * LN_h(W2 z)), per token.
 
-    "Activator: GLU Activation Function as the Core Component of a Vision Transformer"
-    (Abdullah, Aydin; arXiv 2405.15953), following ``Abdullah-88/Activator``
+    "Activator: GLU Activations as The Core Functions of a Vision Transformer"
+    (Abdullah, Aydin; arXiv 2405.15953, id recalled, not in the shared notes),
+    following ``Abdullah-88/Activator``
     (``ActivatorGatingUnit``): W1, W2: dim -> hidden_dim, W3: hidden_dim -> dim, and one
     LayerNorm module over hidden_dim normalises both branches (as in the code). Nothing
     here mixes tokens: like the reference, the unit works on any number of tokens
@@ -488,8 +492,9 @@ class ActivatorGatingUnit(nn.Module):
 class ActivatorBlock(nn.Module):
     """Activator block: x1 = x + AGU(LN(x)); out = x1 + FFN(LN(x1)) (or x1 with ``ffn=False``).
 
-    "Activator: GLU Activation Function as the Core Component of a Vision Transformer"
-    (Abdullah, Aydin; arXiv 2405.15953), following ``Abdullah-88/Activator``
+    "Activator: GLU Activations as The Core Functions of a Vision Transformer"
+    (Abdullah, Aydin; arXiv 2405.15953, id recalled, not in the shared notes),
+    following ``Abdullah-88/Activator``
     (``ActivatorBlock``; ``ffn=False`` is ``activator_only_GEGLU.py``). The attention
     sublayer is replaced by :class:`ActivatorGatingUnit`; one LayerNorm module serves both
     sublayers, as in the code. Caveat kept from the reference: the block never mixes
@@ -676,15 +681,19 @@ class SpatialGatingWeights(nn.Module):
     def __init__(
         self,
         dim: int,
-        block_size: tuple[int, int],
-        grid_size: tuple[int, int],
+        block_size: int | tuple[int, int] = 8,
+        grid_size: int | tuple[int, int] = 8,
         *,
         act: str = "gelu",
         bias: bool = True,
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.dim, self.block_size, self.grid_size = dim, block_size, grid_size
+        _check_positive("SpatialGatingWeights", dim=dim)
+        _check_dropout("SpatialGatingWeights", dropout)
+        self.dim = dim
+        self.block_size = block_size = _pair(block_size, "block_size", "SpatialGatingWeights")
+        self.grid_size = grid_size = _pair(grid_size, "grid_size", "SpatialGatingWeights")
         self.norm = nn.LayerNorm(dim)
         self.proj_in = nn.Linear(dim, 2 * dim, bias=bias)
         self.act_fn = activation(act)
@@ -698,6 +707,8 @@ class SpatialGatingWeights(nn.Module):
         return unblock_images(proj(blocked, axis), grid, patch)
 
     def forward(self, x: Tensor) -> Tensor:
+        multiple = _lcm2(self.block_size, self.grid_size)
+        _check_image(x, self.dim, multiple, "SpatialGatingWeights")
         u, v = self.act_fn(self.proj_in(self.norm(x))).chunk(2, dim=-1)
         u = self._mix(u, self.grid_proj, self.grid_size, "grid")
         v = self._mix(v, self.block_proj, self.block_size, "block")
