@@ -142,9 +142,9 @@ class GatedRetention(nn.Module):
         s, w = self.shift, self.window_size
         if s:
             q, k, v = (torch.roll(t, (-s, -s), dims=(1, 2)) for t in (q, k, v))
-        q, k, v = (self._windows(t) for t in (q, k, v))  # [N, heads, w, w, d_h]
-        regions = self._windows(shift_regions(height, width, w, s).to(q.device)[None, ..., None])
-        regions = regions[:, 0, ..., 0]  # [nW, w, w], one label grid per window
+        q, k, v = (self._windows(t, self.num_heads) for t in (q, k, v))  # [N, heads, w, w, d_h]
+        labels = shift_regions(height, width, w, s).to(q.device)[None, ..., None]
+        regions = self._windows(labels, 1)[:, 0, ..., 0]  # [nW, w, w]: labels per window
         q = q * (1.0 / math.sqrt(self.head_dim))
         nw = regions.shape[0]
         # width pass: rows are independent; the last axis of a window is x
@@ -168,10 +168,10 @@ class GatedRetention(nn.Module):
             scores = scores.masked_fill(mask, float("-inf"))
         return torch.softmax(scores, dim=-1) @ v
 
-    def _windows(self, t: Tensor) -> Tensor:
+    def _windows(self, t: Tensor, heads: int) -> Tensor:
         """[B, H, W, C] -> [B * nWh * nWw, heads, w, w, C / heads] (windows batch-major)."""
         b, height, width, c = t.shape
-        w, heads = self.window_size, self.num_heads if c == self.dim else 1
+        w = self.window_size
         t = t.reshape(b, height // w, w, width // w, w, heads, c // heads)
         return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, heads, w, w, c // heads)
 
