@@ -28,16 +28,25 @@ from gatelab.routing import EMPTY, LOSSES, ROUTERS
 WORLD = 2
 
 
+def _fork(worker, args: tuple, nprocs: int) -> None:
+    """Start the workers by fork (no re-import: seconds saved per process), after importing
+    here what torch imports lazily on first use (backward, assert_close, DDP)."""
+    import torch.distributed.tensor  # noqa: F401
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
+
+    mp.start_processes(worker, args=args, nprocs=nprocs, join=True, start_method="fork")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, port: int, world: int = WORLD) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
 
 
@@ -120,18 +129,19 @@ def _check_case(case: str, sizes: list[int], rank: int, local: str) -> None:
     assert {k: ep.counters[k] for k in formula} == formula, where
 
 
-def _check_moe_layer(rank: int) -> None:
+def _check_moe_layer(rank: int, ep: int = WORLD) -> None:
     """A whole MoE layer (router, aux losses on the global batch, shared expert) under
     parallelize equals the single-process layer on the full batch, for the mean loss."""
+    world = dist.get_world_size()
     torch.manual_seed(3)
     layer = MoE(D, F, E, K, shared_experts=4, loss_weights={"balance": 0.1, "z": 0.01}).double()
-    x = torch.randn(2 * WORLD, 3, D, dtype=torch.float64)
+    x = torch.randn(2 * world, 3, D, dtype=torch.float64)
     ref = MoE(D, F, E, K, shared_experts=4, loss_weights={"balance": 0.1, "z": 0.01}).double()
     ref.load_state_dict(layer.state_dict())
     ref_out = ref(x)
     (ref_out.square().mean() + ref.aux_loss).backward()
 
-    model = parallelize(layer, ep=WORLD)
+    model = parallelize(layer, ep=ep)
     state = parallel_state(model)
     mine = state.shard_batch(x)
     out = model(mine)
@@ -140,12 +150,12 @@ def _check_moe_layer(rank: int) -> None:
     rows = slice(rank * 2, rank * 2 + 2)
     torch.testing.assert_close(out, ref_out[rows].detach())
     torch.testing.assert_close(layer.aux_loss.detach(), ref.aux_loss.detach())
-    per = E // WORLD
+    per, ep_rank = E // ep, rank % ep
     ref_params = dict(ref.named_parameters())
     for name, p in layer.named_parameters():
         want = ref_params[name].grad
         if name in state.expert_params:
-            want = want[rank * per : (rank + 1) * per]
+            want = want[ep_rank * per : (ep_rank + 1) * per]
         torch.testing.assert_close(p.grad, want, msg=f"grad {name}, rank {rank}")
     # Gradient norm over all shards equals the single-process norm.
     params = list(layer.parameters())
@@ -293,7 +303,7 @@ def two_processes(single_run, tmp_path_factory):
     seconds); returns the run directory of their training run."""
     run_dir = tmp_path_factory.mktemp("ep2") / "run"
     args = (_free_port(), str(single_run[1].checkpoint), str(run_dir))
-    mp.start_processes(_worker, args=args, nprocs=WORLD, join=True, start_method="fork")
+    _fork(_worker, args, WORLD)
     return run_dir
 
 
@@ -339,6 +349,26 @@ def test_two_process_training_matches_single_process(single_run, two_processes):
     load_checkpoint(single.checkpoint, reference, rng=False)
     for (name, p), q in zip(run.model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _four_worker(rank: int, port: int) -> None:
+    """4 ranks: EP groups {0,1}, {2,3} with expert-data-parallel groups {0,2}, {1,3}; and
+    EP over all 4 ranks (one expert each)."""
+    _init(rank, port, world=4)
+    try:
+        _check_moe_layer(rank, ep=2)
+        _check_moe_layer(rank, ep=4)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_data_parallel_groups_with_four_processes():
+    """W=4, ep=2: expert gradients summed over the ranks holding the same shard; W=4,
+    ep=4; each against the single-process layer (float64)."""
+    _fork(_four_worker, (_free_port(),), 4)
 
 
 def test_ep_traffic_experiment_smoke(tmp_path):
