@@ -238,3 +238,31 @@ def test_evomoe_experiment_smoke(tmp_path):
     for arm in rows.values():
         assert all(v > 0 for v in arm[0]["bpb"].values())
     assert (tmp_path / "evomoe-0" / "metrics.jsonl").exists()
+
+
+def test_optimizer_state_carries_over():
+    from gatelab.adapt import upcycle_optimizer_state
+
+    lm = dense_lm()
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+    ids = torch.randint(0, 40, (2, 10))
+    for _ in range(2):
+        opt.zero_grad()
+        lm(ids, ids).loss.backward()
+        opt.step()
+    moe_lm = upcycle_lm(lm, 3, top_k=2)
+    moe_opt = torch.optim.AdamW(moe_lm.parameters(), lr=1e-3)
+    carried = upcycle_optimizer_state(lm, opt, moe_lm, moe_opt)
+    assert carried == len(list(lm.parameters()))  # every dense tensor has a home
+    attn = moe_opt.state[moe_lm.blocks[0].attn.qkv.weight]
+    torch.testing.assert_close(attn["exp_avg"], opt.state[lm.blocks[0].attn.qkv.weight]["exp_avg"])
+    bank = moe_opt.state[moe_lm.blocks[1].ffn.experts.down_proj]
+    dense = opt.state[lm.blocks[1].ffn.down_proj.weight]
+    assert bank["exp_avg_sq"].shape == (3, 16, 24) and int(bank["step"]) == 2
+    for e in range(3):
+        torch.testing.assert_close(bank["exp_avg_sq"][e], dense["exp_avg_sq"])
+    assert moe_lm.blocks[0].ffn.router.weight not in moe_opt.state
+    moe_opt.zero_grad()
+    moe_lm(ids, ids).total_loss.backward()
+    moe_opt.step()  # the carried state is usable
+    assert int(moe_opt.state[moe_lm.blocks[0].ffn.router.weight]["step"]) == 1

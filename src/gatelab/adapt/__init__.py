@@ -9,6 +9,7 @@ from .upcycle import (
     init_router,
     upcycle_ffn,
     upcycle_lm,
+    upcycle_optimizer_state,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "init_router",
     "upcycle_ffn",
     "upcycle_lm",
+    "upcycle_optimizer_state",
 ]

@@ -278,6 +278,49 @@ def upcycle_lm(
     return new
 
 
+@torch.no_grad()
+def upcycle_optimizer_state(
+    dense_lm: LM,
+    dense_optimizer: torch.optim.Optimizer,
+    moe_lm: LM,
+    moe_optimizer: torch.optim.Optimizer,
+) -> int:
+    """Carry a dense LM's per-parameter optimizer state (AdamW moments, step) into its
+    upcycled MoE LM, so training continues instead of restarting its moments.
+
+    Parameters with the same name and shape (embedding, attention, norms) get a copy of
+    their state; each expert bank gets its layer's dense FFN state, repeated for every
+    expert as :func:`upcycle_lm` repeats the weights (``ffn.gate_up_proj.weight`` ->
+    ``ffn.experts.gate_up_proj``, ``ffn.down_proj.weight`` -> ``ffn.experts.down_proj``).
+    Routers have no dense counterpart and start with no state. Call it before the first
+    step of ``moe_optimizer``. Returns the number of parameters that received state.
+    """
+    dense = dict(dense_lm.named_parameters())
+    carried = 0
+    for name, param in moe_lm.named_parameters():
+        source = dense.get(_dense_name(name))
+        state = dense_optimizer.state.get(source) if source is not None else None
+        if not state or (param.shape != source.shape and param.shape[1:] != source.shape):
+            continue
+        moved = {}
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.shape == source.shape and value.dim():
+                value = value.expand(param.shape) if value.shape != param.shape else value
+            moved[key] = value.clone() if isinstance(value, Tensor) else value
+        moe_optimizer.state[param] = moved
+        carried += 1
+    return carried
+
+
+def _dense_name(moe_name: str) -> str:
+    """The dense LM's parameter that an upcycled LM's parameter was copied from."""
+    for bank, dense in (("experts.gate_up_proj", "gate_up_proj.weight"),
+                        ("experts.down_proj", "down_proj.weight")):  # fmt: skip
+        if moe_name.endswith(".ffn." + bank):
+            return moe_name[: -len(bank)] + dense
+    return moe_name
+
+
 __all__ = [
     "ACTIVATIONS",
     "DenseFFN",
@@ -288,4 +331,5 @@ __all__ = [
     "init_router",
     "upcycle_ffn",
     "upcycle_lm",
+    "upcycle_optimizer_state",
 ]

@@ -24,8 +24,9 @@ Protocol (ours; the paper's scale is far out of reach on 2 CPU cores):
   :func:`gatelab.adapt.diversify_experts` (each expert keeps half its hidden units,
   rescaled), then the ``dense_to_sparse`` gate: tau linear 2.0 -> 0.5 (the released WMT
   script's values) over ``decay_steps``, hard top-1 from ``hard_from``, threshold 0.001,
-  combine weights softmax(logits). The learning-rate schedule continues across the switch;
-  AdamW's moments restart (the parameters are new tensors).
+  combine weights softmax(logits). The learning-rate schedule continues across the switch,
+  and so do AdamW's moments (:func:`gatelab.adapt.upcycle_optimizer_state`: each expert
+  starts from its dense FFN's moments; the new routers start with none).
 - Reported: bits per byte on validation per domain (every model evaluated in eval mode:
   the DTS gate routes top-1, like Switch), mean training loss over the last 50 steps,
   mean routed experts per token over training (the dense phase counts one expert), and
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapt import upcycle_lm
+from ..adapt import upcycle_lm, upcycle_optimizer_state
 from ..layers import MoE
 from ..recipes import load_recipe
 from ..recipes.run import build_run
@@ -136,10 +137,10 @@ def _train_evomoe(scale: dict[str, Any], seed: int, out_dir: Path) -> dict[str, 
     dense_cfg = copy.copy(run.train_config)
     dense_cfg.steps = scale["dense_steps"]
     # The dense phase is the first dense_steps of the full run's lr schedule.
-    trainer = Trainer(run.model, run.data, dense_cfg, eval_fn=run.eval_fn, forward=run.forward)
-    trainer.scheduler.total_steps = scale["steps"]
-    trainer.scheduler._apply()
-    dense_result = trainer.fit()
+    dense = Trainer(run.model, run.data, dense_cfg, eval_fn=run.eval_fn, forward=run.forward)
+    dense.scheduler.total_steps = scale["steps"]
+    dense.scheduler._apply()
+    dense_result = dense.fit()
     counter = ExpertCounter()
     counter.add_dense(scale["dense_steps"] * scale["batch"] * scale["seq"] * scale["layers"])
 
@@ -165,11 +166,13 @@ def _train_evomoe(scale: dict[str, Any], seed: int, out_dir: Path) -> dict[str, 
     sparse_cfg.run_dir = str(sparse_dir)
     trainer = Trainer(moe_lm, run.data, sparse_cfg, eval_fn=run.eval_fn, forward=run.forward)
     _continue_schedule(trainer, start)
+    upcycle_optimizer_state(run.model, dense.optimizer, moe_lm, trainer.optimizer)
     counter.attach(moe_lm)
     result = trainer.fit()
     counter.remove()
     summary = _summary(result, counter, sparse_dir, scale, earlier=dense_dir)
     summary["seconds"] += dense_result.elapsed_s
+    summary["seed"] = seed
     summary["upcycle"] = {
         "dense_before": _bpb(dense_result.eval),
         "after_top1": after,
@@ -242,7 +245,7 @@ def _table(results: dict[str, list[dict]], settings: dict[str, Any]) -> str:
     up = results["evomoe"][0]["upcycle"]
     lines += [
         "",
-        f"EvoMoE upcycle at step {settings['dense_steps']} (seed {settings['seeds'][0]}): "
+        f"EvoMoE upcycle at step {settings['dense_steps']} (seed {results['evomoe'][0]['seed']}): "
         f"dense model bpb prose/code {up['dense_before']['prose']:.4f}/"
         f"{up['dense_before']['code']:.4f}; after diversify, top-1 routing "
         f"{up['after_top1']['prose']:.4f}/{up['after_top1']['code']:.4f}, softmax mix of all "
