@@ -8,10 +8,13 @@ inside the functions that need them (``pip install 'gatelab[data]'``).
 - :mod:`~gatelab.data.images`: digits with rotations, photographs and patches.
 - :mod:`~gatelab.data.series`: statsmodels series as forecasting windows split by time.
 - :mod:`~gatelab.data.synthetic`: MQAR, Gaussian mixture-of-experts regression, MMoE tasks.
+- :mod:`~gatelab.data.ctr`: synthetic click logs with known pairwise interactions; Criteo
+  and Avazu readers for files the user has.
 - :mod:`~gatelab.data.loaders`: MNIST / Fashion-MNIST / EMNIST (IDX) and CIFAR-10 (binary).
 """
 
 from .batches import TensorBatches
+from .ctr import ClickModel, CTRData, load_avazu, load_criteo, synthetic_ctr
 from .images import (
     PHOTO_NAMES,
     ImageSet,
@@ -57,6 +60,11 @@ from .text import (
 )
 
 __all__ = [
+    "ClickModel",
+    "CTRData",
+    "load_avazu",
+    "load_criteo",
+    "synthetic_ctr",
     "TensorBatches",
     "CIFAR10_CLASSES",
     "DOMAINS",

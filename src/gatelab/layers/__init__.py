@@ -2,6 +2,16 @@
 
 from .attention import ATTN_GATES, GatedAttention, apply_rope, rope_cache
 from .conv import BaseConv, LongConv, ShortConv
+from .ctr import (
+    DualMLP,
+    FeatureSelection,
+    FieldEmbedding,
+    FinalMLP,
+    InteractionAggregation,
+    LogisticCTR,
+    MLPStack,
+    mlp_parameter_count,
+)
 from .kan import GRKANMLP, SKAN, GroupRational, SKANLayer
 from .mlp import (
     GLU_VARIANTS,
@@ -42,6 +52,14 @@ from .wide_mlp import (
 )
 
 __all__ = [
+    "DualMLP",
+    "FeatureSelection",
+    "FieldEmbedding",
+    "FinalMLP",
+    "InteractionAggregation",
+    "LogisticCTR",
+    "MLPStack",
+    "mlp_parameter_count",
     "BaseConv",
     "GRKANMLP",
     "GatedRetention",
