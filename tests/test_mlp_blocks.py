@@ -20,6 +20,9 @@ from gatelab.layers import (
 )
 from gatelab.models import LM, ConfigError, LMConfig
 
+# The blocks this file owns; other modules may register more in MLPS.
+BLOCKS = ["mlp", "swiglu", "geglu", "reglu", "bilinear", "bottleneck", "hourglass", "hourglass_ffn"]
+
 
 def count(module):
     return sum(p.numel() for p in module.parameters())
@@ -30,7 +33,7 @@ def build(name, dim=12, hidden=None, **kw):
     return MLPS.get(name)(dim=dim, hidden_dim=hidden, **kw)
 
 
-@pytest.mark.parametrize("name", MLPS.names())
+@pytest.mark.parametrize("name", BLOCKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_every_block_keeps_shape_and_dtype(name, dtype):
     block = build(name).to(dtype)
@@ -39,7 +42,7 @@ def test_every_block_keeps_shape_and_dtype(name, dtype):
         assert y.shape == shape and y.dtype == dtype
 
 
-@pytest.mark.parametrize("name", MLPS.names())
+@pytest.mark.parametrize("name", BLOCKS)
 def test_gradient_reaches_every_parameter(name):
     block = build(name, bias=True)
     x = torch.randn(4, 3, 12, requires_grad=True)
@@ -132,7 +135,7 @@ def test_fixed_lift_is_a_saved_buffer_that_does_not_train():
         (lambda: Mlp(8, dropout=1.5), "dropout must lie in"),
         (lambda: BottleneckBlock(8, norm="batch"), "norm must be one of"),
         (lambda: BottleneckMLP(64, 8, -1, 10), "num_blocks must be an int >= 0"),
-        (lambda: MLPS.get("nope"), "unknown mlp block 'nope'; valid names are: bilinear"),
+        (lambda: MLPS.get("nope"), "unknown mlp block 'nope'; valid names are: .*hourglass_ffn"),
     ],
 )
 def test_bad_configuration_is_named(make, match):
