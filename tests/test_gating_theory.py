@@ -14,8 +14,8 @@ from gatelab.routing import activation_scores
 
 
 def one_gaussian(mean: float, sigma: float) -> GaussianMoEParams:
-    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return GaussianMoEParams(t([[0.0]]), t([0.0]), t([[0.0]]), t([mean]), t([sigma]))
+    values = ([[0.0]], [0.0], [[0.0]], [mean], [sigma])
+    return GaussianMoEParams(*(torch.tensor(v, dtype=torch.float64) for v in values))
 
 
 @pytest.mark.parametrize("name", sorted(gt.TRUTHS))

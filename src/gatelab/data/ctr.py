@@ -56,10 +56,8 @@ class CTRData:
             stop = start + int(round(f * len(self)))
             idx = order[start:stop]
             logits = None if self.logits is None else self.logits[idx]
-            out.append(
-                CTRData(self.x[idx], self.y[idx], self.field_dims, self.field_names, logits,
-                        self.vocabularies)
-            )  # fmt: skip
+            names, vocab = self.field_names, self.vocabularies
+            out.append(CTRData(self.x[idx], self.y[idx], self.field_dims, names, logits, vocab))
             start = stop
         return out
 

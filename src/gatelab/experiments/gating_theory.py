@@ -75,9 +75,9 @@ INIT_NOISE = 0.25
 Y_GRID = torch.linspace(-10.0, 10.0, 1001, dtype=torch.float64)
 
 
-def _params(beta1, beta0, a, b, sigma, **gate) -> GaussianMoEParams:
-    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return GaussianMoEParams(t(beta1), t(beta0), t(a), t(b), t(sigma), **gate)
+def _params(*values, **gate) -> GaussianMoEParams:
+    """GaussianMoEParams from lists (beta1, beta0, a, b, sigma) in float64."""
+    return GaussianMoEParams(*(torch.tensor(v, dtype=torch.float64) for v in values), **gate)
 
 
 TRUTHS = {
