@@ -212,3 +212,46 @@ def test_a_recipe_names_the_gate_and_its_tau_schedule(tmp_path):
     assert router.schedule == Exponential(2.0, 0.1, 2) and router.hard_from == 3
     result = run.trainer().fit()
     assert result.step == 4 and router.step == 3 and router.hard
+
+
+def lm_config(**changes):
+    from gatelab.models import LMConfig
+
+    base = dict(vocab_size=32, dim=16, num_layers=2, num_heads=2, max_seq_len=8,
+                num_experts=4, top_k=2, expert_hidden_dim=16)  # fmt: skip
+    return LMConfig(**{**base, **changes})
+
+
+def test_lm_config_schedules_capacity_and_k():
+    from gatelab.models import LM
+
+    schedules = {
+        "capacity_factor": {"kind": "linear", "start": 2.0, "end": 1.0, "steps": 4},
+        "top_k": {"kind": "step", "values": [1, 3], "boundaries": [2]},
+    }
+    model = LM(lm_config(schedules=schedules))
+    layers = list(model.moe_layers().values())
+    assert [m.capacity_factor for m in layers] == [2.0, 2.0]
+    assert [m.router.top_k for m in layers] == [1, 1]
+    step_schedules(model, 3)
+    assert [m.capacity_factor for m in layers] == [1.25, 1.25]
+    assert [m.router.top_k for m in layers] == [3, 3]
+    model(torch.randint(0, 32, (2, 8)))
+    assert layers[0].last_routing.num_slots == 3 and "capacity" in layers[0].last_routing.aux
+
+
+@pytest.mark.parametrize(
+    "schedules, match",
+    [
+        ({"tau": 1.0}, "cannot schedule 'tau'; schedulable: capacity_factor, top_k"),
+        ({"top_k": {"kind": "step", "values": [1, 5], "boundaries": [3]}}, "1..num_experts=4"),
+        ({"top_k": 1.5}, "whole values"),
+        ({"capacity_factor": 0.0}, "must stay > 0"),
+        ({"capacity_factor": {"kind": "cosine"}}, "unknown schedule 'cosine'"),
+    ],
+)
+def test_lm_config_rejects_bad_schedules(schedules, match):
+    from gatelab.models import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        lm_config(schedules=schedules)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..layers.attention import GatedAttention, apply_rope, rope_cache
 from ..layers.mlp import MLPS, HourglassFFN
+from ..routing.schedules import attach_moe_schedules, check_moe_schedules
 from .common import (
     ModelOutput,
     collect_aux_losses,
@@ -77,6 +78,10 @@ class LMConfig(Config):
     "pyramid", "valley", "wave") spreading K_max between ``k_schedule_min`` and
     ``top_k`` over the MoE layers, or a list with one K_max per MoE layer; with the
     ``dynamic_k`` and ``top_p`` routers K_max bounds each token's number of experts.
+    ``schedules`` changes MoE settings over training steps (``gatelab.routing.schedules``;
+    the Trainer advances them): ``capacity_factor`` of every MoE layer and ``top_k`` of
+    every router, each a table such as ``{ kind = "step", values = [2.0, 1.25],
+    boundaries = [500] }``.
 
     Block kinds (gatelab.layers): ``ffn`` names the dense FFN, one of "swiglu" (default),
     "geglu", "reglu", "bilinear" (:class:`~gatelab.layers.GluMlp`), "mlp"
@@ -124,6 +129,7 @@ class LMConfig(Config):
     ffn_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     attn_gate: Literal["none", "headwise", "elementwise"] = "none"
     num_kv_heads: int = 0
+    schedules: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         check_positive(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len")
@@ -139,6 +145,10 @@ class LMConfig(Config):
         if len(moe) < self.num_layers:
             check_positive(self, "ffn_hidden_dim")
         check_moe_fields(self)
+        try:
+            check_moe_schedules(self.schedules, self.num_experts)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{self._key('schedules')}: {error}") from None
         self.moe_top_ks()
         self._check_blocks(dense_layers=len(moe) < self.num_layers)
 
@@ -354,6 +364,8 @@ class LM(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config, i in moe, top_ks.get(i)) for i in range(config.num_layers)
         )
+        for layer in moe_modules(self).values():
+            attach_moe_schedules(layer, config.schedules)
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)

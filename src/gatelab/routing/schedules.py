@@ -215,6 +215,49 @@ def attached_schedules(module: nn.Module) -> dict[str, Schedule]:
     return {name: s for name, (s, _) in module.__dict__.get(_ATTACHED, {}).items()}
 
 
+def schedule_values(schedule: Schedule) -> list[float]:
+    """The values a built-in schedule takes at its corners (its extremes lie among them)."""
+    if isinstance(schedule, Constant):
+        return [schedule.val]
+    if isinstance(schedule, _Ramp):
+        return [schedule.start, schedule.end]
+    if isinstance(schedule, Step):
+        return list(schedule.values)
+    return [schedule(0), schedule(2**62)]
+
+
+# The MoE attributes a model config may schedule: name -> (where it lives, cast).
+MOE_SCHEDULES = {"capacity_factor": ("layer", float), "top_k": ("router", round)}
+
+
+def check_moe_schedules(specs: Mapping[str, Any], num_experts: int) -> dict[str, Schedule]:
+    """Build and check an MoE config's ``schedules`` table (keys in ``MOE_SCHEDULES``):
+    capacity factors must stay > 0, ``top_k`` whole numbers in 1..num_experts."""
+    built = {}
+    for name, spec in specs.items():
+        if name not in MOE_SCHEDULES:
+            raise ValueError(
+                f"cannot schedule {name!r}; schedulable: {', '.join(sorted(MOE_SCHEDULES))}"
+            )
+        schedule = built[name] = build_schedule(spec)
+        values = schedule_values(schedule)
+        if name == "capacity_factor" and not all(v > 0 for v in values):
+            raise ValueError(f"a capacity_factor schedule must stay > 0, got {schedule!r}")
+        if name == "top_k" and not all(v == int(v) and 1 <= v <= num_experts for v in values):
+            raise ValueError(
+                f"a top_k schedule must take whole values in 1..num_experts={num_experts} "
+                f"(a linear one rounds between them), got {schedule!r}"
+            )
+    return built
+
+
+def attach_moe_schedules(moe: nn.Module, specs: Mapping[str, Any]) -> None:
+    """Attach a config's ``schedules`` to one MoE layer (``top_k`` goes to its router)."""
+    for name, schedule in check_moe_schedules(specs, moe.num_experts).items():
+        where, cast = MOE_SCHEDULES[name]
+        attach_schedule(moe.router if where == "router" else moe, name, schedule, cast)
+
+
 def step_schedules(model: nn.Module, step: int) -> None:
     """Advance every schedule in ``model`` to optimizer step ``step`` (steps already taken)."""
     for module in model.modules():
@@ -232,8 +275,12 @@ __all__ = [
     "Linear",
     "Schedule",
     "Step",
+    "MOE_SCHEDULES",
+    "attach_moe_schedules",
     "attach_schedule",
     "attached_schedules",
     "build_schedule",
+    "check_moe_schedules",
+    "schedule_values",
     "step_schedules",
 ]
