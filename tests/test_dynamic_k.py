@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -301,3 +302,4 @@ def test_dynamoe_experiment_smoke(tmp_path):
     lm = result["lm_runs"]
     assert lm["ascending"]["k_max"] == [1, 2, 3, 4]
     assert all(math.isfinite(r["prose"]) and math.isfinite(r["code"]) for r in lm.values())
+    json.dumps(result, allow_nan=False)  # `gatelab experiment` writes it as JSON

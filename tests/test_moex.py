@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -237,3 +238,4 @@ def test_moex_experiment_smoke(tmp_path):
     assert runs["topk-gelu"][0]["fraction"] == pytest.approx([1.0, 1.0], abs=1e-3)
     assert all(f < 1.0 for f in runs["moex"][0]["fraction"])
     assert "| moex |" in result["table"]
+    json.dumps(result, allow_nan=False)  # `gatelab experiment` writes it as JSON

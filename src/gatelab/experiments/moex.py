@@ -28,6 +28,7 @@ Protocol (ours):
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -102,9 +103,10 @@ def measure(model: MLPClassifier, x: Tensor) -> dict:
         fraction.append(float((per_token / (routing.valid.sum(1) * moe.hidden_dim)).mean()))
         unmasked = wide.hidden(h_in) != 0
         expert_l0 = unmasked.unflatten(1, (moe.num_experts, moe.hidden_dim)).sum(-1).double()
-        # GELU units are never exactly 0, so every expert's L0 is F and the rank
-        # correlation is undefined: NaN then, reported as n/a.
-        rho.append(float(spearman_rows(routing.scores.double(), expert_l0).mean()))
+        # GELU units are (almost) never exactly 0, so every expert's L0 can be F and the
+        # rank correlation undefined: None then (JSON has no NaN), reported as n/a.
+        value = float(spearman_rows(routing.scores.double(), expert_l0).mean())
+        rho.append(value if math.isfinite(value) else None)
     return {"l0": l0, "fraction": fraction, "score_l0_spearman": rho}
 
 
@@ -134,7 +136,7 @@ def train_one(arm: str, seed: int, steps: int, data) -> dict:
 
 
 def _fmt(values: list[float], digits: int = 3) -> str:
-    values = [v for v in values if v == v]  # drop NaN (undefined correlations)
+    values = [v for v in values if v is not None]  # drop undefined correlations
     if not values:
         return "n/a"
     mean = statistics.fmean(values)
@@ -142,9 +144,9 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if v == v]
-    return statistics.fmean(kept) if kept else float("nan")
+def _nanmean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
 
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
