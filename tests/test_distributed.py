@@ -248,7 +248,7 @@ SMALL = [
     "train.steps=2",
     "train.warmup_steps=1",
     "train.eval_every=0",
-    "train.save_every=0",
+    "train.save_every=1",
     "train.routing_every=1",
     "train.progress=false",
 ]
@@ -258,8 +258,9 @@ def _run_args(run_dir: Path) -> list[str]:
     return [*SMALL, f'train.run_dir="{run_dir}"']
 
 
-def _worker(rank: int, port: int, checkpoint: str, run_dir: str) -> None:
-    """Every layer case, the 1 -> 2 reshard, then the 2-process training run."""
+def _worker(rank: int, port: int, checkpoint: str, run_dir: str, resume_dir: str) -> None:
+    """Every layer case, the 1 -> 2 reshard, the 2-process training run, and a 2-process
+    resume of the single-process run from its step-1 checkpoint."""
     from gatelab.recipes.run import run_recipe
 
     _init(rank, port)
@@ -273,6 +274,7 @@ def _worker(rank: int, port: int, checkpoint: str, run_dir: str) -> None:
         _check_errors(rank)
         _check_reshard(rank, checkpoint)
         run_recipe("moe-lm", _run_args(Path(run_dir)), ep=WORLD)
+        run_recipe("moe-lm", _run_args(Path(resume_dir)), resume=True, ep=WORLD)
     except BaseException:
         # spawn reports one rank's error; the first failure may be on the other rank.
         traceback.print_exc()
@@ -301,8 +303,13 @@ def single_run(tmp_path_factory):
 def two_processes(single_run, tmp_path_factory):
     """One spawn of 2 Gloo processes for all the distributed checks (spawning costs
     seconds); returns the run directory of their training run."""
-    run_dir = tmp_path_factory.mktemp("ep2") / "run"
-    args = (_free_port(), str(single_run[1].checkpoint), str(run_dir))
+    base = tmp_path_factory.mktemp("ep2")
+    run_dir, resume_dir = base / "run", base / "resume"
+    # The single-process run's step-1 checkpoint, for the 2-process run to resume (1 -> 2).
+    (resume_dir / "checkpoints").mkdir(parents=True)
+    for path in (single_run[0] / "checkpoints").glob("step_00000001*"):
+        shutil.copy(path, resume_dir / "checkpoints")
+    args = (_free_port(), str(single_run[1].checkpoint), str(run_dir), str(resume_dir))
     _fork(_worker, args, WORLD)
     return run_dir
 
@@ -315,6 +322,18 @@ def test_expert_parallel_matches_single_process(two_processes):
     losses of the gathered routing; the errors; and 1 -> 2 checkpoint resharding. A
     mismatch in any of them fails the spawn, hence this test."""
     assert (two_processes / "metrics.jsonl").exists()
+
+
+def test_two_processes_resume_a_single_process_checkpoint(single_run, two_processes):
+    """1 -> 2 mid-run: 2 processes resume the single-process run at step 1 (experts and
+    their AdamW moments resharded) and take the step it took."""
+    from gatelab.train.metrics import read_jsonl
+
+    resumed = read_jsonl(two_processes.parent / "resume" / "metrics.jsonl")
+    single = read_jsonl(single_run[0] / "metrics.jsonl")
+    assert [r["step"] for r in resumed if r["kind"] == "train"] == [2]
+    assert resumed[0]["loss"] == pytest.approx(single[1]["loss"], rel=1e-5)
+    assert resumed[0]["grad_norm"] == pytest.approx(single[1]["grad_norm"], rel=1e-5)
 
 
 def test_two_process_training_matches_single_process(single_run, two_processes):
