@@ -7,6 +7,7 @@ reference it computes from the same weights, and raises on a mismatch.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -162,6 +163,9 @@ def _check_moe_layer(rank: int, ep: int = WORLD) -> None:
     norm = state.clip_grad_norm_(model, params, 1e9)
     ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
     torch.testing.assert_close(norm.double(), ref_norm.double())
+    # A copy (EMA, averaging) shares the process groups instead of failing to copy them.
+    clone = copy.deepcopy(layer)
+    assert clone.dispatcher is layer.dispatcher and parallel_state(clone) is state
 
 
 def _check_bias_counts(rank: int) -> None:

@@ -125,6 +125,9 @@ class GlobalRouting:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
 
+    def __deepcopy__(self, memo) -> GlobalRouting:
+        return self  # holds a process group handle, shared by copies of the model
+
     def __call__(self, routing: Routing, token_mask: Tensor | None):
         num_experts, num_slots = routing.num_experts, routing.num_slots
         size = torch.tensor([routing.num_tokens], device=routing.logits.device)
@@ -183,6 +186,9 @@ class ParallelState:
             if offset == self.ep_rank:
                 self.edp_group = group
         self.expert_params = expert_params  # name -> global num_experts
+
+    def __deepcopy__(self, memo) -> ParallelState:
+        return self  # holds process group handles, shared by copies of the model
 
     @property
     def is_main(self) -> bool:

@@ -128,6 +128,11 @@ class ExpertParallel:
     def __repr__(self) -> str:
         return f"ExpertParallel(rank={self.rank}, size={self.size}, local={self.local_name!r})"
 
+    def __deepcopy__(self, memo) -> ExpertParallel:
+        # A process group is a handle of this process: a copied model (EMA, averaging)
+        # shares it, and the counters with it.
+        return self
+
     def reset_counters(self) -> None:
         self.counters = dict.fromkeys(COUNTER_KEYS, 0)
         self.counters["exchange_s"] = 0.0
