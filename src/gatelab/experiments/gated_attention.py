@@ -17,7 +17,8 @@ Measured on validation windows (the first ``eval_batches`` batches of each domai
 - ``val_loss``: mean cross entropy in nats per byte over both domains' targets;
 - ``first_token_share``: the mean attention probability on key position 0 over layers,
   heads and queries 1..S-1 (query 0 can only attend to itself and is left out), from
-  explicit softmax probabilities. Our windows start at arbitrary bytes, so position 0 is
+  explicit softmax probabilities; ``max_head_share``: the same for the one (layer, head)
+  with the largest share, since a sink can live in a few heads only. Our windows start at arbitrary bytes, so position 0 is
   not a BOS token; a sink there is the positional sink of StreamingLLM;
 - ``max_activation``: max |h| over the residual stream (every block's output);
 - ``gate_mean``: the mean gate score sigmoid(x W_theta) (the paper: about 0.12, sparse).
@@ -127,7 +128,7 @@ class _Probe:
 
     def __init__(self, model: LM):
         self.sink, self.gates = [], []
-        self.max_act = 0.0
+        self.max_act, self.max_head = 0.0, 0.0
         self.handles = []
         for block in model.blocks:
             self.handles.append(block.attn.register_forward_pre_hook(self._attention))
@@ -142,7 +143,9 @@ class _Probe:
                 self.gates.append(float(gate.float().mean()))
         else:
             probs = _plain_attention_probs(module, x, cos, sin)
-        self.sink.append(float(probs[:, :, 1:, 0].mean()))
+        per_head = probs[:, :, 1:, 0].mean(dim=(0, 2))
+        self.sink.append(float(per_head.mean()))
+        self.max_head = max(self.max_head, float(per_head.max()))
 
     def _residual(self, module: nn.Module, args, output: Tensor) -> None:
         self.max_act = max(self.max_act, float(output.abs().max()))
@@ -152,6 +155,7 @@ class _Probe:
             h.remove()
         return {
             "first_token_share": sum(self.sink) / len(self.sink),
+            "max_head_share": self.max_head,
             "max_activation": self.max_act,
             "gate_mean": sum(self.gates) / len(self.gates) if self.gates else None,
         }
@@ -212,13 +216,14 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
 def _table(rows: list[dict], uniform: float) -> str:
     lines = [
         "| attention | seed | params | val loss (nats/byte) | first-token share "
-        f"(uniform: {uniform:.3f}) | max abs activation | mean gate |",
-        "|---|---|---|---|---|---|---|",
+        f"(uniform: {uniform:.3f}) | max head share | max abs activation | mean gate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gate = "" if r["gate_mean"] is None else f"{r['gate_mean']:.3f}"
         lines.append(
             f"| {r['gate']} | {r['seed']} | {r['params']:,} | {r['val_loss']:.4f} | "
-            f"{r['first_token_share']:.3f} | {r['max_activation']:.1f} | {gate} |"
+            f"{r['first_token_share']:.3f} | {r['max_head_share']:.3f} | "
+            f"{r['max_activation']:.1f} | {gate} |"
         )
     return "\n".join(lines)

@@ -26,7 +26,7 @@ LM part ("Hourglass FFN in Transformer LMs", arXiv 2602.06471): the byte-corpus 
 layers, 4 heads, sequences of 64) with its SwiGLU FFN (width 128, hidden 512) against the
 LM whose every FFN is K = 2 stacked hourglass blocks of hidden d_model / 2, whose d_model is
 widened until the total parameter count matches (the paper spends the FFN's savings on
-d_model or attention). Same seed, batches and schedule (AdamW lr 2e-3, 300 steps); one
+d_model or attention). Same seed, batches and schedule (AdamW lr 2e-3, 250 steps); one
 seed. Validation bits per byte per domain (gatelab.train.evaluate.bits_per_byte).
 """
 
@@ -54,12 +54,12 @@ DESCRIPTION = "digits at matched params: plain MLP vs GLU variants vs bottleneck
 
 SETTINGS = {
     "smoke": dict(budgets=[3000], num_blocks=2, steps=20, seeds=[0]),
-    "full": dict(budgets=[5000, 40000], num_blocks=4, steps=800, seeds=[0, 1, 2]),
+    "full": dict(budgets=[5000, 40000], num_blocks=4, steps=500, seeds=[0, 1, 2]),
 }
 LM_SETTINGS = {
     "smoke": dict(dim=16, num_layers=1, num_heads=2, seq_len=16, batch_size=2, steps=2,
                   eval_batches=1, lr=1e-3, hourglass_blocks=2),
-    "full": dict(dim=128, num_layers=4, num_heads=4, seq_len=64, batch_size=16, steps=300,
+    "full": dict(dim=128, num_layers=4, num_heads=4, seq_len=64, batch_size=16, steps=250,
                  eval_batches=4, lr=2e-3, hourglass_blocks=2),
 }  # fmt: skip
 INPUT, CLASSES = 64, 10
