@@ -16,6 +16,10 @@ schedules, such as ``dense_to_sparse``) and sets every attribute attached with
 before each step with the number of steps already taken. Since a value depends on nothing but
 that step, which the checkpoint stores, a resumed run sees the values an uninterrupted one
 would: no schedule state needs saving.
+
+Recipes name them in two places: a router's own arguments (``router_kwargs = { tau = {...} }``
+for ``dense_to_sparse``) and ``LMConfig.schedules`` (``capacity_factor`` of every MoE layer,
+``top_k`` of every router; see :func:`attach_moe_schedules`).
 """
 
 from __future__ import annotations
