@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import statistics
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ DESCRIPTION = "FinalMLP vs DualMLP vs logistic regression: test AUC on a synthet
 
 SCALES = {
     "smoke": dict(train=3000, valid=1000, test=2000, epochs=1, seeds=1, width=32),
-    "full": dict(train=150_000, valid=30_000, test=100_000, epochs=8, seeds=3, width=128),
+    "full": dict(train=120_000, valid=30_000, test=100_000, epochs=8, seeds=3, width=128),
 }
 BATCH = 1024
 
@@ -55,16 +57,16 @@ def roc_auc(y: Tensor, score: Tensor) -> float:
     return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def build_models(field_dims: list[int], width: int) -> dict[str, nn.Module]:
-    streams = [width, width // 2]
-    gates = [width // 2]
+def model_factories(field_dims: list[int], width: int) -> dict[str, Callable[[], nn.Module]]:
+    """Constructors of the compared models (built under a fixed seed each)."""
+    streams, gates = [width, width // 2], [width // 2]
     return {
-        "FinalMLP": FinalMLP(field_dims, 16, streams, streams, gates, num_heads=2),
-        "FinalMLP without gates": FinalMLP(
-            field_dims, 16, streams, streams, gates, num_heads=2, feature_selection=False
+        "FinalMLP": partial(FinalMLP, field_dims, 16, streams, streams, gates, num_heads=2),
+        "FinalMLP without gates": partial(
+            FinalMLP, field_dims, 16, streams, streams, gates, num_heads=2, feature_selection=False
         ),
-        "DualMLP": DualMLP(field_dims, 16, streams, streams),
-        "logistic": LogisticCTR(field_dims),
+        "DualMLP": partial(DualMLP, field_dims, 16, streams, streams),
+        "logistic": partial(LogisticCTR, field_dims),
     }
 
 
@@ -108,8 +110,9 @@ def run_seed(cfg: dict, seed: int) -> dict[str, dict]:
             "epochs": 0,
         }
     }
-    for name, model in build_models(truth.field_dims, cfg["width"]).items():
-        torch.manual_seed(seed)
+    for name, factory in model_factories(truth.field_dims, cfg["width"]).items():
+        torch.manual_seed(seed)  # the same init and batch order whatever models come before
+        model = factory()
         lr = 1e-2 if name == "logistic" else 1e-3
         model, epochs = train(model, data, lr, cfg["epochs"], seed)
         logits = predict(model, test)
