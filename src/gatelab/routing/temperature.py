@@ -10,7 +10,7 @@ partial differential equation, and the paper shows parameter estimation can be s
 any polynomial rate. Its fix, the *activation dense-to-sparse* gate, passes the linear
 output through an activation sigma before the temperature: softmax(sigma(beta1_i^T x +
 beta0_i) / tau), which restores polynomial rates when sigma meets linear-independence
-conditions. ``gatelab experiments gating-theory`` measures both claims.
+conditions. ``gatelab experiment gating-theory`` measures both claims.
 
 Shared choices (the notes mark where the bias sits as unconfirmed; we follow the issue's
 formula, the bias inside sigma):
