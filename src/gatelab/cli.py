@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_bench(commands)
     _add_experiment(commands)
+    _add_profile(commands)
+    _add_localize(commands)
+    _add_steer(commands)
+    _add_prune(commands)
     return parser
 
 
@@ -359,6 +363,33 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     path = write_json_atomic(result, f"{out}/result.json")
     print(f"\nwrote {path} ({result['seconds']} s)")
     return 0
+
+
+# -- gatelab profile / localize / steer / prune (implementations in gatelab.tools) -------------
+
+
+def _add_profile(commands) -> None:
+    from .tools import add_profile_parser
+
+    add_profile_parser(commands)
+
+
+def _add_localize(commands) -> None:
+    from .tools import add_localize_parser
+
+    add_localize_parser(commands)
+
+
+def _add_steer(commands) -> None:
+    from .tools import add_steer_parser
+
+    add_steer_parser(commands)
+
+
+def _add_prune(commands) -> None:
+    from .tools import add_prune_parser
+
+    add_prune_parser(commands)
 
 
 # -- argument types -------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from ..inspect.access import (
     register_adapter,
     select_blocks,
 )
+from .prune import expert_importance, prune_model, restrict_experts, select_experts
+from .steer import clamp_neurons, force_on, steer_experts, switch_off
 
 __all__ = [
     "BlockAdapter",
@@ -32,9 +34,17 @@ __all__ = [
     "RoutingCapture",
     "adapters",
     "capture_routing",
+    "clamp_neurons",
     "compose",
     "edit_routing",
+    "expert_importance",
     "find_moe_blocks",
+    "force_on",
+    "prune_model",
     "register_adapter",
+    "restrict_experts",
     "select_blocks",
+    "select_experts",
+    "steer_experts",
+    "switch_off",
 ]

@@ -113,6 +113,18 @@ class HFAdapter:
     def expert_weights(self, block) -> ExpertWeights:
         return expert_weights_from_hf(block.experts)
 
+    def restrict(self, block, allowed: Tensor):
+        """The routing edit that makes the router choose among ``allowed`` experts only."""
+        from .prune import restricted_routing
+
+        return lambda routing: restricted_routing(block, routing, allowed)
+
+    def prune(self, model: nn.Module, blocks, keep: dict[int, list[int]]) -> nn.Module:
+        """A copy of ``model`` with only ``keep[layer]`` experts (see :mod:`gatelab.hf.prune`)."""
+        from .prune import prune_hf_model
+
+        return prune_hf_model(model, blocks, keep)
+
 
 def routing_from_hf(output: tuple, block) -> Routing:
     """The Routing of an HF router's ``(router_logits, top_k_weights, top_k_index)``."""

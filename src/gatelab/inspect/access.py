@@ -37,6 +37,7 @@ re-exports it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import re
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 from ..dispatch import grouped_dispatch
 from ..experts import ExpertWeights
 from ..layers import MoE
-from ..routing import Routing
+from ..routing import ExpertChoiceRouter, HashRouter, Routing, apply_capacity
 
 Edit = Callable[[Routing], Routing]
 """A routing edit: a function Routing -> Routing (switch experts off, force them on, skip...)."""
@@ -459,6 +460,81 @@ def compose(*edits: Edit) -> Edit:
     return composed
 
 
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` takes: gatelab ``config.max_seq_len``, HF
+    ``config.max_position_embeddings``; None when the model says nothing."""
+    config = getattr(model, "config", None)
+    for name in ("max_seq_len", "max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_batches(model: nn.Module, prompts, name: str = "prompts") -> list[Tensor]:
+    """A prompt set as a list of int64 [B, S] tensors, checked against ``model``.
+
+    ``prompts`` is a tensor [S] or [B, S], or an iterable of those (or of lists of ints);
+    each row is one prompt. Raises ValueError for an empty set, an empty prompt, or a
+    prompt longer than the model's context (the message names the set and the fix).
+    """
+    if isinstance(prompts, Tensor):
+        prompts = [prompts]
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"{name}: give token ids (tensors or lists of ints), not text")
+    batches = []
+    for item in prompts:
+        ids = torch.as_tensor(item)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(
+                f"{name}: each prompt must be integer token ids [S] or [B, S], got "
+                f"{tuple(ids.shape)} {ids.dtype}"
+            )
+        if ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise ValueError(f"{name}: a prompt has no tokens; drop it or give it text")
+        batches.append(ids.long())
+    if not batches:
+        raise ValueError(f"the prompt set {name!r} is empty: give it at least one prompt")
+    limit = context_length(model)
+    longest = max(b.shape[1] for b in batches)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"{name}: a prompt has {longest} tokens, longer than the model's context of "
+            f"{limit}; cut prompts to at most {limit} tokens"
+        )
+    return batches
+
+
+def forward_ids(model: nn.Module, ids: Tensor):
+    """One inference forward of token ids [B, S] on the model's device (no grad)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(ids.to(device))
+
+
+def next_token_loss(model: nn.Module, prompts, name: str = "prompts") -> float:
+    """Mean next-token cross entropy (nats) of ``model`` over every prompt's tokens.
+
+    Works on any model whose ``model(ids)`` has ``.logits`` [B, S, V] (gatelab LMs, HF
+    causal LMs). Prompts need at least 2 tokens.
+    """
+    total, count = 0.0, 0
+    for ids in prompt_batches(model, prompts, name):
+        if ids.shape[1] < 2:
+            raise ValueError(f"{name}: a prompt needs at least 2 tokens for a next-token loss")
+        logits = forward_ids(model, ids).logits.float().cpu()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total, count = total + float(loss), count + ids[:, 1:].numel()
+    return total / count
+
+
 # -- the gatelab adapter -----------------------------------------------------------------------
 
 
@@ -499,6 +575,63 @@ class GatelabAdapter:
     def expert_weights(self, block: MoEBlock) -> ExpertWeights:
         return block.experts.weights()
 
+    def restrict(self, block: MoEBlock, allowed: Tensor) -> Edit:
+        """The routing edit that re-runs the router's own rule on its logits with the
+        experts outside ``allowed`` out of reach (logits and any selection bias at -inf),
+        then the layer's capacity limit, if it has one."""
+        router, layer = block.router, block.module
+        if isinstance(router, (HashRouter, ExpertChoiceRouter)):
+            raise ValueError(
+                f"layer {block.layer}: expert pruning needs a token-choice router; "
+                f"{type(router).__name__} assigns experts without per-expert logits"
+            )
+
+        def edit(routing: Routing) -> Routing:
+            mask = allowed.to(routing.logits.device)
+            masked = routing.logits.masked_fill(~mask, float("-inf"))
+            saved_bias = getattr(router, "expert_bias", None)
+            router.compute_logits = lambda x: masked  # the router's rule on these logits
+            try:
+                if isinstance(saved_bias, Tensor):
+                    router.expert_bias = saved_bias.masked_fill(~mask, float("-inf"))
+                out = router(masked.new_zeros(masked.shape[0], router.dim))
+            finally:
+                del router.compute_logits
+                if isinstance(saved_bias, Tensor):
+                    router.expert_bias = saved_bias
+            if getattr(layer, "capacity_factor", None) is not None:
+                out = apply_capacity(out, layer.capacity_factor)
+            return out.replace(logits=routing.logits, aux={**routing.aux, **out.aux})
+
+        return edit
+
+    def prune(self, model: nn.Module, blocks: list[MoEBlock], keep: dict[int, list[int]]):
+        """A new model of the same class with ``config.num_experts`` = the kept count and
+        the kept rows of every router and expert tensor (same count in every layer)."""
+        counts = {len(ids) for ids in keep.values()}
+        config = getattr(model, "config", None)
+        if (
+            len(counts) != 1
+            or not dataclasses.is_dataclass(config)
+            or not hasattr(config, "num_experts")
+        ):
+            raise ValueError(
+                "pruning a gatelab model rebuilds it from its config: the model needs a "
+                "dataclass config with num_experts and the same kept count in every layer "
+                f"(got counts {sorted(counts)})"
+            )
+        (count,) = counts
+        pruned = type(model)(dataclasses.replace(config, num_experts=count))
+        state = model.state_dict()
+        for block in blocks:
+            ids = torch.tensor(sorted(keep[block.layer]), dtype=torch.long)
+            for prefix in (f"{block.name}.router.", f"{block.name}.experts."):
+                for key in [k for k in state if k.startswith(prefix)]:
+                    if state[key].dim() and state[key].shape[0] == block.num_experts:
+                        state[key] = state[key][ids.to(state[key].device)].clone()
+        pruned.load_state_dict(state)
+        return pruned.to(next(model.parameters()).device).train(model.training)
+
 
 register_adapter(GatelabAdapter())
 
@@ -514,8 +647,12 @@ __all__ = [
     "adapters",
     "capture_routing",
     "compose",
+    "context_length",
     "edit_routing",
+    "forward_ids",
+    "next_token_loss",
     "find_moe_blocks",
+    "prompt_batches",
     "register_adapter",
     "select_blocks",
 ]

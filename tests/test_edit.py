@@ -1,0 +1,243 @@
+"""Steer and prune (gatelab.edit) on HF models of every family and on gatelab models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import hf_tiny  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from gatelab.edit import capture_routing, edit_routing, find_moe_blocks  # noqa: E402
+from gatelab.edit.prune import (  # noqa: E402
+    expert_importance,
+    prune_model,
+    restrict_experts,
+    select_experts,
+)
+from gatelab.edit.steer import clamp_neurons, force_on, steer_experts, switch_off  # noqa: E402
+from gatelab.models import LM, LMConfig  # noqa: E402
+from gatelab.routing import EMPTY, Routing  # noqa: E402
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _gatelab_lm(**changes):
+    torch.manual_seed(0)
+    config = dict(vocab_size=50, dim=32, num_layers=3, num_heads=4, max_seq_len=32,
+                  moe_layers=[0, 2], num_experts=6, top_k=2, expert_hidden_dim=24)  # fmt: skip
+    model = LM(LMConfig(**{**config, **changes})).eval()
+    with torch.no_grad():
+        for block in find_moe_blocks(model):
+            block.router.weight.normal_(0.0, 0.5)  # spread tokens over the experts
+    return model
+
+
+def _routing(experts, weights, num_experts=4):
+    t = len(experts)
+    logits = torch.randn(t, num_experts, generator=torch.Generator().manual_seed(0))
+    return Routing(logits, logits.softmax(-1), torch.tensor(experts), torch.tensor(weights))
+
+
+# -- steer ------------------------------------------------------------------------------------
+
+
+def test_switch_off_and_force_on_edits():
+    r = _routing([[0, 1], [2, 3]], [[0.6, 0.4], [0.7, 0.3]])
+    off = switch_off([1, 2])(r)
+    assert off.experts.tolist() == [[0, EMPTY], [EMPTY, 3]]
+    torch.testing.assert_close(off.weights, torch.tensor([[0.6, 0.0], [0.0, 0.3]]))
+    renorm = switch_off([1, 2], renormalize=True)(r)
+    torch.testing.assert_close(renorm.weights.sum(1), r.weights.sum(1))
+    on = force_on([3])(r)
+    assert on.experts.tolist() == [[0, 1, 3], [2, 3, EMPTY]]
+    assert on.weights[0, 2] == pytest.approx(float(r.scores[0, 3]))
+    assert on.weights[1, 2] == 0
+    torch.testing.assert_close(force_on([3], renormalize=True)(r).weights.sum(1), r.weights.sum(1))
+    with pytest.raises(ValueError, match="out of range"):
+        force_on([9])(r)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_steer_hf_is_reversible_and_composes(name):
+    model = hf_tiny.build(name)
+    ids = hf_tiny.ids()
+    before = _logits(model, ids)
+    layer = find_moe_blocks(model)[-1].layer
+    with capture_routing(model) as cap:
+        _logits(model, ids)
+    usage = cap.routing(layer).tokens_per_expert()
+    rare = int(usage.argmin())
+    with steer_experts(model, on={layer: [rare]}), capture_routing(model) as cap:
+        forced = _logits(model, ids)
+    assert (cap.routing(layer).experts == rare).any(dim=1).all()  # every token uses it
+    assert not torch.allclose(forced, before, atol=1e-4)
+    # composes with another edit handle; undoing both restores the model
+    a = steer_experts(model, off={layer: [0]})
+    b = edit_routing(model, switch_off([1]))
+    with capture_routing(model) as cap:
+        _logits(model, ids)
+    assert not torch.isin(cap.routing(layer).experts, torch.tensor([0, 1])).any()
+    a.remove()
+    b.remove()
+    torch.testing.assert_close(_logits(model, ids), before)
+
+
+def test_steer_errors():
+    model = _gatelab_lm()
+    with pytest.raises(ValueError, match="both off and on"):
+        steer_experts(model, off={0: [1]}, on={0: [1]})
+    with pytest.raises(ValueError, match="out of range"):
+        steer_experts(model, off={0: [6]})
+    with pytest.raises(ValueError, match="MoE layers are"):
+        steer_experts(model, off={1: [0]})
+    with pytest.raises(ValueError, match="at least one"):
+        steer_experts(model)
+
+
+@pytest.mark.parametrize("name", ["gatelab", "qwen2_moe", "gpt_oss"])
+def test_clamp_neurons_equals_zeroed_activation(name):
+    model = _gatelab_lm() if name == "gatelab" else hf_tiny.build(name)
+    ids = torch.randint(3, 50, (2, 9)) if name == "gatelab" else hf_tiny.ids()
+    before = _logits(model, ids)
+    block = find_moe_blocks(model)[0]
+    weights = block.expert_weights()
+    neurons = [(block.layer, 1, 0), (block.layer, 1, 3), (block.layer, 2, 5)]
+    # reference: zero those neurons' activations by patching the activation function
+    outer = clamp_neurons(model, neurons)
+    inner = clamp_neurons(model, [{"layer": block.layer, "expert": 1, "neuron": 0}])
+    clamped = _logits(model, ids)
+    outer.remove()  # out of order: neuron (1, 0) stays clamped by `inner`
+    assert bool((weights.w_out[1, :, 0] == 0).all())
+    assert not bool((weights.w_out[1, :, 3] == 0).all())
+    inner.remove()
+    torch.testing.assert_close(_logits(model, ids), before)
+    assert not torch.allclose(clamped, before)
+    # the same by hand: scale the activation of those neurons by zero
+    saved = block.expert_weights().w_out.detach().clone()
+    with torch.no_grad():
+        for _, e, n in neurons:
+            block.expert_weights().w_out[e, :, n] = 0
+    torch.testing.assert_close(clamped, _logits(model, ids))
+    with torch.no_grad():
+        block.expert_weights().w_out.copy_(saved)
+    with pytest.raises(ValueError, match="value=0 only"):
+        clamp_neurons(model, neurons, value=1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        clamp_neurons(model, [(block.layer, 0, weights.w_out.shape[2])])
+
+
+# -- prune ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", hf_tiny.FAMILIES)
+def test_restrict_all_allowed_equals_router(name):
+    """The masked original's selection rule, with every expert allowed, is the router's."""
+    model = hf_tiny.build(name)
+    ids = hf_tiny.ids(seed=5)
+    blocks = find_moe_blocks(model)
+    with capture_routing(model) as ref:
+        _logits(model, ids)
+    with restrict_experts(model, {b.layer: list(range(8)) for b in blocks}):
+        with capture_routing(model) as got:
+            _logits(model, ids)
+    for block in blocks:
+        a, b = ref.routing(block.layer), got.routing(block.layer)
+        assert torch.equal(a.experts.sort(1).values, b.experts.sort(1).values)
+        order_a, order_b = a.experts.argsort(1), b.experts.argsort(1)
+        torch.testing.assert_close(a.weights.gather(1, order_a), b.weights.gather(1, order_b))
+
+
+@pytest.mark.parametrize("name", hf_tiny.FAMILIES)
+def test_pruned_hf_model_reloads_and_matches_masked(name, tmp_path):
+    model = hf_tiny.build(name)
+    ids = hf_tiny.ids()
+    importance = expert_importance(model, [ids, ids[:, :4]], "easy_ep")
+    keep = select_experts(model, importance, 4)
+    with restrict_experts(model, keep), capture_routing(model) as cap:
+        masked = _logits(model, ids)
+    for layer, kept in keep.items():  # the masked original routes to kept experts only
+        assert torch.isin(cap.routing(layer).experts, torch.tensor(kept)).all()
+    pruned = prune_model(model, keep)
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for block in find_moe_blocks(reloaded):
+        assert block.num_experts == 4 and block.expert_weights().num_experts == 4
+    size = sum(p.numel() for p in reloaded.parameters())
+    assert size < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(_logits(reloaded, ids), masked, atol=ATOL, rtol=RTOL)
+    assert find_moe_blocks(model)[0].num_experts == 8  # the original is untouched
+
+
+def test_pruned_gatelab_model_matches_masked():
+    model = _gatelab_lm(router="sigmoid", router_kwargs={"n_group": 2, "topk_group": 2})
+    with torch.no_grad():
+        for block in find_moe_blocks(model):
+            block.router.expert_bias.copy_(torch.rand(6))
+    ids = torch.randint(3, 50, (2, 12))
+    importance = expert_importance(model, ids, "frequency")
+    keep = select_experts(model, importance, 4)
+    assert all(sum(e < 3 for e in kept) == 2 for kept in keep.values())  # 2 per group
+    with restrict_experts(model, keep):
+        masked = _logits(model, ids)
+    pruned = prune_model(model, keep)
+    assert pruned.config.num_experts == 4
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(_logits(pruned, ids), masked, atol=ATOL, rtol=RTOL)
+
+
+def test_easy_ep_hand_computed():
+    """EASY-EP's score on one layer, against a direct per-token computation."""
+    model = _gatelab_lm()
+    ids = torch.randint(3, 50, (1, 7))
+    block = find_moe_blocks(model)[0]
+    with capture_routing(model, hidden=True) as cap:
+        _logits(model, ids)
+    x, r = cap.input(block.layer), cap.routing(block.layer)
+    w = block.expert_weights()
+
+    def expert(e, h):
+        return w.activate(h @ w.w_in[e].T) @ w.w_out[e].T
+
+    expected = torch.zeros(6, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            outs = [
+                (int(e), float(g), expert(int(e), x[t]))
+                for e, g in zip(r.experts[t], r.weights[t], strict=True)
+            ]
+            moe = sum(g * y for _, g, y in outs)
+            contrib = max(1 - float(torch.cosine_similarity(x[t], x[t] + moe, dim=0)), 0.0)
+            for e, g, y in outs:
+                expected[e] += contrib * g * float(y.norm())
+    got = expert_importance(model, ids, "easy_ep", layers=[block.layer])[block.layer]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    freq = expert_importance(model, ids, "frequency", layers=[block.layer])[block.layer]
+    assert freq.tolist() == r.tokens_per_expert().double().tolist()
+
+
+def test_prune_bad_input():
+    model = _gatelab_lm()
+    importance = {0: torch.rand(6), 2: torch.rand(6)}
+    with pytest.raises(ValueError, match="exceeds the 6 experts"):
+        select_experts(model, importance, 7)
+    with pytest.raises(ValueError, match="below top_k=2"):
+        select_experts(model, importance, 1)
+    with pytest.raises(ValueError, match="missing \\[2\\]"):
+        prune_model(model, {0: [0, 1, 2]})
+    with pytest.raises(ValueError, match="demonstrations.*empty"):
+        expert_importance(model, [])
+    with pytest.raises(ValueError, match="longer than the model's context of 32"):
+        expert_importance(model, torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="method must be one of"):
+        expert_importance(model, torch.zeros(1, 3, dtype=torch.long), method="magic")
+    deepseek = hf_tiny.build("deepseek_v3")
+    with pytest.raises(ValueError, match="multiple of 2"):
+        select_experts(deepseek, {1: torch.rand(8)}, 5)
