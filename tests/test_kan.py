@@ -228,6 +228,27 @@ def test_skan_phases_select_then_prune_keep_the_function():
     assert torch.allclose(layer(x), selected)
 
 
+def test_selective_training_ends_where_select_and_prune_begin():
+    torch.manual_seed(2)
+    net = SKAN([3, 4, 2], num_basis=6).double()
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.logits.normal_()
+    x = torch.rand(16, 3, dtype=torch.float64) * 2 - 1
+    mixed = net(x)
+    net.freeze_weights()
+    net.set_selection_strength(0.5)
+    halfway = net(x)
+    net.set_selection_strength(1.0)
+    full = net(x)
+    net.select()
+    net.prune()
+    assert torch.allclose(net(x), full)
+    assert not torch.allclose(halfway, full) and not torch.allclose(halfway, mixed)
+    with pytest.raises(ValueError, match="selection strength must lie in"):
+        net.set_selection_strength(1.5)
+
+
 def test_skan_gradients_reach_every_parameter_in_each_phase():
     net = SKAN([2, 4, 1], num_basis=6)
     x = torch.rand(32, 2) * 2 - 1

@@ -14,8 +14,8 @@ functions of KAN's toy study (Liu et al., arXiv 2404.19756, section 3.1), inputs
 
 Models, all with one parameter budget per task, that of the S-KAN after pruning (the model
 that is evaluated): S-KAN [d, 5, 1] over B-spline, Chebyshev, Fourier and RBF spaces with 8
-functions each (half the steps mixing all spaces, a third annealing the mixing temperature
-from 1 to 0.01, then select, prune and train the last sixth); KAN [d, 5, 1] with the B-spline space alone (exactly the pruned S-KAN's count); GR-KAN
+functions each (half the steps mixing all spaces, a third moving each node's weights
+linearly to the one-hot of its best space, then select, prune and train the last sixth); KAN [d, 5, 1] with the B-spline space alone (exactly the pruned S-KAN's count); GR-KAN
 (two hidden layers, each a linear layer followed by a group-rational activation, 4 groups,
 GELU init); MLP (two hidden SiLU layers). The hidden width of GR-KAN and MLP is the one
 whose count is closest to the budget. Full-batch Adam with cosine decay on 1000 training
@@ -75,7 +75,7 @@ TASKS: dict[str, tuple[int, Callable[[Tensor], Tensor]]] = {
 
 SCALES = {
     "smoke": dict(tasks=["exp_sin"], seeds=1, steps=6, points=64),
-    "full": dict(tasks=list(TASKS), seeds=3, steps=600, points=1000),
+    "full": dict(tasks=list(TASKS), seeds=3, steps=500, points=1000),
 }
 
 
@@ -141,8 +141,8 @@ def _rmse(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def train(name: str, model: nn.Module, data: tuple[Tensor, ...], steps: int) -> dict:
     x, y, x_test, y_test = data
     lr = 1e-2
-    # S-KAN: phase 1 mixes for the first half, phase 2 anneals the temperature 1 -> 0.01 over
-    # the next third, phase 3 selects, prunes and trains the last sixth
+    # S-KAN: phase 1 mixes for the first half, phase 2 moves the weights to one-hot over the
+    # next third, phase 3 selects, prunes and trains the last sixth
     anneal_at = steps // 2 if name == "s-kan" else steps
     select_at = 5 * steps // 6 if name == "s-kan" else steps
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -153,7 +153,7 @@ def train(name: str, model: nn.Module, data: tuple[Tensor, ...], steps: int) -> 
             extra["rmse_mixture"] = _rmse(model, x_test, y_test)
             model.freeze_weights()
         if anneal_at <= step < select_at:
-            model.set_temperature(0.01 ** ((step - anneal_at) / max(1, select_at - anneal_at)))
+            model.set_selection_strength((step - anneal_at + 1) / max(1, select_at - anneal_at))
         if step == select_at:  # S-KAN phases 2 and 3: keep each node's best space
             choice = model.select()
             model.prune()
