@@ -84,6 +84,9 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
     profile.save_json(out / "profile.json")
     plot_profile(profile, out / "profile.png")
     separation = _separation(profile, blocks)
+    # noise floor: the same distance between code of the training and the held-out split
+    floor_profile = profile_routing(model, {"prose": profile_sets["code"], "code": evals["code"]})
+    floor = _separation(floor_profile, blocks)
 
     # 2. steer: top code (and, as a mirror, top prose) experts off vs random experts off
     base = _losses(model, evals)
@@ -142,7 +145,10 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
             f"| pruned to {keep_n}/{num_experts} by {method} (code demos), bits per byte | "
             f"{losses['prose']:.4f} | {losses['code']:.4f} |"
         )
-    sep = ", ".join(f"layer {b.layer}: {s:.3f}" for b, s in zip(blocks, separation, strict=True))
+    sep = ", ".join(
+        f"layer {b.layer}: {s:.3f} (code vs code {f:.3f})"
+        for b, s, f in zip(blocks, separation, floor, strict=True)
+    )
     table = "\n".join(rows) + (
         f"\n\nProfile separation (total variation between prose and code routed-slot "
         f"distributions): {sep}. Top code experts (layer, expert, contrast): "
@@ -156,6 +162,7 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
         "table": table,
         "trained": {"run_dir": str(lm.run_dir), "train_seconds": lm.train_seconds},
         "separation": separation,
+        "separation_floor": floor,
         "base": base,
         "top_experts": top,
         "steered": {f"{d}-{mode}": v for (d, mode), v in steered.items()},
