@@ -159,9 +159,12 @@ class _PrefixRouter(Router):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k_min={self.k_min}"
 
-    def _routing(self, logits: Tensor, scores: Tensor, keep: Tensor, aux) -> Routing:
+    def _routing(
+        self, logits: Tensor, scores: Tensor, rule: Callable[[Tensor], Tensor], aux
+    ) -> Routing:
+        """``rule`` maps the K_max best scores [T, K] (sorted) to the slots to keep."""
         top, experts = scores.topk(self.top_k, dim=-1)  # sorted, best first
-        keep = keep(top)
+        keep = rule(top)
         keep[:, : self.k_min] = True
         weights = torch.where(keep, top, torch.zeros_like(top))
         if self.normalize:
