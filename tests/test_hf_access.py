@@ -144,6 +144,20 @@ def test_edits_compose_in_order_and_remove_independently(saved):
         torch.testing.assert_close(_logits(model, ids), both)
 
 
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_run_experts_reproduces_the_block(saved, name):
+    """block.run_experts on the captured input and routing is the block's routed output."""
+    model = _load(saved, name)
+    with capture_routing(model, hidden=True) as cap:
+        _logits(model, hf_tiny.ids())
+    for block in find_moe_blocks(model):
+        x, routing = cap.input(block.layer), cap.routing(block.layer)
+        with torch.no_grad():
+            routed = block.run_experts(x, routing)
+            shared = block.module.shared_experts(x) if block.has_shared else 0
+        torch.testing.assert_close(routed + shared, cap.output(block.layer), atol=ATOL, rtol=RTOL)
+
+
 def test_fill_empty_slots():
     experts = torch.tensor([[3, EMPTY, EMPTY], [EMPTY, 0, 1], [2, 1, 0]])
     filled = fill_empty_slots(experts, 4)

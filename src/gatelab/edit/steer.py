@@ -78,7 +78,7 @@ def _rescale(routing: Routing, before: Tensor) -> Routing:
     return routing.replace(weights=routing.weights * scale)
 
 
-def _per_layer(model, spec, what: str) -> dict[int, list[int]]:
+def _per_layer(model, spec) -> dict[int, list[int]]:
     """{layer: ids} from a dict, or a list of ids for every MoE layer."""
     if spec is None:
         return {}
@@ -101,7 +101,7 @@ def steer_experts(
     that undoes it."""
     if mode not in STEER_MODES:
         raise ValueError(f"mode must be one of {STEER_MODES}, got {mode!r}")
-    off_map, on_map = _per_layer(model, off, "off"), _per_layer(model, on, "on")
+    off_map, on_map = _per_layer(model, off), _per_layer(model, on)
     for layer in set(off_map) & set(on_map):
         both = set(off_map[layer]) & set(on_map[layer])
         if both:
