@@ -1,0 +1,137 @@
+"""MoDES expert skipping (gatelab.edit.skip) on gatelab and HF MoE models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gatelab.edit import find_moe_blocks
+from gatelab.edit.skip import (
+    SkipEvaluator,
+    layer_importance,
+    search_thresholds,
+    skip_all,
+    skip_experts,
+    slot_scores,
+    threshold_grid,
+)
+from gatelab.inspect.access import edit_routing
+from gatelab.models import LM, LMConfig
+
+
+def _gatelab_lm():
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=50, dim=32, num_layers=3, num_heads=4, max_seq_len=32,
+                      moe_layers=[0, 2], num_experts=6, top_k=2, expert_hidden_dim=24)  # fmt: skip
+    model = LM(config).eval()
+    with torch.no_grad():
+        for block in find_moe_blocks(model):
+            block.router.weight.normal_(0.0, 0.5)
+            block.experts.down_proj.normal_(0.0, 0.3)  # experts that matter to the output
+    return model
+
+
+def _prompts(vocab=50, n=2, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (2, seq), generator=g) for _ in range(n)]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_threshold_zero_changes_nothing_gatelab():
+    model, prompts = _gatelab_lm(), _prompts()
+    alpha = layer_importance(model, prompts)
+    assert set(alpha) == {0, 2} and abs(sum(alpha.values()) - 1) < 1e-9
+    assert all(a > 0 for a in alpha.values())
+    before = _logits(model, prompts[0])
+    with skip_experts(model, alpha, 0.0) as handle:
+        after = _logits(model, prompts[0])
+    assert torch.equal(before, after)
+    assert handle.skipped == 0 and handle.chosen == 2 * 12 * 2 * 2  # tokens x k x layers
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_threshold_zero_changes_nothing_hf(family):
+    pytest.importorskip("transformers")
+    import hf_tiny
+
+    model = hf_tiny.build(family, implementation="gatelab")
+    ids = hf_tiny.ids()
+    alpha = {b.layer: 0.5 for b in find_moe_blocks(model)}
+    before = _logits(model, ids)
+    with skip_experts(model, alpha, 0.0):
+        after = _logits(model, ids)
+    assert torch.equal(before, after)
+    with skip_experts(model, alpha, 10.0) as handle:  # every slot under the threshold
+        everything = _logits(model, ids)
+    assert handle.ratio == 1.0
+    with edit_routing(model, skip_all):
+        torch.testing.assert_close(everything, _logits(model, ids))
+
+
+def test_skip_ratio_grows_with_threshold_and_matches_manual_mask():
+    model, prompts = _gatelab_lm(), _prompts()
+    alpha = layer_importance(model, prompts)
+    scores = slot_scores(model, prompts, alpha)[0]
+    grid = threshold_grid(scores, 6)
+    evaluate = SkipEvaluator(model, prompts, alpha)
+    points = [evaluate([t]) for t in grid]
+    ratios = [p.ratio for p in points]
+    assert ratios[0] == 0.0 and points[0].kl < 1e-6 and ratios[-1] == 1.0
+    assert all(a <= b + 1e-9 for a, b in zip(ratios, ratios[1:], strict=False))
+    # the edit is the documented rule: slots with alpha * pi < tau emptied, weights kept
+    tau = grid[3]
+    seen = {}
+
+    def manual(layer):
+        def edit(r):
+            pi = r.scores.gather(1, r.experts.clamp_min(0))
+            out = r.keep_slots(~(alpha[layer] * pi < tau))
+            seen[layer] = out
+            return out
+
+        return edit
+
+    with edit_routing(model, {layer: manual(layer) for layer in alpha}):
+        expected = _logits(model, prompts[0])
+    with skip_experts(model, alpha, tau):
+        torch.testing.assert_close(_logits(model, prompts[0]), expected, rtol=0, atol=0)
+
+
+def test_frontier_search_one_and_two_kinds():
+    model, prompts = _gatelab_lm(), _prompts(n=2)
+    alpha = layer_importance(model, prompts)
+    kinds = [0, 1]  # first batch kind 0, second kind 1
+    scores = slot_scores(model, prompts, alpha, kinds)
+    assert len(scores) == 2
+    grids = [threshold_grid(s, 5) for s in scores]
+    evaluate = SkipEvaluator(model, prompts, alpha, kinds)
+    best, frontier = search_thresholds(evaluate, grids, target=0.5)
+    assert best is not None and best.ratio >= 0.5 and frontier
+    assert best.kl == min(p.kl for p in frontier)
+    assert len(evaluate.points) <= 2 * 5 + 1  # the staircase, not the whole grid
+    one = SkipEvaluator(model, prompts, alpha)
+    best1, _ = search_thresholds(one, [threshold_grid(torch.cat(scores), 8)], target=0.5)
+    assert best1 is not None and best1.ratio >= 0.5
+    none, _ = search_thresholds(one, [[0.0]], target=0.5)
+    assert none is None
+
+
+def test_bad_input():
+    model, prompts = _gatelab_lm(), _prompts()
+    alpha = {0: 0.5, 2: 0.5}
+    with pytest.raises(ValueError, match="thresholds"):
+        skip_experts(model, alpha, -0.1)
+    with pytest.raises(ValueError, match="no value for MoE layers"):
+        skip_experts(model, {0: 1.0}, 0.1)
+    with pytest.raises(ValueError, match="empty"):
+        layer_importance(model, [])
+    with pytest.raises(ValueError, match="kinds must lie"):
+        skip_experts(model, alpha, [0.1, 0.2]).set_kinds(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="target"):
+        search_thresholds(SkipEvaluator(model, prompts, alpha), [[0.0, 1.0]], 1.5)
+    with pytest.raises(ValueError, match="no MoE blocks"):
+        layer_importance(torch.nn.Linear(2, 2), prompts)
