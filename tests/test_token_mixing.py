@@ -377,3 +377,10 @@ def test_token_mixing_experiment_smoke(tmp_path):
         assert f"| {kind} |" in result["table"]
         acc = result["results"][kind]["test_acc"][0]
         assert 0.0 <= acc <= 1.0
+
+
+def test_patch_size_check_runs():
+    from gatelab.experiments.token_mixing import patch_size_check
+
+    result = patch_size_check(patches=(4, 8), epochs=1, target=3_000)
+    assert sorted(result) == [4, 8] and all(0.0 <= a <= 1.0 for a in result.values())
