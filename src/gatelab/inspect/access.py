@@ -118,7 +118,15 @@ class BlockAdapter(Protocol):
     def install(self, block: MoEBlock, hooks: _BlockHooks) -> list[Any]:
         """Install the hooks that pass every Routing through ``hooks.apply``; return handles."""
 
-    def expert_weights(self, block: MoEBlock) -> ExpertWeights: ...
+    def expert_weights(self, block: MoEBlock) -> ExpertWeights:
+        """The block's routed experts as [E, ...] views."""
+
+    def restrict(self, block: MoEBlock, allowed: Tensor) -> Edit:
+        """A routing edit: the router's own rule with the experts outside ``allowed`` [E]
+        out of reach (the masked original of pruning, the reroute mode of steering)."""
+
+    def prune(self, model: nn.Module, blocks: list[MoEBlock], keep: dict[int, list[int]]):
+        """A physically smaller model keeping ``keep[layer]`` experts per block."""
 
 
 _ADAPTERS: list[BlockAdapter] = []
