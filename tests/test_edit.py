@@ -232,6 +232,8 @@ def test_prune_bad_input():
         select_experts(model, importance, 1)
     with pytest.raises(ValueError, match="missing \\[2\\]"):
         prune_model(model, {0: [0, 1, 2]})
+    with capture_routing(model), pytest.raises(ValueError, match="before prune_model"):
+        prune_model(model, {0: [0, 1, 2], 2: [0, 1, 2]})
     with pytest.raises(ValueError, match="demonstrations.*empty"):
         expert_importance(model, [])
     with pytest.raises(ValueError, match="longer than the model's context of 32"):

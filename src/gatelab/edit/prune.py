@@ -41,6 +41,7 @@ from ..inspect.access import (
     edit_routing,
     find_moe_blocks,
     forward_ids,
+    has_hooks,
     prompt_batches,
     select_blocks,
 )
@@ -177,6 +178,12 @@ def prune_model(model: nn.Module, keep: Mapping[int, Sequence[int]]) -> nn.Modul
     missing = [b.layer for b in blocks if b.layer not in keep]
     if missing:
         raise ValueError(f"keep must list the kept experts of every MoE layer; missing {missing}")
+    hooked = [b.layer for b in blocks if has_hooks(b)]
+    if hooked:  # a copy would carry hooks that feed the original's captures and edits
+        raise ValueError(
+            f"layers {hooked} have captures or edits installed; remove them (leave their "
+            "`with` blocks) before prune_model"
+        )
     for block in blocks:
         ids = list(keep[block.layer])
         check_keep(block, len(ids))

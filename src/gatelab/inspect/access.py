@@ -283,6 +283,11 @@ class _BlockHooks:
         self.record_io(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
 
 
+def has_hooks(block: MoEBlock) -> bool:
+    """True while a capture or an edit of this module is installed on the block."""
+    return block.module in _HOOKS
+
+
 def _hooks_for(block: MoEBlock) -> _BlockHooks:
     hooks = _HOOKS.get(block.module)
     if hooks is None:
@@ -658,6 +663,7 @@ __all__ = [
     "context_length",
     "edit_routing",
     "forward_ids",
+    "has_hooks",
     "next_token_loss",
     "find_moe_blocks",
     "prompt_batches",
