@@ -6,8 +6,8 @@ attention sink (the share of attention on the first token) and the massive activ
 (the largest |hidden state| in the residual stream).
 
 Setup: the dense-lm recipe's model narrowed to train in a few minutes on 2 CPU cores
-(4 layers, width 128, 4 heads, SwiGLU FFN 512, sequences of 64 bytes, 450 steps), trained from the
-same seed on the same batches with ``attn_gate`` "none" (the LM's usual attention) and
+(4 layers, width 128, 4 heads, SwiGLU FFN 512, sequences of 64 bytes, 450 steps), trained
+from the same seed on the same batches with ``attn_gate`` "none" (the LM's usual attention) and
 "elementwise" (the paper's best variant). The gate adds dim * dim parameters per layer;
 the table gives both counts (the paper does not match them either; it checks that more
 parameters alone do not explain the gain).
@@ -18,8 +18,7 @@ Measured on validation windows (the first ``eval_batches`` batches of each domai
 - ``first_token_share``: the mean attention probability on key position 0 over layers,
   heads and queries 1..S-1 (query 0 can only attend to itself and is left out), from
   explicit softmax probabilities; ``max_head_share``: the same for the one (layer, head)
-  with the largest share, since a sink can live in a few heads only. Our windows start at arbitrary bytes, so position 0 is
-  not a BOS token; a sink there is the positional sink of StreamingLLM;
+  with the largest share, since a sink can live in a few heads only;
 - ``max_activation``: max |h| over the residual stream (every block's output);
 - ``gate_mean``: the mean gate score sigmoid(x W_theta) (the paper: about 0.12, sparse).
 
