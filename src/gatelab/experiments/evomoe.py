@@ -27,6 +27,9 @@ Protocol (ours; the paper's scale is far out of reach on 2 CPU cores):
   combine weights softmax(logits). The learning-rate schedule continues across the switch,
   and so do AdamW's moments (:func:`gatelab.adapt.upcycle_optimizer_state`: each expert
   starts from its dense FFN's moments; the new routers start with none).
+- Ablation (``train_arm("dts", ...)``, not in the default run, to stay within its time):
+  ``dts``: the same DTS gate and schedule on randomly initialised experts from step 0,
+  without the dense phase and the diversify step.
 - Reported: bits per byte on validation per domain (every model evaluated in eval mode:
   the DTS gate routes top-1, like Switch), mean training loss over the last 50 steps,
   mean routed experts per token over training (the dense phase counts one expert), and
@@ -123,12 +126,26 @@ def train_arm(arm: str, scale: dict[str, Any], seed: int, out_dir: Path) -> dict
     torch.manual_seed(seed)
     if arm == "evomoe":
         return _train_evomoe(scale, seed, out_dir)
-    model = {"top_k": 1, "router_kwargs": {}} if arm == "switch" else {"top_k": 2}
+    model = {
+        "switch": {"top_k": 1, "router_kwargs": {}},
+        "top2": {"top_k": 2},
+        "dts": {"top_k": NUM_EXPERTS, "router": "dense_to_sparse",
+                "router_kwargs": dts_kwargs(scale)},
+    }[arm]  # fmt: skip
     run = build_run(recipe(scale, seed, out_dir / f"{arm}-{seed}", **model))
     counter = ExpertCounter().attach(run.model)
     result = run.trainer().fit()
     counter.remove()
     return _summary(result, counter, out_dir / f"{arm}-{seed}", scale)
+
+
+def dts_kwargs(scale: dict[str, Any]) -> dict[str, Any]:
+    """The DTS gate's settings: tau 2.0 -> 0.5 linearly from the end of the dense phase
+    over ``decay_steps`` (steps count from the start of the run), hard top-1 from
+    ``hard_from``, threshold 0.001."""
+    tau = {"kind": "linear", "start": 2.0, "end": 0.5, "steps": scale["decay_steps"],
+           "begin": scale["dense_steps"]}  # fmt: skip
+    return {"tau": tau, "hard_from": scale["hard_from"], "threshold": 1e-3}
 
 
 def _train_evomoe(scale: dict[str, Any], seed: int, out_dir: Path) -> dict[str, Any]:
@@ -145,15 +162,9 @@ def _train_evomoe(scale: dict[str, Any], seed: int, out_dir: Path) -> dict[str, 
     counter.add_dense(scale["dense_steps"] * scale["batch"] * scale["seq"] * scale["layers"])
 
     start = scale["dense_steps"]
-    kwargs = {
-        "tau": {"kind": "linear", "start": 2.0, "end": 0.5, "steps": scale["decay_steps"],
-                "begin": start},
-        "hard_from": scale["hard_from"],
-        "threshold": 1e-3,
-    }  # fmt: skip
     moe_lm = upcycle_lm(
         run.model, NUM_EXPERTS, top_k=NUM_EXPERTS, router="dense_to_sparse",
-        router_kwargs=kwargs, diversify=DIVERSIFY, seed=seed,
+        router_kwargs=dts_kwargs(scale), diversify=DIVERSIFY, seed=seed,
     )  # fmt: skip
     after = _bpb(run.eval_fn(moe_lm))
     for block in moe_lm.blocks:

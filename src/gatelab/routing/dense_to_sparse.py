@@ -36,7 +36,9 @@ class DenseToSparseRouter(Router):
     ``decay`` "linear" or "exponential" from ``tau_max`` to ``tau_min`` over
     ``decay_steps`` (EvoMoE's ``Linear`` / ``Exp`` schedulers), or any ``tau`` schedule
     (a number, a dict with ``kind``, or a :class:`~gatelab.routing.schedules.Schedule`),
-    which replaces them. In eval mode the gate is ``eval_mode``: "top1" (the reference's
+    which replaces them. The defaults (tau 2.0 -> 0.5 linearly over 5000 steps) are the
+    released WMT14 script's; it also switches to hard routing at update 6000, which here is
+    ``hard_from=6000`` (the default, None, never switches). In eval mode the gate is ``eval_mode``: "top1" (the reference's
     ``top1gating``: argmax of l, weight softmax(l)) or "dense" (``dense_validate``: every
     expert at softmax(l)).
 
