@@ -238,6 +238,10 @@ def test_evomoe_experiment_smoke(tmp_path):
     for arm in rows.values():
         assert all(v > 0 for v in arm[0]["bpb"].values())
     assert (tmp_path / "evomoe-0" / "metrics.jsonl").exists()
+    from gatelab.experiments.evomoe import SCALES, train_arm
+
+    ablation = train_arm("dts", SCALES["smoke"], 0, tmp_path)
+    assert 1.0 < ablation["experts_per_token"] <= 4.0 and ablation["bpb"]["code"] > 0
 
 
 def test_optimizer_state_carries_over():
