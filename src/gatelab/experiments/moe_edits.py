@@ -44,8 +44,15 @@ DESCRIPTION = (
 )
 
 SCALES = {
-    "smoke": {"profile": 4, "eval": 4, "demos": 4, "n_off": 2, "random_draws": 2},
-    "full": {"profile": 48, "eval": 64, "demos": 16, "n_off": 4, "random_draws": 20},
+    "smoke": {"profile": 4, "eval": 4, "demos": 4, "demo_sets": 2, "n_off": 2, "random_draws": 2},
+    "full": {
+        "profile": 48,
+        "eval": 64,
+        "demos": 16,
+        "demo_sets": 4,
+        "n_off": 4,
+        "random_draws": 20,
+    },
 }
 
 
@@ -108,7 +115,10 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
     rand = {d: [r[d] - base[d] for r in random_off] for d in evals}
 
     # 3. prune with code demonstrations: half the experts (and 3/4 as a second point)
-    demos = domain_windows("code", seq - 1, cfg["demos"], "train", seed + 1)
+    # disjoint demonstration sets, interleaved from one pool; the first one fills the table
+    pool = domain_windows("code", seq - 1, cfg["demos"] * cfg["demo_sets"], "train", seed + 1)
+    demo_sets = [pool[i :: cfg["demo_sets"]] for i in range(cfg["demo_sets"])]
+    demos = demo_sets[0]
     importance = {m: expert_importance(model, demos, m) for m in ("easy_ep", "frequency")}
     pruned_losses, kept, check, params = {}, {}, {}, {"full": _count(model)}
     for keep_n in (num_experts // 2, 3 * num_experts // 4):
@@ -123,6 +133,15 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
                 masked = model(probe).logits
             with torch.no_grad():
                 check[f"{method}-{keep_n}"] = float((pruned(probe).logits - masked).abs().max())
+
+    # the half-pruned comparison again on every demonstration set (code bits per byte)
+    half = num_experts // 2
+    per_set = {m: [] for m in ("easy_ep", "frequency")}
+    for demo in demo_sets:
+        for method in per_set:
+            keep = select_experts(model, expert_importance(model, demo, method), half)
+            per_set[method].append(_bpb(prune_model(model, keep), evals["code"]))
+    wins = sum(a < b for a, b in zip(per_set["easy_ep"], per_set["frequency"], strict=True))
 
     def change(losses):
         return f"{losses['prose'] - base['prose']:+.4f} | {losses['code'] - base['code']:+.4f}"
@@ -156,7 +175,9 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
         f"{[(a, b, round(c, 3)) for a, b, c in top['prose']]}. Parameters: full "
         f"{params['full']:,}, pruned to {num_experts // 2}: {params[num_experts // 2]:,}; "
         f"max |pruned - masked| logit over the pruned models: {max(check.values()):.2e}. "
-        f"top_k={top_k}."
+        f"top_k={top_k}. Half-pruned code bits per byte over {len(demo_sets)} disjoint "
+        f"demonstration sets: EASY-EP {_span(per_set['easy_ep'])}, frequency "
+        f"{_span(per_set['frequency'])}; EASY-EP lower in {wins} of {len(demo_sets)}."
     )
     return {
         "table": table,
@@ -169,6 +190,7 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
         "random_off": random_off,
         "pruned": {f"{m}-{k}": v for (m, k), v in pruned_losses.items()},
         "kept": kept,
+        "half_pruned_code_by_demo_set": per_set,
         "pruned_vs_masked_max_abs": check,
         "parameters": {str(k): v for k, v in params.items()},
         "profile_png": str(out / "profile.png"),
@@ -184,6 +206,10 @@ def _by_layer(top) -> dict[int, list[int]]:
 
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _span(values: list[float]) -> str:
+    return f"mean {_mean(values):.4f} (range {min(values):.4f}-{max(values):.4f})"
 
 
 def _mean(values: list[float]) -> float:
