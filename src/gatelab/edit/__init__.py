@@ -21,7 +21,10 @@ from ..inspect.access import (
     register_adapter,
     select_blocks,
 )
+from .offload import OffloadedExperts, resident_expert_bytes
+from .pregate import PreGates, pregate_hit_rate, train_pregates
 from .prune import expert_importance, prune_model, restrict_experts, select_experts
+from .skip import layer_importance, search_thresholds, skip_experts
 from .steer import clamp_neurons, force_on, steer_experts, switch_off
 
 __all__ = [
@@ -31,6 +34,8 @@ __all__ = [
     "GatelabAdapter",
     "MoEBlock",
     "NoMoEBlocksError",
+    "OffloadedExperts",
+    "PreGates",
     "RoutingCapture",
     "adapters",
     "capture_routing",
@@ -40,11 +45,17 @@ __all__ = [
     "expert_importance",
     "find_moe_blocks",
     "force_on",
+    "layer_importance",
+    "pregate_hit_rate",
     "prune_model",
     "register_adapter",
+    "resident_expert_bytes",
     "restrict_experts",
     "select_blocks",
+    "search_thresholds",
     "select_experts",
+    "skip_experts",
     "steer_experts",
     "switch_off",
+    "train_pregates",
 ]

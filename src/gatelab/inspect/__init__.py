@@ -9,6 +9,7 @@ from .access import (
     edit_routing,
     find_moe_blocks,
 )
+from .readout import read_neurons, read_vectors, readout_accuracy
 from .telemetry import RoutingMonitor, routing_stats
 
 __all__ = [
@@ -19,5 +20,8 @@ __all__ = [
     "capture_routing",
     "edit_routing",
     "find_moe_blocks",
+    "read_neurons",
+    "read_vectors",
+    "readout_accuracy",
     "routing_stats",
 ]
