@@ -135,3 +135,50 @@ def test_bad_input():
         search_thresholds(SkipEvaluator(model, prompts, alpha), [[0.0, 1.0]], 1.5)
     with pytest.raises(ValueError, match="no MoE blocks"):
         layer_importance(torch.nn.Linear(2, 2), prompts)
+
+
+# -- the commands and the experiment ----------------------------------------------------------
+
+PROSE = "The quick brown fox jumps over the lazy dog. " * 12
+CODE = "def f(x):\n    return [i * 2 for i in range(x)]\n\n" * 12
+
+
+def test_skip_pregate_transcoder_commands(tmp_path, capsys):
+    import json
+
+    from gatelab.cli import main
+    from gatelab.experiments._trained_lm import trained_moe_lm
+
+    run_dir = trained_moe_lm("smoke", 0, tmp_path).run_dir
+    (tmp_path / "prose.txt").write_text(PROSE)
+    (tmp_path / "code.txt").write_text(CODE)
+    sets = ["--set", f"prose={tmp_path / 'prose.txt'}", "--set", f"code={tmp_path / 'code.txt'}"]
+    common = [str(run_dir), *sets, "--seq-len", "24", "--max-prompts", "3"]
+    out = tmp_path / "out"
+    assert main(["skip", *common, "--target", "0.5", "--grid", "4", "--out", str(out)]) == 0
+    skip = json.loads((out / "skip.json").read_text())
+    assert skip["curve"][0]["ratio"] == 0.0 and (out / "skip.png").is_file()
+    assert {s["search"] for s in skip["searches"]} == {"1 threshold", "per set"}
+    assert main(["pregate", *common, "--steps", "3", "--capacity", "4", "--out", str(out)]) == 0
+    pregate = json.loads((out / "pregate.json").read_text())
+    assert [m["exact"] for m in pregate["modes"]] == [True, True, True]
+    assert (out / "pregates.safetensors").is_file()
+    assert main(["transcoder", *common, "--layer", "1", "--hidden-dim", "32", "--steps", "5",
+                 "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "transcoder.json").read_text())
+    assert report["hidden_dim"] == 32 and 0 <= report["l0"] <= 32
+    capsys.readouterr()
+    assert main(["skip", str(run_dir), "--out", str(out)]) == 2  # no calibration set
+    assert "--set" in capsys.readouterr().err
+    assert main(["transcoder", *common, "--layer", "9", "--out", str(out)]) == 2
+    assert "no MoE block" in capsys.readouterr().err
+
+
+def test_moe_runtime_experiment_smoke(tmp_path):
+    from gatelab import experiments
+
+    result = experiments.get("moe-runtime").run("smoke", 0, tmp_path)
+    assert "Skip (MoDES)" in result["table"]
+    assert all(row["exact"] for row in result["offload"]["rows"])
+    json_clean = __import__("json").dumps(result, allow_nan=False)
+    assert json_clean

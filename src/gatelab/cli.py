@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_localize(commands)
     _add_steer(commands)
     _add_prune(commands)
+    _add_skip(commands)
+    _add_pregate(commands)
+    _add_transcoder(commands)
     return parser
 
 
@@ -390,6 +393,28 @@ def _add_prune(commands) -> None:
     from .tools import add_prune_parser
 
     add_prune_parser(commands)
+
+
+# -- gatelab skip / pregate / transcoder (implementations in edit.skip, edit.offload,
+# adapt.transcoder) ---------------------------------------------------------------------------
+
+
+def _add_skip(commands) -> None:
+    from .edit.skip import add_skip_parser
+
+    add_skip_parser(commands)
+
+
+def _add_pregate(commands) -> None:
+    from .edit.offload import add_pregate_parser
+
+    add_pregate_parser(commands)
+
+
+def _add_transcoder(commands) -> None:
+    from .adapt.transcoder import add_transcoder_parser
+
+    add_transcoder_parser(commands)
 
 
 # -- argument types -------------------------------------------------------------------------

@@ -311,8 +311,92 @@ def search_thresholds(evaluate: SkipEvaluator, grids: Sequence[Sequence[float]],
     return best, frontier
 
 
+# -- gatelab skip -------------------------------------------------------------------------------
+
+
+def add_skip_parser(commands) -> None:
+    """``gatelab skip``: MoDES importance, the skip-ratio curve and threshold searches."""
+    from ..tools import _guarded, add_model_arguments
+
+    p = commands.add_parser(
+        "skip", help="MoDES expert skipping: layer importance, skip ratio vs KL, thresholds",
+        description="Compute MoDES's layer importance on the calibration --set(s), the skip "
+        "ratio / KL / loss curve over one threshold, and the thresholds that reach each "
+        "--target skip ratio (two sets: also one threshold per set, by the frontier search). "
+        "Writes skip.json and skip.png. The model on disk is not changed.",
+    )  # fmt: skip
+    add_model_arguments(p)
+    p.add_argument("--target", type=float, action="append", default=[],
+                   help="target skip ratio in [0, 1] (repeatable; default 0.5)")  # fmt: skip
+    p.add_argument("--grid", type=int, default=12, help="thresholds per grid (default 12)")
+    p.set_defaults(func=_guarded("skip", cmd_skip))
+
+
+def cmd_skip(args) -> int:
+    from pathlib import Path
+
+    from ..tools import _write_json, open_model, read_prompt_set
+
+    opened = open_model(args.model)
+    sets = dict(read_prompt_set(s, opened, args.seq_len, args.max_prompts) for s in args.sets)
+    if not sets or len(sets) > 2:
+        raise ValueError("give one or two calibration sets with --set NAME=FILE (two: one "
+                         "token kind each)")  # fmt: skip
+    names = list(sets)
+    prompts = [p for n in names for p in sets[n]]
+    kinds = [i for i, n in enumerate(names) for _ in sets[n]]
+    model = opened.model
+    alpha = layer_importance(model, prompts)
+    scores = slot_scores(model, prompts, alpha, kinds)
+    one_grid = threshold_grid(torch.cat(scores), args.grid)
+    one = SkipEvaluator(model, prompts, alpha)
+    curve = [one([t]) for t in one_grid]
+    searches = []
+    for target in args.target or [0.5]:
+        modes = [("1 threshold", one, [one_grid])]
+        if len(names) == 2:
+            grids = [threshold_grid(s, args.grid) for s in scores]
+            modes.append(("per set", SkipEvaluator(model, prompts, alpha, kinds), grids))
+        for label, evaluator, grids in modes:
+            best, _ = search_thresholds(evaluator, grids, target)
+            searches.append({"target": target, "search": label,
+                             "best": None if best is None else best.__dict__})  # fmt: skip
+    out = Path(args.out)
+    path = _write_json(out / "skip.json", {
+        "sets": names, "alpha": alpha, "curve": [p.__dict__ for p in curve],
+        "searches": searches})  # fmt: skip
+    _plot_curve(curve, out / "skip.png")
+    print("layer importance: " + ", ".join(f"{k}: {v:.3f}" for k, v in alpha.items()))
+    for s in searches:
+        b = s["best"]
+        found = "no threshold reaches it" if b is None else (
+            f"thresholds {[round(t, 5) for t in b['thresholds']]}, ratio {b['ratio']:.3f}, "
+            f"KL {b['kl']:.4f}, loss {b['loss']:.4f}")  # fmt: skip
+        print(f"target {s['target']:.2f} ({s['search']}): {found}")
+    print(f"wrote {path} and {out / 'skip.png'}")
+    return 0
+
+
+def _plot_curve(curve: list[SkipPoint], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p.ratio for p in curve], [p.kl for p in curve], "o-")
+    ax.set_xlabel("skip ratio")
+    ax.set_ylabel("KL to the full model (nats/token)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 __all__ = [
     "SkipEvaluator",
+    "add_skip_parser",
+    "cmd_skip",
     "SkipHandle",
     "SkipPoint",
     "layer_importance",
