@@ -1,6 +1,14 @@
 """Cheap changes to a trained model: dense -> MoE upcycling, EvoMoE's expert diversify,
-and transcoders (a sparse replacement of one MLP/MoE layer)."""
+transcoders (a sparse replacement of one MLP/MoE layer) and LoRA adapters."""
 
+from .lora import (
+    LoRALinear,
+    add_lora,
+    find_linear_targets,
+    lora_modules,
+    lora_parameters,
+    merge_lora,
+)
 from .transcoder import Transcoder, evaluate_transcoder, train_transcoder
 from .upcycle import (
     DenseFFN,
@@ -16,13 +24,19 @@ from .upcycle import (
 
 __all__ = [
     "DenseFFN",
+    "LoRALinear",
     "Transcoder",
     "activation_name",
+    "add_lora",
     "copy_into_bank",
     "dense_ffn_weights",
     "diversify_experts",
     "evaluate_transcoder",
+    "find_linear_targets",
     "init_router",
+    "lora_modules",
+    "lora_parameters",
+    "merge_lora",
     "train_transcoder",
     "upcycle_ffn",
     "upcycle_lm",
