@@ -63,8 +63,8 @@ SCALES = {
               "chunk": 8, "chunks": 2, "capacities": [4], "repeats": 1, "tc_windows": 2,
               "tc_hidden": 64, "tc_l1": [1e-3], "tc_steps": 5},
     "full": {"calib": 16, "eval": 32, "grid": 12, "targets": [0.25, 0.5, 0.75],
-             "pregate_steps": 300, "chunk": 16, "chunks": 24, "capacities": [16, 8],
-             "repeats": 3, "tc_windows": 64, "tc_hidden": 1024, "tc_l1": [3e-4, 1e-3, 3e-3],
+             "pregate_steps": 300, "chunk": 16, "chunks": 24, "capacities": [32, 16, 8],
+             "repeats": 3, "tc_windows": 64, "tc_hidden": 1024, "tc_l1": [1e-3, 1e-2, 3e-2],
              "tc_steps": 1500},
 }  # fmt: skip
 
@@ -134,10 +134,22 @@ def _skip(model, calib, evals, cfg, out: Path) -> dict:
                                ratio=h.ratio, kl=h.kl, bpb=_bpb(h.loss))  # fmt: skip
                     row["per_domain_bpb"] = _domain_bpb(model, evals, importance, best.thresholds)
                 report["targets"].append(row)
+    report["matched"] = {label: {t: _kl_at(report["curve"][label], t) for t in cfg["targets"]}
+                         for label in report["curve"]}  # fmt: skip
     report["full_bpb"] = {d: _bpb(SkipEvaluator(model, [evals[d]], alpha)([0.0]).loss)
                           for d in DOMAINS}  # fmt: skip
     report["plot"] = str(_plot_curves(report["curve"], out / "skip_frontier.png"))
     return report
+
+
+def _kl_at(curve: list[dict], ratio: float) -> float | None:
+    """KL at skip ratio ``ratio`` by linear interpolation on a held-out curve (the searched
+    thresholds land on grid points whose ratios differ; this compares scores at equal ratio)."""
+    points = sorted((p["ratio"], p["kl"]) for p in curve)
+    for (r0, k0), (r1, k1) in zip(points, points[1:], strict=False):
+        if r0 <= ratio <= r1:
+            return k0 if r1 == r0 else k0 + (k1 - k0) * (ratio - r0) / (r1 - r0)
+    return None
 
 
 def _domain_bpb(model, evals, importance, thresholds) -> dict[str, float]:
@@ -288,6 +300,10 @@ def _table(r: dict) -> str:
             f"| {_fmt(row.get('kl'))} | {_fmt(row.get('bpb'))} | {_fmt(per.get('prose'))} | "
             f"{_fmt(per.get('code'))} |"
         )
+    m = s["matched"]
+    lines += ["", "KL at equal held-out skip ratio (interpolated on each score's one-threshold "
+              "curve): " + "; ".join(f"ratio {t:.2f}: alpha x pi {_fmt(m['modes'][t])}, pi alone "
+                                     f"{_fmt(m['uniform'][t])}" for t in m["modes"]) + "."]  # fmt: skip
     p = r["pregate"]
     lines += ["", "**Pre-gate hit rate** (top-2 guesses vs the next layer's top-2, held-out; "
               "chance 0.25):", "", "| predicts layer | untrained (next router early) | "
@@ -301,7 +317,7 @@ def _table(r: dict) -> str:
     o = r["offload"]
     lines += ["", f"**Offload** ({o['tokens']} held-out tokens in windows of {o['chunk']}, one "
               "window per forward):", "", "| mode | cache (experts) | tokens/s | peak resident "
-              "expert MB | misses / requests | prefetch hits | pre-gate hit rate | equals "
+              "expert MB | misses / requests | prefetch hits | requested experts the pre-gates queued | equals "
               "resident |", "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for row in o["rows"]:
         req = row.get("requests")
