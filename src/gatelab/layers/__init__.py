@@ -12,6 +12,7 @@ from .ctr import (
     MLPStack,
     mlp_parameter_count,
 )
+from .field import CoordinateAwareModulation, FourierFeatures, NeuralField, pixel_coords
 from .kan import GRKANMLP, SKAN, GroupRational, SKANLayer
 from .mlp import (
     GLU_VARIANTS,
@@ -41,6 +42,7 @@ from .token_mixing import (
     SpatialGatingUnit,
     SpatialGatingWeights,
 )
+from .uoe import SelectiveMultiHeadAttention, decompose_mlp, decompose_to_moe, uoe_mlp
 from .wide_mlp import (
     WideMLP,
     block_gates,
@@ -52,6 +54,14 @@ from .wide_mlp import (
 )
 
 __all__ = [
+    "CoordinateAwareModulation",
+    "FourierFeatures",
+    "NeuralField",
+    "pixel_coords",
+    "SelectiveMultiHeadAttention",
+    "decompose_mlp",
+    "decompose_to_moe",
+    "uoe_mlp",
     "DualMLP",
     "FeatureSelection",
     "FieldEmbedding",

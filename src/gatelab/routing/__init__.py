@@ -37,8 +37,12 @@ from .temperature import (
     activation_scores,
     temperature_scores,
 )
+from .uoe import AllExpertsRouter, PatchSelectionRouter, UoERouter
 
 __all__ = [
+    "AllExpertsRouter",
+    "PatchSelectionRouter",
+    "UoERouter",
     "K_SCHEDULES",
     "DynamicKRouter",
     "SparsityAwareRouter",
