@@ -146,6 +146,7 @@ class OffloadedExperts:
         self._saved: dict[int, dict[str, object]] = {}
         self._hooks: list = []
         self._pool: ThreadPoolExecutor | None = None
+        self._stream = None
 
     # -- setup and teardown ------------------------------------------------------------------
 
@@ -260,7 +261,9 @@ class OffloadedExperts:
         """Host tier -> compute device (runs on the prefetch thread or inline)."""
         host = self._host.get(key) or self._read(*key)
         if self.device.type == "cuda":
-            stream = torch.cuda.Stream(self.device)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)  # copies off the compute stream
+            stream = self._stream
             with torch.cuda.stream(stream):
                 out = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
             stream.synchronize()

@@ -76,7 +76,7 @@ class PreGates(nn.Module):
                 f"no pre-gate for layer {layer}; pre-gated layers: {sorted(self.next_layer)}"
             )
         gate = self.gates[str(layer)]
-        return gate(x.to(gate.weight.dtype))
+        return gate(x.to(gate.weight.device, gate.weight.dtype))
 
     def predict(self, layer: int, x: Tensor, k: int) -> Tensor:
         """The top ``k`` predicted experts of the next layer per token [T, k]."""
