@@ -298,12 +298,6 @@ class SelectiveMultiHeadAttention(nn.Module):
         o = o * (weight.gather(1, idx) * valid).unsqueeze(-1)
         return x.new_zeros(x.shape).scatter_add(1, idx.unsqueeze(-1).expand(b, n, d), o)
 
-    def flops(self, num_tokens: int, selected_pairs: int | None = None) -> int:
-        """Projection FLOPs (2 per multiply-add) of one forward: gate + per selected
-        (token, head) its q, k, v and output slices; QK^T and AV are left out."""
-        pairs = num_tokens * self.top_k if selected_pairs is None else selected_pairs
-        return 2 * num_tokens * self.dim * self.num_heads + 2 * pairs * 4 * self.dim * self.head_dim
-
 
 __all__ = [
     "DenseMLPWeights",
