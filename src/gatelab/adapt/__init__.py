@@ -1,5 +1,6 @@
 """Cheap changes to a trained model: dense -> MoE upcycling, EvoMoE's expert diversify,
-transcoders (a sparse replacement of one MLP/MoE layer) and LoRA adapters."""
+transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters and PHATGOOSE routing
+among LoRA experts."""
 
 from .lora import (
     LoRALinear,
@@ -8,6 +9,14 @@ from .lora import (
     lora_modules,
     lora_parameters,
     merge_lora,
+)
+from .phatgoose import (
+    GatedLoRALinear,
+    PhatGooseLinear,
+    PhatGooseRouter,
+    phatgoose_model,
+    train_gates,
+    train_lora_expert,
 )
 from .transcoder import Transcoder, evaluate_transcoder, train_transcoder
 from .upcycle import (
@@ -24,7 +33,10 @@ from .upcycle import (
 
 __all__ = [
     "DenseFFN",
+    "GatedLoRALinear",
     "LoRALinear",
+    "PhatGooseLinear",
+    "PhatGooseRouter",
     "Transcoder",
     "activation_name",
     "add_lora",
@@ -37,6 +49,9 @@ __all__ = [
     "lora_modules",
     "lora_parameters",
     "merge_lora",
+    "phatgoose_model",
+    "train_gates",
+    "train_lora_expert",
     "train_transcoder",
     "upcycle_ffn",
     "upcycle_lm",

@@ -6,6 +6,8 @@ inside the functions that need them (``pip install 'gatelab[data]'``).
 - :mod:`~gatelab.data.text`: the two-domain (prose / code) byte-level corpus, resumable LM
   batches and per-domain evaluation batches.
 - :mod:`~gatelab.data.images`: digits with rotations, photographs and patches.
+- :mod:`~gatelab.data.transforms`: named digit transformations (rotations, flips, inversion,
+  noise, shift) that make a family of tasks from one image set.
 - :mod:`~gatelab.data.series`: statsmodels series as forecasting windows split by time.
 - :mod:`~gatelab.data.synthetic`: MQAR, Gaussian mixture-of-experts regression, MMoE tasks.
 - :mod:`~gatelab.data.ctr`: synthetic click logs with known pairwise interactions; Criteo
@@ -58,6 +60,7 @@ from .text import (
     load_corpus,
     prose_documents,
 )
+from .transforms import DIGIT_TRANSFORMS, transform_images
 
 __all__ = [
     "ClickModel",
@@ -67,6 +70,7 @@ __all__ = [
     "synthetic_ctr",
     "TensorBatches",
     "CIFAR10_CLASSES",
+    "DIGIT_TRANSFORMS",
     "DOMAINS",
     "EMNIST_CLASSES",
     "EOS",
@@ -105,4 +109,5 @@ __all__ = [
     "prose_documents",
     "read_idx",
     "rotate",
+    "transform_images",
 ]
