@@ -9,7 +9,13 @@ from conftest import EDGE_CASES, DispatchCase, bank_tensors, dispatch_cases, gra
 from hypothesis import given, settings
 
 from gatelab import ExpertBank
-from gatelab.dispatch import DISPATCHERS, get_dispatcher, grouped_dispatch, loop_dispatch
+from gatelab.dispatch import (
+    DISPATCHERS,
+    auto_dispatch,
+    get_dispatcher,
+    grouped_dispatch,
+    loop_dispatch,
+)
 from gatelab.dispatch.grouped import grouped_linear, grouped_weight_grad
 from gatelab.routing import EMPTY
 
@@ -139,8 +145,8 @@ def test_deterministic_flag_gives_equal_results():
 
 
 def test_registered_dispatchers():
-    assert DISPATCHERS.names() == ["grouped", "loop"]
-    assert get_dispatcher("auto") is grouped_dispatch
+    assert DISPATCHERS.names() == ["grouped", "loop", "triton"]
+    assert get_dispatcher("auto") is auto_dispatch  # grouped off CUDA: test_triton_dispatch
     assert get_dispatcher("loop") is loop_dispatch
 
 

@@ -7,6 +7,8 @@ forward+backward, median of repeats after warm-up:
   (gate_up [2kF, D], down [D, kF], through ``F.linear``);
 - ``gatelab_grouped`` and ``gatelab_loop``: ``gatelab.MoE`` with the ``topk`` router
   (normalised, as Mixtral routes) and the grouped or the loop dispatcher;
+- ``gatelab_triton``: the same layer through the triton dispatcher (CUDA with triton
+  installed only; deterministic combine, as the layer's default);
 - ``hf_eager`` and ``hf_grouped_mm``: a ``MixtralSparseMoeBlock`` from transformers that
   holds the very same parameters as the gatelab layer, run with each experts
   implementation. Once per shape the gatelab output is checked against HF eager's.
@@ -62,7 +64,14 @@ LOOP_MAX_EXPERTS = 256
 QUICK_LOOP_MAX_EXPERTS = 16
 """With --quick the per-expert loops are timed only up to this many experts."""
 
-VARIANTS = ("dense", "gatelab_grouped", "gatelab_loop", "hf_eager", "hf_grouped_mm")
+VARIANTS = (
+    "dense",
+    "gatelab_grouped",
+    "gatelab_triton",
+    "gatelab_loop",
+    "hf_eager",
+    "hf_grouped_mm",
+)
 MOE_VARIANTS = VARIANTS[1:]
 
 DTYPES = {
@@ -296,6 +305,24 @@ def gatelab_loop(moe: MoE) -> Variant:
     return Variant(loop, list(loop.parameters()))
 
 
+def gatelab_triton(moe: MoE) -> Variant:
+    """The same router and experts (shared parameters) through the triton dispatcher."""
+    fused = MoE(
+        moe.dim,
+        moe.hidden_dim,
+        moe.num_experts,
+        moe.top_k,
+        router=moe.router,
+        experts=moe.experts,
+        dispatcher="triton",
+    ).eval()
+    return Variant(fused, list(fused.parameters()))
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def hf_available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
@@ -453,6 +480,11 @@ def skip_reason(name: str, shape: Shape, settings: BenchSettings) -> str | None:
             return "--no-hf"
         if not hf_available():
             return "transformers is not installed (pip install 'gatelab[hf]')"
+    if name == "gatelab_triton":
+        if settings.device != "cuda":
+            return "CUDA only (triton kernels)"
+        if not triton_available():
+            return "triton is not installed (pip install 'gatelab[gpu]')"
     if name in ("gatelab_loop", "hf_eager"):
         if settings.quick and shape.num_experts > QUICK_LOOP_MAX_EXPERTS:
             return f"--quick: per-expert loops not timed above E={QUICK_LOOP_MAX_EXPERTS}"
@@ -475,6 +507,7 @@ def bench_shape(
     builders: dict[str, Callable[[], Variant]] = {
         "dense": lambda: dense_mlp(shape, device, dtype),
         "gatelab_grouped": lambda: gatelab_grouped(moe),
+        "gatelab_triton": lambda: gatelab_triton(moe),
         "gatelab_loop": lambda: gatelab_loop(moe),
         "hf_eager": lambda: hf_eager(moe),
         "hf_grouped_mm": lambda: hf_grouped_mm(moe),
@@ -577,6 +610,7 @@ def run_moe_bench(
 _LABELS = {
     "dense": "dense (k*F)",
     "gatelab_grouped": "gatelab grouped",
+    "gatelab_triton": "gatelab triton",
     "gatelab_loop": "gatelab loop",
     "hf_eager": "HF eager",
     "hf_grouped_mm": "HF grouped_mm",

@@ -11,16 +11,26 @@ from ..registry import Registry
 from .expert_parallel import ExpertParallel, layer_bytes
 from .grouped import grouped_dispatch, grouped_linear, grouped_mm_supported
 from .loop import loop_dispatch
+from .triton import triton_available, triton_dispatch
 
 DISPATCHERS = Registry("dispatcher")
 DISPATCHERS.register("loop")(loop_dispatch)
 DISPATCHERS.register("grouped")(grouped_dispatch)
+DISPATCHERS.register("triton")(triton_dispatch)
+
+
+def auto_dispatch(x, experts, weights, bank, deterministic: bool = True):
+    """The triton dispatcher for CUDA tensors when triton is installed, grouped otherwise
+    (always grouped on CPU, where triton kernels would only run in its interpreter)."""
+    if x.is_cuda and triton_available():
+        return triton_dispatch(x, experts, weights, bank, deterministic)
+    return grouped_dispatch(x, experts, weights, bank, deterministic)
 
 
 def get_dispatcher(name: str):
     """The dispatcher registered under ``name``; "auto" picks the fastest for any device."""
     if name == "auto":
-        return grouped_dispatch
+        return auto_dispatch
     if name not in DISPATCHERS:
         valid = ", ".join(["auto", *DISPATCHERS.names()])
         raise ValueError(f"unknown dispatcher {name!r}; valid names are: {valid}")
@@ -29,6 +39,7 @@ def get_dispatcher(name: str):
 
 __all__ = [
     "DISPATCHERS",
+    "auto_dispatch",
     "ExpertParallel",
     "get_dispatcher",
     "grouped_dispatch",
@@ -36,4 +47,6 @@ __all__ = [
     "grouped_mm_supported",
     "layer_bytes",
     "loop_dispatch",
+    "triton_available",
+    "triton_dispatch",
 ]
