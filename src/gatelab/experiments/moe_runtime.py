@@ -215,31 +215,40 @@ def _timed(model, chunks) -> tuple[float, list[torch.Tensor]]:
 
 
 def _offload(model, gates, evals, cfg, out: Path) -> dict:
+    """Every mode runs once per round, rounds repeated: the load of the shared machine drifts,
+    and interleaving keeps that drift out of the comparison (medians over rounds)."""
     chunks = _chunks(evals, cfg)
     tokens = sum(c.numel() for c in chunks)
     _timed(model, chunks[:2])  # warm-up
-    resident_times, reference = [], None
-    for _ in range(cfg["repeats"]):
-        seconds, reference = _timed(model, chunks)
-        resident_times.append(seconds)
-    rows = [{"mode": "all resident", "capacity": sum(b.num_experts for b in find_moe_blocks(model)),
-             "tokens_per_s": tokens / statistics.median(resident_times),
-             "peak_resident_bytes": resident_expert_bytes(model), "exact": True}]  # fmt: skip
+    _, reference = _timed(model, chunks)
+    modes = [("all resident", None, None)] + [
+        (mode, capacity, pregates)
+        for capacity in cfg["capacities"]
+        for mode, pregates in (("on demand", None), ("pre-gate prefetch", gates))
+    ]
+    times = {i: [] for i in range(len(modes))}
+    rows = [None] * len(modes)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        for capacity in cfg["capacities"]:
-            for mode, pregates in (("on demand", None), ("pre-gate prefetch", gates)):
-                times, stats, exact = [], None, True
-                for _ in range(cfg["repeats"]):
-                    with OffloadedExperts(model, tmp, capacity, pregates=pregates) as off:
-                        seconds, logits = _timed(model, chunks)
-                        off.wait()
-                    times.append(seconds)
-                    stats = off.stats
-                    exact &= all(torch.equal(a, b) for a, b in zip(logits, reference, strict=True))
-                rows.append({"mode": mode, "capacity": capacity,
-                             "tokens_per_s": tokens / statistics.median(times), "exact": exact,
-                             **stats.as_dict()})  # fmt: skip
-    return {"tokens": tokens, "chunk": cfg["chunk"], "rows": rows}
+        for _ in range(cfg["repeats"]):
+            for i, (mode, capacity, pregates) in enumerate(modes):
+                if capacity is None:
+                    seconds, _ = _timed(model, chunks)
+                    times[i].append(seconds)
+                    rows[i] = {"mode": mode, "exact": True,
+                               "capacity": sum(b.num_experts for b in find_moe_blocks(model)),
+                               "peak_resident_bytes": resident_expert_bytes(model)}  # fmt: skip
+                    continue
+                with OffloadedExperts(model, tmp, capacity, pregates=pregates) as off:
+                    seconds, logits = _timed(model, chunks)
+                    off.wait()
+                times[i].append(seconds)
+                same = all(torch.equal(a, b) for a, b in zip(logits, reference, strict=True))
+                exact = same and (rows[i] is None or rows[i]["exact"])
+                rows[i] = {"mode": mode, "capacity": capacity, "exact": exact,
+                           **off.stats.as_dict()}  # fmt: skip
+    for i, row in enumerate(rows):
+        row["tokens_per_s"] = tokens / statistics.median(times[i])
+    return {"tokens": tokens, "chunk": cfg["chunk"], "rounds": cfg["repeats"], "rows": rows}
 
 
 # -- transcoder and read-out -----------------------------------------------------------------
