@@ -213,3 +213,43 @@ def test_inference_forward_matches_training_forward():
     with torch.no_grad():
         inference = triton_dispatch(x, experts, weights, bank)
     assert torch.equal(inference, triton_dispatch(x, experts, weights, bank).detach())
+
+
+@pytest.mark.parametrize("family", configs.FAMILIES)
+def test_autotuners_build_from_the_table(family):
+    """Each kernel wraps in triton.autotune with its family's configs plus the default."""
+    from gatelab.dispatch.triton import function
+
+    kinds = {
+        "up_proj_kernel": "up",
+        "gather_gemm_kernel": "gemm",
+        "wgrad_kernel": "wgrad",
+        "act_backward_kernel": "act",
+    }
+    for name, kind in kinds.items():
+        tuner = function._tuned(name, kind, family, True)
+        expected = len(configs.AUTOTUNE[kind][family]) + len(configs.AUTOTUNE[kind]["default"])
+        assert len(tuner.configs) == expected
+        assert len(function._tuned(name, kind, family, False).configs) == 1
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs this path in every other test")
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gpu_launch_path_in_the_interpreter(monkeypatch, deterministic, table):
+    """The launch code a GPU takes (triton.autotune wrappers, config-driven grids, the
+    family's BLOCK_M and the default tiles), run through the interpreter."""
+    from gatelab.dispatch.triton import function, kernel_activation
+
+    monkeypatch.setattr(function, "INTERPRET", False)
+    case = DispatchCase(20, 12, 10, 4, 2, bias=True, deterministic=deterministic)
+    inputs = build(case)
+    ref, ref_grads = run(loop_dispatch, case, inputs)
+
+    def fused(x, experts, weights, bank, deterministic):
+        act = kernel_activation(bank.activate)
+        return function.run(x, experts, weights, bank, *act, deterministic)
+
+    out, out_grads = run(fused, case, inputs)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for got, want in zip(out_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

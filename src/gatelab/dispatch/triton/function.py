@@ -25,30 +25,39 @@ DECODE_SLOTS = 128
 is used: below a few hundred tokens a GEMM per expert is bound by reading its weights
 (HF measured batched_mm ahead of grouped_mm below 2^6-2^9 tokens, notes-anchors.md §3)."""
 
-# Autotune cache keys: the sizes that change the best tiles (names a kernel lacks are
-# ignored by triton, so the up-projection's D/F and the GEMMs' K/N share one list).
-_SIZES = ["D", "F", "K", "N", "M", "BLOCK_M", "OUT_MODE"]
-_KEYS = {kind: _SIZES for kind in ("up", "gemm", "decode", "wgrad", "act")}
-
+# Autotune cache keys per kernel: the sizes that change the best tiles (triton adds the
+# tensors' dtypes). Triton rejects names that are not the kernel's arguments.
+_KEYS = {
+    "up_proj_kernel": ["D", "F", "BLOCK_M"],
+    "gather_gemm_kernel": ["K", "N", "BLOCK_M", "OUT_MODE"],
+    "wgrad_kernel": ["M", "N"],
+    "act_backward_kernel": ["F"],
+}
 
 AUTOTUNE = True
-"""Let triton.autotune time every config of the family's table on first use of a size;
-False takes the table's first config (tests on CUDA: many tiny sizes, nothing to tune)."""
+"""Let triton.autotune time the family's configs on first use of a size; False runs the
+"default" family's one small config (tests on CUDA: many tiny sizes, nothing to tune)."""
 
 
 @functools.cache
 def _tuned(name: str, kind: str, family: str, tune: bool):
-    """``kernels.<name>`` wrapped in triton.autotune over the table's configs for
-    ``family`` (only the first when not ``tune``); atomically accumulated outputs are
-    zeroed before each trial."""
+    """``kernels.<name>`` wrapped in triton.autotune over ``family``'s configs.
+
+    The "default" config (small tiles, two stages) is always a candidate: it fits in
+    shared memory for float32 too, where the large bf16 tiles may not (a config that does
+    not fit is timed as infinitely slow by the autotuner). Atomically accumulated outputs
+    are zeroed before each trial.
+    """
+    table = configs.AUTOTUNE[kind]
+    entries = [*table[family], *table["default"]] if tune else table["default"]
     tuned = []
-    for entry in configs.AUTOTUNE[kind][family][: None if tune else 1]:
+    for entry in entries:
         meta = {k: v for k, v in entry.items() if k.startswith("BLOCK")}
         tuned.append(
             triton.Config(meta, num_warps=entry["num_warps"], num_stages=entry["num_stages"])
         )
     reset = ["out_ptr"] if name == "gather_gemm_kernel" else None
-    return triton.autotune(tuned, key=_KEYS[kind], reset_to_zero=reset)(getattr(kernels, name))
+    return triton.autotune(tuned, key=_KEYS[name], reset_to_zero=reset)(getattr(kernels, name))
 
 
 def _launch(name: str, kind: str, grid, device: torch.device, *args, **meta) -> None:
