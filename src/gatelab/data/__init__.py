@@ -10,12 +10,15 @@ inside the functions that need them (``pip install 'gatelab[data]'``).
   noise, shift) that make a family of tasks from one image set.
 - :mod:`~gatelab.data.series`: statsmodels series as forecasting windows split by time.
 - :mod:`~gatelab.data.synthetic`: MQAR, Gaussian mixture-of-experts regression, MMoE tasks.
+- :mod:`~gatelab.data.bios`: synthetic biographies (bioS of Physics of LMs 3.3) and the
+  bits-of-knowledge measure.
 - :mod:`~gatelab.data.ctr`: synthetic click logs with known pairwise interactions; Criteo
   and Avazu readers for files the user has.
 - :mod:`~gatelab.data.loaders`: MNIST / Fashion-MNIST / EMNIST (IDX) and CIFAR-10 (binary).
 """
 
 from .batches import TensorBatches
+from .bios import Bios, BioSpec, bios, knowledge_bits
 from .ctr import ClickModel, CTRData, load_avazu, load_criteo, synthetic_ctr
 from .images import (
     PHOTO_NAMES,
@@ -63,6 +66,10 @@ from .text import (
 from .transforms import DIGIT_TRANSFORMS, transform_images
 
 __all__ = [
+    "BioSpec",
+    "Bios",
+    "bios",
+    "knowledge_bits",
     "ClickModel",
     "CTRData",
     "load_avazu",

@@ -27,6 +27,7 @@ from .mlp import (
     ResidualMlpBlock,
 )
 from .moe import MoE
+from .multitask import CGC, PLE, HoME, MMoE, SharedBottom, expert_statistics
 from .retention import GatedRetention
 from .token_mixing import (
     ActivatorBlock,
@@ -54,6 +55,12 @@ from .wide_mlp import (
 )
 
 __all__ = [
+    "CGC",
+    "PLE",
+    "HoME",
+    "MMoE",
+    "SharedBottom",
+    "expert_statistics",
     "CoordinateAwareModulation",
     "FourierFeatures",
     "NeuralField",

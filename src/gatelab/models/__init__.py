@@ -25,6 +25,7 @@ from .lm import (
     rope_cache,
 )
 from .mixing import MixingClassifier, MixingClassifierConfig
+from .one_layer import OneLayerTransformer
 
 MODELS: Registry[tuple[type[Config], type[nn.Module]]] = Registry("model")
 MODELS.register("lm")((LMConfig, LM))
@@ -45,6 +46,7 @@ def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Conf
 
 
 __all__ = [
+    "OneLayerTransformer",
     "MixingClassifier",
     "MixingClassifierConfig",
     "LM",
