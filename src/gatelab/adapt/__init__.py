@@ -1,7 +1,14 @@
 """Cheap changes to a trained model: dense -> MoE upcycling, EvoMoE's expert diversify,
-transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters and PHATGOOSE routing
-among LoRA experts."""
+transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters, PHATGOOSE routing
+among LoRA experts, and early exit with learned gates (JEI-DNN)."""
 
+from .early_exit import (
+    EarlyExitNet,
+    ExitGate,
+    expected_calibration_error,
+    train_exit_heads,
+    train_jei,
+)
 from .lora import (
     LoRALinear,
     add_lora,
@@ -33,6 +40,8 @@ from .upcycle import (
 
 __all__ = [
     "DenseFFN",
+    "EarlyExitNet",
+    "ExitGate",
     "GatedLoRALinear",
     "LoRALinear",
     "PhatGooseLinear",
@@ -44,13 +53,16 @@ __all__ = [
     "dense_ffn_weights",
     "diversify_experts",
     "evaluate_transcoder",
+    "expected_calibration_error",
     "find_linear_targets",
     "init_router",
     "lora_modules",
     "lora_parameters",
     "merge_lora",
     "phatgoose_model",
+    "train_exit_heads",
     "train_gates",
+    "train_jei",
     "train_lora_expert",
     "train_transcoder",
     "upcycle_ffn",

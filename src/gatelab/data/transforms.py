@@ -12,6 +12,8 @@ transformation, a held-out task for zero-shot tests):
 - ``noise``: additive Gaussian noise, standard deviation ``NOISE_STD`` = 0.25, clipped to
   [0, 1], drawn from a generator seeded by ``seed`` (the same seed gives the same noise);
 - ``shift``: translate one pixel right and one down, zeros enter at the edges.
+
+:func:`mixed_transform` applies one of several transformations per image, drawn at random.
 """
 
 from __future__ import annotations
@@ -72,4 +74,24 @@ def transform_images(images: Tensor, name: str, *, seed: int = 0) -> Tensor:
     return out
 
 
-__all__ = ["DIGIT_TRANSFORMS", "NOISE_STD", "transform_images"]
+def mixed_transform(
+    images: Tensor, names: tuple[str, ...] | list[str], *, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Each image under one of ``names``, drawn uniformly with a generator seeded by ``seed``.
+
+    Returns the images and the index [N] of the transformation each one got (a task that mixes
+    modes, e.g. digits in any of the four right-angle orientations).
+    """
+    if not names:
+        raise ValueError("names is empty: give at least one transformation")
+    which = torch.randint(
+        0, len(names), (images.shape[0],), generator=torch.Generator().manual_seed(seed)
+    )
+    out = torch.empty_like(images)
+    for k, name in enumerate(names):
+        chosen = which == k
+        out[chosen] = transform_images(images[chosen], name, seed=seed + k)
+    return out, which
+
+
+__all__ = ["DIGIT_TRANSFORMS", "NOISE_STD", "mixed_transform", "transform_images"]
