@@ -20,7 +20,7 @@ from gatelab.layers import (
     uoe_mlp,
 )
 from gatelab.models.lm import SwiGLU
-from gatelab.routing import EMPTY, ROUTERS, PatchSelectionRouter, UoERouter
+from gatelab.routing import EMPTY, ROUTERS, AllExpertsRouter, PatchSelectionRouter, UoERouter
 from gatelab.routing.uoe import unit_weights
 
 
@@ -99,7 +99,8 @@ def test_bad_decompositions_raise_clear_errors():
     with pytest.raises(ValueError, match="hidden_dim=10 is not divisible by num_experts=4"):
         uoe_mlp(4, 10, 4, 2)
     with pytest.raises(ValueError, match="top_k must equal num_experts"):
-        ROUTERS.get("all_experts")(4, 4, 2)
+        AllExpertsRouter(4, 4, 2)
+    assert "all_experts" not in ROUTERS.names()  # it takes no free top_k
 
 
 # -- routed slices -----------------------------------------------------------------------
@@ -145,7 +146,7 @@ def test_patch_selection_matches_a_loop_reference(tokens, k, factor):
     routing = router(torch.randn(tokens, 6))
     cap = router.capacity(tokens)
     assert cap == min(math.ceil(factor * tokens * k / 4), tokens)
-    col, taken = _patch_reference(routing.scores, k, cap)
+    col, taken = _patch_reference(routing.scores.detach(), k, cap)
     got = {(i, int(e)) for i in range(tokens) for e in routing.experts[i] if e != EMPTY}
     assert got == taken
     for i, j in got:
@@ -170,10 +171,10 @@ def test_routed_variants_shapes_gradients_and_parameter_count():
 
 
 def test_zero_tokens_route_to_nothing():
-    for router in ("uoe", "uoe_patch", "all_experts"):
-        k = 4 if router == "all_experts" else 2
-        layer = uoe_mlp(8, 16, 4, k, router=router)
+    for router in ("uoe", "uoe_patch"):
+        layer = uoe_mlp(8, 16, 4, 2, router=router)
         assert layer(torch.zeros(0, 8)).shape == (0, 8)
+    assert decompose_to_moe(SwiGLU(8, 16), 4)(torch.zeros(0, 8)).shape == (0, 8)
 
 
 # -- selective multi-head attention ------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..experts import ACTIVATION_NAMES, ExpertBank
-from ..routing.uoe import unit_weights
+from ..routing.uoe import AllExpertsRouter, unit_weights
 from .moe import MoE
 
 # nn activation modules an nn.Sequential MLP may use, by gatelab activation name.
@@ -141,19 +141,19 @@ def decompose_to_moe(
     mlp: nn.Module,
     num_experts: int,
     top_k: int | None = None,
-    router: str = "uoe",
+    router: str | nn.Module = "uoe",
     **moe_kwargs,
 ) -> MoE:
     """``mlp`` as a gatelab MoE over its :func:`decompose_mlp` slices.
 
     ``top_k=None`` (or ``num_experts``) routes every token to every slice at weight 1
-    (router "all_experts"): the layer equals ``mlp``. A smaller ``top_k`` uses ``router``
+    (:class:`~gatelab.routing.AllExpertsRouter`): the layer equals ``mlp``. A smaller ``top_k`` uses ``router``
     ("uoe": per-token top-k slices; "uoe_patch": patch-wise data selection; any
     registered router), whose gate starts untrained.
     """
     bank = decompose_mlp(mlp, num_experts)
     if top_k is None or top_k == num_experts:
-        router, top_k = "all_experts", num_experts
+        router, top_k = AllExpertsRouter(bank.dim, num_experts), num_experts
     moe = MoE(
         bank.dim, bank.hidden_dim, num_experts, top_k, router=router, experts=bank, **moe_kwargs
     )

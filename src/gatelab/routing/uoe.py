@@ -5,7 +5,7 @@
 (see :func:`gatelab.layers.uoe.decompose_mlp`): the *sum* of all experts is the MLP. The
 routers here decide which slices of that union a token runs:
 
-- :class:`AllExpertsRouter` ("all_experts"): every expert, weight exactly 1: the union
+- :class:`AllExpertsRouter`: every expert, weight exactly 1: the union
   equals the dense MLP.
 - :class:`UoERouter` ("uoe"): each token's top-k slices by softmax(W x), combined with
   forward weight exactly 1 (a straight-through score carries the router's gradient), so at
@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from .routers import ROUTERS, Router
+from .routers import ROUTERS, Router, _check_sizes
 from .routing import EMPTY, Routing
 
 
@@ -36,18 +36,20 @@ def unit_weights(scores: Tensor) -> Tensor:
     return 1.0 + (scores - scores.detach())
 
 
-@ROUTERS.register("all_experts")
 class AllExpertsRouter(Router):
     """Every token to every expert with weight 1: the exact union of a decomposed MLP.
 
     ``top_k`` must equal ``num_experts`` (None means so). No learned weight; ``logits``
     are zeros and ``scores`` uniform, so balance losses read a perfectly balanced layer.
+    Not in ``ROUTERS``: it takes no free ``top_k``, which a registered router must;
+    :func:`gatelab.layers.uoe.decompose_to_moe` passes an instance.
     """
 
     def __init__(
         self, dim: int, num_experts: int, top_k: int | None = None, nan_policy: str = "raise"
     ):
         top_k = num_experts if top_k is None else top_k
+        _check_sizes(dim, num_experts, top_k)
         if top_k != num_experts:
             raise ValueError(
                 f"AllExpertsRouter routes every token to all experts: top_k must equal "
@@ -125,7 +127,9 @@ class PatchSelectionRouter(Router):
         scores = logits.softmax(dim=-1)
         t, k = scores.shape[0], self.top_k
         top, idx = scores.topk(k, dim=-1)
-        masked = torch.zeros_like(scores).scatter(1, idx, top)
+        # A token with NaN logits (nan_policy="ignore") must not poison every column sum:
+        # it scores 0 everywhere and no expert takes it.
+        masked = torch.zeros_like(scores).scatter(1, idx, top).nan_to_num(0.0, 0.0, 0.0)
         cap = self.capacity(t)
         col = masked / masked.sum(0, keepdim=True).clamp_min(1e-20) * cap
         # Expert side: the cap best tokens of each column that have a non-zero score.
