@@ -100,7 +100,8 @@ def decompose_mlp(mlp: nn.Module, num_experts: int) -> ExpertBank:
     W_up for a GLU) and of b1, and those columns of W2. The output bias b2 is not a hidden
     unit; each expert carries b2 / E, so the sum of all E experts adds b2 once (the union
     is exact up to rounding; an expert subset adds its share, k/E of b2). The bank is a
-    copy in the MLP's dtype and device; training it does not touch ``mlp``.
+    copy in the MLP's dtype and device; training it does not touch ``mlp``. The MLP's
+    dropout is not carried over (banks have none): the equality holds in eval mode.
     """
     w = dense_mlp_weights(mlp)
     f = w.hidden_dim
@@ -147,9 +148,9 @@ def decompose_to_moe(
     """``mlp`` as a gatelab MoE over its :func:`decompose_mlp` slices.
 
     ``top_k=None`` (or ``num_experts``) routes every token to every slice at weight 1
-    (:class:`~gatelab.routing.AllExpertsRouter`): the layer equals ``mlp``. A smaller ``top_k`` uses ``router``
-    ("uoe": per-token top-k slices; "uoe_patch": patch-wise data selection; any
-    registered router), whose gate starts untrained.
+    (:class:`~gatelab.routing.AllExpertsRouter`): the layer equals ``mlp``. A smaller
+    ``top_k`` uses ``router`` ("uoe": per-token top-k slices; "uoe_patch": patch-wise
+    data selection; any registered router), whose gate starts untrained.
     """
     bank = decompose_mlp(mlp, num_experts)
     if top_k is None or top_k == num_experts:
