@@ -234,6 +234,7 @@ def test_experiment_smoke(tmp_path):
     assert "JEI-DNN accuracy" in result["table"]
     run = result["runs"][0]
     assert len(run["jei"]) == len(result["tradeoffs"]) == len(run["matched_baseline"])
-    for point in run["jei"] + run["matched_baseline"]:
+    assert len(run["matched_same_heads"]) == len(run["jei"])
+    for point in run["jei"] + run["matched_baseline"] + run["matched_same_heads"]:
         assert 0 < point["compute"] <= 1 and 0 <= point["ece"] <= 1
         assert sum(point["exit_share"]) == pytest.approx(1.0)
