@@ -1,7 +1,9 @@
 """Cheap changes to a trained model: dense -> MoE upcycling, EvoMoE's expert diversify,
 transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters, PHATGOOSE routing
-among LoRA experts, and early exit with learned gates (JEI-DNN)."""
+among LoRA experts, early exit with learned gates (JEI-DNN), Dopamine neuron gates, and a
+local expert + gate beside a frozen classifier."""
 
+from .dopamine import Dopamine, DopamineGate, activation_fraction, temperature_at
 from .early_exit import (
     EarlyExitNet,
     ExitGate,
@@ -9,6 +11,7 @@ from .early_exit import (
     train_exit_heads,
     train_jei,
 )
+from .local_expert import LocalExpertMoE, LocalExpertOutput, train_local_expert
 from .lora import (
     LoRALinear,
     add_lora,
@@ -40,13 +43,18 @@ from .upcycle import (
 
 __all__ = [
     "DenseFFN",
+    "Dopamine",
+    "DopamineGate",
     "EarlyExitNet",
     "ExitGate",
     "GatedLoRALinear",
     "LoRALinear",
+    "LocalExpertMoE",
+    "LocalExpertOutput",
     "PhatGooseLinear",
     "PhatGooseRouter",
     "Transcoder",
+    "activation_fraction",
     "activation_name",
     "add_lora",
     "copy_into_bank",
@@ -60,9 +68,11 @@ __all__ = [
     "lora_parameters",
     "merge_lora",
     "phatgoose_model",
+    "temperature_at",
     "train_exit_heads",
     "train_gates",
     "train_jei",
+    "train_local_expert",
     "train_lora_expert",
     "train_transcoder",
     "upcycle_ffn",

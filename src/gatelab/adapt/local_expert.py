@@ -12,8 +12,8 @@ the gate is hard. Choices made here:
 - **LE and GN inputs** (``source``): ``"pixels"`` reads the image average-pooled to
   ``pool_size`` x ``pool_size`` (a model separate from the GE, as the paper's LE); ``"global"``
   reads the GE's penultimate features (LeNet-5's F6, 84 units), a linear head on the frozen
-  trunk. Both LE and GN are an MLP with one hidden layer of ``hidden_dim`` / ``gate_hidden_dim``
-  units (0: a single Linear).
+  trunk. Both LE and GN are an MLP with one GELU hidden layer of ``hidden_dim`` /
+  ``gate_hidden_dim`` units (0: a single Linear).
 - **Training**: first the LE with cross entropy on the user's samples; then the GN, with GE and
   LE frozen, by the mixture likelihood of Jacobs et al. (1991)::
 
@@ -55,7 +55,9 @@ class LocalExpertOutput(NamedTuple):
 def _mlp(dim: int, hidden_dim: int, out: int) -> nn.Module:
     if hidden_dim == 0:
         return nn.Linear(dim, out)
-    return nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out))
+    # GELU, not ReLU: with a few hidden units, a ReLU gate can die (every unit off on every
+    # input, a constant p); in a first run one simulated user's 4-unit ReLU gate did.
+    return nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out))
 
 
 class LocalExpertMoE(nn.Module):

@@ -8,6 +8,7 @@ inside the functions that need them (``pip install 'gatelab[data]'``).
 - :mod:`~gatelab.data.images`: digits with rotations, photographs and patches.
 - :mod:`~gatelab.data.transforms`: named digit transformations (rotations, flips, inversion,
   noise, shift) that make a family of tasks from one image set.
+- :mod:`~gatelab.data.distort`: simulated users' handwriting (slant, stroke width, elastic).
 - :mod:`~gatelab.data.series`: statsmodels series as forecasting windows split by time.
 - :mod:`~gatelab.data.synthetic`: MQAR, Gaussian mixture-of-experts regression, MMoE tasks.
 - :mod:`~gatelab.data.bios`: synthetic biographies (bioS of Physics of LMs 3.3) and the
@@ -20,6 +21,7 @@ inside the functions that need them (``pip install 'gatelab[data]'``).
 from .batches import TensorBatches
 from .bios import Bios, BioSpec, bios, knowledge_bits
 from .ctr import ClickModel, CTRData, load_avazu, load_criteo, synthetic_ctr
+from .distort import HandwritingStyle, distort, random_style
 from .images import (
     PHOTO_NAMES,
     ImageSet,
@@ -78,6 +80,9 @@ __all__ = [
     "TensorBatches",
     "CIFAR10_CLASSES",
     "DIGIT_TRANSFORMS",
+    "HandwritingStyle",
+    "distort",
+    "random_style",
     "DOMAINS",
     "EMNIST_CLASSES",
     "EOS",
