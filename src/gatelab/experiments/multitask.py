@@ -11,14 +11,15 @@ Protocol. ``gatelab.data.mmoe_synthetic`` (two regression tasks; the cosine of t
 weight vectors is the requested correlation p), 5,000 training and 2,000 test rows, the
 same x for every p (paired). Each model is built under the same seed, trained with Adam
 (lr 1e-3, batch 128) on the sum of the two tasks' MSE for a fixed number of epochs, and
-evaluated by each task's test MSE on targets standardised with the training rows'
-mean and standard deviation (so 1.0 is the loss of predicting the mean). Sizes are ours (the paper's are not fully stated): 8
-experts of 16 ReLU units for MMoE, CGC/PLE with 4 shared + 2 per task, HoME with 2 shared
-+ 2 per group at each level and each task its own group (two tasks leave no other
-grouping), towers of 8 units, a shared bottom of 128 units; the parameter counts are in
-the table. The statistics are computed on the test set after training: the mean over
-experts of the share of exactly-zero outputs (and its maximum), and the largest share of
-one task in a shared expert's gate weight (0.5 is balanced, 1.0 is taken over).
+evaluated by each task's test MSE on targets standardised with the training rows' mean and
+standard deviation (so 1.0 is the loss of predicting the mean). Sizes are ours (the
+paper's are not fully stated): 8 experts of 16 ReLU units for MMoE, CGC/PLE with 4 shared
++ 2 per task, HoME with 2 shared + 2 per group at each level and each task its own group
+(two tasks leave no other grouping), towers of 8 units, a shared bottom of 128 units; the
+parameter counts are in the table. The statistics are computed on the test set after
+training: the mean over experts of the share of exactly-zero outputs (and its maximum),
+and the largest share of one task in a shared expert's gate weight (0.5 is balanced, 1.0
+is taken over).
 """
 
 from __future__ import annotations

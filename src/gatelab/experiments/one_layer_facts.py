@@ -20,7 +20,9 @@ pretraining, for the subjects of a fine-tuning split (a fraction of all subjects
 whole model is fine-tuned on the answer loss, and extraction is the answer accuracy on
 the held-out subjects, whose facts were seen only in pretraining (chance = 1 / A).
 
-Our sizes: S = 512, R = 4, A = 32, width 64, one head, MLP width 256 (ReLU); Adam
+Our sizes: S = 512, R = 4, A = 32, width 64, one head, MLP width 256 (ReLU), and an
+attention-only model of width 84, which has about as many parameters as the model with
+the MLP (so the comparison is not only one of size); Adam
 (lr 3e-3 pretraining, 1e-3 fine-tuning), batch 256. The model is
 :class:`gatelab.models.one_layer.OneLayerTransformer`; the departures from the paper are in
 its docstring (its exact parametrisation and data were not available to us).
@@ -46,6 +48,7 @@ SCALES = {
         relations=2,
         answers=8,
         dim=16,
+        wide_dim=20,
         pre_epochs=3,
         ft_epochs=2,
         fractions=(0.5,),
@@ -56,6 +59,7 @@ SCALES = {
         relations=4,
         answers=32,
         dim=64,
+        wide_dim=84,
         pre_epochs=200,
         ft_epochs=50,
         fractions=(0.1, 0.5),
@@ -128,11 +132,11 @@ def answer_metrics(model, seqs: Tensor) -> tuple[float, float]:
     return loss, float((logits.argmax(-1) == seqs[:, 2]).float().mean())
 
 
-def run_seed(cfg: dict, mlp: bool, seed: int) -> dict:
+def run_seed(cfg: dict, mlp: bool, seed: int, dim: int | None = None) -> dict:
     facts = make_facts(cfg["subjects"], cfg["relations"], cfg["answers"], seed)
     everyone = torch.arange(cfg["subjects"])
     torch.manual_seed(seed)
-    model = OneLayerTransformer(facts.vocab_size, cfg["dim"], mlp=mlp, max_seq_len=3)
+    model = OneLayerTransformer(facts.vocab_size, dim or cfg["dim"], mlp=mlp, max_seq_len=3)
     pre = facts.sequences(everyone, question=False)
     _epochs(model, pre, cfg["pre_epochs"], 3e-3, answer_only=False, seed=seed)
     pre_loss, pre_acc = answer_metrics(model, pre)
@@ -160,9 +164,15 @@ def run_seed(cfg: dict, mlp: bool, seed: int) -> dict:
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path = ".") -> dict:
     cfg = SCALES[scale]
+    arms = {
+        "attention + MLP": (True, cfg["dim"]),
+        "attention only": (False, cfg["dim"]),
+        # as many parameters as the MLP model, so the MLP's effect is not just its size
+        "attention only, wider": (False, cfg["wide_dim"]),
+    }
     results = {
-        label: [run_seed(cfg, mlp, seed + s) for s in range(cfg["seeds"])]
-        for label, mlp in (("attention + MLP", True), ("attention only", False))
+        label: [run_seed(cfg, mlp, seed + s, dim) for s in range(cfg["seeds"])]
+        for label, (mlp, dim) in arms.items()
     }
     return {"table": table(results, cfg), "results": results}
 
