@@ -75,7 +75,7 @@ def fit(
     seed: int,
     on_step: Callable[[int], None] | None = None,
 ) -> None:
-    """AdamW (no weight decay on the gates' meaning: 0 everywhere), batch 64, constant lr."""
+    """AdamW without weight decay (it would pull the gains towards 0), batch 64, constant lr."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
