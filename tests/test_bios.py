@@ -124,5 +124,6 @@ def test_knowledge_capacity_experiment_smoke(tmp_path):
     result = experiments.get("knowledge-capacity").run("smoke", seed=0, out_dir=tmp_path)
     json.dumps(result, allow_nan=False)  # the CLI writes result.json this way
     assert "GatedMLP" in result["table"]
-    for r in result["results"].values():
+    for runs in result["results"].values():
+        r = runs[0]
         assert math.isfinite(r["bits_per_param"]) and r["params"] > 0

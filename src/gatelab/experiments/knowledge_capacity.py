@@ -39,8 +39,8 @@ NAME = "knowledge-capacity"
 DESCRIPTION = "bits of knowledge per parameter on synthetic biographies: GatedMLP vs plain MLP FFN"
 
 SCALES = {
-    "smoke": dict(people=(60,), exposures=2, dim=12),
-    "full": dict(people=(100, 600), exposures=100, dim=24),
+    "smoke": dict(people=(60,), exposures=2, dim=12, seeds=1),
+    "full": dict(people=(100, 600), exposures=100, dim=24, seeds=2),
 }
 LR = 3e-3
 
@@ -142,31 +142,41 @@ def _perfect(data: Bios) -> dict[str, float]:
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path = ".") -> dict:
     cfg = SCALES[scale]
     results = {
-        f"N={n} {ffn}": run_one(n, ffn, cfg, seed)
+        f"N={n} {ffn}": [run_one(n, ffn, cfg, seed + s) for s in range(cfg["seeds"])]
         for n in cfg["people"]
         for ffn in ("mlp", "swiglu")
     }
     return {"table": table(results, cfg), "results": results}
 
 
+def _mean(runs: list[dict], get) -> float:
+    return statistics.fmean(get(r) for r in runs)
+
+
 def table(results: dict, cfg: dict) -> str:
     lines = [
         "| N | FFN | params (no embedding / all) | final train loss | bits stored "
-        "| of the data's bits | bits/param (no emb.) | bits/param (all) | name / date / "
-        "city / univ. / major / employer loss (nats) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| of the data's bits | bits/param (no emb.), per seed | bits/param (all) | name / "
+        "date / city / univ. / major / employer loss (nats) |",
+        "|---|---|---|---:|---:|---:|---|---:|---|",
     ]
-    for key, r in results.items():
+    for key, runs in results.items():
         n, ffn = key.split()
-        per = " / ".join(f"{r['losses'][k]:.2f}" for k in ("name", *INFORMATIVE))
+        per = " / ".join(
+            f"{_mean(runs, lambda r, k=k: r['losses'][k]):.2f}" for k in ("name", *INFORMATIVE)
+        )
+        seeds = ", ".join(f"{r['bits_per_param']:.3f}" for r in runs)
+        stored = _mean(runs, lambda r: r["bits"]["total"])
         lines.append(
             f"| {n[2:]} | {'GatedMLP (SwiGLU)' if ffn == 'swiglu' else 'MLP (GELU)'} "
-            f"| {r['params']:,} / {r['params_all']:,} | {r['train_loss']:.3f} "
-            f"| {r['bits']['total']:,.0f} | {r['bits']['total'] / r['ideal_bits']:.1%} "
-            f"| {r['bits_per_param']:.3f} | {r['bits_per_param_all']:.3f} | {per} |"
+            f"| {runs[0]['params']:,} / {runs[0]['params_all']:,} "
+            f"| {_mean(runs, lambda r: r['train_loss']):.3f} | {stored:,.0f} "
+            f"| {stored / runs[0]['ideal_bits']:.1%} "
+            f"| {_mean(runs, lambda r: r['bits_per_param']):.3f} ({seeds}) "
+            f"| {_mean(runs, lambda r: r['bits_per_param_all']):.3f} | {per} |"
         )
     lines.append(
-        f"\n{cfg['exposures']} exposures per person, width {cfg['dim']}, 2 layers, seed-paired "
-        "data and initialisation."
+        f"\n{cfg['exposures']} exposures per person, width {cfg['dim']}, 2 layers; means of "
+        f"{cfg['seeds']} seeds (each seed draws its own people and initialisation)."
     )
     return "\n".join(lines)
