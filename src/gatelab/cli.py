@@ -395,24 +395,23 @@ def _add_prune(commands) -> None:
     add_prune_parser(commands)
 
 
-# -- gatelab skip / pregate / transcoder (implementations in edit.skip, edit.offload,
-# adapt.transcoder) ---------------------------------------------------------------------------
+# -- gatelab skip / pregate / transcoder (implementations in tools.py) ----------------------
 
 
 def _add_skip(commands) -> None:
-    from .edit.skip import add_skip_parser
+    from .tools import add_skip_parser
 
     add_skip_parser(commands)
 
 
 def _add_pregate(commands) -> None:
-    from .edit.offload import add_pregate_parser
+    from .tools import add_pregate_parser
 
     add_pregate_parser(commands)
 
 
 def _add_transcoder(commands) -> None:
-    from .adapt.transcoder import add_transcoder_parser
+    from .tools import add_transcoder_parser
 
     add_transcoder_parser(commands)
 

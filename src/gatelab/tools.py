@@ -1,4 +1,5 @@
-"""The model-editing commands: ``gatelab profile``, ``localize``, ``steer``, ``prune``.
+"""The model-editing commands: ``gatelab profile``, ``localize``, ``steer``, ``prune``, ``skip``,
+``pregate`` and ``transcoder``.
 
 Each takes a model source, either an HF directory (``save_pretrained`` output, loaded with
 gatelab's experts implementation) or a gatelab checkpoint (a run directory of ``gatelab
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapt.transcoder import evaluate_transcoder, train_transcoder
+from .edit.offload import OffloadedExperts, resident_expert_bytes
+from .edit.skip import (
+    SkipEvaluator,
+    SkipPoint,
+    layer_importance,
+    search_thresholds,
+    slot_scores,
+    threshold_grid,
+)
 from .inspect.access import context_length, find_moe_blocks, next_token_loss
+from .inspect.readout import module_io
 from .io import atomic_write
 
 
@@ -403,6 +416,241 @@ def add_prune_parser(commands) -> None:
     p.add_argument("--keep", type=int, required=True, help="experts to keep per layer")
     p.add_argument("--method", choices=("easy_ep", "frequency"), default="easy_ep")
     p.set_defaults(func=_guarded("prune", cmd_prune))
+
+
+# -- gatelab skip / pregate / transcoder --------------------------------------------------------
+# (the methods live in edit.skip, edit.offload, edit.pregate and adapt.transcoder, which know
+# nothing of the command line)
+
+
+# -- gatelab skip -------------------------------------------------------------------------------
+
+
+def add_skip_parser(commands) -> None:
+    """``gatelab skip``: MoDES importance, the skip-ratio curve and threshold searches."""
+
+    p = commands.add_parser(
+        "skip", help="MoDES expert skipping: layer importance, skip ratio vs KL, thresholds",
+        description="Compute MoDES's layer importance on the calibration --set(s), the skip "
+        "ratio / KL / loss curve over one threshold, and the thresholds that reach each "
+        "--target skip ratio (two sets: also one threshold per set, by the frontier search). "
+        "Writes skip.json and skip.png. The model on disk is not changed.",
+    )  # fmt: skip
+    add_model_arguments(p)
+    p.add_argument("--target", type=float, action="append", default=[],
+                   help="target skip ratio in [0, 1] (repeatable; default 0.5)")  # fmt: skip
+    p.add_argument("--grid", type=int, default=12, help="thresholds per grid (default 12)")
+    p.set_defaults(func=_guarded("skip", cmd_skip))
+
+
+def cmd_skip(args) -> int:
+    from pathlib import Path
+
+    opened = open_model(args.model)
+    sets = dict(read_prompt_set(s, opened, args.seq_len, args.max_prompts) for s in args.sets)
+    if not sets or len(sets) > 2:
+        raise ValueError("give one or two calibration sets with --set NAME=FILE (two: one "
+                         "token kind each)")  # fmt: skip
+    names = list(sets)
+    prompts = [p for n in names for p in sets[n]]
+    kinds = [i for i, n in enumerate(names) for _ in sets[n]]
+    model = opened.model
+    alpha = layer_importance(model, prompts)
+    scores = slot_scores(model, prompts, alpha, kinds)
+    one_grid = threshold_grid(torch.cat(scores), args.grid)
+    one = SkipEvaluator(model, prompts, alpha)
+    curve = [one([t]) for t in one_grid]
+    searches = []
+    for target in args.target or [0.5]:
+        modes = [("1 threshold", one, [one_grid])]
+        if len(names) == 2:
+            grids = [threshold_grid(s, args.grid) for s in scores]
+            modes.append(("per set", SkipEvaluator(model, prompts, alpha, kinds), grids))
+        for label, evaluator, grids in modes:
+            best, _ = search_thresholds(evaluator, grids, target)
+            searches.append({"target": target, "search": label,
+                             "best": None if best is None else best.__dict__})  # fmt: skip
+    out = Path(args.out)
+    path = _write_json(out / "skip.json", {
+        "sets": names, "alpha": alpha, "curve": [p.__dict__ for p in curve],
+        "searches": searches})  # fmt: skip
+    _plot_curve(curve, out / "skip.png")
+    print("layer importance: " + ", ".join(f"{k}: {v:.3f}" for k, v in alpha.items()))
+    for s in searches:
+        b = s["best"]
+        found = "no threshold reaches it" if b is None else (
+            f"thresholds {[round(t, 5) for t in b['thresholds']]}, ratio {b['ratio']:.3f}, "
+            f"KL {b['kl']:.4f}, loss {b['loss']:.4f}")  # fmt: skip
+        print(f"target {s['target']:.2f} ({s['search']}): {found}")
+    print(f"wrote {path} and {out / 'skip.png'}")
+    return 0
+
+
+def _plot_curve(curve: list[SkipPoint], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p.ratio for p in curve], [p.kl for p in curve], "o-")
+    ax.set_xlabel("skip ratio")
+    ax.set_ylabel("KL to the full model (nats/token)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- gatelab pregate --------------------------------------------------------------------------
+
+
+def add_pregate_parser(commands) -> None:
+    """``gatelab pregate``: distil pre-gates, then compare offloaded inference modes."""
+
+    p = commands.add_parser(
+        "pregate", help="train pre-gates; offloaded inference: resident vs on demand vs prefetch",
+        description="Distil one pre-gate per MoE layer from the next layer's router on the "
+        "calibration --set(s), report its hit rate, then run the prompts with all experts "
+        "resident, offloaded with on-demand loading and offloaded with pre-gate prefetch "
+        "(experts in safetensors under OUT/experts, an LRU cache of --capacity experts): "
+        "tokens/s, peak resident expert bytes, misses, and whether outputs equal the "
+        "resident model's. Writes pregate.json and pregates.safetensors.",
+    )  # fmt: skip
+    add_model_arguments(p)
+    p.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="experts in the cache (default: half of all routed experts)")  # fmt: skip
+    p.set_defaults(func=_guarded("pregate", cmd_pregate))
+
+
+def cmd_pregate(args) -> int:
+    from safetensors.torch import save_file
+
+    from .edit.pregate import pregate_hit_rate, train_pregates
+
+    opened = open_model(args.model)
+    sets = dict(read_prompt_set(s, opened, args.seq_len, args.max_prompts) for s in args.sets)
+    prompts = [p for ps in sets.values() for p in ps]
+    if not prompts:
+        raise ValueError("give at least one calibration set with --set NAME=FILE")
+    model = opened.model
+    total = sum(b.num_experts for b in find_moe_blocks(model))
+    capacity = args.capacity if args.capacity is not None else max(1, total // 2)
+    gates = train_pregates(model, prompts, steps=args.steps)
+    hits = pregate_hit_rate(model, gates, prompts)
+    out = Path(args.out)
+    rows = _compare_modes(model, gates, prompts, capacity, out / "experts")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in gates.state_dict().items()},
+              str(out / "pregates.safetensors"))  # fmt: skip
+    path = _write_json(out / "pregate.json", {"sets": list(sets), "capacity": capacity,
+                                              "hit_rate": hits, "modes": rows})  # fmt: skip
+    for layer, h in hits.items():
+        print(f"pre-gate {layer} -> {gates.next_layer[layer]}: hit rate {h['hit_rate']:.3f} "
+              f"(chance {h['chance']:.3f})")  # fmt: skip
+    for row in rows:
+        print(f"{row['mode']}: {row['tokens_per_s']:.0f} tokens/s, peak resident experts "
+              f"{row['peak_resident_bytes'] / 2**20:.2f} MB, equals resident: {row['exact']}")  # fmt: skip
+    print(f"wrote {path} and {out / 'pregates.safetensors'}")
+    return 0
+
+
+def _compare_modes(model, gates, prompts, capacity: int, directory: Path) -> list[dict]:
+    from .inspect.access import prompt_batches
+
+    batches = prompt_batches(model, prompts, "prompts")
+    tokens = sum(b.numel() for b in batches)
+    device = next(model.parameters()).device
+
+    def timed():
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = [model(b.to(device)).logits for b in batches]
+        return time.perf_counter() - start, logits
+
+    seconds, reference = timed()
+    rows = [{"mode": "all resident", "tokens_per_s": tokens / seconds, "exact": True,
+             "peak_resident_bytes": resident_expert_bytes(model)}]  # fmt: skip
+    for mode, pregates in (("on demand", None), ("pre-gate prefetch", gates)):
+        with OffloadedExperts(model, directory, capacity, pregates=pregates) as off:
+            seconds, logits = timed()
+            off.wait()
+        exact = all(torch.equal(a, b) for a, b in zip(logits, reference, strict=True))
+        rows.append({"mode": mode, "tokens_per_s": tokens / seconds, "exact": exact,
+                     **off.stats.as_dict()})  # fmt: skip
+    return rows
+
+
+# -- gatelab transcoder ------------------------------------------------------------------------
+
+
+def add_transcoder_parser(commands) -> None:
+    """``gatelab transcoder``: train a transcoder for one layer and evaluate it."""
+
+    p = commands.add_parser(
+        "transcoder", help="train a sparse transcoder replacing one MoE/MLP layer",
+        description="Train a transcoder (wide ReLU features, L1, unit-norm decoder rows) on "
+        "the input/output of one layer over the --set prompts, and report L0, fraction of "
+        "variance explained and loss recovered (against zero ablation) on --eval (default: "
+        "the training prompts). Writes transcoder.json and transcoder.safetensors.",
+    )  # fmt: skip
+    add_model_arguments(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--layer", type=int, help="an MoE layer (its block)")
+    where.add_argument("--module", help="any module by qualified name (e.g. blocks.1.ffn)")
+    p.add_argument("--eval", dest="eval_sets", action="append", default=[], metavar="NAME=FILE")
+    p.add_argument("--hidden-dim", type=int, default=None, help="features (default 8 x dim)")
+    p.add_argument("--l1", type=float, default=1e-3, help="L1 coefficient (default 1e-3)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    p.set_defaults(func=_guarded("transcoder", cmd_transcoder))
+
+
+def cmd_transcoder(args) -> int:
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .inspect.access import select_blocks
+
+    opened = open_model(args.model)
+    model = opened.model
+
+    def prompts_of(specs):
+        sets = [read_prompt_set(s, opened, args.seq_len, args.max_prompts)[1] for s in specs]
+        return [p for ps in sets for p in ps]
+
+    train = prompts_of(args.sets)
+    if not train:
+        raise ValueError("give at least one training set with --set NAME=FILE")
+    held = prompts_of(args.eval_sets) or train
+    if args.module is not None:
+        modules = dict(model.named_modules())
+        if args.module not in modules:
+            raise ValueError(f"--module {args.module!r} is not a module of the model; "
+                             "see gatelab info for the names")  # fmt: skip
+        module = modules[args.module]
+    else:
+        module = select_blocks(model, [args.layer])[0].module
+    x, y = module_io(model, module, train)
+    hidden = args.hidden_dim or 8 * x.shape[1]
+    tc, history = train_transcoder(x, y, hidden, l1=args.l1, steps=args.steps)
+    report = evaluate_transcoder(model, module, tc, held)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tc.state_dict().items()},
+              str(out / "transcoder.safetensors"))  # fmt: skip
+    path = _write_json(out / "transcoder.json", {
+        "layer": args.layer, "module": args.module, "hidden_dim": hidden, "l1": args.l1,
+        "steps": args.steps, "train_tokens": x.shape[0],
+        "final_loss": history.final_loss, **report})  # fmt: skip
+    print(
+        f"L0 {report['l0']:.1f} of {hidden}, FVE {report['fve']:.3f}, loss recovered "
+        f"{report['loss_recovered']:.3f} (clean {report['loss_clean']:.4f}, zero-ablated "
+        f"{report['loss_zero_ablated']:.4f}, transcoder {report['loss_transcoder']:.4f})"
+    )
+    print(f"wrote {path} and {out / 'transcoder.safetensors'}")
+    return 0
 
 
 __all__ = [

@@ -193,84 +193,9 @@ def evaluate_transcoder(model: nn.Module, module: nn.Module, transcoder: Transco
     }
 
 
-# -- gatelab transcoder ------------------------------------------------------------------------
-
-
-def add_transcoder_parser(commands) -> None:
-    """``gatelab transcoder``: train a transcoder for one layer and evaluate it."""
-    from ..tools import _guarded, add_model_arguments
-
-    p = commands.add_parser(
-        "transcoder", help="train a sparse transcoder replacing one MoE/MLP layer",
-        description="Train a transcoder (wide ReLU features, L1, unit-norm decoder rows) on "
-        "the input/output of one layer over the --set prompts, and report L0, fraction of "
-        "variance explained and loss recovered (against zero ablation) on --eval (default: "
-        "the training prompts). Writes transcoder.json and transcoder.safetensors.",
-    )  # fmt: skip
-    add_model_arguments(p)
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--layer", type=int, help="an MoE layer (its block)")
-    where.add_argument("--module", help="any module by qualified name (e.g. blocks.1.ffn)")
-    p.add_argument("--eval", dest="eval_sets", action="append", default=[], metavar="NAME=FILE")
-    p.add_argument("--hidden-dim", type=int, default=None, help="features (default 8 x dim)")
-    p.add_argument("--l1", type=float, default=1e-3, help="L1 coefficient (default 1e-3)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    p.set_defaults(func=_guarded("transcoder", cmd_transcoder))
-
-
-def cmd_transcoder(args) -> int:
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from ..inspect.access import select_blocks
-    from ..tools import _write_json, open_model, read_prompt_set
-
-    opened = open_model(args.model)
-    model = opened.model
-
-    def prompts_of(specs):
-        sets = [read_prompt_set(s, opened, args.seq_len, args.max_prompts)[1] for s in specs]
-        return [p for ps in sets for p in ps]
-
-    train = prompts_of(args.sets)
-    if not train:
-        raise ValueError("give at least one training set with --set NAME=FILE")
-    held = prompts_of(args.eval_sets) or train
-    if args.module is not None:
-        modules = dict(model.named_modules())
-        if args.module not in modules:
-            raise ValueError(f"--module {args.module!r} is not a module of the model; "
-                             "see gatelab info for the names")  # fmt: skip
-        module = modules[args.module]
-    else:
-        module = select_blocks(model, [args.layer])[0].module
-    x, y = module_io(model, module, train)
-    hidden = args.hidden_dim or 8 * x.shape[1]
-    tc, history = train_transcoder(x, y, hidden, l1=args.l1, steps=args.steps)
-    report = evaluate_transcoder(model, module, tc, held)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tc.state_dict().items()},
-              str(out / "transcoder.safetensors"))  # fmt: skip
-    path = _write_json(out / "transcoder.json", {
-        "layer": args.layer, "module": args.module, "hidden_dim": hidden, "l1": args.l1,
-        "steps": args.steps, "train_tokens": x.shape[0],
-        "final_loss": history.final_loss, **report})  # fmt: skip
-    print(
-        f"L0 {report['l0']:.1f} of {hidden}, FVE {report['fve']:.3f}, loss recovered "
-        f"{report['loss_recovered']:.3f} (clean {report['loss_clean']:.4f}, zero-ablated "
-        f"{report['loss_zero_ablated']:.4f}, transcoder {report['loss_transcoder']:.4f})"
-    )
-    print(f"wrote {path} and {out / 'transcoder.safetensors'}")
-    return 0
-
-
 __all__ = [
     "Transcoder",
     "TranscoderHistory",
-    "add_transcoder_parser",
-    "cmd_transcoder",
     "evaluate_transcoder",
     "replaced",
     "train_transcoder",
