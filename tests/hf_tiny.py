@@ -29,9 +29,12 @@ def _config(name: str):
         )
     if name == "qwen2_moe":  # norm_topk_prob False: weights are softmax over all experts
         return transformers.Qwen2MoeConfig(
-            **COMMON, **MOE, shared_expert_intermediate_size=48, decoder_sparse_step=1,
+            **COMMON,
+            **MOE,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=1,
             norm_topk_prob=False,
-        )  # fmt: skip
+        )
     if name == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**COMMON, **MOE, head_dim=8, norm_topk_prob=True)
     if name == "olmoe":
@@ -41,17 +44,31 @@ def _config(name: str):
     if name == "deepseek_v3":
         return transformers.DeepseekV3Config(
             **{**COMMON, "num_key_value_heads": 4},
-            intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8,
-            num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
-            first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
-            q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
             v_head_dim=8,
-        )  # fmt: skip
+        )
     if name == "gpt_oss":
         return transformers.GptOssConfig(
-            **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-            head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        )  # fmt: skip
+            **COMMON,
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
     raise ValueError(name)
 
 

@@ -12,10 +12,17 @@ from gatelab.recipes import shipped_recipes
 pytest.importorskip("sklearn")  # the digits recipes
 
 SMALL = {
-    "lm": ["model.num_layers=1", "model.dim=32", "model.num_heads=2", "model.max_seq_len=32",
-           "data.seq_len=32", "data.batch_size=2", "data.eval_batches=1"],
+    "lm": [
+        "model.num_layers=1",
+        "model.dim=32",
+        "model.num_heads=2",
+        "model.max_seq_len=32",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "data.eval_batches=1",
+    ],
     "mlp": ["data.batch_size=16"],
-}  # fmt: skip
+}
 
 
 def small(recipe: str, run_dir) -> list[str]:

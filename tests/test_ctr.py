@@ -156,7 +156,10 @@ def test_without_feature_selection_both_streams_see_the_embeddings():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(mlp1_hidden_dims=[16, 10], num_heads=4), r"x_dim \(mlp1's last width\)=10 is not divisible by num_heads=4"),
+        (
+            dict(mlp1_hidden_dims=[16, 10], num_heads=4),
+            r"x_dim \(mlp1's last width\)=10 is not divisible by num_heads=4",
+        ),
         (dict(mlp2_hidden_dims=[9], num_heads=2), r"y_dim \(mlp2's last width\)=9"),
         (dict(embed_dim=0), "embed_dim must be a positive int"),
         (dict(num_heads=0), "num_heads must be a positive int"),
@@ -166,7 +169,7 @@ def test_without_feature_selection_both_streams_see_the_embeddings():
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(act="swish9"), "unknown act 'swish9'"),
     ],
-)  # fmt: skip
+)
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FinalMLP(
@@ -328,8 +331,12 @@ def test_smoke_run(tmp_path):
     result = experiments.get("finalmlp").run("smoke", seed=0, out_dir=tmp_path)
     summary = result["summary"]
     assert set(summary) == {
-        "true log-odds", "FinalMLP", "FinalMLP without gates", "DualMLP", "logistic"
-    }  # fmt: skip
+        "true log-odds",
+        "FinalMLP",
+        "FinalMLP without gates",
+        "DualMLP",
+        "logistic",
+    }
     assert summary["logistic"]["parameters"] == sum(ClickModel.random(seed=0).field_dims) + 1
     for s in summary.values():
         assert 0.0 <= s["auc_mean"] <= 1.0

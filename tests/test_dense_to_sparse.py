@@ -171,9 +171,16 @@ def test_gradients_reach_the_gate(gumbel_weights):
 @pytest.mark.parametrize("phase", ["soft", "sparse", "hard", "eval"])
 @pytest.mark.parametrize("shape", [(9, 8), (2, 5, 8), (0, 8)])
 def test_dispatch_matches_the_loop_oracle(phase, shape):
-    moe = MoE(8, 12, 5, 5, router="dense_to_sparse", dispatcher="loop",
-              router_kwargs={"tau_max": 1.0, "tau_min": 0.02, "decay_steps": 4, "hard_from": 8},
-              loss_weights={"balance": 0.1}).double()  # fmt: skip
+    moe = MoE(
+        8,
+        12,
+        5,
+        5,
+        router="dense_to_sparse",
+        dispatcher="loop",
+        router_kwargs={"tau_max": 1.0, "tau_min": 0.02, "decay_steps": 4, "hard_from": 8},
+        loss_weights={"balance": 0.1},
+    ).double()
     moe.router.set_step({"soft": 0, "sparse": 4, "hard": 8, "eval": 0}[phase])
     if phase == "eval":
         moe.eval()
@@ -186,16 +193,21 @@ def test_dispatch_matches_the_loop_oracle(phase, shape):
         out = m(xi)
         (out.square().sum() + m.aux_loss).backward()
         outs.append(out.detach())
-        grads.append([xi.grad, *(p.grad if p.grad is not None else torch.zeros_like(p)
-                                 for p in m.parameters())])  # fmt: skip
+        grads.append(
+            [
+                xi.grad,
+                *(p.grad if p.grad is not None else torch.zeros_like(p) for p in m.parameters()),
+            ]
+        )
     if phase == "sparse" and shape[0]:
         assert (moe.last_routing.experts == EMPTY).any()
     torch.testing.assert_close(outs[1], outs[0])
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want)
     r = moe.last_routing
-    oracle = get_dispatcher("loop")(x.reshape(-1, 8), r.experts, r.weights,
-                                    moe.experts.weights(), True)  # fmt: skip
+    oracle = get_dispatcher("loop")(
+        x.reshape(-1, 8), r.experts, r.weights, moe.experts.weights(), True
+    )
     torch.testing.assert_close(outs[0].reshape(-1, 8), oracle)
 
 

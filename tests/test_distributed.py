@@ -412,10 +412,18 @@ def test_torchrun_cli(single_run, tmp_path):
         pytest.skip("torchrun is not on PATH")
     run_dir = tmp_path / "run"
     command = [
-        torchrun, "--nproc_per_node=2", "--master_port", str(_free_port()),
-        "-m", "gatelab", "train", "moe-lm", "--ep", "2",
+        torchrun,
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "gatelab",
+        "train",
+        "moe-lm",
+        "--ep",
+        "2",
         *(arg for o in _run_args(run_dir) for arg in ("--set", o)),
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -53,8 +53,13 @@ def test_schedules_by_hand(name, expected):
 
 def test_six_schedules_registered_and_one_layer_gets_k_max():
     assert set(K_SCHEDULES.names()) == {
-        "uniform", "descending", "ascending", "pyramid", "valley", "wave"
-    }  # fmt: skip
+        "uniform",
+        "descending",
+        "ascending",
+        "pyramid",
+        "valley",
+        "wave",
+    }
     for name in K_SCHEDULES.names():
         assert resolve_k_schedule(name, 1, 2, 3) == [3]
         values = resolve_k_schedule(name, 7, 2, 6)
@@ -97,11 +102,16 @@ PROBS = [[0.7, 0.15, 0.1, 0.05], [0.4, 0.3, 0.18, 0.12]]
         (0.5, 3, [[0, EMPTY, EMPTY], [0, 1, 2]], [[0.7, 0, 0], [0.4, 0.3, 0.18]]),
         (0.5, 2, [[0, EMPTY], [0, 1]], [[0.7, 0], [0.4, 0.3]]),  # K_max caps token 1
         # rank 6 -> tau = .30 (not kept: strictly above)
-        (0.75, 4, [[0, EMPTY, EMPTY, EMPTY], [0, EMPTY, EMPTY, EMPTY]], [[0.7, 0, 0, 0], [0.4, 0, 0, 0]]),
+        (
+            0.75,
+            4,
+            [[0, EMPTY, EMPTY, EMPTY], [0, EMPTY, EMPTY, EMPTY]],
+            [[0.7, 0, 0, 0], [0.4, 0, 0, 0]],
+        ),
         # rank 1 -> tau = .05: everything above it, token 0 loses only its last expert
         (0.1, 4, [[0, 1, 2, EMPTY], [0, 1, 2, 3]], [[0.7, 0.15, 0.1, 0], [0.4, 0.3, 0.18, 0.12]]),
     ],
-)  # fmt: skip
+)
 def test_percentile_router_by_hand(percentile, top_k, experts, weights):
     router, x = probs_router(DynamicKRouter, PROBS, top_k=top_k, percentile=percentile)
     routing = router(x)
@@ -263,9 +273,16 @@ def test_mlp_config_schedule_sets_each_layers_k_max():
 
 def test_lm_config_schedule_and_dense_equivalent():
     cfg = LMConfig(
-        vocab_size=16, dim=16, num_layers=3, num_heads=2, expert_hidden_dim=8, num_experts=4,
-        top_k=3, router="top_p", k_schedule=[1, 3, 2],
-    )  # fmt: skip
+        vocab_size=16,
+        dim=16,
+        num_layers=3,
+        num_heads=2,
+        expert_hidden_dim=8,
+        num_experts=4,
+        top_k=3,
+        router="top_p",
+        k_schedule=[1, 3, 2],
+    )
     model = LM(cfg)
     assert [b.ffn.top_k for b in model.blocks] == [1, 3, 2]
     assert model(torch.randint(0, 16, (2, 5))).logits.shape == (2, 5, 16)
@@ -284,9 +301,14 @@ def test_lm_config_schedule_and_dense_equivalent():
 )
 def test_config_schedule_errors(changes, match):
     base = {
-        "vocab_size": 16, "dim": 16, "num_layers": 3, "num_heads": 2, "num_experts": 4,
-        "top_k": 3, "expert_hidden_dim": 8,
-    }  # fmt: skip
+        "vocab_size": 16,
+        "dim": 16,
+        "num_layers": 3,
+        "num_heads": 2,
+        "num_experts": 4,
+        "top_k": 3,
+        "expert_hidden_dim": 8,
+    }
     with pytest.raises(ConfigError, match=match):
         LMConfig.from_dict({**base, **changes})
 

@@ -31,8 +31,17 @@ def _logits(model, ids):
 
 def _gatelab_lm(**changes):
     torch.manual_seed(0)
-    config = dict(vocab_size=50, dim=32, num_layers=3, num_heads=4, max_seq_len=32,
-                  moe_layers=[0, 2], num_experts=6, top_k=2, expert_hidden_dim=24)  # fmt: skip
+    config = dict(
+        vocab_size=50,
+        dim=32,
+        num_layers=3,
+        num_heads=4,
+        max_seq_len=32,
+        moe_layers=[0, 2],
+        num_experts=6,
+        top_k=2,
+        expert_hidden_dim=24,
+    )
     model = LM(LMConfig(**{**config, **changes})).eval()
     with torch.no_grad():
         for block in find_moe_blocks(model):

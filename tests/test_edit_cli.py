@@ -39,19 +39,66 @@ def test_commands_on_a_gatelab_run(run_dir, texts, tmp_path, capsys):
     profile = json.loads((out / "profile.json").read_text())
     assert profile["sets"]["prose"]["prompts"] == 4 and (out / "profile.png").is_file()
 
-    assert main(["localize", str(run_dir), "--target", f"code={texts / 'code.txt'}",
-                 "--other", f"prose={texts / 'prose.txt'}", *common, "--threshold", "1.5",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "localize",
+                str(run_dir),
+                "--target",
+                f"code={texts / 'code.txt'}",
+                "--other",
+                f"prose={texts / 'prose.txt'}",
+                *common,
+                "--threshold",
+                "1.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     neurons = json.loads((out / "neurons.json").read_text())
     assert neurons["threshold"] == 1.5 and neurons["experts"]
 
-    assert main(["steer", str(run_dir), *sets, *common, "--off", "0:1", "--on", "1:2",
-                 "--clamp", str(out / "neurons.json"), "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "steer",
+                str(run_dir),
+                *sets,
+                *common,
+                "--off",
+                "0:1",
+                "--on",
+                "1:2",
+                "--clamp",
+                str(out / "neurons.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     steer = json.loads((out / "steer.json").read_text())
     assert set(steer["loss"]) == {"prose", "code"}
 
-    assert main(["prune", str(run_dir), "--demos", f"code={texts / 'code.txt'}", "--keep", "4",
-                 *sets, *common, "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(run_dir),
+                "--demos",
+                f"code={texts / 'code.txt'}",
+                "--keep",
+                "4",
+                *sets,
+                *common,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "prune.json").read_text())
     assert result["parameters"]["pruned"] < result["parameters"]["full"]
     for losses in result["loss"].values():  # pruned == masked original
@@ -72,9 +119,23 @@ def test_prune_an_hf_directory(tmp_path):
     ids = [hf_tiny.ids(1, 9, seed).squeeze(0).tolist() for seed in range(3)]
     (tmp_path / "demos.json").write_text(json.dumps(ids))
     out = tmp_path / "out"
-    assert main(["prune", str(tmp_path / "hf"), "--demos", f"d={tmp_path / 'demos.json'}",
-                 "--keep", "4", "--set", f"d={tmp_path / 'demos.json'}",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(tmp_path / "hf"),
+                "--demos",
+                f"d={tmp_path / 'demos.json'}",
+                "--keep",
+                "4",
+                "--set",
+                f"d={tmp_path / 'demos.json'}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     loaded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert loaded.config.num_experts == 4
     result = json.loads((out / "prune.json").read_text())
@@ -83,22 +144,63 @@ def test_prune_an_hf_directory(tmp_path):
 
 def test_bad_input_gives_clear_errors(run_dir, texts, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert main(["prune", str(run_dir), "--demos", f"c={texts / 'code.txt'}", "--keep", "9",
-                 "--out", out]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(run_dir),
+                "--demos",
+                f"c={texts / 'code.txt'}",
+                "--keep",
+                "9",
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
     assert "keep=9 exceeds the 8 experts" in capsys.readouterr().err
-    assert main(["prune", str(run_dir), "--demos", f"c={texts / 'code.txt'}", "--keep", "1",
-                 "--out", out]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(run_dir),
+                "--demos",
+                f"c={texts / 'code.txt'}",
+                "--keep",
+                "1",
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
     assert "below top_k=2" in capsys.readouterr().err
     (tmp_path / "empty.json").write_text("[]")
-    assert main(["profile", str(run_dir), "--set", f"e={tmp_path / 'empty.json'}",
-                 "--out", out]) == 2  # fmt: skip
+    assert (
+        main(["profile", str(run_dir), "--set", f"e={tmp_path / 'empty.json'}", "--out", out]) == 2
+    )
     assert "prompt set 'e' is empty" in capsys.readouterr().err
-    assert main(["profile", str(run_dir), "--set", f"p={texts / 'prose.txt'}", "--seq-len",
-                 "24", "--out", out]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "profile",
+                str(run_dir),
+                "--set",
+                f"p={texts / 'prose.txt'}",
+                "--seq-len",
+                "24",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     long = json.dumps([list(range(40))])
     (tmp_path / "long.json").write_text(long)
-    assert main(["profile", str(run_dir), "--set", f"l={tmp_path / 'long.json'}",
-                 "--out", out]) == 2  # fmt: skip
+    assert (
+        main(["profile", str(run_dir), "--set", f"l={tmp_path / 'long.json'}", "--out", out]) == 2
+    )
     assert "longer than the model's context of 32" in capsys.readouterr().err
     assert main(["profile", str(tmp_path / "nowhere"), "--set", "a=b", "--out", out]) == 2
     assert "does not exist" in capsys.readouterr().err

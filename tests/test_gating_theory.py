@@ -54,9 +54,15 @@ def test_temperature_gate_is_flat_along_the_scale_ray():
     for name, same in (("temperature", True), ("activation", False)):
         p = gt.TRUTHS[name]
         scaled = GaussianMoEParams(
-            3 * p.beta1, 3 * p.beta0, p.a, p.b, p.sigma, 3 * p.temperature,
-            p.top_k, p.activation,
-        )  # fmt: skip
+            3 * p.beta1,
+            3 * p.beta0,
+            p.a,
+            p.b,
+            p.sigma,
+            3 * p.temperature,
+            p.top_k,
+            p.activation,
+        )
         close = torch.allclose(scaled.log_prob(data.x, data.y), p.log_prob(data.x, data.y))
         assert close is same, name
     errors = gt.parameter_errors(scaled_temperature(), gt.TRUTHS["temperature"])

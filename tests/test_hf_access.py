@@ -128,9 +128,13 @@ def test_edits_compose_in_order_and_remove_independently(saved):
     assert not torch.isin(cap.routing(0).experts, torch.tensor([0, 1])).any()
     assert not torch.isin(cap.routing(1).experts, torch.tensor([0, 1, 2])).any()
     assert torch.isin(cap.routing(0).experts, torch.tensor([2])).any()
-    with edit_routing(model, {0: lambda r: r.mask_experts([0, 1]),
-                              1: compose(lambda r: r.mask_experts([0, 1]),
-                                         lambda r: r.mask_experts([2]))}):  # fmt: skip
+    with edit_routing(
+        model,
+        {
+            0: lambda r: r.mask_experts([0, 1]),
+            1: compose(lambda r: r.mask_experts([0, 1]), lambda r: r.mask_experts([2])),
+        },
+    ):
         pass
     first.remove()
     first.remove()  # idempotent
@@ -138,9 +142,13 @@ def test_edits_compose_in_order_and_remove_independently(saved):
         _logits(model, ids)
     assert torch.isin(cap.routing(0).experts, torch.tensor([0, 1])).any()
     second.remove()
-    with edit_routing(model, {0: lambda r: r.mask_experts([0, 1]),
-                              1: compose(lambda r: r.mask_experts([0, 1]),
-                                         lambda r: r.mask_experts([2]))}):  # fmt: skip
+    with edit_routing(
+        model,
+        {
+            0: lambda r: r.mask_experts([0, 1]),
+            1: compose(lambda r: r.mask_experts([0, 1]), lambda r: r.mask_experts([2])),
+        },
+    ):
         torch.testing.assert_close(_logits(model, ids), both)
 
 
@@ -168,9 +176,18 @@ def test_fill_empty_slots():
 
 def _gatelab_lm(shared: int = 0):
     torch.manual_seed(0)
-    config = LMConfig(vocab_size=50, dim=32, num_layers=3, num_heads=4, max_seq_len=32,
-                      moe_layers=[0, 2], num_experts=6, top_k=2, expert_hidden_dim=24,
-                      shared_expert_dim=shared)  # fmt: skip
+    config = LMConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=3,
+        num_heads=4,
+        max_seq_len=32,
+        moe_layers=[0, 2],
+        num_experts=6,
+        top_k=2,
+        expert_hidden_dim=24,
+        shared_expert_dim=shared,
+    )
     return LM(config).eval()
 
 
@@ -178,8 +195,9 @@ def test_gatelab_model_same_calls():
     model = _gatelab_lm()
     blocks = find_moe_blocks(model)
     assert [(b.layer, b.name, b.num_experts, b.top_k, b.family) for b in blocks] == [
-        (0, "blocks.0.ffn", 6, 2, "gatelab"), (2, "blocks.2.ffn", 6, 2, "gatelab"),
-    ]  # fmt: skip
+        (0, "blocks.0.ffn", 6, 2, "gatelab"),
+        (2, "blocks.2.ffn", 6, 2, "gatelab"),
+    ]
     ids = torch.randint(0, 50, (2, 10))
     with torch.no_grad(), capture_routing(model, hidden=True) as cap:
         before = model(ids).logits
@@ -212,8 +230,9 @@ def test_no_moe_blocks_error():
 def test_hf_model_without_moe_blocks():
     import transformers
 
-    config = transformers.LlamaConfig(**{k: v for k, v in hf_tiny.COMMON.items()},
-                                      intermediate_size=32)  # fmt: skip
+    config = transformers.LlamaConfig(
+        **{k: v for k, v in hf_tiny.COMMON.items()}, intermediate_size=32
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(NoMoEBlocksError, match="LlamaForCausalLM has no MoE blocks"):
         find_moe_blocks(model)

@@ -126,8 +126,9 @@ def test_local_expert_bad_configurations():
     moe = LocalExpertMoE(ge)
     empty = torch.zeros(0, 1, 16, 16)
     with pytest.raises(ValueError, match="at least one user sample"):
-        train_local_expert(moe, empty, torch.zeros(0, dtype=torch.long), empty,
-                           torch.zeros(0, dtype=torch.long))  # fmt: skip
+        train_local_expert(
+            moe, empty, torch.zeros(0, dtype=torch.long), empty, torch.zeros(0, dtype=torch.long)
+        )
     with pytest.raises(ValueError, match="LeNet5 expects images"):
         moe(torch.rand(2, 1, 8, 8))
 

@@ -13,9 +13,17 @@ from gatelab.models import LM, LMConfig
 
 def _gatelab_lm(num_layers=3, moe_layers=(0, 1, 2), bias=False):
     torch.manual_seed(0)
-    config = LMConfig(vocab_size=50, dim=32, num_layers=num_layers, num_heads=4, max_seq_len=32,
-                      moe_layers=list(moe_layers), num_experts=6, top_k=2,
-                      expert_hidden_dim=24)  # fmt: skip
+    config = LMConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=num_layers,
+        num_heads=4,
+        max_seq_len=32,
+        moe_layers=list(moe_layers),
+        num_experts=6,
+        top_k=2,
+        expert_hidden_dim=24,
+    )
     model = LM(config).eval()
     with torch.no_grad():
         for block in find_moe_blocks(model):

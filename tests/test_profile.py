@@ -17,8 +17,17 @@ from gatelab.models import LM, LMConfig
 
 def _lm():
     torch.manual_seed(0)
-    config = LMConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4, max_seq_len=16,
-                      moe_layers="all", num_experts=4, top_k=2, expert_hidden_dim=16)  # fmt: skip
+    config = LMConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=16,
+        moe_layers="all",
+        num_experts=4,
+        top_k=2,
+        expert_hidden_dim=16,
+    )
     model = LM(config).eval()
     with torch.no_grad():
         for block in find_moe_blocks(model):

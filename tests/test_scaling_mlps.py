@@ -74,7 +74,11 @@ def test_recipe_validation_and_plain():
         Recipe(mixup_alpha=-1.0)
     plain = Recipe(flip=True).plain()
     assert (plain.label_smoothing, plain.mixup_alpha, plain.crop_scale, plain.flip) == (
-        0.0, 0.0, None, False)  # fmt: skip
+        0.0,
+        0.0,
+        None,
+        False,
+    )
 
 
 def test_recipe_trains_a_bottleneck_mlp():
@@ -99,8 +103,9 @@ def test_cifar_path_runs_on_files_the_user_has(tmp_path, monkeypatch):
     _write_cifar(tmp_path)
     data = cifar10_data(tmp_path)
     assert data["train_x"].shape == (60, 3, 32, 32) and data["test_x"].shape == (12, 3, 32, 32)
-    torch.testing.assert_close(data["train_x"].mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5,
-                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        data["train_x"].mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0
+    )
     monkeypatch.setenv(CIFAR_ENV, str(tmp_path))
     result = experiments.get("scaling-mlps").run("smoke", out_dir=tmp_path / "out")
     assert len(result["cifar10"]) == 1 and result["cifar10"][0]["parameters"] > 3072 * 16

@@ -121,8 +121,15 @@ class Net(nn.Module):
         super().__init__()
         self.inp = nn.Linear(4, 8)
         kwargs = {"tau_max": 2.0, "tau_min": 0.05, "decay_steps": 4, "hard_from": 6}
-        self.moe = MoE(8, 8, 4, 4, router="dense_to_sparse", router_kwargs=kwargs,
-                       loss_weights={"balance": 0.01})  # fmt: skip
+        self.moe = MoE(
+            8,
+            8,
+            4,
+            4,
+            router="dense_to_sparse",
+            router_kwargs=kwargs,
+            loss_weights={"balance": 0.01},
+        )
         attach_schedule(self.moe, "capacity_factor", Step([4.0, 1.0], [3]))
         self.head = nn.Linear(8, 1)
         self.taus: list[float] = []
@@ -201,11 +208,21 @@ def test_a_recipe_names_the_gate_and_its_tau_schedule(tmp_path):
         "model.num_experts=4",
         'model.router_kwargs={ tau = { kind = "exponential", start = 2.0, end = 0.1, '
         "steps = 2 }, hard_from = 3 }",
-        "model.dim=16", "model.num_layers=1", "model.num_heads=2", "model.expert_hidden_dim=16",
-        "model.max_seq_len=8", "data.seq_len=8", "data.batch_size=2", "data.eval_batches=1",
-        "train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=0",
-        f'train.run_dir="{tmp_path}"', "train.verbose=false",
-    ]  # fmt: skip
+        "model.dim=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.expert_hidden_dim=16",
+        "model.max_seq_len=8",
+        "data.seq_len=8",
+        "data.batch_size=2",
+        "data.eval_batches=1",
+        "train.steps=4",
+        "train.warmup_steps=1",
+        "train.eval_every=0",
+        "train.save_every=0",
+        f'train.run_dir="{tmp_path}"',
+        "train.verbose=false",
+    ]
     run = build_run(load_recipe("moe-lm", overrides))
     router = run.model.blocks[0].ffn.router
     assert isinstance(router, DenseToSparseRouter)
@@ -217,8 +234,16 @@ def test_a_recipe_names_the_gate_and_its_tau_schedule(tmp_path):
 def lm_config(**changes):
     from gatelab.models import LMConfig
 
-    base = dict(vocab_size=32, dim=16, num_layers=2, num_heads=2, max_seq_len=8,
-                num_experts=4, top_k=2, expert_hidden_dim=16)  # fmt: skip
+    base = dict(
+        vocab_size=32,
+        dim=16,
+        num_layers=2,
+        num_heads=2,
+        max_seq_len=8,
+        num_experts=4,
+        top_k=2,
+        expert_hidden_dim=16,
+    )
     return LMConfig(**{**base, **changes})
 
 

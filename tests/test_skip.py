@@ -21,8 +21,17 @@ from gatelab.models import LM, LMConfig
 
 def _gatelab_lm():
     torch.manual_seed(0)
-    config = LMConfig(vocab_size=50, dim=32, num_layers=3, num_heads=4, max_seq_len=32,
-                      moe_layers=[0, 2], num_experts=6, top_k=2, expert_hidden_dim=24)  # fmt: skip
+    config = LMConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=3,
+        num_heads=4,
+        max_seq_len=32,
+        moe_layers=[0, 2],
+        num_experts=6,
+        top_k=2,
+        expert_hidden_dim=24,
+    )
     model = LM(config).eval()
     with torch.no_grad():
         for block in find_moe_blocks(model):
@@ -163,8 +172,23 @@ def test_skip_pregate_transcoder_commands(tmp_path, capsys):
     pregate = json.loads((out / "pregate.json").read_text())
     assert [m["exact"] for m in pregate["modes"]] == [True, True, True]
     assert (out / "pregates.safetensors").is_file()
-    assert main(["transcoder", *common, "--layer", "1", "--hidden-dim", "32", "--steps", "5",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "transcoder",
+                *common,
+                "--layer",
+                "1",
+                "--hidden-dim",
+                "32",
+                "--steps",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "transcoder.json").read_text())
     assert report["hidden_dim"] == 32 and 0 <= report["l0"] <= 32
     capsys.readouterr()

@@ -26,8 +26,17 @@ from gatelab.models import LM, LMConfig
 
 def _lm():
     torch.manual_seed(0)
-    config = LMConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4, max_seq_len=32,
-                      moe_layers=[1], num_experts=4, top_k=2, expert_hidden_dim=24)  # fmt: skip
+    config = LMConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=32,
+        moe_layers=[1],
+        num_experts=4,
+        top_k=2,
+        expert_hidden_dim=24,
+    )
     model = LM(config).eval()
     with torch.no_grad():
         for block in find_moe_blocks(model):
@@ -48,8 +57,9 @@ def test_transcoder_shapes_and_unit_norm_decoder():
     loss, _ = transcoder_loss(y, torch.randn(3, 5, 6), f, l1=0.1)
     loss.backward()
     tc.remove_parallel_grad()  # what is left of the gradient is orthogonal to every row
-    torch.testing.assert_close((tc.W_dec.grad * tc.W_dec).sum(1), torch.zeros(40), atol=1e-6,
-                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        (tc.W_dec.grad * tc.W_dec).sum(1), torch.zeros(40), atol=1e-6, rtol=0
+    )
 
 
 def test_transcoder_learns_a_sparse_map():

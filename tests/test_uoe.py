@@ -30,10 +30,12 @@ def _mlps(dim: int, hidden: int) -> dict[str, nn.Module]:
         "glu_bias": GluMlp(dim, hidden, variant="geglu", bias=True),
         "mlp_bias": Mlp(dim, hidden, act="relu"),
         "sequential": nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(0.0),
+            nn.Linear(dim, hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Dropout(0.0),
             nn.Linear(hidden, dim),
         ),
-    }  # fmt: skip
+    }
 
 
 def _randomise(module: nn.Module) -> nn.Module:

@@ -58,8 +58,9 @@ def test_the_layer_with_a_normalised_router_is_the_dense_ffn():
     x = torch.randn(3, 7, D)
     torch.testing.assert_close(moe(x), ffn(x), atol=1e-6, rtol=1e-5)
     # The dense-to-sparse gate's "dense" evaluation (softmax over all experts) sums to 1 too.
-    dts = upcycle_ffn(ffn, E, top_k=E, router="dense_to_sparse",
-                      router_kwargs={"eval_mode": "dense"}).eval()  # fmt: skip
+    dts = upcycle_ffn(
+        ffn, E, top_k=E, router="dense_to_sparse", router_kwargs={"eval_mode": "dense"}
+    ).eval()
     torch.testing.assert_close(dts(x), ffn(x), atol=1e-6, rtol=1e-5)
 
 
@@ -97,9 +98,12 @@ def test_hf_mlp_upcycle_equals_the_hf_mlp(family):
 
     config_name, module, mlp_name, act = HF_MLPS[family]
     config = getattr(transformers, config_name)(
-        hidden_size=16, intermediate_size=24, hidden_act=act,
-        num_attention_heads=2, num_key_value_heads=2,
-    )  # fmt: skip
+        hidden_size=16,
+        intermediate_size=24,
+        hidden_act=act,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     mlp = getattr(importlib.import_module(module), mlp_name)(config).double()
     with torch.no_grad():
         for p in mlp.parameters():
@@ -182,16 +186,24 @@ def test_diversified_experts_equal_the_trained_one_in_expectation():
 
 
 def dense_lm() -> LM:
-    config = LMConfig(vocab_size=40, dim=16, num_layers=2, num_heads=2, max_seq_len=16,
-                      ffn_hidden_dim=24, moe_layers="none")  # fmt: skip
+    config = LMConfig(
+        vocab_size=40,
+        dim=16,
+        num_layers=2,
+        num_heads=2,
+        max_seq_len=16,
+        ffn_hidden_dim=24,
+        moe_layers="none",
+    )
     return LM(config)
 
 
 def test_upcycled_lm_computes_the_dense_lm():
     lm = dense_lm().eval()
     before = {k: v.clone() for k, v in lm.state_dict().items()}
-    moe_lm = upcycle_lm(lm, 4, top_k=2, router_kwargs={"normalize": True},
-                        loss_weights={"balance": 0.01}).eval()  # fmt: skip
+    moe_lm = upcycle_lm(
+        lm, 4, top_k=2, router_kwargs={"normalize": True}, loss_weights={"balance": 0.01}
+    ).eval()
     cfg = moe_lm.config
     assert cfg.moe_layer_indices() == [0, 1] and cfg.expert_hidden_dim == 24
     assert cfg.num_experts == 4 and cfg.top_k == 2 and cfg.loss_weights == {"balance": 0.01}
@@ -204,8 +216,9 @@ def test_upcycled_lm_computes_the_dense_lm():
 def test_evomoe_pipeline_trains():
     lm = dense_lm()
     kwargs = {"tau_max": 2.0, "tau_min": 0.5, "decay_steps": 4, "hard_from": 6}
-    moe_lm = upcycle_lm(lm, 4, top_k=4, router="dense_to_sparse", router_kwargs=kwargs,
-                        diversify=0.5)  # fmt: skip
+    moe_lm = upcycle_lm(
+        lm, 4, top_k=4, router="dense_to_sparse", router_kwargs=kwargs, diversify=0.5
+    )
     router = moe_lm.blocks[0].ffn.router
     assert isinstance(router, DenseToSparseRouter) and router.hard_from == 6
     down = [b.ffn.experts.down_proj for b in moe_lm.blocks]

@@ -119,8 +119,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = run_recipe(args.recipe, args.overrides, resume=args.resume, ep=args.ep)
     if _is_main_process():
-        print(json.dumps({"step": result.step, "stopped": result.stopped, "loss": result.loss,
-                          "eval": result.eval, "checkpoint": str(result.checkpoint)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "step": result.step,
+                    "stopped": result.stopped,
+                    "loss": result.loss,
+                    "eval": result.eval,
+                    "checkpoint": str(result.checkpoint),
+                }
+            )
+        )
     return 0 if result.stopped in ("completed", "time_budget", "interrupted") else 1
 
 

@@ -61,8 +61,10 @@ def open_model(source: str | Path | nn.Module) -> OpenedModel:
         return OpenedModel(source, "module", type(source).__name__, None, {})
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"{source} does not exist; give an HF model directory or a "
-                                "gatelab run directory / checkpoint")  # fmt: skip
+        raise FileNotFoundError(
+            f"{source} does not exist; give an HF model directory or a "
+            "gatelab run directory / checkpoint"
+        )
     if (path / "config.json").is_file():
         return _open_hf(path)
     return _open_gatelab(path)
@@ -185,9 +187,13 @@ def add_model_arguments(parser, sets: bool = True) -> None:
     parser.add_argument("--max-prompts", type=int, default=64, help="prompts per set at most")
     if sets:
         parser.add_argument(
-            "--set", dest="sets", action="append", default=[], metavar="NAME=FILE",
+            "--set",
+            dest="sets",
+            action="append",
+            default=[],
+            metavar="NAME=FILE",
             help="a named prompt set (repeatable): .json list of strings/id lists, or text",
-        )  # fmt: skip
+        )
 
 
 def _sets(args, opened: OpenedModel) -> dict[str, list[torch.Tensor]]:
@@ -230,10 +236,14 @@ def cmd_localize(args) -> int:
         for layer, e, _ in profile.top_experts(target_name, args.top, per_layer=True):
             experts.setdefault(layer, []).append(e)
     report = localize_neurons(opened.model, target, other, experts, threshold=args.threshold)
-    path = _write_json(Path(args.out) / "neurons.json", {
-        "target": target_name, "other": other_name, "experts": experts, **report.to_dict()})  # fmt: skip
-    print(f"{len(report.neurons)} neurons with z > {args.threshold} in "
-          f"{len(report.experts)} experts; wrote {path}")  # fmt: skip
+    path = _write_json(
+        Path(args.out) / "neurons.json",
+        {"target": target_name, "other": other_name, "experts": experts, **report.to_dict()},
+    )
+    print(
+        f"{len(report.neurons)} neurons with z > {args.threshold} in "
+        f"{len(report.experts)} experts; wrote {path}"
+    )
     return 0
 
 
@@ -265,9 +275,16 @@ def cmd_steer(args) -> int:
     finally:
         for handle in reversed(handles):
             handle.remove()
-    result = {"off": off, "on": on, "clamped_neurons": len(neurons), "renormalize": args.renormalize,
-              "loss": {n: {"base": base[n], "steered": steered[n], "change": steered[n] - base[n]}
-                       for n in sets}}  # fmt: skip
+    result = {
+        "off": off,
+        "on": on,
+        "clamped_neurons": len(neurons),
+        "renormalize": args.renormalize,
+        "loss": {
+            n: {"base": base[n], "steered": steered[n], "change": steered[n] - base[n]}
+            for n in sets
+        },
+    }
     path = _write_json(Path(args.out) / "steer.json", result)
     for n in sets:
         print(f"{n}: loss {base[n]:.4f} -> {steered[n]:.4f} nats/token")
@@ -294,14 +311,19 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     model_dir = save_pruned(opened, pruned, out / "model")
     result = {
-        "method": args.method, "keep": args.keep, "kept": keep,
+        "method": args.method,
+        "keep": args.keep,
+        "kept": keep,
         "importance": {layer: v.tolist() for layer, v in importance.items()},
         "parameters": {"full": _count(opened.model), "pruned": _count(pruned)},
-        "loss": losses, "model_dir": str(model_dir),
-    }  # fmt: skip
+        "loss": losses,
+        "model_dir": str(model_dir),
+    }
     path = _write_json(out / "prune.json", result)
-    print(f"kept {args.keep} experts per layer ({args.method}); parameters "
-          f"{result['parameters']['full']:,} -> {result['parameters']['pruned']:,}")  # fmt: skip
+    print(
+        f"kept {args.keep} experts per layer ({args.method}); parameters "
+        f"{result['parameters']['full']:,} -> {result['parameters']['pruned']:,}"
+    )
     for n, values in losses.items():
         print(f"{n}: loss " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     print(f"wrote {model_dir} and {path}")
@@ -332,8 +354,14 @@ def save_pruned(opened: OpenedModel, pruned: nn.Module, directory: Path) -> Path
 
     config = copy.deepcopy(opened.meta["config"])
     config["run"].setdefault("model", {})["num_experts"] = find_moe_blocks(pruned)[0].num_experts
-    save_checkpoint(directory / "checkpoints", opened.meta["step"], pruned, config=config,
-                    extra={"pruned_from": opened.source}, rng=False)  # fmt: skip
+    save_checkpoint(
+        directory / "checkpoints",
+        opened.meta["step"],
+        pruned,
+        config=config,
+        extra={"pruned_from": opened.source},
+        rng=False,
+    )
     return directory
 
 
@@ -359,11 +387,12 @@ def _guarded(command: str, fn):
 
 def add_profile_parser(commands) -> None:
     p = commands.add_parser(
-        "profile", help="per layer x expert routing frequency and gate weight by prompt set",
+        "profile",
+        help="per layer x expert routing frequency and gate weight by prompt set",
         description="Run named prompt sets through an MoE model (HF directory or gatelab "
         "checkpoint) and write profile.json (frequency, mean gate weight, each set's contrast "
         "with the others) and profile.png (heatmaps). MoTE's fTRI / GateBreaker's profile.",
-    )  # fmt: skip
+    )
     add_model_arguments(p)
     p.add_argument("--metric", choices=("frequency", "mean_weight"), default="frequency")
     p.add_argument("--top", type=int, default=5, help="top experts to print per set")
@@ -372,16 +401,20 @@ def add_profile_parser(commands) -> None:
 
 def add_localize_parser(commands) -> None:
     p = commands.add_parser(
-        "localize", help="neurons inside experts that fire for one prompt set (z-score)",
+        "localize",
+        help="neurons inside experts that fire for one prompt set (z-score)",
         description="GateBreaker's localisation: per-neuron max activation over routed tokens, "
         "difference of means between --target and --other, z-score > --threshold; writes "
         "neurons.json (a list `gatelab steer --clamp` takes).",
-    )  # fmt: skip
+    )
     add_model_arguments(p, sets=False)
     p.add_argument("--target", required=True, metavar="NAME=FILE")
     p.add_argument("--other", required=True, metavar="NAME=FILE")
-    p.add_argument("--experts", default=None, help="LAYER:E,E;LAYER:E (default: --top per layer "
-                   "by the target's routing contrast)")  # fmt: skip
+    p.add_argument(
+        "--experts",
+        default=None,
+        help="LAYER:E,E;LAYER:E (default: --top per layer by the target's routing contrast)",
+    )
     p.add_argument("--top", type=int, default=2, help="experts per layer when --experts is unset")
     p.add_argument("--threshold", type=float, default=2.0, help="z-score threshold (default 2)")
     p.set_defaults(func=_guarded("localize", cmd_localize))
@@ -389,28 +422,33 @@ def add_localize_parser(commands) -> None:
 
 def add_steer_parser(commands) -> None:
     p = commands.add_parser(
-        "steer", help="switch experts off / force them on / clamp neurons; loss per prompt set",
+        "steer",
+        help="switch experts off / force them on / clamp neurons; loss per prompt set",
         description="MoTE's steering: apply the edits, measure next-token loss on each "
         "--set before and after, write steer.json. The model on disk is not changed.",
-    )  # fmt: skip
+    )
     add_model_arguments(p)
     p.add_argument("--off", default=None, help="experts to switch off, LAYER:E,E;LAYER:E")
     p.add_argument("--on", default=None, help="experts to force on, LAYER:E,E;LAYER:E")
     p.add_argument("--clamp", default=None, help="neurons.json from `gatelab localize`")
-    p.add_argument("--renormalize", action="store_true",
-                   help="rescale each token's remaining weights to their previous sum")  # fmt: skip
+    p.add_argument(
+        "--renormalize",
+        action="store_true",
+        help="rescale each token's remaining weights to their previous sum",
+    )
     p.set_defaults(func=_guarded("steer", cmd_steer))
 
 
 def add_prune_parser(commands) -> None:
     p = commands.add_parser(
-        "prune", help="keep N experts per layer chosen from demonstrations (EASY-EP)",
+        "prune",
+        help="keep N experts per layer chosen from demonstrations (EASY-EP)",
         description="Score experts on --demos (EASY-EP's output-aware importance x token "
         "contribution, or routed-slot frequency), keep --keep per layer, and write the "
         "physically smaller model to OUT/model (HF: save_pretrained; gatelab: a checkpoint) "
         "and prune.json (kept experts, importance, parameter counts, loss on each --set for "
         "the full, masked and pruned model).",
-    )  # fmt: skip
+    )
     add_model_arguments(p)
     p.add_argument("--demos", required=True, metavar="NAME=FILE", help="in-domain demonstrations")
     p.add_argument("--keep", type=int, required=True, help="experts to keep per layer")
@@ -430,15 +468,21 @@ def add_skip_parser(commands) -> None:
     """``gatelab skip``: MoDES importance, the skip-ratio curve and threshold searches."""
 
     p = commands.add_parser(
-        "skip", help="MoDES expert skipping: layer importance, skip ratio vs KL, thresholds",
+        "skip",
+        help="MoDES expert skipping: layer importance, skip ratio vs KL, thresholds",
         description="Compute MoDES's layer importance on the calibration --set(s), the skip "
         "ratio / KL / loss curve over one threshold, and the thresholds that reach each "
         "--target skip ratio (two sets: also one threshold per set, by the frontier search). "
         "Writes skip.json and skip.png. The model on disk is not changed.",
-    )  # fmt: skip
+    )
     add_model_arguments(p)
-    p.add_argument("--target", type=float, action="append", default=[],
-                   help="target skip ratio in [0, 1] (repeatable; default 0.5)")  # fmt: skip
+    p.add_argument(
+        "--target",
+        type=float,
+        action="append",
+        default=[],
+        help="target skip ratio in [0, 1] (repeatable; default 0.5)",
+    )
     p.add_argument("--grid", type=int, default=12, help="thresholds per grid (default 12)")
     p.set_defaults(func=_guarded("skip", cmd_skip))
 
@@ -449,8 +493,9 @@ def cmd_skip(args) -> int:
     opened = open_model(args.model)
     sets = dict(read_prompt_set(s, opened, args.seq_len, args.max_prompts) for s in args.sets)
     if not sets or len(sets) > 2:
-        raise ValueError("give one or two calibration sets with --set NAME=FILE (two: one "
-                         "token kind each)")  # fmt: skip
+        raise ValueError(
+            "give one or two calibration sets with --set NAME=FILE (two: one token kind each)"
+        )
     names = list(sets)
     prompts = [p for n in names for p in sets[n]]
     kinds = [i for i, n in enumerate(names) for _ in sets[n]]
@@ -468,19 +513,26 @@ def cmd_skip(args) -> int:
             modes.append(("per set", SkipEvaluator(model, prompts, alpha, kinds), grids))
         for label, evaluator, grids in modes:
             best, _ = search_thresholds(evaluator, grids, target)
-            searches.append({"target": target, "search": label,
-                             "best": None if best is None else best.__dict__})  # fmt: skip
+            searches.append(
+                {"target": target, "search": label, "best": None if best is None else best.__dict__}
+            )
     out = Path(args.out)
-    path = _write_json(out / "skip.json", {
-        "sets": names, "alpha": alpha, "curve": [p.__dict__ for p in curve],
-        "searches": searches})  # fmt: skip
+    path = _write_json(
+        out / "skip.json",
+        {"sets": names, "alpha": alpha, "curve": [p.__dict__ for p in curve], "searches": searches},
+    )
     _plot_curve(curve, out / "skip.png")
     print("layer importance: " + ", ".join(f"{k}: {v:.3f}" for k, v in alpha.items()))
     for s in searches:
         b = s["best"]
-        found = "no threshold reaches it" if b is None else (
-            f"thresholds {[round(t, 5) for t in b['thresholds']]}, ratio {b['ratio']:.3f}, "
-            f"KL {b['kl']:.4f}, loss {b['loss']:.4f}")  # fmt: skip
+        found = (
+            "no threshold reaches it"
+            if b is None
+            else (
+                f"thresholds {[round(t, 5) for t in b['thresholds']]}, ratio {b['ratio']:.3f}, "
+                f"KL {b['kl']:.4f}, loss {b['loss']:.4f}"
+            )
+        )
         print(f"target {s['target']:.2f} ({s['search']}): {found}")
     print(f"wrote {path} and {out / 'skip.png'}")
     return 0
@@ -509,18 +561,23 @@ def add_pregate_parser(commands) -> None:
     """``gatelab pregate``: distil pre-gates, then compare offloaded inference modes."""
 
     p = commands.add_parser(
-        "pregate", help="train pre-gates; offloaded inference: resident vs on demand vs prefetch",
+        "pregate",
+        help="train pre-gates; offloaded inference: resident vs on demand vs prefetch",
         description="Distil one pre-gate per MoE layer from the next layer's router on the "
         "calibration --set(s), report its hit rate, then run the prompts with all experts "
         "resident, offloaded with on-demand loading and offloaded with pre-gate prefetch "
         "(experts in safetensors under OUT/experts, an LRU cache of --capacity experts): "
         "tokens/s, peak resident expert bytes, misses, and whether outputs equal the "
         "resident model's. Writes pregate.json and pregates.safetensors.",
-    )  # fmt: skip
+    )
     add_model_arguments(p)
     p.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
-    p.add_argument("--capacity", type=int, default=None,
-                   help="experts in the cache (default: half of all routed experts)")  # fmt: skip
+    p.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="experts in the cache (default: half of all routed experts)",
+    )
     p.set_defaults(func=_guarded("pregate", cmd_pregate))
 
 
@@ -542,16 +599,24 @@ def cmd_pregate(args) -> int:
     out = Path(args.out)
     rows = _compare_modes(model, gates, prompts, capacity, out / "experts")
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in gates.state_dict().items()},
-              str(out / "pregates.safetensors"))  # fmt: skip
-    path = _write_json(out / "pregate.json", {"sets": list(sets), "capacity": capacity,
-                                              "hit_rate": hits, "modes": rows})  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in gates.state_dict().items()},
+        str(out / "pregates.safetensors"),
+    )
+    path = _write_json(
+        out / "pregate.json",
+        {"sets": list(sets), "capacity": capacity, "hit_rate": hits, "modes": rows},
+    )
     for layer, h in hits.items():
-        print(f"pre-gate {layer} -> {gates.next_layer[layer]}: hit rate {h['hit_rate']:.3f} "
-              f"(chance {h['chance']:.3f})")  # fmt: skip
+        print(
+            f"pre-gate {layer} -> {gates.next_layer[layer]}: hit rate {h['hit_rate']:.3f} "
+            f"(chance {h['chance']:.3f})"
+        )
     for row in rows:
-        print(f"{row['mode']}: {row['tokens_per_s']:.0f} tokens/s, peak resident experts "
-              f"{row['peak_resident_bytes'] / 2**20:.2f} MB, equals resident: {row['exact']}")  # fmt: skip
+        print(
+            f"{row['mode']}: {row['tokens_per_s']:.0f} tokens/s, peak resident experts "
+            f"{row['peak_resident_bytes'] / 2**20:.2f} MB, equals resident: {row['exact']}"
+        )
     print(f"wrote {path} and {out / 'pregates.safetensors'}")
     return 0
 
@@ -570,15 +635,22 @@ def _compare_modes(model, gates, prompts, capacity: int, directory: Path) -> lis
         return time.perf_counter() - start, logits
 
     seconds, reference = timed()
-    rows = [{"mode": "all resident", "tokens_per_s": tokens / seconds, "exact": True,
-             "peak_resident_bytes": resident_expert_bytes(model)}]  # fmt: skip
+    rows = [
+        {
+            "mode": "all resident",
+            "tokens_per_s": tokens / seconds,
+            "exact": True,
+            "peak_resident_bytes": resident_expert_bytes(model),
+        }
+    ]
     for mode, pregates in (("on demand", None), ("pre-gate prefetch", gates)):
         with OffloadedExperts(model, directory, capacity, pregates=pregates) as off:
             seconds, logits = timed()
             off.wait()
         exact = all(torch.equal(a, b) for a, b in zip(logits, reference, strict=True))
-        rows.append({"mode": mode, "tokens_per_s": tokens / seconds, "exact": exact,
-                     **off.stats.as_dict()})  # fmt: skip
+        rows.append(
+            {"mode": mode, "tokens_per_s": tokens / seconds, "exact": exact, **off.stats.as_dict()}
+        )
     return rows
 
 
@@ -589,12 +661,13 @@ def add_transcoder_parser(commands) -> None:
     """``gatelab transcoder``: train a transcoder for one layer and evaluate it."""
 
     p = commands.add_parser(
-        "transcoder", help="train a sparse transcoder replacing one MoE/MLP layer",
+        "transcoder",
+        help="train a sparse transcoder replacing one MoE/MLP layer",
         description="Train a transcoder (wide ReLU features, L1, unit-norm decoder rows) on "
         "the input/output of one layer over the --set prompts, and report L0, fraction of "
         "variance explained and loss recovered (against zero ablation) on --eval (default: "
         "the training prompts). Writes transcoder.json and transcoder.safetensors.",
-    )  # fmt: skip
+    )
     add_model_arguments(p)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--layer", type=int, help="an MoE layer (its block)")
@@ -627,8 +700,10 @@ def cmd_transcoder(args) -> int:
     if args.module is not None:
         modules = dict(model.named_modules())
         if args.module not in modules:
-            raise ValueError(f"--module {args.module!r} is not a module of the model; "
-                             "see gatelab info for the names")  # fmt: skip
+            raise ValueError(
+                f"--module {args.module!r} is not a module of the model; "
+                "see gatelab info for the names"
+            )
         module = modules[args.module]
     else:
         module = select_blocks(model, [args.layer])[0].module
@@ -638,12 +713,22 @@ def cmd_transcoder(args) -> int:
     report = evaluate_transcoder(model, module, tc, held)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tc.state_dict().items()},
-              str(out / "transcoder.safetensors"))  # fmt: skip
-    path = _write_json(out / "transcoder.json", {
-        "layer": args.layer, "module": args.module, "hidden_dim": hidden, "l1": args.l1,
-        "steps": args.steps, "train_tokens": x.shape[0],
-        "final_loss": history.final_loss, **report})  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in tc.state_dict().items()}, str(out / "transcoder.safetensors")
+    )
+    path = _write_json(
+        out / "transcoder.json",
+        {
+            "layer": args.layer,
+            "module": args.module,
+            "hidden_dim": hidden,
+            "l1": args.l1,
+            "steps": args.steps,
+            "train_tokens": x.shape[0],
+            "final_loss": history.final_loss,
+            **report,
+        },
+    )
     print(
         f"L0 {report['l0']:.1f} of {hidden}, FVE {report['fve']:.3f}, loss recovered "
         f"{report['loss_recovered']:.3f} (clean {report['loss_clean']:.4f}, zero-ablated "

@@ -97,9 +97,11 @@ class LocalExpertMoE(nn.Module):
         self.global_expert = global_expert.requires_grad_(False)
         self.source, self.pool_size = source, pool_size
         num_classes = config.num_classes
-        dim = global_expert.f6.out_features if source == "global" else (
-            config.in_channels * pool_size * pool_size
-        )  # fmt: skip
+        dim = (
+            global_expert.f6.out_features
+            if source == "global"
+            else (config.in_channels * pool_size * pool_size)
+        )
         self.local_expert = _mlp(dim, hidden_dim, num_classes)
         self.gate = _mlp(dim, gate_hidden_dim, 1)
         self.train(False)

@@ -97,9 +97,16 @@ class TranscoderHistory:
     final_reconstruction: float
 
 
-def train_transcoder(x: Tensor, y: Tensor, hidden_dim: int, l1: float = 1e-3, steps: int = 1000,
-                     lr: float = 1e-3, batch_size: int = 1024,
-                     seed: int = 0) -> tuple[Transcoder, TranscoderHistory]:  # fmt: skip
+def train_transcoder(
+    x: Tensor,
+    y: Tensor,
+    hidden_dim: int,
+    l1: float = 1e-3,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> tuple[Transcoder, TranscoderHistory]:
     """Train a transcoder mapping x [T, D] to y [T, D_out] (module doc)."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(
@@ -168,8 +175,9 @@ def replaced(module: nn.Module, transcoder: Transcoder | None) -> Iterator[None]
         handle.remove()
 
 
-def evaluate_transcoder(model: nn.Module, module: nn.Module, transcoder: Transcoder,
-                        prompts) -> dict[str, float]:  # fmt: skip
+def evaluate_transcoder(
+    model: nn.Module, module: nn.Module, transcoder: Transcoder, prompts
+) -> dict[str, float]:
     """L0, dead features, fraction of variance explained and loss recovered on ``prompts``."""
     x, y = module_io(model, module, prompts)
     with torch.no_grad():

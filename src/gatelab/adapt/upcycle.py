@@ -136,14 +136,24 @@ def upcycle_ffn(
     if "experts" in moe_kwargs or "act" in moe_kwargs or "bias" in moe_kwargs:
         raise ValueError("experts, act and bias come from the dense FFN; do not pass them")
     bank = ExpertBank(
-        num_experts, dense.dim, dense.hidden_dim, act=dense.act, glu=dense.glu,
+        num_experts,
+        dense.dim,
+        dense.hidden_dim,
+        act=dense.act,
+        glu=dense.glu,
         bias=dense.b_in is not None or dense.b_out is not None,
-    ).to(dense.w_in.dtype)  # fmt: skip
+    ).to(dense.w_in.dtype)
     copy_into_bank(bank, dense)
     moe = MoE(
-        dense.dim, dense.hidden_dim, num_experts, top_k, router=router, experts=bank,
-        router_kwargs=router_kwargs, **moe_kwargs,
-    ).to(dense.w_in.device)  # fmt: skip
+        dense.dim,
+        dense.hidden_dim,
+        num_experts,
+        top_k,
+        router=router,
+        experts=bank,
+        router_kwargs=router_kwargs,
+        **moe_kwargs,
+    ).to(dense.w_in.device)
     init_router(moe.router, router_std)
     return moe
 
@@ -259,10 +269,14 @@ def upcycle_lm(
             f"{lm.config.moe_layer_indices()} (build it with moe_layers='none')"
         )
     config = lm.config.replace(
-        moe_layers="all", num_experts=num_experts, top_k=top_k,
-        expert_hidden_dim=lm.config.ffn_hidden_dim, router=router,
-        router_kwargs=dict(router_kwargs or {}), **config_changes,
-    )  # fmt: skip
+        moe_layers="all",
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_hidden_dim=lm.config.ffn_hidden_dim,
+        router=router,
+        router_kwargs=dict(router_kwargs or {}),
+        **config_changes,
+    )
     new = LM(config).to(lm.embed.weight.device, lm.embed.weight.dtype)
     ffn_prefixes = tuple(f"blocks.{i}.ffn." for i in range(config.num_layers))
     dense_state = {k: v for k, v in lm.state_dict().items() if not k.startswith(ffn_prefixes)}
@@ -314,8 +328,10 @@ def upcycle_optimizer_state(
 
 def _dense_name(moe_name: str) -> str:
     """The dense LM's parameter that an upcycled LM's parameter was copied from."""
-    for bank, dense in (("experts.gate_up_proj", "gate_up_proj.weight"),
-                        ("experts.down_proj", "down_proj.weight")):  # fmt: skip
+    for bank, dense in (
+        ("experts.gate_up_proj", "gate_up_proj.weight"),
+        ("experts.down_proj", "down_proj.weight"),
+    ):
         if moe_name.endswith(".ffn." + bank):
             return moe_name[: -len(bank)] + dense
     return moe_name

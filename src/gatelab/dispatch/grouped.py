@@ -173,9 +173,21 @@ class GroupedExperts(torch.autograd.Function):
         if b_out is not None:
             y.addcmul_(scale, b_out[experts])
         ctx.save_for_backward(
-            x, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out,
-            slots, tokens, experts, counts, offsets,
-        )  # fmt: skip
+            x,
+            xs,
+            hidden,
+            act,
+            kept,
+            slot_weights,
+            w_in,
+            w_out,
+            b_out,
+            slots,
+            tokens,
+            experts,
+            counts,
+            offsets,
+        )
         ctx.activation, ctx.has_b_in = activation, b_in is not None
         ctx.shape, ctx.deterministic = shape, deterministic
         return combine(y, slots, tokens, shape, deterministic).to(x.dtype)
@@ -255,6 +267,14 @@ def grouped_dispatch(
     routed = sort_slots(experts, bank.num_experts)
     slot_weights = weights.reshape(-1)[routed[0]]
     return GroupedExperts.apply(
-        x, slot_weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out,
-        as_activation(bank.activate), routed, tuple(experts.shape), deterministic,
-    )  # fmt: skip
+        x,
+        slot_weights,
+        bank.w_in,
+        bank.w_out,
+        bank.b_in,
+        bank.b_out,
+        as_activation(bank.activate),
+        routed,
+        tuple(experts.shape),
+        deterministic,
+    )

@@ -111,9 +111,15 @@ class OffloadedExperts:
         device: the compute device (default: the model's).
     """
 
-    def __init__(self, model: nn.Module, directory: str | Path, capacity: int,
-                 pregates: PreGates | None = None, prefetch_k: int | None = None,
-                 device: str | torch.device | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        directory: str | Path,
+        capacity: int,
+        pregates: PreGates | None = None,
+        prefetch_k: int | None = None,
+        device: str | torch.device | None = None,
+    ):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(
                 f"capacity must be an int >= 1 (experts kept on the device), got {capacity!r}"
@@ -167,9 +173,10 @@ class OffloadedExperts:
             self._transposed[layer] = bool(getattr(block.experts, "is_transposed", False))
             path = self.directory / f"layer{layer}.safetensors"
             tensors = {
-                f"{e}.{k}": v.cpu() for e in range(block.num_experts)
+                f"{e}.{k}": v.cpu()
+                for e in range(block.num_experts)
                 for k, v in _bank_parts(weights, e, self._transposed[layer]).items()
-            }  # fmt: skip
+            }
             save_file(tensors, str(path))
             self._files[layer] = safe_open(str(path), framework="pt", device="cpu")
             self._install(block)
@@ -377,10 +384,17 @@ class OffloadedExperts:
                 stacked["w_in"] = stacked["w_in"].transpose(1, 2)
                 stacked["w_out"] = stacked["w_out"].transpose(1, 2)
         else:  # no token routed here: an empty bank is a normal case
-            stacked = {"w_in": experts.new_zeros(0, 0, 0, dtype=torch.float32),
-                       "w_out": experts.new_zeros(0, 0, 0, dtype=torch.float32)}  # fmt: skip
-        bank = ExpertWeights(stacked["w_in"], stacked["w_out"], stacked.get("b_in"),
-                             stacked.get("b_out"), self._activate[layer])  # fmt: skip
+            stacked = {
+                "w_in": experts.new_zeros(0, 0, 0, dtype=torch.float32),
+                "w_out": experts.new_zeros(0, 0, 0, dtype=torch.float32),
+            }
+        bank = ExpertWeights(
+            stacked["w_in"],
+            stacked["w_out"],
+            stacked.get("b_in"),
+            stacked.get("b_out"),
+            self._activate[layer],
+        )
         lookup = torch.full((self.blocks[layer].num_experts + 1,), EMPTY, dtype=torch.long)
         lookup[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
         renumbered = lookup.to(experts.device)[torch.where(experts >= 0, experts, -1)]
@@ -407,8 +421,9 @@ class OffloadedExperts:
             try:
                 if not ids:
                     return hidden_states.new_zeros(hidden_states.shape)
-                out = grouped_dispatch(hidden_states, renumbered, weights, compact,
-                                       deterministic=True)  # fmt: skip
+                out = grouped_dispatch(
+                    hidden_states, renumbered, weights, compact, deterministic=True
+                )
                 return out.to(hidden_states.dtype)
             finally:
                 self._release(layer, ids)
@@ -426,8 +441,14 @@ def _get_param(module: nn.Module, name: str) -> nn.Parameter:
 
 def _layout(block: MoEBlock, name: str) -> str:
     """Which per-expert part (w_in, w_out, b_in, b_out) a parameter of the experts module is."""
-    parts = {"gate_up_proj": "w_in", "up_proj": "w_in", "down_proj": "w_out",
-             "gate_up_proj_bias": "b_in", "up_proj_bias": "b_in", "down_proj_bias": "b_out"}  # fmt: skip
+    parts = {
+        "gate_up_proj": "w_in",
+        "up_proj": "w_in",
+        "down_proj": "w_out",
+        "gate_up_proj_bias": "b_in",
+        "up_proj_bias": "b_in",
+        "down_proj_bias": "b_out",
+    }
     if name not in parts:
         raise ValueError(
             f"layer {block.layer}: cannot offload the experts parameter {name!r} of "

@@ -41,8 +41,9 @@ class PreGates(nn.Module):
     MoE layer ``next_layer[l]``.
     """
 
-    def __init__(self, dims: Mapping[int, int], num_experts: Mapping[int, int],
-                 next_layer: Mapping[int, int]):  # fmt: skip
+    def __init__(
+        self, dims: Mapping[int, int], num_experts: Mapping[int, int], next_layer: Mapping[int, int]
+    ):
         super().__init__()
         self.next_layer = {int(a): int(b) for a, b in next_layer.items()}
         self.gates = nn.ModuleDict(
@@ -107,8 +108,9 @@ def collect_pairs(model, prompts, gates: PreGates) -> dict[int, tuple[Tensor, Te
     return out
 
 
-def train_pregates(model, prompts, steps: int = 200, lr: float = 1e-2,
-                   gates: PreGates | None = None) -> PreGates:  # fmt: skip
+def train_pregates(
+    model, prompts, steps: int = 200, lr: float = 1e-2, gates: PreGates | None = None
+) -> PreGates:
     """Distil each next router into a pre-gate on ``prompts`` (module doc)."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -121,15 +123,15 @@ def train_pregates(model, prompts, steps: int = 200, lr: float = 1e-2,
         opt = torch.optim.Adam(gate.parameters(), lr=lr)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss = F.kl_div(gate(x).log_softmax(-1), target, log_target=True,
-                            reduction="batchmean")  # fmt: skip
+            loss = F.kl_div(gate(x).log_softmax(-1), target, log_target=True, reduction="batchmean")
             loss.backward()
             opt.step()
     return gates.eval()
 
 
-def hit_rate(gates: PreGates, data: Mapping[int, tuple[Tensor, Tensor, Tensor]],
-             k: int | None = None) -> dict[int, dict[str, float]]:  # fmt: skip
+def hit_rate(
+    gates: PreGates, data: Mapping[int, tuple[Tensor, Tensor, Tensor]], k: int | None = None
+) -> dict[int, dict[str, float]]:
     """Per pre-gated layer: hit rate of its top-k guesses on the next layer's chosen
     experts, and the chance level k / E."""
     out = {}
@@ -141,8 +143,11 @@ def hit_rate(gates: PreGates, data: Mapping[int, tuple[Tensor, Tensor, Tensor]],
             guess = gates.predict(a, x.to(next(gates.parameters()).device), kk).cpu()
             valid = experts >= 0
             hit = (experts[:, :, None] == guess[:, None, :]).any(-1) & valid
-            out[a] = {"hit_rate": float(hit.sum()) / max(int(valid.sum()), 1),
-                      "chance": kk / logits.shape[1], "k": kk}  # fmt: skip
+            out[a] = {
+                "hit_rate": float(hit.sum()) / max(int(valid.sum()), 1),
+                "chance": kk / logits.shape[1],
+                "k": kk,
+            }
     return out
 
 

@@ -94,9 +94,10 @@ def _easy_ep(block: MoEBlock, x: Tensor, routing) -> Tensor:
     weighted = per_slot * contribution[:, None]
     index = routing.experts.cpu().clamp_min(0)
     return torch.zeros(block.num_experts + 1, dtype=torch.float64).index_add_(
-        0, torch.where(routing.valid.cpu(), index, block.num_experts).reshape(-1),
+        0,
+        torch.where(routing.valid.cpu(), index, block.num_experts).reshape(-1),
         weighted.reshape(-1),
-    )[: block.num_experts]  # fmt: skip
+    )[: block.num_experts]
 
 
 def _groups(block: MoEBlock) -> tuple[int, int]:
@@ -129,9 +130,7 @@ def check_keep(block: MoEBlock, keep: int) -> None:
             )
 
 
-def select_experts(
-    model, importance: Mapping[int, Tensor], keep: int
-) -> dict[int, list[int]]:  # fmt: skip
+def select_experts(model, importance: Mapping[int, Tensor], keep: int) -> dict[int, list[int]]:
     """The ``keep`` most important experts of each layer (sorted ids); per group for
     grouped routers (see the module doc)."""
     blocks = select_blocks(model, list(importance))

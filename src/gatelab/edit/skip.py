@@ -70,8 +70,9 @@ def _kl(reference: list[Tensor], model, batches: list[Tensor]) -> tuple[float, f
         kl_sum += float(F.kl_div(logp, ref, log_target=True, reduction="sum"))
         tokens += ids.numel()
         if ids.shape[1] > 1:
-            loss_sum += float(F.nll_loss(logp[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
-                                         reduction="sum"))  # fmt: skip
+            loss_sum += float(
+                F.nll_loss(logp[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            )
             targets += ids[:, 1:].numel()
     return kl_sum / tokens, loss_sum / max(targets, 1)
 
@@ -166,9 +167,11 @@ def _skip_edit(state: SkipHandle, layer: int, importance: float, renormalize: bo
 
 
 def skip_experts(
-    model, importance: Mapping[int, float], thresholds: float | Sequence[float],
+    model,
+    importance: Mapping[int, float],
+    thresholds: float | Sequence[float],
     renormalize: bool = False,
-) -> SkipHandle:  # fmt: skip
+) -> SkipHandle:
     """Skip every routed slot whose score ``importance[layer] * pi`` is under the threshold
     of its token's kind (one threshold, or one per kind with :meth:`SkipHandle.set_kinds`).
 
@@ -245,8 +248,9 @@ class SkipEvaluator:
     """Evaluates (skip ratio, KL to the full model, loss) at given thresholds on a fixed
     calibration set; caches every point it evaluated."""
 
-    def __init__(self, model, prompts, importance: Mapping[int, float], kinds=None,
-                 renormalize: bool = False):  # fmt: skip
+    def __init__(
+        self, model, prompts, importance: Mapping[int, float], kinds=None, renormalize: bool = False
+    ):
         self.model, self.importance, self.renormalize = model, dict(importance), renormalize
         self.batches = prompt_batches(model, prompts, "calibration prompts")
         self.kinds = _kind_batches(self.batches, kinds)
@@ -280,8 +284,9 @@ def threshold_grid(scores: Tensor, size: int) -> list[float]:
     return [0.0] + [float(v) for v in q[1:]] + [top]
 
 
-def search_thresholds(evaluate: SkipEvaluator, grids: Sequence[Sequence[float]],
-                      target: float) -> tuple[SkipPoint | None, list[SkipPoint]]:  # fmt: skip
+def search_thresholds(
+    evaluate: SkipEvaluator, grids: Sequence[Sequence[float]], target: float
+) -> tuple[SkipPoint | None, list[SkipPoint]]:
     """MoDES's frontier search for skip ratio >= ``target``; returns (best point or None if
     even the largest thresholds skip less, the frontier points evaluated)."""
     if not 0.0 <= target <= 1.0:

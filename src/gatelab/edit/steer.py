@@ -92,10 +92,12 @@ STEER_MODES = ("drop", "reroute")
 
 
 def steer_experts(
-    model, off: Mapping[int, Sequence[int]] | Sequence[int] | None = None,
-    on: Mapping[int, Sequence[int]] | Sequence[int] | None = None, renormalize: bool = False,
+    model,
+    off: Mapping[int, Sequence[int]] | Sequence[int] | None = None,
+    on: Mapping[int, Sequence[int]] | Sequence[int] | None = None,
+    renormalize: bool = False,
     mode: str = "drop",
-) -> EditHandle:  # fmt: skip
+) -> EditHandle:
     """Switch experts off and/or force them on, per layer ({layer: [ids]}) or in every MoE
     layer (a list of ids); ``mode`` says how "off" works (module doc). Returns the handle
     that undoes it."""
@@ -185,10 +187,11 @@ def clamp_neurons(model, neurons: Iterable, value: float = 0.0) -> ClampHandle:
             "down-projection column, which equals clamping the activation to 0"
         )
     triples = [
-        (int(n["layer"]), int(n["expert"]), int(n["neuron"])) if isinstance(n, Mapping)
+        (int(n["layer"]), int(n["expert"]), int(n["neuron"]))
+        if isinstance(n, Mapping)
         else tuple(int(v) for v in n)
         for n in neurons
-    ]  # fmt: skip
+    ]
     blocks = {b.layer: b for b in select_blocks(model, sorted({t[0] for t in triples}))}
     checked = []
     for layer, expert, neuron in triples:

@@ -28,11 +28,23 @@ from ..data.text import DOMAINS, LMBatch, LMBatches, load_corpus
 
 # Per scale: overrides of the moe-lm recipe. "full" trains in about 7 minutes on 2 cores.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "smoke": {"dim": 32, "expert_hidden_dim": 32, "num_heads": 2, "seq_len": 32,
-              "batch_size": 4, "steps": 3},
-    "full": {"dim": 128, "expert_hidden_dim": 256, "num_heads": 4, "seq_len": 128,
-             "batch_size": 16, "steps": 450},
-}  # fmt: skip
+    "smoke": {
+        "dim": 32,
+        "expert_hidden_dim": 32,
+        "num_heads": 2,
+        "seq_len": 32,
+        "batch_size": 4,
+        "steps": 3,
+    },
+    "full": {
+        "dim": 128,
+        "expert_hidden_dim": 256,
+        "num_heads": 4,
+        "seq_len": 128,
+        "batch_size": 16,
+        "steps": 450,
+    },
+}
 
 
 class BalancedBatches:
@@ -43,10 +55,11 @@ class BalancedBatches:
             raise ValueError(f"batch_size must be even and >= 2, got {batch_size}")
         half = batch_size // 2
         self.parts = [
-            LMBatches(corpus, "train", seq_len=seq_len, batch_size=half, seed=seed + i,
-                      domain=domain)
+            LMBatches(
+                corpus, "train", seq_len=seq_len, batch_size=half, seed=seed + i, domain=domain
+            )
             for i, domain in enumerate(DOMAINS)
-        ]  # fmt: skip
+        ]
 
     def __iter__(self):
         return self
@@ -77,15 +90,22 @@ def recipe_for(scale: str, seed: int, run_dir: Path) -> dict[str, Any]:
 
     s = SETTINGS[scale]
     overrides = [
-        f"model.dim={s['dim']}", f"model.expert_hidden_dim={s['expert_hidden_dim']}",
-        f"model.num_heads={s['num_heads']}", f"model.max_seq_len={s['seq_len']}",
+        f"model.dim={s['dim']}",
+        f"model.expert_hidden_dim={s['expert_hidden_dim']}",
+        f"model.num_heads={s['num_heads']}",
+        f"model.max_seq_len={s['seq_len']}",
         f"model.ffn_hidden_dim={2 * s['expert_hidden_dim']}",
-        f"data.seq_len={s['seq_len']}", f"data.batch_size={s['batch_size']}",
-        f"data.seed={seed}", "data.eval_batches=2",
-        f"train.steps={s['steps']}", f"train.warmup_steps={max(1, s['steps'] // 20)}",
-        f"train.seed={seed}", f"train.eval_every={s['steps']}", f"train.save_every={s['steps']}",
+        f"data.seq_len={s['seq_len']}",
+        f"data.batch_size={s['batch_size']}",
+        f"data.seed={seed}",
+        "data.eval_batches=2",
+        f"train.steps={s['steps']}",
+        f"train.warmup_steps={max(1, s['steps'] // 20)}",
+        f"train.seed={seed}",
+        f"train.eval_every={s['steps']}",
+        f"train.save_every={s['steps']}",
         f"train.run_dir='{run_dir.as_posix()}'",
-    ]  # fmt: skip
+    ]
     return load_recipe("moe-lm", overrides)
 
 
@@ -110,9 +130,17 @@ def trained_moe_lm(scale: str, seed: int, out_dir: str | Path, name: str = "lm")
     start = time.perf_counter()
     run.trainer().fit(resume=found is not None)
     seconds = time.perf_counter() - start
-    (run_dir / "lm.json").write_text(json.dumps({
-        "recipe": recipe, "settings": settings, "data": "domain-balanced batches (half prose, "
-        "half code)", "train_seconds": round(seconds, 1)}, indent=1))  # fmt: skip
+    (run_dir / "lm.json").write_text(
+        json.dumps(
+            {
+                "recipe": recipe,
+                "settings": settings,
+                "data": "domain-balanced batches (half prose, half code)",
+                "train_seconds": round(seconds, 1),
+            },
+            indent=1,
+        )
+    )
     return TrainedLM(run.model.eval(), run_dir, recipe, settings["seq_len"], seconds)
 
 

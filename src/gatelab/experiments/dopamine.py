@@ -138,8 +138,16 @@ def run_seed(s: dict, seed: int) -> dict[str, dict]:
 
     torch.manual_seed(seed)
     dopa = Dopamine(fresh(), d["test_up"][:2], sites=SITES, temperature=1.0)
-    fit(dopa, dopa.gate_parameters(), d["rot_x"], d["train_y"], steps, 1e-2, seed + 100,
-        on_step=lambda t: dopa.set_temperature(temperature_at(t, steps, 1.0, 0.05)))  # fmt: skip
+    fit(
+        dopa,
+        dopa.gate_parameters(),
+        d["rot_x"],
+        d["train_y"],
+        steps,
+        1e-2,
+        seed + 100,
+        on_step=lambda t: dopa.set_temperature(temperature_at(t, steps, 1.0, 0.05)),
+    )
     out["dopamine"] = {**_evaluate(dopa, d), "trainable": sum(dopa.trainable_parameters().values())}
     out["dopamine"]["per_layer"] = dopa.trainable_parameters()
     out["dopamine"]["active"] = statistics.fmean(dopa.open_fraction(d["test_rot"]).values())

@@ -27,16 +27,28 @@ WORLD = 2
 
 SETTINGS = {
     "smoke": {
-        "model.dim": 32, "model.num_layers": 2, "model.num_heads": 2, "model.max_seq_len": 16,
-        "model.num_experts": 4, "model.expert_hidden_dim": 32, "data.seq_len": 16,
-        "data.batch_size": 4, "train.steps": 2,
+        "model.dim": 32,
+        "model.num_layers": 2,
+        "model.num_heads": 2,
+        "model.max_seq_len": 16,
+        "model.num_experts": 4,
+        "model.expert_hidden_dim": 32,
+        "data.seq_len": 16,
+        "data.batch_size": 4,
+        "train.steps": 2,
     },
     "full": {
-        "model.dim": 256, "model.num_layers": 4, "model.num_heads": 4, "model.max_seq_len": 128,
-        "model.num_experts": 8, "model.expert_hidden_dim": 512, "data.seq_len": 128,
-        "data.batch_size": 16, "train.steps": 20,
+        "model.dim": 256,
+        "model.num_layers": 4,
+        "model.num_heads": 4,
+        "model.max_seq_len": 128,
+        "model.num_experts": 8,
+        "model.expert_hidden_dim": 512,
+        "data.seq_len": 128,
+        "data.batch_size": 16,
+        "train.steps": 20,
     },
-}  # fmt: skip
+}
 
 
 def _free_port() -> int:

@@ -57,13 +57,37 @@ NAME = "evomoe"
 DESCRIPTION = "EvoMoE (dense -> diversify -> DTS gate) vs Switch top-1 and top-2 at equal tokens"
 
 SCALES: dict[str, dict[str, Any]] = {
-    "smoke": {"dim": 32, "layers": 1, "heads": 2, "hidden": 32, "seq": 16, "batch": 4,
-              "steps": 8, "dense_steps": 2, "decay_steps": 3, "hard_from": 6, "warmup": 2,
-              "eval_batches": 2, "seeds": [0]},
-    "full": {"dim": 128, "layers": 2, "heads": 4, "hidden": 256, "seq": 64, "batch": 16,
-             "steps": 400, "dense_steps": 100, "decay_steps": 150, "hard_from": 250,
-             "warmup": 40, "eval_batches": 24, "seeds": [0]},
-}  # fmt: skip
+    "smoke": {
+        "dim": 32,
+        "layers": 1,
+        "heads": 2,
+        "hidden": 32,
+        "seq": 16,
+        "batch": 4,
+        "steps": 8,
+        "dense_steps": 2,
+        "decay_steps": 3,
+        "hard_from": 6,
+        "warmup": 2,
+        "eval_batches": 2,
+        "seeds": [0],
+    },
+    "full": {
+        "dim": 128,
+        "layers": 2,
+        "heads": 4,
+        "hidden": 256,
+        "seq": 64,
+        "batch": 16,
+        "steps": 400,
+        "dense_steps": 100,
+        "decay_steps": 150,
+        "hard_from": 250,
+        "warmup": 40,
+        "eval_batches": 24,
+        "seeds": [0],
+    },
+}
 NUM_EXPERTS = 4
 DIVERSIFY = 0.5
 ARMS = ("switch", "top2", "evomoe")
@@ -74,17 +98,33 @@ def recipe(scale: dict[str, Any], seed: int, run_dir: Path, **model: Any) -> dic
     r = load_recipe("moe-lm")
     r["name"] = f"evomoe-{run_dir.name}"
     r["model"].update(
-        dim=scale["dim"], num_layers=scale["layers"], num_heads=scale["heads"],
-        max_seq_len=scale["seq"], num_experts=NUM_EXPERTS, expert_hidden_dim=scale["hidden"],
-        ffn_hidden_dim=scale["hidden"], **model,
-    )  # fmt: skip
-    r["data"].update(seq_len=scale["seq"], batch_size=scale["batch"], seed=seed,
-                     eval_batches=scale["eval_batches"])  # fmt: skip
+        dim=scale["dim"],
+        num_layers=scale["layers"],
+        num_heads=scale["heads"],
+        max_seq_len=scale["seq"],
+        num_experts=NUM_EXPERTS,
+        expert_hidden_dim=scale["hidden"],
+        ffn_hidden_dim=scale["hidden"],
+        **model,
+    )
+    r["data"].update(
+        seq_len=scale["seq"],
+        batch_size=scale["batch"],
+        seed=seed,
+        eval_batches=scale["eval_batches"],
+    )
     r["train"].update(
-        steps=scale["steps"], warmup_steps=scale["warmup"], seed=seed, run_dir=str(run_dir),
-        eval_every=0, save_every=0, routing_every=0, log_every=1, progress=False,
+        steps=scale["steps"],
+        warmup_steps=scale["warmup"],
+        seed=seed,
+        run_dir=str(run_dir),
+        eval_every=0,
+        save_every=0,
+        routing_every=0,
+        log_every=1,
+        progress=False,
         verbose=False,
-    )  # fmt: skip
+    )
     return r
 
 
@@ -129,9 +169,12 @@ def train_arm(arm: str, scale: dict[str, Any], seed: int, out_dir: Path) -> dict
     model = {
         "switch": {"top_k": 1, "router_kwargs": {}},
         "top2": {"top_k": 2},
-        "dts": {"top_k": NUM_EXPERTS, "router": "dense_to_sparse",
-                "router_kwargs": dts_kwargs(scale)},
-    }[arm]  # fmt: skip
+        "dts": {
+            "top_k": NUM_EXPERTS,
+            "router": "dense_to_sparse",
+            "router_kwargs": dts_kwargs(scale),
+        },
+    }[arm]
     run = build_run(recipe(scale, seed, out_dir / f"{arm}-{seed}", **model))
     counter = ExpertCounter().attach(run.model)
     result = run.trainer().fit()
@@ -143,8 +186,13 @@ def dts_kwargs(scale: dict[str, Any]) -> dict[str, Any]:
     """The DTS gate's settings: tau 2.0 -> 0.5 linearly from the end of the dense phase
     over ``decay_steps`` (steps count from the start of the run), hard top-1 from
     ``hard_from``, threshold 0.001."""
-    tau = {"kind": "linear", "start": 2.0, "end": 0.5, "steps": scale["decay_steps"],
-           "begin": scale["dense_steps"]}  # fmt: skip
+    tau = {
+        "kind": "linear",
+        "start": 2.0,
+        "end": 0.5,
+        "steps": scale["decay_steps"],
+        "begin": scale["dense_steps"],
+    }
     return {"tau": tau, "hard_from": scale["hard_from"], "threshold": 1e-3}
 
 
@@ -163,9 +211,14 @@ def _train_evomoe(scale: dict[str, Any], seed: int, out_dir: Path) -> dict[str, 
 
     start = scale["dense_steps"]
     moe_lm = upcycle_lm(
-        run.model, NUM_EXPERTS, top_k=NUM_EXPERTS, router="dense_to_sparse",
-        router_kwargs=dts_kwargs(scale), diversify=DIVERSIFY, seed=seed,
-    )  # fmt: skip
+        run.model,
+        NUM_EXPERTS,
+        top_k=NUM_EXPERTS,
+        router="dense_to_sparse",
+        router_kwargs=dts_kwargs(scale),
+        diversify=DIVERSIFY,
+        seed=seed,
+    )
     after = _bpb(run.eval_fn(moe_lm))
     for block in moe_lm.blocks:
         block.ffn.router.eval_mode = "dense"

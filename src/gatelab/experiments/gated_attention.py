@@ -50,11 +50,31 @@ NAME = "gated-attention"
 DESCRIPTION = "G1 elementwise-gated vs plain attention LM: val loss, attention sink, max activation"
 
 SETTINGS = {
-    "smoke": dict(dim=32, num_layers=2, num_heads=2, ffn_hidden_dim=64, seq_len=32,
-                  batch_size=4, steps=4, eval_batches=1, lr=1e-3, seeds=[0]),
-    "full": dict(dim=128, num_layers=4, num_heads=4, ffn_hidden_dim=512, seq_len=64,
-                 batch_size=16, steps=450, eval_batches=4, lr=2e-3, seeds=[0]),
-}  # fmt: skip
+    "smoke": dict(
+        dim=32,
+        num_layers=2,
+        num_heads=2,
+        ffn_hidden_dim=64,
+        seq_len=32,
+        batch_size=4,
+        steps=4,
+        eval_batches=1,
+        lr=1e-3,
+        seeds=[0],
+    ),
+    "full": dict(
+        dim=128,
+        num_layers=4,
+        num_heads=4,
+        ffn_hidden_dim=512,
+        seq_len=64,
+        batch_size=16,
+        steps=450,
+        eval_batches=4,
+        lr=2e-3,
+        seeds=[0],
+    ),
+}
 GATES = ("none", "elementwise")
 
 
@@ -167,9 +187,13 @@ def _evaluate(model: LM, corpus, s: dict) -> dict[str, float]:
     nats, count = 0.0, 0
     for domain in DOMAINS:
         for batch in EvalBatches(
-            corpus, "val", seq_len=s["seq_len"], batch_size=s["batch_size"],
-            domain=domain, max_batches=s["eval_batches"],
-        ):  # fmt: skip
+            corpus,
+            "val",
+            seq_len=s["seq_len"],
+            batch_size=s["batch_size"],
+            domain=domain,
+            max_batches=s["eval_batches"],
+        ):
             batch = with_bos(batch)
             logits = model(batch.inputs).logits
             nats += float(
@@ -194,10 +218,13 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
             model = LM(_config(s, gate))
             batches = BosBatches(
                 LMBatches(
-                    corpus, "train", seq_len=s["seq_len"], batch_size=s["batch_size"],
+                    corpus,
+                    "train",
+                    seq_len=s["seq_len"],
+                    batch_size=s["batch_size"],
                     seed=run_seed,
                 )
-            )  # fmt: skip
+            )
             seconds = train_lm(model, batches, s["steps"], s["lr"])
             rows.append(
                 {

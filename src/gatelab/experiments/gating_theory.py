@@ -82,17 +82,26 @@ def _params(*values, **gate) -> GaussianMoEParams:
 
 TRUTHS = {
     "topk": _params(
-        [[2.0], [-2.0], [0.0]], [0.5, 0.5, 0.0], [[1.5], [-1.5], [0.0]], [1.0, 1.0, -1.0],
-        [0.4, 0.5, 0.3], top_k=2,
+        [[2.0], [-2.0], [0.0]],
+        [0.5, 0.5, 0.0],
+        [[1.5], [-1.5], [0.0]],
+        [1.0, 1.0, -1.0],
+        [0.4, 0.5, 0.3],
+        top_k=2,
     ),
     "temperature": _params(
         [[2.0], [0.0]], [1.0, 0.0], [[1.0], [-1.0]], [1.0, -1.0], [0.5, 0.4], temperature=1.0
     ),
     "activation": _params(
-        [[2.0], [0.0]], [1.0, 0.0], [[1.0], [-1.0]], [1.0, -1.0], [0.5, 0.4],
-        temperature=0.5, activation="tanh",
+        [[2.0], [0.0]],
+        [1.0, 0.0],
+        [[1.0], [-1.0]],
+        [1.0, -1.0],
+        [0.5, 0.4],
+        temperature=0.5,
+        activation="tanh",
     ),
-}  # fmt: skip
+}
 
 
 # -- the model being fitted -----------------------------------------------------------------
@@ -119,9 +128,15 @@ class Fit:
         beta0 = torch.cat([self.beta0.detach(), torch.zeros(1, dtype=d.dtype)])
         tau = math.exp(self.log_tau.item()) if truth.top_k is None else 1.0
         return GaussianMoEParams(
-            beta1, beta0, self.a.detach().clone(), self.b.detach().clone(),
-            self.log_sigma.detach().exp(), tau, truth.top_k, truth.activation,
-        )  # fmt: skip
+            beta1,
+            beta0,
+            self.a.detach().clone(),
+            self.b.detach().clone(),
+            self.log_sigma.detach().exp(),
+            tau,
+            truth.top_k,
+            truth.activation,
+        )
 
 
 def init_fit(truth: GaussianMoEParams, gen: torch.Generator) -> Fit:
@@ -132,10 +147,13 @@ def init_fit(truth: GaussianMoEParams, gen: torch.Generator) -> Fit:
         return (t.double() + noise).requires_grad_()
 
     return Fit(
-        noisy(truth.beta1[:-1]), noisy(truth.beta0[:-1]),
+        noisy(truth.beta1[:-1]),
+        noisy(truth.beta0[:-1]),
         noisy(torch.tensor(math.log(truth.temperature))),
-        noisy(truth.a), noisy(truth.b), noisy(truth.sigma.log()),
-    )  # fmt: skip
+        noisy(truth.a),
+        noisy(truth.b),
+        noisy(truth.sigma.log()),
+    )
 
 
 def gate_log_probs(fit: Fit, x: Tensor, truth: GaussianMoEParams) -> Tensor:
@@ -165,9 +183,14 @@ def fit_mle(truth: GaussianMoEParams, x: Tensor, y: Tensor, seed: int, max_iter:
     """Maximum likelihood by L-BFGS from a noisy copy of the truth."""
     fit = init_fit(truth, torch.Generator().manual_seed(seed))
     opt = torch.optim.LBFGS(
-        fit.tensors(), lr=1.0, max_iter=max_iter, history_size=20,
-        tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe",
-    )  # fmt: skip
+        fit.tensors(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()

@@ -102,9 +102,12 @@ class RationalNet(nn.Module):
 
 def _mlp(dim: int, hidden: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+        nn.Linear(dim, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, hidden),
+        nn.SiLU(),
         nn.Linear(hidden, 1),
-    )  # fmt: skip
+    )
 
 
 def _matched(build: Callable[[int], nn.Module], budget: int, step: int = 1) -> nn.Module:

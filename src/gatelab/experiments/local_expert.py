@@ -41,9 +41,10 @@ DESCRIPTION = "frozen LeNet-5 + small local expert + gate on simulated users' ha
 
 SETTINGS = {
     "smoke": dict(ge_steps=20, le_steps=10, users=[1], shots=2, finetune_steps=5),
-    "full": dict(ge_steps=1500, le_steps=400, users=[1, 2, 3, 4, 5, 6], shots=5,
-                 finetune_steps=200),
-}  # fmt: skip
+    "full": dict(
+        ge_steps=1500, le_steps=400, users=[1, 2, 3, 4, 5, 6], shots=5, finetune_steps=200
+    ),
+}
 SIZE = 16
 ARMS = ("before", "pixels", "global", "finetune")
 
@@ -95,11 +96,23 @@ def run_user(ge: LeNet5, data: dict, user: int, s: dict, seed: int) -> dict[str,
     out = {"before": {k: _acc(ge, *v) for k, v in evals.items()}}
     for source in ("pixels", "global"):
         torch.manual_seed(seed + user)
-        moe = LocalExpertMoE(ge, source=source, hidden_dim=16 if source == "pixels" else 0,
-                             gate_hidden_dim=4 if source == "pixels" else 0)  # fmt: skip
+        moe = LocalExpertMoE(
+            ge,
+            source=source,
+            hidden_dim=16 if source == "pixels" else 0,
+            gate_hidden_dim=4 if source == "pixels" else 0,
+        )
         before = {k: v.clone() for k, v in ge.state_dict().items()}
-        train_local_expert(moe, user_x, user_y, train_x[generic], train_y[generic],
-                           steps=s["le_steps"], gate_steps=s["le_steps"], seed=seed + user)  # fmt: skip
+        train_local_expert(
+            moe,
+            user_x,
+            user_y,
+            train_x[generic],
+            train_y[generic],
+            steps=s["le_steps"],
+            gate_steps=s["le_steps"],
+            seed=seed + user,
+        )
         if any(not torch.equal(v, before[k]) for k, v in ge.state_dict().items()):
             raise RuntimeError("the global expert changed while training the local expert")
         row = {k: _acc(moe, *v) for k, v in evals.items()}

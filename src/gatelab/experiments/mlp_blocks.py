@@ -57,11 +57,29 @@ SETTINGS = {
     "full": dict(budgets=[5000, 40000], num_blocks=4, steps=500, seeds=[0, 1, 2]),
 }
 LM_SETTINGS = {
-    "smoke": dict(dim=16, num_layers=1, num_heads=2, seq_len=16, batch_size=2, steps=2,
-                  eval_batches=1, lr=1e-3, hourglass_blocks=2),
-    "full": dict(dim=128, num_layers=4, num_heads=4, seq_len=64, batch_size=16, steps=250,
-                 eval_batches=4, lr=2e-3, hourglass_blocks=2),
-}  # fmt: skip
+    "smoke": dict(
+        dim=16,
+        num_layers=1,
+        num_heads=2,
+        seq_len=16,
+        batch_size=2,
+        steps=2,
+        eval_batches=1,
+        lr=1e-3,
+        hourglass_blocks=2,
+    ),
+    "full": dict(
+        dim=128,
+        num_layers=4,
+        num_heads=4,
+        seq_len=64,
+        batch_size=16,
+        steps=250,
+        eval_batches=4,
+        lr=2e-3,
+        hourglass_blocks=2,
+    ),
+}
 INPUT, CLASSES = 64, 10
 
 
@@ -188,13 +206,24 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
 
 
 def _lm_config(s: dict, hourglass: bool, dim: int) -> LMConfig:
-    ffn = {"ffn": "hourglass", "ffn_hidden_dim": dim // 2,
-           "ffn_kwargs": {"num_blocks": s["hourglass_blocks"]}} if hourglass else {
-           "ffn_hidden_dim": 4 * dim}  # fmt: skip
+    ffn = (
+        {
+            "ffn": "hourglass",
+            "ffn_hidden_dim": dim // 2,
+            "ffn_kwargs": {"num_blocks": s["hourglass_blocks"]},
+        }
+        if hourglass
+        else {"ffn_hidden_dim": 4 * dim}
+    )
     return LMConfig(
-        vocab_size=257, dim=dim, num_layers=s["num_layers"], num_heads=s["num_heads"],
-        max_seq_len=s["seq_len"], moe_layers="none", **ffn,
-    )  # fmt: skip
+        vocab_size=257,
+        dim=dim,
+        num_layers=s["num_layers"],
+        num_heads=s["num_heads"],
+        max_seq_len=s["seq_len"],
+        moe_layers="none",
+        **ffn,
+    )
 
 
 def _hourglass_dim(s: dict) -> int:
@@ -219,10 +248,15 @@ def _lm_rows(s: dict, seed: int) -> list[dict]:
         evals = (
             batch
             for domain in DOMAINS
-            for batch in EvalBatches(corpus, "val", seq_len=s["seq_len"],
-                                     batch_size=s["batch_size"], domain=domain,
-                                     max_batches=s["eval_batches"])
-        )  # fmt: skip
+            for batch in EvalBatches(
+                corpus,
+                "val",
+                seq_len=s["seq_len"],
+                batch_size=s["batch_size"],
+                domain=domain,
+                max_batches=s["eval_batches"],
+            )
+        )
         bpb = bits_per_byte(model, evals)
         rows.append(
             {

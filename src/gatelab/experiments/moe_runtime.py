@@ -59,14 +59,37 @@ DESCRIPTION = (
 )
 
 SCALES = {
-    "smoke": {"calib": 2, "eval": 2, "grid": 4, "targets": [0.5], "pregate_steps": 5,
-              "chunk": 8, "chunks": 2, "capacities": [4], "repeats": 1, "tc_windows": 2,
-              "tc_hidden": 64, "tc_l1": [1e-3], "tc_steps": 5},
-    "full": {"calib": 16, "eval": 32, "grid": 12, "targets": [0.25, 0.5, 0.75],
-             "pregate_steps": 300, "chunk": 16, "chunks": 24, "capacities": [32, 16, 8],
-             "repeats": 3, "tc_windows": 64, "tc_hidden": 1024, "tc_l1": [1e-3, 1e-2, 3e-2],
-             "tc_steps": 1500},
-}  # fmt: skip
+    "smoke": {
+        "calib": 2,
+        "eval": 2,
+        "grid": 4,
+        "targets": [0.5],
+        "pregate_steps": 5,
+        "chunk": 8,
+        "chunks": 2,
+        "capacities": [4],
+        "repeats": 1,
+        "tc_windows": 2,
+        "tc_hidden": 64,
+        "tc_l1": [1e-3],
+        "tc_steps": 5,
+    },
+    "full": {
+        "calib": 16,
+        "eval": 32,
+        "grid": 12,
+        "targets": [0.25, 0.5, 0.75],
+        "pregate_steps": 300,
+        "chunk": 16,
+        "chunks": 24,
+        "capacities": [32, 16, 8],
+        "repeats": 3,
+        "tc_windows": 64,
+        "tc_hidden": 1024,
+        "tc_l1": [1e-3, 1e-2, 3e-2],
+        "tc_steps": 1500,
+    },
+}
 
 DOMAINS = ("prose", "code")
 
@@ -126,18 +149,31 @@ def _skip(model, calib, evals, cfg, out: Path) -> dict:
                 ("2 thresholds", two, held_two, two_grids),
             ):
                 best, frontier = search_thresholds(evaluator, grids, target)
-                row = {"score": label, "search": kind_label, "target": target,
-                       "evaluations": len(evaluator.points), "frontier": len(frontier)}  # fmt: skip
+                row = {
+                    "score": label,
+                    "search": kind_label,
+                    "target": target,
+                    "evaluations": len(evaluator.points),
+                    "frontier": len(frontier),
+                }
                 if best is not None:
                     h = held(best.thresholds)
-                    row.update(thresholds=best.thresholds, calib_ratio=best.ratio,
-                               ratio=h.ratio, kl=h.kl, bpb=_bpb(h.loss))  # fmt: skip
+                    row.update(
+                        thresholds=best.thresholds,
+                        calib_ratio=best.ratio,
+                        ratio=h.ratio,
+                        kl=h.kl,
+                        bpb=_bpb(h.loss),
+                    )
                     row["per_domain_bpb"] = _domain_bpb(model, evals, importance, best.thresholds)
                 report["targets"].append(row)
-    report["matched"] = {label: {t: _kl_at(report["curve"][label], t) for t in cfg["targets"]}
-                         for label in report["curve"]}  # fmt: skip
-    report["full_bpb"] = {d: _bpb(SkipEvaluator(model, [evals[d]], alpha)([0.0]).loss)
-                          for d in DOMAINS}  # fmt: skip
+    report["matched"] = {
+        label: {t: _kl_at(report["curve"][label], t) for t in cfg["targets"]}
+        for label in report["curve"]
+    }
+    report["full_bpb"] = {
+        d: _bpb(SkipEvaluator(model, [evals[d]], alpha)([0.0]).loss) for d in DOMAINS
+    }
     report["plot"] = str(_plot_curves(report["curve"], out / "skip_frontier.png"))
     return report
 
@@ -168,8 +204,12 @@ def _plot_curves(curves: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, points in curves.items():
-        ax.plot([p["ratio"] for p in points], [p["kl"] for p in points], "o-",
-                label="alpha x pi (MoDES)" if label == "modes" else "pi alone")  # fmt: skip
+        ax.plot(
+            [p["ratio"] for p in points],
+            [p["kl"] for p in points],
+            "o-",
+            label="alpha x pi (MoDES)" if label == "modes" else "pi alone",
+        )
     ax.set_xlabel("skip ratio (held-out)")
     ax.set_ylabel("KL to the full model (nats/token)")
     ax.set_yscale("symlog", linthresh=1e-3)
@@ -234,9 +274,12 @@ def _offload(model, gates, evals, cfg, out: Path) -> dict:
                 if capacity is None:
                     seconds, _ = _timed(model, chunks)
                     times[i].append(seconds)
-                    rows[i] = {"mode": mode, "exact": True,
-                               "capacity": sum(b.num_experts for b in find_moe_blocks(model)),
-                               "peak_resident_bytes": resident_expert_bytes(model)}  # fmt: skip
+                    rows[i] = {
+                        "mode": mode,
+                        "exact": True,
+                        "capacity": sum(b.num_experts for b in find_moe_blocks(model)),
+                        "peak_resident_bytes": resident_expert_bytes(model),
+                    }
                     continue
                 with OffloadedExperts(model, tmp, capacity, pregates=pregates) as off:
                     seconds, logits = _timed(model, chunks)
@@ -244,8 +287,12 @@ def _offload(model, gates, evals, cfg, out: Path) -> dict:
                 times[i].append(seconds)
                 same = all(torch.equal(a, b) for a, b in zip(logits, reference, strict=True))
                 exact = same and (rows[i] is None or rows[i]["exact"])
-                rows[i] = {"mode": mode, "capacity": capacity, "exact": exact,
-                           **off.stats.as_dict()}  # fmt: skip
+                rows[i] = {
+                    "mode": mode,
+                    "capacity": capacity,
+                    "exact": exact,
+                    **off.stats.as_dict(),
+                }
     for i, row in enumerate(rows):
         row["tokens_per_s"] = tokens / statistics.median(times[i])
     return {"tokens": tokens, "chunk": cfg["chunk"], "rounds": cfg["repeats"], "rows": rows}
@@ -257,28 +304,44 @@ def _offload(model, gates, evals, cfg, out: Path) -> dict:
 def _transcoder(model, calib, evals, cfg, seed) -> dict:
     block = find_moe_blocks(model)[-1]
     n = cfg["tc_windows"]
-    train = [domain_windows(d, calib["prose"].shape[1], n, "train", seed + 2)[:, :-1]
-             for d in DOMAINS]  # fmt: skip
+    train = [
+        domain_windows(d, calib["prose"].shape[1], n, "train", seed + 2)[:, :-1] for d in DOMAINS
+    ]
     held = [evals["prose"], evals["code"]]
     x, y = module_io(model, block.module, train)
     rows = []
     for l1 in cfg["tc_l1"]:
         start = time.perf_counter()
-        tc, history = train_transcoder(x, y, cfg["tc_hidden"], l1=l1, steps=cfg["tc_steps"],
-                                       lr=1e-3, batch_size=1024, seed=seed)  # fmt: skip
+        tc, history = train_transcoder(
+            x,
+            y,
+            cfg["tc_hidden"],
+            l1=l1,
+            steps=cfg["tc_steps"],
+            lr=1e-3,
+            batch_size=1024,
+            seed=seed,
+        )
         report = evaluate_transcoder(model, block.module, tc, held)
-        rows.append({"l1": l1, "train_seconds": round(time.perf_counter() - start, 1),
-                     **report})  # fmt: skip
-    readout = {d: {f"top{k}": readout_accuracy(model, block.module, [evals[d]], k=k)
-                   for k in (1, 5)} for d in DOMAINS}  # fmt: skip
+        rows.append({"l1": l1, "train_seconds": round(time.perf_counter() - start, 1), **report})
+    readout = {
+        d: {f"top{k}": readout_accuracy(model, block.module, [evals[d]], k=k) for k in (1, 5)}
+        for d in DOMAINS
+    }
     neurons = []
     w_out = block.expert_weights().w_out.detach()
     for e in range(block.num_experts):
         n_idx = int(w_out[e].norm(dim=0).argmax())
         tokens = read_neurons(model, block.layer, e, [n_idx], k=5).decoded()[0]
         neurons.append({"expert": e, "neuron": n_idx, "top_tokens": tokens})
-    return {"layer": block.layer, "hidden_dim": cfg["tc_hidden"], "train_tokens": x.shape[0],
-            "rows": rows, "readout": readout, "neurons": neurons}  # fmt: skip
+    return {
+        "layer": block.layer,
+        "hidden_dim": cfg["tc_hidden"],
+        "train_tokens": x.shape[0],
+        "rows": rows,
+        "readout": readout,
+        "neurons": neurons,
+    }
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -310,13 +373,25 @@ def _table(r: dict) -> str:
             f"{_fmt(per.get('code'))} |"
         )
     m = s["matched"]
-    lines += ["", "KL at equal held-out skip ratio (interpolated on each score's one-threshold "
-              "curve): " + "; ".join(f"ratio {t:.2f}: alpha x pi {_fmt(m['modes'][t])}, pi alone "
-                                     f"{_fmt(m['uniform'][t])}" for t in m["modes"]) + "."]  # fmt: skip
+    lines += [
+        "",
+        "KL at equal held-out skip ratio (interpolated on each score's one-threshold "
+        "curve): "
+        + "; ".join(
+            f"ratio {t:.2f}: alpha x pi {_fmt(m['modes'][t])}, pi alone {_fmt(m['uniform'][t])}"
+            for t in m["modes"]
+        )
+        + ".",
+    ]
     p = r["pregate"]
-    lines += ["", "**Pre-gate hit rate** (top-2 guesses vs the next layer's top-2, held-out; "
-              "chance 0.25):", "", "| predicts layer | untrained (next router early) | "
-              "distilled | distilled, on its calibration set |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "**Pre-gate hit rate** (top-2 guesses vs the next layer's top-2, held-out; chance 0.25):",
+        "",
+        "| predicts layer | untrained (next router early) | "
+        "distilled | distilled, on its calibration set |",
+        "|---|---:|---:|---:|",
+    ]
     for layer in p["trained"]:
         lines.append(
             f"| {layer} -> next | {p['untrained'][layer]['hit_rate']:.3f} | "
@@ -324,10 +399,16 @@ def _table(r: dict) -> str:
             f"{p['trained_on_calibration'][layer]['hit_rate']:.3f} |"
         )
     o = r["offload"]
-    lines += ["", f"**Offload** ({o['tokens']} held-out tokens in windows of {o['chunk']}, one "
-              "window per forward):", "", "| mode | cache (experts) | tokens/s | peak resident "
-              "expert MB | misses / requests | prefetch hits | requested experts the pre-gates queued | equals "
-              "resident |", "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"**Offload** ({o['tokens']} held-out tokens in windows of {o['chunk']}, one "
+        "window per forward):",
+        "",
+        "| mode | cache (experts) | tokens/s | peak resident "
+        "expert MB | misses / requests | prefetch hits | requested experts the pre-gates queued | equals "
+        "resident |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for row in o["rows"]:
         req = row.get("requests")
         lines.append(
@@ -338,10 +419,15 @@ def _table(r: dict) -> str:
             f"{'yes' if row['exact'] else 'NO'} |"
         )
     t = r["transcoder"]
-    lines += ["", f"**Transcoder** for MoE layer {t['layer']} ({t['hidden_dim']} features, "
-              f"{t['train_tokens']} training tokens; held-out):", "",
-              "| L1 | L0 | dead features | FVE | loss clean | zero-ablated | transcoder "
-              "| loss recovered |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        f"**Transcoder** for MoE layer {t['layer']} ({t['hidden_dim']} features, "
+        f"{t['train_tokens']} training tokens; held-out):",
+        "",
+        "| L1 | L0 | dead features | FVE | loss clean | zero-ablated | transcoder "
+        "| loss recovered |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in t["rows"]:
         lines.append(
             f"| {row['l1']:g} | {row['l0']:.1f} | {row['dead_features']} | {row['fve']:.3f} | "
@@ -349,12 +435,20 @@ def _table(r: dict) -> str:
             f"{row['loss_transcoder']:.4f} | {row['loss_recovered']:.3f} |"
         )
     ro = t["readout"]
-    lines += ["", f"**Read-out** of layer {t['layer']}'s output through the unembedding: "
-              + "; ".join(f"{d}: top-1 {ro[d]['top1']['accuracy']:.3f} (frequency floor "
-                          f"{ro[d]['top1']['frequency_floor']:.3f}), top-5 "
-                          f"{ro[d]['top5']['accuracy']:.3f} (floor "
-                          f"{ro[d]['top5']['frequency_floor']:.3f})" for d in DOMAINS)
-              + ". Largest neuron per expert, top tokens: "
-              + "; ".join(f"e{n['expert']}/n{n['neuron']}: {' '.join(n['top_tokens'])}"
-                          for n in t["neurons"]) + "."]  # fmt: skip
+    lines += [
+        "",
+        f"**Read-out** of layer {t['layer']}'s output through the unembedding: "
+        + "; ".join(
+            f"{d}: top-1 {ro[d]['top1']['accuracy']:.3f} (frequency floor "
+            f"{ro[d]['top1']['frequency_floor']:.3f}), top-5 "
+            f"{ro[d]['top5']['accuracy']:.3f} (floor "
+            f"{ro[d]['top5']['frequency_floor']:.3f})"
+            for d in DOMAINS
+        )
+        + ". Largest neuron per expert, top tokens: "
+        + "; ".join(
+            f"e{n['expert']}/n{n['neuron']}: {' '.join(n['top_tokens'])}" for n in t["neurons"]
+        )
+        + ".",
+    ]
     return "\n".join(lines)

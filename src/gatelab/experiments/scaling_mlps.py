@@ -51,9 +51,15 @@ DESCRIPTION = "bottleneck MLP with Lion + label smoothing + mixup + crops: accur
 
 SETTINGS = {
     "smoke": dict(widths=[16], depths=[1], base_width=16, base_depth=1, steps=10, seeds=[0]),
-    "full": dict(widths=[16, 32, 64, 128], depths=[1, 2, 4], base_width=64, base_depth=2,
-                 steps=500, seeds=[0, 1]),
-}  # fmt: skip
+    "full": dict(
+        widths=[16, 32, 64, 128],
+        depths=[1, 2, 4],
+        base_width=64,
+        base_depth=2,
+        steps=500,
+        seeds=[0, 1],
+    ),
+}
 CIFAR_ENV = "GATELAB_CIFAR10"
 
 
@@ -200,8 +206,12 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> 
 
 def digits_data() -> dict[str, Tensor]:
     d = load_digits(seed=0)
-    return {"train_x": d["train"].images, "train_y": d["train"].labels,
-            "test_x": d["test"].images, "test_y": d["test"].labels}  # fmt: skip
+    return {
+        "train_x": d["train"].images,
+        "train_y": d["train"].labels,
+        "test_x": d["test"].images,
+        "test_y": d["test"].labels,
+    }
 
 
 def cifar10_data(root: str | Path, limit: int | None = None) -> dict[str, Tensor]:
@@ -211,9 +221,12 @@ def cifar10_data(root: str | Path, limit: int | None = None) -> dict[str, Tensor
     tx = train.images[:limit].float() / 255.0
     mean = tx.mean(dim=(0, 2, 3), keepdim=True)
     std = tx.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return {"train_x": (tx - mean) / std, "train_y": train.labels[:limit],
-            "test_x": (test.images[:limit].float() / 255.0 - mean) / std,
-            "test_y": test.labels[:limit]}  # fmt: skip
+    return {
+        "train_x": (tx - mean) / std,
+        "train_y": train.labels[:limit],
+        "test_x": (test.images[:limit].float() / 255.0 - mean) / std,
+        "test_y": test.labels[:limit],
+    }
 
 
 def grid(

@@ -90,12 +90,20 @@ class HFAdapter:
             if router is None or not _is_experts(experts):
                 continue
             num_experts = router.weight.shape[0]
-            found.append((name, dict(
-                module=module, router=router, experts=experts, num_experts=num_experts,
-                top_k=int(router.top_k),
-                has_shared=any(getattr(module, n, None) is not None for n in _SHARED_NAMES),
-                family=family,
-            )))  # fmt: skip
+            found.append(
+                (
+                    name,
+                    dict(
+                        module=module,
+                        router=router,
+                        experts=experts,
+                        num_experts=num_experts,
+                        top_k=int(router.top_k),
+                        has_shared=any(getattr(module, n, None) is not None for n in _SHARED_NAMES),
+                        family=family,
+                    ),
+                )
+            )
         return found
 
     def install(self, block, hooks) -> list[Any]:

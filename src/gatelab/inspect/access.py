@@ -101,9 +101,12 @@ class MoEBlock:
         """The routed experts' combined output [T, D] for inputs x [T, D] (no shared expert)."""
         weights = self.expert_weights()
         out = grouped_dispatch(
-            x.to(weights.w_in.dtype), routing.experts, routing.weights.to(weights.w_in.dtype),
-            weights, deterministic=True,
-        )  # fmt: skip
+            x.to(weights.w_in.dtype),
+            routing.experts,
+            routing.weights.to(weights.w_in.dtype),
+            weights,
+            deterministic=True,
+        )
         return out.to(x.dtype)
 
 
@@ -330,8 +333,9 @@ class RoutingCapture(_Handle):
     is detached; ``to_cpu`` moves it to the CPU as it is recorded.
     """
 
-    def __init__(self, model, layers: Iterable[int] | None = None, hidden: bool = False,
-                 to_cpu: bool = False):  # fmt: skip
+    def __init__(
+        self, model, layers: Iterable[int] | None = None, hidden: bool = False, to_cpu: bool = False
+    ):
         super().__init__()
         self.blocks = select_blocks(model, layers)
         self.to_cpu = to_cpu
@@ -350,9 +354,14 @@ class RoutingCapture(_Handle):
         def record(routing: Routing) -> None:
             r = routing.detach()
             if self.to_cpu:
-                r = Routing(r.logits.cpu(), r.scores.cpu(), r.experts.cpu(), r.weights.cpu(),
-                            {k: v.cpu() for k, v in r.aux.items() if isinstance(v, Tensor)},
-                            check=False)  # fmt: skip
+                r = Routing(
+                    r.logits.cpu(),
+                    r.scores.cpu(),
+                    r.experts.cpu(),
+                    r.weights.cpu(),
+                    {k: v.cpu() for k, v in r.aux.items() if isinstance(v, Tensor)},
+                    check=False,
+                )
             self.routings[layer].append(r)
 
         return record
@@ -410,8 +419,9 @@ def _pad(t: Tensor, width: int, value) -> Tensor:
     return torch.cat([t, t.new_full((t.shape[0], width - t.shape[1]), value)], dim=1)
 
 
-def capture_routing(model, layers: Iterable[int] | None = None, hidden: bool = False,
-                    to_cpu: bool = False) -> RoutingCapture:  # fmt: skip
+def capture_routing(
+    model, layers: Iterable[int] | None = None, hidden: bool = False, to_cpu: bool = False
+) -> RoutingCapture:
     """Start recording every MoE layer's Routing (see :class:`RoutingCapture`).
 
     Use as a context manager, or call ``remove()`` when done.
@@ -429,8 +439,9 @@ class EditHandle(_Handle):
     leaves the others in place.
     """
 
-    def __init__(self, model, edits: Edit | Mapping[int, Edit],
-                 layers: Iterable[int] | None = None):  # fmt: skip
+    def __init__(
+        self, model, edits: Edit | Mapping[int, Edit], layers: Iterable[int] | None = None
+    ):
         super().__init__()
         if isinstance(edits, Mapping):
             if layers is not None:
@@ -452,8 +463,9 @@ class EditHandle(_Handle):
         self.layers = [b.layer for b in blocks]
 
 
-def edit_routing(model, edits: Edit | Mapping[int, Edit],
-                 layers: Iterable[int] | None = None) -> EditHandle:  # fmt: skip
+def edit_routing(
+    model, edits: Edit | Mapping[int, Edit], layers: Iterable[int] | None = None
+) -> EditHandle:
     """Apply routing edits to ``model`` until the returned handle is removed.
 
     ``edits`` is one function for every selected layer (``layers``; all MoE layers by
@@ -569,7 +581,7 @@ class GatelabAdapter:
                     has_shared=module.shared_experts is not None,
                     family=self.family,
                 ),
-            )  # fmt: skip
+            )
             for name, module in model.named_modules()
             if isinstance(module, MoE)
         ]

@@ -42,8 +42,12 @@ class NeuronReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "neurons": self.neurons,
-                "experts": self.experts, "skipped": self.skipped}  # fmt: skip
+        return {
+            "threshold": self.threshold,
+            "neurons": self.neurons,
+            "experts": self.experts,
+            "skipped": self.skipped,
+        }
 
     def as_clamp_list(self) -> list[tuple[int, int, int]]:
         """(layer, expert, neuron) triples for :func:`gatelab.edit.steer.clamp_neurons`."""
@@ -107,9 +111,12 @@ def _max_activation(block: MoEBlock, expert: int, x: Tensor, routing, shape) -> 
 
 
 def localize_neurons(
-    model, target: Iterable, other: Iterable, experts: Mapping[int, Sequence[int]],
+    model,
+    target: Iterable,
+    other: Iterable,
+    experts: Mapping[int, Sequence[int]],
     threshold: float = 2.0,
-) -> NeuronReport:  # fmt: skip
+) -> NeuronReport:
     """GateBreaker's localisation: neurons of ``experts`` ({layer: [ids]}) that fire more
     for ``target`` prompts than for ``other`` prompts (z-score of the difference of mean
     signatures above ``threshold``)."""
@@ -119,20 +126,39 @@ def localize_neurons(
     for (layer, expert), a in target_sig.items():
         b = other_sig[(layer, expert)]
         if a.shape[0] == 0 or b.shape[0] == 0:
-            skipped.append({"layer": layer, "expert": expert, "target_prompts": a.shape[0],
-                            "other_prompts": b.shape[0]})  # fmt: skip
+            skipped.append(
+                {
+                    "layer": layer,
+                    "expert": expert,
+                    "target_prompts": a.shape[0],
+                    "other_prompts": b.shape[0],
+                }
+            )
             continue
         diff = a.mean(dim=0) - b.mean(dim=0)
         z = (diff - diff.mean()) / diff.std().clamp_min(1e-12)
         chosen = (z > threshold).nonzero().squeeze(1)
-        stats.append({"layer": layer, "expert": expert, "target_prompts": a.shape[0],
-                      "other_prompts": b.shape[0], "neurons": diff.numel(),
-                      "selected": chosen.numel(), "max_z": float(z.max())})  # fmt: skip
+        stats.append(
+            {
+                "layer": layer,
+                "expert": expert,
+                "target_prompts": a.shape[0],
+                "other_prompts": b.shape[0],
+                "neurons": diff.numel(),
+                "selected": chosen.numel(),
+                "max_z": float(z.max()),
+            }
+        )
         neurons += [
-            {"layer": layer, "expert": expert, "neuron": int(n), "z": float(z[n]),
-             "diff": float(diff[n])}
+            {
+                "layer": layer,
+                "expert": expert,
+                "neuron": int(n),
+                "z": float(z[n]),
+                "diff": float(diff[n]),
+            }
             for n in chosen
-        ]  # fmt: skip
+        ]
     neurons.sort(key=lambda n: -n["z"])
     return NeuronReport(threshold, neurons, stats, skipped)
 

@@ -67,9 +67,13 @@ class RoutingProfile:
         return self.maps[name][metric] - torch.stack(others).mean(dim=0)
 
     def top_experts(
-        self, name: str, n: int, metric: str = "frequency", contrast: bool = True,
+        self,
+        name: str,
+        n: int,
+        metric: str = "frequency",
+        contrast: bool = True,
         per_layer: bool = False,
-    ) -> list[tuple[int, int, float]]:  # fmt: skip
+    ) -> list[tuple[int, int, float]]:
         """The ``n`` highest (layer, expert, score) by contrast (or the set's own map), over
         all layers together (MoTE), or ``n`` in each layer with ``per_layer=True``
         (GateBreaker's top m*k per layer)."""
@@ -113,7 +117,7 @@ class RoutingProfile:
                     **{m: self.maps[n][m].tolist() for m in METRICS},
                 }
                 for n in self.names
-            },  # fmt: skip
+            },
             "contrast": contrasts,
         }
 

@@ -90,8 +90,9 @@ def expert_neurons(model: nn.Module, layer: int, expert: int) -> Tensor:
     return block.expert_weights().w_out[expert].detach().T
 
 
-def read_neurons(model: nn.Module, layer: int, expert: int, neurons=None, k: int = 10,
-                 gain: bool = True) -> Readout:  # fmt: skip
+def read_neurons(
+    model: nn.Module, layer: int, expert: int, neurons=None, k: int = 10, gain: bool = True
+) -> Readout:
     """Top tokens of single neurons of an expert (all of them unless ``neurons`` given)."""
     directions = expert_neurons(model, layer, expert)
     if neurons is not None:
@@ -130,8 +131,9 @@ def layer_outputs(model: nn.Module, module: nn.Module, prompts) -> tuple[Tensor,
     return y, torch.cat([b.reshape(-1) for b in batches])
 
 
-def readout_accuracy(model: nn.Module, module: nn.Module, prompts, k: int = 1,
-                     gain: bool = True) -> dict[str, float]:  # fmt: skip
+def readout_accuracy(
+    model: nn.Module, module: nn.Module, prompts, k: int = 1, gain: bool = True
+) -> dict[str, float]:
     """How often the module's own output, read through the unembedding, has the actual next
     token among its top ``k``; with the rate a frequency-only guess (the ``k`` most common
     next tokens of these prompts) gets, as the floor to compare against."""
@@ -146,8 +148,12 @@ def readout_accuracy(model: nn.Module, module: nn.Module, prompts, k: int = 1,
     hit = (top == targets[:, None]).any(-1).float().mean()
     common = torch.bincount(targets).topk(min(k, int(targets.max()) + 1)).indices
     floor = torch.isin(targets, common).float().mean()
-    return {"accuracy": float(hit), "frequency_floor": float(floor), "k": k,
-            "tokens": int(targets.numel())}  # fmt: skip
+    return {
+        "accuracy": float(hit),
+        "frequency_floor": float(floor),
+        "k": k,
+        "tokens": int(targets.numel()),
+    }
 
 
 __all__ = [

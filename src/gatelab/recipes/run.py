@@ -117,10 +117,14 @@ def _corpus_data(model: nn.Module, options: dict[str, Any]):
             batch
             for domain in DOMAINS
             for batch in EvalBatches(
-                corpus, "val", seq_len=options["seq_len"], batch_size=options["batch_size"],
-                domain=domain, max_batches=options["eval_batches"],
+                corpus,
+                "val",
+                seq_len=options["seq_len"],
+                batch_size=options["batch_size"],
+                domain=domain,
+                max_batches=options["eval_batches"],
             )
-        )  # fmt: skip
+        )
         per_domain = bits_per_byte(model, batches)
         return {f"bpb_{domain}": numbers["bits_per_byte"] for domain, numbers in per_domain.items()}
 

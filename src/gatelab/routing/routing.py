@@ -103,11 +103,14 @@ class Routing:
         ordered = experts.sort(dim=1).values
         repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY)
         checks = (
-            (in_range.all(), f"Routing.experts holds an id outside the valid ids: valid ids "
-             f"are 0..{self.num_experts - 1} and {EMPTY} for an empty slot"),
+            (
+                in_range.all(),
+                f"Routing.experts holds an id outside the valid ids: valid ids "
+                f"are 0..{self.num_experts - 1} and {EMPTY} for an empty slot",
+            ),
             (empty_weight_zero.all(), "Routing.weights must be 0 in empty slots (experts == -1)"),
             (~repeated.any(), "Routing.experts names the same expert twice for one token"),
-        )  # fmt: skip
+        )
         for ok, message in checks:
             if experts.device.type == "cpu":
                 if not bool(ok):

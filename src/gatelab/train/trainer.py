@@ -393,9 +393,14 @@ class Trainer:
             self._seed()
         else:
             ckpt = load_checkpoint(
-                path, self._core, self.optimizer, self.scheduler, config=self.config, data=self.data,
+                path,
+                self._core,
+                self.optimizer,
+                self.scheduler,
+                config=self.config,
+                data=self.data,
                 transform=self.parallel.reshard if self.parallel else None,
-            )  # fmt: skip
+            )
             _clear_router_counts(self.model)
             self.step = ckpt.step
             self.tokens = int(ckpt.extra.get("tokens", 0))

@@ -137,14 +137,35 @@ def up_proj(x, tokens, w_in, b_in, scale, blocks, act_code, glu, save_hidden, ki
         return (blocks.num_blocks, triton.cdiv(ffn, meta["BLOCK_N"]))
 
     _launch(
-        "up_proj_kernel", "decode" if kind == "decode" else "up", grid, x.device,
-        x, tokens, w_in, bias, scale, hidden, act, *blocks.args(),
-        x.shape[1], ffn,
-        x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
-        bias.stride(0), hidden.stride(0), act.stride(0),
-        GLU=glu, ACT=act_code, HAS_BIAS=b_in is not None, SAVE_HIDDEN=save_hidden,
-        PRECISION=_precision(x.dtype), BLOCK_M=blocks.block_m,
-    )  # fmt: skip
+        "up_proj_kernel",
+        "decode" if kind == "decode" else "up",
+        grid,
+        x.device,
+        x,
+        tokens,
+        w_in,
+        bias,
+        scale,
+        hidden,
+        act,
+        *blocks.args(),
+        x.shape[1],
+        ffn,
+        x.stride(0),
+        x.stride(1),
+        w_in.stride(0),
+        w_in.stride(1),
+        w_in.stride(2),
+        bias.stride(0),
+        hidden.stride(0),
+        act.stride(0),
+        GLU=glu,
+        ACT=act_code,
+        HAS_BIAS=b_in is not None,
+        SAVE_HIDDEN=save_hidden,
+        PRECISION=_precision(x.dtype),
+        BLOCK_M=blocks.block_m,
+    )
     return (hidden if save_hidden else None), act
 
 
@@ -164,15 +185,34 @@ def gather_gemm(a, a_idx, b, transpose_b, blocks, out, out_idx, mode, kind, bias
         return (blocks.num_blocks, triton.cdiv(n_cols, meta["BLOCK_N"]))
 
     _launch(
-        "gather_gemm_kernel", kind, grid, a.device,
-        a, dummy, b, bias_t, scale if scale is not None else a, out,
-        out_idx if out_idx is not None else dummy, *blocks.args(),
-        k_dim, n_cols,
-        a.stride(0), a.stride(1), b.stride(0), stride_bk, stride_bn, bias_t.stride(0),
-        out.stride(0), out.stride(1),
-        GATHER_A=a_idx is not None, HAS_BIAS=bias is not None, OUT_MODE=mode,
-        PRECISION=_precision(a.dtype), BLOCK_M=blocks.block_m,
-    )  # fmt: skip
+        "gather_gemm_kernel",
+        kind,
+        grid,
+        a.device,
+        a,
+        dummy,
+        b,
+        bias_t,
+        scale if scale is not None else a,
+        out,
+        out_idx if out_idx is not None else dummy,
+        *blocks.args(),
+        k_dim,
+        n_cols,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        stride_bk,
+        stride_bn,
+        bias_t.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GATHER_A=a_idx is not None,
+        HAS_BIAS=bias is not None,
+        OUT_MODE=mode,
+        PRECISION=_precision(a.dtype),
+        BLOCK_M=blocks.block_m,
+    )
     return out
 
 
@@ -190,14 +230,30 @@ def wgrad(g, g_idx, a, a_idx, blocks, num_experts, dtype):
         )
 
     _launch(
-        "wgrad_kernel", "wgrad", grid, a.device,
-        g, g_idx if g_idx is not None else dummy, a, a_idx if a_idx is not None else dummy,
-        out, blocks.starts, blocks.counts, m_dim, n_dim,
-        g.stride(0), g.stride(1), a.stride(0), a.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        GATHER_G=g_idx is not None, GATHER_A=a_idx is not None,
+        "wgrad_kernel",
+        "wgrad",
+        grid,
+        a.device,
+        g,
+        g_idx if g_idx is not None else dummy,
+        a,
+        a_idx if a_idx is not None else dummy,
+        out,
+        blocks.starts,
+        blocks.counts,
+        m_dim,
+        n_dim,
+        g.stride(0),
+        g.stride(1),
+        a.stride(0),
+        a.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        GATHER_G=g_idx is not None,
+        GATHER_A=a_idx is not None,
         PRECISION=_precision(a.dtype),
-    )  # fmt: skip
+    )
     return out
 
 
@@ -212,11 +268,24 @@ def act_backward(hidden, g_act, scale, act_code, glu):
         return (triton.cdiv(rows, block_m),)
 
     _launch(
-        "act_backward_kernel", "act", grid, hidden.device,
-        hidden, g_act, scale, g_hidden, g_scale, rows, ffn,
-        hidden.stride(0), g_act.stride(0), g_hidden.stride(0),
-        GLU=glu, ACT=act_code, BLOCK_M=block_m,
-    )  # fmt: skip
+        "act_backward_kernel",
+        "act",
+        grid,
+        hidden.device,
+        hidden,
+        g_act,
+        scale,
+        g_hidden,
+        g_scale,
+        rows,
+        ffn,
+        hidden.stride(0),
+        g_act.stride(0),
+        g_hidden.stride(0),
+        GLU=glu,
+        ACT=act_code,
+        BLOCK_M=block_m,
+    )
     return g_hidden, g_scale
 
 
@@ -256,9 +325,11 @@ class TritonExperts(torch.autograd.Function):
         slots, tokens, experts, counts, _ = routed
         rows = tokens.shape[0]
         decode = rows <= DECODE_SLOTS
-        block_m = configs.INTERPRET["BLOCK_M"] if INTERPRET else (
-            configs.DECODE_BLOCK_M if decode else configs.BLOCK_M[configs.family(x.device)]
-        )  # fmt: skip
+        block_m = (
+            configs.INTERPRET["BLOCK_M"]
+            if INTERPRET
+            else (configs.DECODE_BLOCK_M if decode else configs.BLOCK_M[configs.family(x.device)])
+        )
         blocks = RowBlocks(counts, rows, block_m, decode)
         kind = "decode" if decode else "gemm"
         ctx.x_dtype = x.dtype
@@ -276,13 +347,32 @@ class TritonExperts(torch.autograd.Function):
             )
             index = slots if deterministic else tokens
             gather_gemm(
-                act_rows, None, w_out, False, blocks, out, index, 1 if deterministic else 2,
-                kind, bias=b_out, scale=scale,
-            )  # fmt: skip
+                act_rows,
+                None,
+                w_out,
+                False,
+                blocks,
+                out,
+                index,
+                1 if deterministic else 2,
+                kind,
+                bias=b_out,
+                scale=scale,
+            )
         ctx.save_for_backward(
-            x, hidden, act_rows, slot_weights, w_in, w_out, b_in, b_out,
-            slots, tokens, experts, counts,
-        )  # fmt: skip
+            x,
+            hidden,
+            act_rows,
+            slot_weights,
+            w_in,
+            w_out,
+            b_in,
+            b_out,
+            slots,
+            tokens,
+            experts,
+            counts,
+        )
         ctx.blocks, ctx.kind, ctx.act, ctx.shape = blocks, kind, act, shape
         ctx.deterministic = deterministic
         return finish_combine(out, shape, deterministic, ctx.x_dtype)
@@ -342,6 +432,14 @@ def run(x, experts, weights, bank, act_code, glu, deterministic) -> Tensor:
     routed = sort_slots(experts, bank.num_experts)
     slot_weights = weights.reshape(-1)[routed[0]]
     return TritonExperts.apply(
-        x, slot_weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out,
-        (act_code, glu), routed, tuple(experts.shape), deterministic,
-    )  # fmt: skip
+        x,
+        slot_weights,
+        bank.w_in,
+        bank.w_out,
+        bank.b_in,
+        bank.b_out,
+        (act_code, glu),
+        routed,
+        tuple(experts.shape),
+        deterministic,
+    )

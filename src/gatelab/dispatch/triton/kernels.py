@@ -74,15 +74,35 @@ def _act_grad(x, ACT: tl.constexpr):
 
 @triton.jit
 def up_proj_kernel(
-    x_ptr, tokens_ptr, w_ptr, b_ptr, scale_ptr, hidden_ptr, act_ptr,
-    block_expert_ptr, block_start_ptr, block_rows_ptr,
-    D, F,
-    stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_be,
-    stride_hn, stride_an,
-    GLU: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_HIDDEN: tl.constexpr,
+    x_ptr,
+    tokens_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    hidden_ptr,
+    act_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    block_rows_ptr,
+    D,
+    F,
+    stride_xt,
+    stride_xd,
+    stride_we,
+    stride_wh,
+    stride_wd,
+    stride_be,
+    stride_hn,
+    stride_an,
+    GLU: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SAVE_HIDDEN: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """act_out[r, n] = weight[r] * act(x[tokens[r]] @ W_in[e, n].T (+ b)) (* up), n < F."""
     block, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + block).to(tl.int64)
@@ -137,15 +157,34 @@ def up_proj_kernel(
 
 @triton.jit
 def gather_gemm_kernel(
-    a_ptr, a_idx_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, out_idx_ptr,
-    block_expert_ptr, block_start_ptr, block_rows_ptr,
-    K, N,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_bias_e,
-    stride_om, stride_on,
-    GATHER_A: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
+    a_ptr,
+    a_idx_ptr,
+    b_ptr,
+    bias_ptr,
+    scale_ptr,
+    out_ptr,
+    out_idx_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    block_rows_ptr,
+    K,
+    N,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_bias_e,
+    stride_om,
+    stride_on,
+    GATHER_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_MODE: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """y[r] = A[a_idx[r] or r] @ B[e] (+ weight[r] * bias[e]) for the rows r of a block.
 
     B[e][k, n] is at b_ptr + e*stride_be + k*stride_bk + n*stride_bn, so one kernel serves
@@ -202,12 +241,29 @@ def gather_gemm_kernel(
 
 @triton.jit
 def wgrad_kernel(
-    g_ptr, g_idx_ptr, a_ptr, a_idx_ptr, out_ptr, starts_ptr, counts_ptr,
-    M, N,
-    stride_gr, stride_gm, stride_ar, stride_an, stride_oe, stride_om, stride_on,
-    GATHER_G: tl.constexpr, GATHER_A: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    g_ptr,
+    g_idx_ptr,
+    a_ptr,
+    a_idx_ptr,
+    out_ptr,
+    starts_ptr,
+    counts_ptr,
+    M,
+    N,
+    stride_gr,
+    stride_gm,
+    stride_ar,
+    stride_an,
+    stride_oe,
+    stride_om,
+    stride_on,
+    GATHER_G: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out[e] = G[rows of e].T @ A[rows of e] -> [M, N]; rows optionally gathered.
 
     One program per (expert, M tile, N tile) reduces over that expert's rows in steps of
@@ -249,11 +305,21 @@ def wgrad_kernel(
 
 @triton.jit
 def act_backward_kernel(
-    hidden_ptr, g_act_ptr, scale_ptr, g_hidden_ptr, g_scale_ptr,
-    rows, F,
-    stride_hn, stride_gn, stride_ghn,
-    GLU: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    hidden_ptr,
+    g_act_ptr,
+    scale_ptr,
+    g_hidden_ptr,
+    g_scale_ptr,
+    rows,
+    F,
+    stride_hn,
+    stride_gn,
+    stride_ghn,
+    GLU: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """From d loss / d (weight * act(gate) * up): d gate, d up and d weight.
 
     Recomputes act(gate) from the saved pre-activation (no forward buffer for it); the
