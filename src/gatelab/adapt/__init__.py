@@ -3,6 +3,7 @@ transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters, PHATGOOS
 among LoRA experts, early exit with learned gates (JEI-DNN), Dopamine neuron gates, and a
 local expert + gate beside a frozen classifier."""
 
+from .advmoe import AdvMoEConfig, MoECNN, MoEConv2d, advmoe_step, pgd_linf, trades_loss, trades_step
 from .dopamine import Dopamine, DopamineGate, activation_fraction, temperature_at
 from .early_exit import (
     EarlyExitNet,
@@ -42,6 +43,13 @@ from .upcycle import (
 )
 
 __all__ = [
+    "AdvMoEConfig",
+    "MoECNN",
+    "MoEConv2d",
+    "advmoe_step",
+    "pgd_linf",
+    "trades_loss",
+    "trades_step",
     "DenseFFN",
     "Dopamine",
     "DopamineGate",
