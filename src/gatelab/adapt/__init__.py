@@ -1,7 +1,8 @@
 """Cheap changes to a trained model: dense -> MoE upcycling, EvoMoE's expert diversify,
 transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters, PHATGOOSE routing
 among LoRA experts, early exit with learned gates (JEI-DNN), Dopamine neuron gates, and a
-local expert + gate beside a frozen classifier."""
+local expert + gate beside a frozen classifier, and MLP Memory (an MLP trained to imitate a
+kNN-LM, interpolated with the LM)."""
 
 from .advmoe import AdvMoEConfig, MoECNN, MoEConv2d, advmoe_step, pgd_linf, trades_loss, trades_step
 from .dopamine import Dopamine, DopamineGate, activation_fraction, temperature_at
@@ -20,6 +21,14 @@ from .lora import (
     lora_modules,
     lora_parameters,
     merge_lora,
+)
+from .mlp_memory import (
+    KNNDatastore,
+    MLPMemory,
+    final_hidden,
+    interpolate,
+    memory_loss,
+    train_memory,
 )
 from .phatgoose import (
     GatedLoRALinear,
@@ -56,9 +65,11 @@ __all__ = [
     "EarlyExitNet",
     "ExitGate",
     "GatedLoRALinear",
+    "KNNDatastore",
     "LoRALinear",
     "LocalExpertMoE",
     "LocalExpertOutput",
+    "MLPMemory",
     "PhatGooseLinear",
     "PhatGooseRouter",
     "Transcoder",
@@ -70,10 +81,13 @@ __all__ = [
     "diversify_experts",
     "evaluate_transcoder",
     "expected_calibration_error",
+    "final_hidden",
     "find_linear_targets",
     "init_router",
+    "interpolate",
     "lora_modules",
     "lora_parameters",
+    "memory_loss",
     "merge_lora",
     "phatgoose_model",
     "temperature_at",
@@ -82,6 +96,7 @@ __all__ = [
     "train_jei",
     "train_local_expert",
     "train_lora_expert",
+    "train_memory",
     "train_transcoder",
     "upcycle_ffn",
     "upcycle_lm",
