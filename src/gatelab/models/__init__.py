@@ -25,6 +25,7 @@ from .lm import (
     rope_cache,
 )
 from .mixing import MixingClassifier, MixingClassifierConfig
+from .mohets import DLinear, MoHETS, MoHETSConfig
 from .one_layer import OneLayerTransformer
 
 MODELS: Registry[tuple[type[Config], type[nn.Module]]] = Registry("model")
@@ -32,6 +33,7 @@ MODELS.register("lm")((LMConfig, LM))
 MODELS.register("mlp")((MLPConfig, MLPClassifier))
 MODELS.register("lenet5")((LeNet5Config, LeNet5))
 MODELS.register("mixing")((MixingClassifierConfig, MixingClassifier))
+MODELS.register("mohets")((MoHETSConfig, MoHETS))
 
 
 def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Config, nn.Module]:
@@ -46,6 +48,9 @@ def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Conf
 
 
 __all__ = [
+    "DLinear",
+    "MoHETS",
+    "MoHETSConfig",
     "OneLayerTransformer",
     "MixingClassifier",
     "MixingClassifierConfig",
