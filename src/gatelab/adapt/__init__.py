@@ -2,7 +2,7 @@
 transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters, PHATGOOSE routing
 among LoRA experts, early exit with learned gates (JEI-DNN), Dopamine neuron gates, and a
 local expert + gate beside a frozen classifier, and MLP Memory (an MLP trained to imitate a
-kNN-LM, interpolated with the LM)."""
+kNN-LM, interpolated with the LM), and FF-G2M GNN-to-MLP distillation."""
 
 from .advmoe import AdvMoEConfig, MoECNN, MoEConv2d, advmoe_step, pgd_linf, trades_loss, trades_step
 from .dopamine import Dopamine, DopamineGate, activation_fraction, temperature_at
@@ -12,6 +12,15 @@ from .early_exit import (
     expected_calibration_error,
     train_exit_heads,
     train_jei,
+)
+from .g2m import (
+    GCN,
+    G2MConfig,
+    high_frequency_loss,
+    low_frequency_loss,
+    normalized_adjacency,
+    train_student,
+    train_teacher,
 )
 from .local_expert import LocalExpertMoE, LocalExpertOutput, train_local_expert
 from .lora import (
@@ -52,6 +61,13 @@ from .upcycle import (
 )
 
 __all__ = [
+    "GCN",
+    "G2MConfig",
+    "high_frequency_loss",
+    "low_frequency_loss",
+    "normalized_adjacency",
+    "train_student",
+    "train_teacher",
     "AdvMoEConfig",
     "MoECNN",
     "MoEConv2d",

@@ -15,6 +15,8 @@ inside the functions that need them (``pip install 'gatelab[data]'``).
   bits-of-knowledge measure.
 - :mod:`~gatelab.data.ctr`: synthetic click logs with known pairwise interactions; Criteo
   and Avazu readers for files the user has.
+- :mod:`~gatelab.data.graphs`: stochastic block model graphs with Gaussian node features,
+  Zachary's karate club (networkx).
 - :mod:`~gatelab.data.loaders`: MNIST / Fashion-MNIST / EMNIST (IDX) and CIFAR-10 (binary).
 """
 
@@ -22,6 +24,7 @@ from .batches import TensorBatches
 from .bios import Bios, BioSpec, bios, knowledge_bits
 from .ctr import ClickModel, CTRData, load_avazu, load_criteo, synthetic_ctr
 from .distort import HandwritingStyle, distort, random_style
+from .graphs import GraphData, block_densities, karate_club, sbm_graph
 from .images import (
     PHOTO_NAMES,
     ImageSet,
@@ -68,6 +71,10 @@ from .text import (
 from .transforms import DIGIT_TRANSFORMS, transform_images
 
 __all__ = [
+    "GraphData",
+    "block_densities",
+    "karate_club",
+    "sbm_graph",
     "BioSpec",
     "Bios",
     "bios",
