@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -11,6 +13,20 @@ from hypothesis import strategies as st
 from gatelab import ExpertBank, Routing
 from gatelab.experts import ACTIVATION_NAMES
 from gatelab.routing import EMPTY
+
+
+def _triton_interprets_without_a_gpu() -> None:
+    """Without a GPU, run triton kernels in its interpreter for the whole session, and import
+    triton now in that mode: triton reads TRITON_INTERPRET when it is imported, and other
+    tests (transformers, torch.compile) import it too; in compiled mode on a CPU-only machine
+    test_triton_dispatch.py would have to skip."""
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton  # noqa: F401
+
+
+_triton_interprets_without_a_gpu()
 
 
 @pytest.fixture(autouse=True)
