@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -154,3 +155,5 @@ def test_mlp_memory_experiment_smoke(tmp_path):
     assert "LM+memory l=0.25" in result["table"]
     assert set(result["bpb"]) == {"prose", "code"}
     assert result["speedup"] > 0
+    assert result["bpb"]["code"]["kNN-LM l=1.0"] is None or result["knn_zero_mass"]["code"] == 0
+    json.dumps(result, allow_nan=False)  # the CLI writes result.json without inf/nan
