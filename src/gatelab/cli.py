@@ -29,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_bench(commands)
     _add_experiment(commands)
-    _add_profile(commands)
-    _add_localize(commands)
-    _add_steer(commands)
-    _add_prune(commands)
-    _add_skip(commands)
-    _add_pregate(commands)
-    _add_transcoder(commands)
+    _add_model_tools(commands)
     return parser
 
 
@@ -377,52 +371,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- gatelab profile / localize / steer / prune (implementations in gatelab.tools) -------------
+# -- gatelab profile / localize / steer / prune / skip / pregate / transcoder ----------------
 
 
-def _add_profile(commands) -> None:
-    from .tools import add_profile_parser
+def _add_model_tools(commands) -> None:
+    """The model-inspection and editing commands; parsers and implementations in tools.py."""
+    from .tools import add_parsers
 
-    add_profile_parser(commands)
-
-
-def _add_localize(commands) -> None:
-    from .tools import add_localize_parser
-
-    add_localize_parser(commands)
-
-
-def _add_steer(commands) -> None:
-    from .tools import add_steer_parser
-
-    add_steer_parser(commands)
-
-
-def _add_prune(commands) -> None:
-    from .tools import add_prune_parser
-
-    add_prune_parser(commands)
-
-
-# -- gatelab skip / pregate / transcoder (implementations in tools.py) ----------------------
-
-
-def _add_skip(commands) -> None:
-    from .tools import add_skip_parser
-
-    add_skip_parser(commands)
-
-
-def _add_pregate(commands) -> None:
-    from .tools import add_pregate_parser
-
-    add_pregate_parser(commands)
-
-
-def _add_transcoder(commands) -> None:
-    from .tools import add_transcoder_parser
-
-    add_transcoder_parser(commands)
+    add_parsers(commands)
 
 
 # -- argument types -------------------------------------------------------------------------

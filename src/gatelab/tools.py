@@ -738,8 +738,23 @@ def cmd_transcoder(args) -> int:
     return 0
 
 
+def add_parsers(commands) -> None:
+    """Register every command of this module on ``gatelab``'s sub-command parser."""
+    for add in (
+        add_profile_parser,
+        add_localize_parser,
+        add_steer_parser,
+        add_prune_parser,
+        add_skip_parser,
+        add_pregate_parser,
+        add_transcoder_parser,
+    ):
+        add(commands)
+
+
 __all__ = [
     "OpenedModel",
+    "add_parsers",
     "add_localize_parser",
     "add_profile_parser",
     "add_prune_parser",

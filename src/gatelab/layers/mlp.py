@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..experts import ACTIVATION_NAMES, activation
 from ..registry import Registry
+from ._checks import check_dropout, check_positive
 
 MLPS: Registry[Callable[..., nn.Module]] = Registry("mlp block")
 
@@ -56,17 +57,6 @@ def _act(name: str) -> Callable[[Tensor], Tensor]:
         valid = ", ".join((*ACTIVATION_NAMES, "identity"))
         raise ValueError(f"unknown act {name!r}; valid names are: {valid}")
     return activation(name)
-
-
-def _check_sizes(who: str, **sizes: int | None) -> None:
-    for name, value in sizes.items():
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
-
-
-def _check_dropout(who: str, dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{who}: dropout must lie in [0, 1), got {dropout}")
 
 
 def _check_input(who: str, x: Tensor, dim: int) -> None:
@@ -104,8 +94,8 @@ class Mlp(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_sizes("Mlp", dim=dim, hidden_dim=hidden_dim, out_dim=out_dim)
-        _check_dropout("Mlp", dropout)
+        check_positive("Mlp", dim=dim, hidden_dim=hidden_dim, out_dim=out_dim)
+        check_dropout("Mlp", dropout)
         self.dim, self.act = dim, act
         self.hidden_dim = hidden_dim or 4 * dim
         self.out_dim = out_dim or dim
@@ -144,8 +134,8 @@ class GluMlp(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_sizes("GluMlp", dim=dim, hidden_dim=hidden_dim, out_dim=out_dim)
-        _check_dropout("GluMlp", dropout)
+        check_positive("GluMlp", dim=dim, hidden_dim=hidden_dim, out_dim=out_dim)
+        check_dropout("GluMlp", dropout)
         self.variant = variant
         self.act = GLU_VARIANTS.get(variant, variant)
         if self.act not in (*ACTIVATION_NAMES, "identity"):
@@ -195,7 +185,7 @@ class ResidualMlpBlock(nn.Module):
     ):
         super().__init__()
         who = type(self).__name__
-        _check_sizes(who, dim=dim, hidden_dim=hidden_dim)
+        check_positive(who, dim=dim, hidden_dim=hidden_dim)
         if norm not in NORMS:
             raise ValueError(f"{who}: norm must be one of {NORMS}, got {norm!r}")
         self.dim, self.hidden_dim = dim, hidden_dim
@@ -253,7 +243,7 @@ class HourglassBlock(ResidualMlpBlock):
         norm: str = "layer",
         norm_eps: float = 1e-5,
     ):
-        _check_sizes("HourglassBlock", dim=dim, hidden_dim=hidden_dim)
+        check_positive("HourglassBlock", dim=dim, hidden_dim=hidden_dim)
         hidden_dim = hidden_dim or max(1, dim // 2)
         if hidden_dim >= dim:
             raise ValueError(
@@ -291,7 +281,7 @@ class HourglassFFN(nn.Module):
         norm_eps: float = 1e-5,
     ):
         super().__init__()
-        _check_sizes("HourglassFFN", num_blocks=num_blocks)
+        check_positive("HourglassFFN", num_blocks=num_blocks)
         self.dim, self.num_blocks = dim, num_blocks
         self.blocks = nn.ModuleList(
             HourglassBlock(dim, hidden_dim, act, bias, dropout, norm, norm_eps)
@@ -345,7 +335,7 @@ class BottleneckMLP(nn.Module):
     ):
         super().__init__()
         who = type(self).__name__
-        _check_sizes(who, input_dim=input_dim, dim=dim, num_classes=num_classes)
+        check_positive(who, input_dim=input_dim, dim=dim, num_classes=num_classes)
         if not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"{who}: num_blocks must be an int >= 0, got {num_blocks!r}")
         self.input_dim, self.dim, self.fixed_lift = input_dim, dim, fixed_lift

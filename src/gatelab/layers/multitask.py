@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_positive
+
 __all__ = [
     "CGC",
     "HoME",
@@ -35,12 +37,6 @@ __all__ = [
     "SharedBottom",
     "expert_statistics",
 ]
-
-
-def _check_positive(who: str, **values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
 
 
 class ExpertGroup(nn.Module):
@@ -56,7 +52,7 @@ class ExpertGroup(nn.Module):
         self, num_experts: int, dim: int, expert_dim: int, act: str = "relu", norm: bool = False
     ):
         super().__init__()
-        _check_positive("ExpertGroup", num_experts=num_experts, dim=dim, expert_dim=expert_dim)
+        check_positive("ExpertGroup", num_experts=num_experts, dim=dim, expert_dim=expert_dim)
         if act not in ("relu", "silu"):
             raise ValueError(f"ExpertGroup: act must be 'relu' or 'silu', got {act!r}")
         self.num_experts, self.dim, self.expert_dim, self.act = num_experts, dim, expert_dim, act
@@ -91,7 +87,7 @@ class FeatureGate(nn.Module):
 
     def __init__(self, num_experts: int, dim: int, rank: int = 2):
         super().__init__()
-        _check_positive("FeatureGate", num_experts=num_experts, dim=dim, rank=rank)
+        check_positive("FeatureGate", num_experts=num_experts, dim=dim, rank=rank)
         self.a = nn.Parameter(torch.randn(num_experts, dim, rank) / math.sqrt(dim))
         self.b = nn.Parameter(torch.zeros(num_experts, rank, dim))
 
@@ -117,7 +113,7 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, dim: int, num_tasks: int, expert_dim: int, tower_dim: int):
         super().__init__()
-        _check_positive(
+        check_positive(
             type(self).__name__,
             dim=dim,
             num_tasks=num_tasks,
@@ -186,7 +182,7 @@ class MMoE(MultiTaskModel):
         tower_dim: int = 8,
     ):
         super().__init__(dim, num_tasks, expert_dim, tower_dim)
-        _check_positive("MMoE", num_experts=num_experts)
+        check_positive("MMoE", num_experts=num_experts)
         self.experts = ExpertGroup(num_experts, dim, expert_dim, "relu")
         self.gates = nn.ModuleList(nn.Linear(dim, num_experts) for _ in range(num_tasks))
         self.shared = _names("shared", num_experts)
@@ -225,7 +221,7 @@ class PLE(MultiTaskModel):
         num_levels: int = 1,
     ):
         super().__init__(dim, num_tasks, expert_dim, tower_dim)
-        _check_positive(
+        check_positive(
             "PLE", num_shared=num_shared, num_specific=num_specific, num_levels=num_levels
         )
         self.num_levels = num_levels
@@ -348,7 +344,7 @@ class HoME(MultiTaskModel):
                 f"task in exactly one, e.g. [[0, 1], [2]]; got {task_groups!r}"
             )
         super().__init__(dim, num_tasks, expert_dim, tower_dim)
-        _check_positive(
+        check_positive(
             "HoME",
             num_shared=num_shared,
             num_group=num_group,

@@ -27,12 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from ..experts import activation
+from ._checks import check_dropout, check_positive
+from .mlp import Mlp
 
 __all__ = [
     "ActivatorBlock",
     "ActivatorGatingUnit",
     "CrossGatingBlock",
-    "FeedForward",
     "GMLPBlock",
     "MaximGmlpLayer",
     "MixerBlock",
@@ -48,17 +49,6 @@ __all__ = [
 
 
 # -- validation ---------------------------------------------------------------------------
-
-
-def _check_positive(who: str, **values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
-
-
-def _check_dropout(who: str, dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{who}: dropout must lie in [0, 1), got {dropout}")
 
 
 def _check_float(x: object, who: str) -> None:
@@ -109,36 +99,6 @@ def _lcm2(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
 # -- shared pieces ------------------------------------------------------------------------
 
 
-class FeedForward(nn.Module):
-    """Linear(dim -> hidden_dim) -> act -> dropout -> Linear(hidden_dim -> out_dim) -> dropout.
-
-    The two-layer MLP of a transformer block and of MLP-Mixer's token and channel mixing.
-    ``out_dim`` defaults to ``dim``. Works on the last axis of any [..., dim] tensor.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        out_dim: int | None = None,
-        *,
-        act: str = "gelu",
-        bias: bool = True,
-        dropout: float = 0.0,
-    ):
-        super().__init__()
-        out_dim = dim if out_dim is None else out_dim
-        _check_positive("FeedForward", dim=dim, hidden_dim=hidden_dim, out_dim=out_dim)
-        _check_dropout("FeedForward", dropout)
-        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
-        self.act_fn = activation(act)
-        self.fc2 = nn.Linear(hidden_dim, out_dim, bias=bias)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act_fn(self.fc1(x)))))
-
-
 class TokenLinear(nn.Module):
     """A Linear over the token axis ``axis`` of a tensor whose last axis is channels.
 
@@ -151,7 +111,7 @@ class TokenLinear(nn.Module):
 
     def __init__(self, num_tokens: int, *, init_std: float = 0.02, bias_init: float = 1.0):
         super().__init__()
-        _check_positive("TokenLinear", num_tokens=num_tokens)
+        check_positive("TokenLinear", num_tokens=num_tokens)
         self.num_tokens = num_tokens
         self.weight = nn.Parameter(torch.empty(num_tokens, num_tokens).normal_(0.0, init_std))
         self.bias = nn.Parameter(torch.full((num_tokens,), float(bias_init)))
@@ -190,7 +150,7 @@ class SpatialGatingUnit(nn.Module):
 
     def __init__(self, dim: int, num_tokens: int, *, init_std: float = 0.02, eps: float = 1e-5):
         super().__init__()
-        _check_positive("SpatialGatingUnit", dim=dim, num_tokens=num_tokens)
+        check_positive("SpatialGatingUnit", dim=dim, num_tokens=num_tokens)
         if dim % 2:
             raise ValueError(
                 f"SpatialGatingUnit splits its input in two halves: dim must be even, got {dim}"
@@ -230,8 +190,8 @@ class GMLPBlock(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_positive("GMLPBlock", dim=dim, hidden_dim=hidden_dim, num_tokens=num_tokens)
-        _check_dropout("GMLPBlock", dropout)
+        check_positive("GMLPBlock", dim=dim, hidden_dim=hidden_dim, num_tokens=num_tokens)
+        check_dropout("GMLPBlock", dropout)
         if hidden_dim % 2:
             raise ValueError(
                 f"GMLPBlock: hidden_dim must be even (the gating unit splits it), got {hidden_dim}"
@@ -277,7 +237,7 @@ class MixerBlock(nn.Module):
     ):
         super().__init__()
         token_hidden_dim = hidden_dim if token_hidden_dim is None else token_hidden_dim
-        _check_positive(
+        check_positive(
             "MixerBlock",
             dim=dim,
             hidden_dim=hidden_dim,
@@ -286,11 +246,9 @@ class MixerBlock(nn.Module):
         )
         self.dim, self.num_tokens = dim, num_tokens
         self.token_norm = nn.LayerNorm(dim)
-        self.token_mlp = FeedForward(
-            num_tokens, token_hidden_dim, act=act, bias=bias, dropout=dropout
-        )
+        self.token_mlp = Mlp(num_tokens, token_hidden_dim, act=act, bias=bias, dropout=dropout)
         self.channel_norm = nn.LayerNorm(dim)
-        self.channel_mlp = FeedForward(dim, hidden_dim, act=act, bias=bias, dropout=dropout)
+        self.channel_mlp = Mlp(dim, hidden_dim, act=act, bias=bias, dropout=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_tokens(x, self.dim, self.num_tokens, "MixerBlock")
@@ -335,7 +293,7 @@ class RaftLevel(nn.Module):
     ):
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
-        _check_positive(
+        check_positive(
             "RaftLevel",
             dim=dim,
             height=height,
@@ -353,16 +311,16 @@ class RaftLevel(nn.Module):
         r = raft_size
         kw = {"act": act, "bias": bias, "dropout": dropout}
         self.vertical_norm = nn.LayerNorm(dim)
-        self.vertical_mlp = FeedForward(r * height, token_expansion * r * height, **kw)
+        self.vertical_mlp = Mlp(r * height, token_expansion * r * height, **kw)
         self.horizontal_norm = nn.LayerNorm(dim)
-        self.horizontal_mlp = FeedForward(r * width, token_expansion * r * width, **kw)
+        self.horizontal_mlp = Mlp(r * width, token_expansion * r * width, **kw)
         self.channel_norm = nn.LayerNorm(dim)
-        self.channel_mlp = FeedForward(dim, hidden_dim, **kw)
+        self.channel_mlp = Mlp(dim, hidden_dim, **kw)
 
     def extra_repr(self) -> str:
         return f"grid={self.height}x{self.width}, raft_size={self.raft_size}"
 
-    def _mix(self, x: Tensor, norm: nn.LayerNorm, mlp: FeedForward, vertical: bool) -> Tensor:
+    def _mix(self, x: Tensor, norm: nn.LayerNorm, mlp: Mlp, vertical: bool) -> Tensor:
         b, h, w, r = x.shape[0], self.height, self.width, self.raft_size
         y = norm(x).view(b, h, w, r, self.dim // r)  # (h w) (r c')
         # vertical: (c' w) (r h); horizontal: (c' h) (r w)
@@ -435,14 +393,14 @@ class NiNformerBlock(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_positive("NiNformerBlock", dim=dim, hidden_dim=hidden_dim, num_tokens=num_tokens)
-        _check_dropout("NiNformerBlock", dropout)
+        check_positive("NiNformerBlock", dim=dim, hidden_dim=hidden_dim, num_tokens=num_tokens)
+        check_dropout("NiNformerBlock", dropout)
         self.dim, self.num_tokens = dim, num_tokens
         self.norm = nn.LayerNorm(dim)
         self.gate = MixerGatingUnit(
             dim, hidden_dim, num_tokens, act=act, bias=bias, dropout=dropout
         )
-        self.ffn = FeedForward(dim, hidden_dim, act=act, bias=bias, dropout=dropout)
+        self.ffn = Mlp(dim, hidden_dim, act=act, bias=bias, dropout=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_tokens(x, self.dim, self.num_tokens, "NiNformerBlock")
@@ -475,7 +433,7 @@ class ActivatorGatingUnit(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_positive("ActivatorGatingUnit", dim=dim, hidden_dim=hidden_dim)
+        check_positive("ActivatorGatingUnit", dim=dim, hidden_dim=hidden_dim)
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.value_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.norm = nn.LayerNorm(hidden_dim)
@@ -513,14 +471,12 @@ class ActivatorBlock(nn.Module):
         ffn: bool = True,
     ):
         super().__init__()
-        _check_positive("ActivatorBlock", dim=dim, hidden_dim=hidden_dim)
-        _check_dropout("ActivatorBlock", dropout)
+        check_positive("ActivatorBlock", dim=dim, hidden_dim=hidden_dim)
+        check_dropout("ActivatorBlock", dropout)
         self.dim = dim
         self.norm = nn.LayerNorm(dim)
         self.gate = ActivatorGatingUnit(dim, hidden_dim, act=act, bias=bias, dropout=dropout)
-        self.ffn = (
-            FeedForward(dim, hidden_dim, act=act, bias=bias, dropout=dropout) if ffn else None
-        )
+        self.ffn = Mlp(dim, hidden_dim, act=act, bias=bias, dropout=dropout) if ffn else None
 
     def forward(self, x: Tensor) -> Tensor:
         _check_tokens(x, self.dim, None, "ActivatorBlock")
@@ -594,8 +550,8 @@ class MaximGmlpLayer(nn.Module):
     ):
         super().__init__()
         hidden_dim = 2 * dim if hidden_dim is None else hidden_dim
-        _check_positive("MaximGmlpLayer", dim=dim, hidden_dim=hidden_dim)
-        _check_dropout("MaximGmlpLayer", dropout)
+        check_positive("MaximGmlpLayer", dim=dim, hidden_dim=hidden_dim)
+        check_dropout("MaximGmlpLayer", dropout)
         if mode not in ("block", "grid"):
             raise ValueError(f"MaximGmlpLayer: mode must be 'block' or 'grid', got {mode!r}")
         if hidden_dim % 2:
@@ -643,8 +599,8 @@ class MultiAxisGatedMLPBlock(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_positive("MultiAxisGatedMLPBlock", dim=dim)
-        _check_dropout("MultiAxisGatedMLPBlock", dropout)
+        check_positive("MultiAxisGatedMLPBlock", dim=dim)
+        check_dropout("MultiAxisGatedMLPBlock", dropout)
         self.dim = dim
         self.block_size = _pair(block_size, "block_size", "MultiAxisGatedMLPBlock")
         self.grid_size = _pair(grid_size, "grid_size", "MultiAxisGatedMLPBlock")
@@ -689,8 +645,8 @@ class SpatialGatingWeights(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_positive("SpatialGatingWeights", dim=dim)
-        _check_dropout("SpatialGatingWeights", dropout)
+        check_positive("SpatialGatingWeights", dim=dim)
+        check_dropout("SpatialGatingWeights", dropout)
         self.dim = dim
         self.block_size = block_size = _pair(block_size, "block_size", "SpatialGatingWeights")
         self.grid_size = grid_size = _pair(grid_size, "grid_size", "SpatialGatingWeights")
@@ -748,8 +704,8 @@ class CrossGatingBlock(nn.Module):
         super().__init__()
         x_dim = dim if x_dim is None else x_dim
         y_dim = dim if y_dim is None else y_dim
-        _check_positive("CrossGatingBlock", dim=dim, x_dim=x_dim, y_dim=y_dim)
-        _check_dropout("CrossGatingBlock", dropout)
+        check_positive("CrossGatingBlock", dim=dim, x_dim=x_dim, y_dim=y_dim)
+        check_dropout("CrossGatingBlock", dropout)
         self.dim, self.x_dim, self.y_dim = dim, x_dim, y_dim
         self.block_size = _pair(block_size, "block_size", "CrossGatingBlock")
         self.grid_size = _pair(grid_size, "grid_size", "CrossGatingBlock")

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.token_mixing import CrossGatingBlock, FeedForward, MultiAxisGatedMLPBlock
+from ..layers.mlp import Mlp
+from ..layers.token_mixing import CrossGatingBlock, MultiAxisGatedMLPBlock
 from .common import num_parameters
 from .config import Config, ConfigError, check_positive
 
@@ -83,7 +84,7 @@ class RDCAB(nn.Module):
     def __init__(self, dim: int, reduction: int = 4, bias: bool = True, dropout: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.mlp = FeedForward(dim, dim, bias=bias, dropout=dropout)
+        self.mlp = Mlp(dim, dim, bias=bias, dropout=dropout)
         self.se = SqueezeExcite(dim, reduction, bias)
 
     def forward(self, x: Tensor) -> Tensor:
