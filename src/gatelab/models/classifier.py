@@ -18,6 +18,7 @@ from ..experts import ACTIVATION_NAMES, activation
 from ..layers.mlp import MLPS
 from .common import (
     ModelOutput,
+    as_images,
     collect_aux_losses,
     masked_cross_entropy,
     moe_modules,
@@ -358,21 +359,8 @@ class LeNet5(nn.Module):
         return _classifier_output(self, self.output(x), targets)
 
     def _as_images(self, x: Tensor) -> Tensor:
-        c, s = self.config.in_channels, self.config.image_size
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"LeNet5 expects a float tensor of images, got {kind}")
-        if x.dim() == 2 and x.shape[1] == c * s * s:
-            return x.view(-1, c, s, s)
-        if x.dim() == 3 and c == 1 and tuple(x.shape[1:]) == (s, s):
-            return x.unsqueeze(1)
-        if x.dim() == 4 and tuple(x.shape[1:]) == (c, s, s):
-            return x
-        raise ValueError(
-            f"LeNet5 expects images [B, {c}, {s}, {s}], [B, {s}, {s}] (one channel) or "
-            f"flattened [B, {c * s * s}], got {tuple(x.shape)}; set image_size and "
-            "in_channels in LeNet5Config to match the data"
-        )
+        c = self.config
+        return as_images(x, c.in_channels, c.image_size, "LeNet5", "LeNet5Config")
 
     def num_parameters(self) -> int:
         """Stored parameters (C3's masked weights included)."""

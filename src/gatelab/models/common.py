@@ -85,3 +85,23 @@ def num_active_parameters(module: nn.Module) -> int:
         per_expert = bank // moe.num_experts
         total -= bank - moe.top_k * per_expert
     return total
+
+
+def as_images(x: Tensor, channels: int, size: int, who: str, config: str) -> Tensor:
+    """Images [B, C, S, S] from themselves, [B, S, S] (one channel) or flattened [B, C*S*S];
+    ``who`` and ``config`` name the model and its config class in the errors."""
+    c, s = channels, size
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{who} expects a float tensor of images, got {kind}")
+    if x.dim() == 2 and x.shape[1] == c * s * s:
+        return x.view(-1, c, s, s)
+    if x.dim() == 3 and c == 1 and tuple(x.shape[1:]) == (s, s):
+        return x.unsqueeze(1)
+    if x.dim() == 4 and tuple(x.shape[1:]) == (c, s, s):
+        return x
+    raise ValueError(
+        f"{who} expects images [B, {c}, {s}, {s}], [B, {s}, {s}] (one channel) or "
+        f"flattened [B, {c * s * s}], got {tuple(x.shape)}; set image_size and "
+        f"in_channels in {config} to match the data"
+    )

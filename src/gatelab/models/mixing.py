@@ -23,7 +23,7 @@ from ..layers.token_mixing import (
     RaftLevel,
 )
 from .classifier import _classifier_output
-from .common import ModelOutput, num_parameters
+from .common import ModelOutput, as_images, num_parameters
 from .config import Config, ConfigError, check_choice, check_positive
 
 BLOCK_KINDS = ("gmlp", "mixer", "raft", "ninformer", "activator")
@@ -146,20 +146,9 @@ class MixingClassifier(nn.Module):
         return _classifier_output(self, self.head(pooled), targets)
 
     def _as_images(self, x: Tensor) -> Tensor:
-        c, s = self.config.in_channels, self.config.image_size
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"MixingClassifier expects a float tensor of images, got {kind}")
-        if x.dim() == 2 and x.shape[1] == c * s * s:
-            return x.view(-1, c, s, s)
-        if x.dim() == 3 and c == 1 and tuple(x.shape[1:]) == (s, s):
-            return x.unsqueeze(1)
-        if x.dim() == 4 and tuple(x.shape[1:]) == (c, s, s):
-            return x
-        raise ValueError(
-            f"MixingClassifier expects images [B, {c}, {s}, {s}], [B, {s}, {s}] (one "
-            f"channel) or flattened [B, {c * s * s}], got {tuple(x.shape)}; set image_size "
-            "and in_channels in MixingClassifierConfig to match the data"
+        c = self.config
+        return as_images(
+            x, c.in_channels, c.image_size, "MixingClassifier", "MixingClassifierConfig"
         )
 
     def num_parameters(self) -> int:
