@@ -22,7 +22,8 @@ COMMON = dict(
 MOE = dict(intermediate_size=48, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
 
 
-def _config(name: str):
+def config(name: str):
+    """The config of family ``name``'s tiny model."""
     if name == "mixtral":
         return transformers.MixtralConfig(
             **COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2
@@ -85,7 +86,7 @@ def build(name: str, implementation: str = "eager", seed: int = 0):
 
         gatelab.hf.register()
     model = AutoModelForCausalLM.from_config(
-        _config(name), experts_implementation=implementation, dtype=torch.float32
+        config(name), experts_implementation=implementation, dtype=torch.float32
     ).eval()
     with torch.no_grad():
         for pname, param in model.named_parameters():

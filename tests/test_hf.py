@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import pathlib
 import sys
@@ -12,6 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import hf_tiny  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface  # noqa: E402
@@ -19,98 +21,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 import gatelab.hf  # noqa: E402
 from gatelab.hf import experts as hf_experts  # noqa: E402
 
-VOCAB = 64
 ATOL, RTOL = 1e-5, 1e-4
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-
-
-def _mixtral():
-    return transformers.MixtralConfig(
-        **COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2
-    )
-
-
-def _qwen2_moe():
-    return transformers.Qwen2MoeConfig(
-        **COMMON,
-        intermediate_size=48,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        num_experts=8,
-        num_experts_per_tok=2,
-        decoder_sparse_step=1,
-    )
-
-
-def _qwen3_moe():
-    return transformers.Qwen3MoeConfig(
-        **COMMON,
-        intermediate_size=48,
-        moe_intermediate_size=32,
-        num_experts=8,
-        num_experts_per_tok=2,
-        head_dim=8,
-        norm_topk_prob=True,
-    )
-
-
-def _olmoe():
-    return transformers.OlmoeConfig(
-        **COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2
-    )
-
-
-def _deepseek_v3():
-    return transformers.DeepseekV3Config(
-        **{**COMMON, "num_key_value_heads": 4},  # MLA: one kv head per query head
-        intermediate_size=48,
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-    )
-
-
-def _gpt_oss():
-    return transformers.GptOssConfig(
-        **COMMON,
-        intermediate_size=32,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        head_dim=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-
-
-CONFIGS = {
-    "mixtral": _mixtral,
-    "qwen2_moe": _qwen2_moe,
-    "qwen3_moe": _qwen3_moe,
-    "olmoe": _olmoe,
-    "deepseek_v3": _deepseek_v3,
-    "gpt_oss": _gpt_oss,
-}
+# The tiny random models of each family are the ones every HF test uses (tests/hf_tiny.py).
+CONFIGS = {name: functools.partial(hf_tiny.config, name) for name in hf_tiny.FAMILIES}
+VOCAB = hf_tiny.VOCAB
 
 
 @pytest.fixture(autouse=True)
@@ -234,7 +148,8 @@ def test_register_is_idempotent():
 
 def _mixtral_experts():
     torch.manual_seed(0)
-    config = _mixtral()
+    config = hf_tiny.config("mixtral")
+    config.num_local_experts = 4  # the layout test below counts 4 experts
     config._experts_implementation = "gatelab"
     module = transformers.models.mixtral.modeling_mixtral.MixtralExperts(config)
     with torch.no_grad():
