@@ -16,12 +16,10 @@ routers here decide which slices of that union a token runs:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .routers import ROUTERS, Router, _check_sizes
+from .routers import ROUTERS, ExpertChoiceRouter, Router, _check_sizes
 from .routing import EMPTY, Routing
 
 
@@ -86,7 +84,7 @@ class UoERouter(Router):
 
 
 @ROUTERS.register("uoe_patch")
-class PatchSelectionRouter(Router):
+class PatchSelectionRouter(ExpertChoiceRouter):
     """Patch-wise data selection: experts pick the tokens (patches) they score highest.
 
     Our reading of the reference ``SwitchGate`` / ``topk_indices`` ([notes], not run):
@@ -102,25 +100,9 @@ class PatchSelectionRouter(Router):
     capacity_factor * batch; we use gatelab's slot capacity so ``capacity_factor = 1``
     means as many slots as per-token top-k would fill. The choice spans all tokens of the
     call, so in a causal LM it reads future tokens of the batch (as expert choice does).
+    Arguments and capacity are expert choice's (:class:`ExpertChoiceRouter`); only the
+    selection differs.
     """
-
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        top_k: int = 2,
-        capacity_factor: float = 1.0,
-        nan_policy: str = "raise",
-    ):
-        super().__init__(dim, num_experts, top_k, nan_policy)
-        if not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        self.capacity_factor = float(capacity_factor)
-
-    def capacity(self, num_tokens: int) -> int:
-        """Tokens each expert may take from a call of ``num_tokens`` tokens."""
-        raw = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
-        return min(raw, num_tokens)
 
     def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
         logits = self.compute_logits(x)
