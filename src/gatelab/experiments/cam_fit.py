@@ -91,7 +91,6 @@ def _fmt(values: list[float], digits: int = 2) -> str:
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     cfg = SCALES[scale]
-    torch.set_num_threads(1)
     coords, colours = target(cfg["size"])
     seeds = [seed + i for i in range(cfg["seeds"])]
     arms = {"plain": False, "cam": True}

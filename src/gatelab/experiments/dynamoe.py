@@ -173,7 +173,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     cfg = SCALES[scale]
     schedules = cfg["schedules"] or [s for s in SCHEDULE_ORDER if s in K_SCHEDULES]
-    torch.set_num_threads(1)
     data = load_digits(seed=seed)
     seeds = [seed + i for i in range(cfg["seeds"])]
     runs = {s: [train_one(s, sd, cfg["steps"], data) for sd in seeds] for s in schedules}

@@ -125,7 +125,6 @@ def _fmt(values: list[float], digits: int = 3) -> str:
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     cfg = SCALES[scale]
-    torch.set_num_threads(1)
     seeds = [seed + i for i in range(cfg["seeds"])]
     runs = [one_seed(s, cfg) for s in seeds]
     rows = [

@@ -275,7 +275,6 @@ def _summary(result, counter: ExpertCounter, run_dir: Path, scale, earlier=None)
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experiments/evomoe"):
     settings = SCALES[scale]
     out = Path(out_dir)
-    torch.set_num_threads(1)  # the cores are shared; one thread is steadier
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for s in settings["seeds"]:
         for arm in ARMS:

@@ -151,7 +151,6 @@ def _nanmean(values: list[float | None]) -> float | None:
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     cfg = SCALES[scale]
-    torch.set_num_threads(1)
     data = load_digits(seed=seed)
     seeds = [seed + i for i in range(cfg["seeds"])]
     runs = {arm: [train_one(arm, s, cfg["steps"], data) for s in seeds] for arm in ARMS}

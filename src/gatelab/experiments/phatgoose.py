@@ -131,7 +131,6 @@ def _common(values: list[str]) -> str:
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     cfg = SCALES[scale]
-    torch.set_num_threads(1)
     seeds = [seed + i for i in range(cfg["seeds"])]
     runs = [one_seed(s, cfg) for s in seeds]
     rows = [

@@ -208,7 +208,6 @@ def _fmt(values: list[float], digits: int = 4) -> str:
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     cfg = SCALES[scale]
-    torch.set_num_threads(1)
     exact = exactness(cfg["dim"], cfg["hidden"], seed)
     rows = [
         "| dense MLP | experts E | max abs error float64 | max abs error float32 |",
