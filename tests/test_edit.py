@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 import hf_tiny  # noqa: E402
+from lm_tiny import tiny_moe_lm  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from gatelab.edit import capture_routing, edit_routing, find_moe_blocks  # noqa: E402
@@ -18,7 +19,6 @@ from gatelab.edit.prune import (  # noqa: E402
     select_experts,
 )
 from gatelab.edit.steer import clamp_neurons, force_on, steer_experts, switch_off  # noqa: E402
-from gatelab.models import LM, LMConfig  # noqa: E402
 from gatelab.routing import EMPTY, Routing  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -30,23 +30,7 @@ def _logits(model, ids):
 
 
 def _gatelab_lm(**changes):
-    torch.manual_seed(0)
-    config = dict(
-        vocab_size=50,
-        dim=32,
-        num_layers=3,
-        num_heads=4,
-        max_seq_len=32,
-        moe_layers=[0, 2],
-        num_experts=6,
-        top_k=2,
-        expert_hidden_dim=24,
-    )
-    model = LM(LMConfig(**{**config, **changes})).eval()
-    with torch.no_grad():
-        for block in find_moe_blocks(model):
-            block.router.weight.normal_(0.0, 0.5)  # spread tokens over the experts
-    return model
+    return tiny_moe_lm(**changes)
 
 
 def _routing(experts, weights, num_experts=4):

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 import hf_tiny  # noqa: E402
+from lm_tiny import tiny_moe_lm  # noqa: E402
 
 import gatelab.hf  # noqa: E402
 from gatelab.edit import (  # noqa: E402
@@ -18,7 +19,6 @@ from gatelab.edit import (  # noqa: E402
     find_moe_blocks,
 )
 from gatelab.hf.access import fill_empty_slots  # noqa: E402
-from gatelab.models import LM, LMConfig  # noqa: E402
 from gatelab.routing import EMPTY  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -175,20 +175,7 @@ def test_fill_empty_slots():
 
 
 def _gatelab_lm(shared: int = 0):
-    torch.manual_seed(0)
-    config = LMConfig(
-        vocab_size=50,
-        dim=32,
-        num_layers=3,
-        num_heads=4,
-        max_seq_len=32,
-        moe_layers=[0, 2],
-        num_experts=6,
-        top_k=2,
-        expert_hidden_dim=24,
-        shared_expert_dim=shared,
-    )
-    return LM(config).eval()
+    return tiny_moe_lm(router_std=None, shared_expert_dim=shared)
 
 
 def test_gatelab_model_same_calls():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_tiny import tiny_moe_lm
 
 from gatelab.edit import find_moe_blocks
 from gatelab.edit.skip import (
@@ -16,23 +17,10 @@ from gatelab.edit.skip import (
     threshold_grid,
 )
 from gatelab.inspect.access import edit_routing
-from gatelab.models import LM, LMConfig
 
 
 def _gatelab_lm():
-    torch.manual_seed(0)
-    config = LMConfig(
-        vocab_size=50,
-        dim=32,
-        num_layers=3,
-        num_heads=4,
-        max_seq_len=32,
-        moe_layers=[0, 2],
-        num_experts=6,
-        top_k=2,
-        expert_hidden_dim=24,
-    )
-    model = LM(config).eval()
+    model = tiny_moe_lm(router_std=None)
     with torch.no_grad():
         for block in find_moe_blocks(model):
             block.router.weight.normal_(0.0, 0.5)
