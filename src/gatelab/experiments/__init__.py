@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,4 +74,16 @@ def get(name: str) -> Experiment:
     return Experiment(module.NAME, module.DESCRIPTION, module)
 
 
-__all__ = ["SCALES", "Experiment", "get", "names"]
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std
+
+
+def mean_pm_std(values: list[float], digits: int = 3) -> str:
+    """ "mean ± std" for a table cell."""
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+__all__ = ["SCALES", "Experiment", "get", "mean_pm_std", "mean_std", "names"]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..data import load_photo
 from ..layers import NeuralField, pixel_coords
+from . import mean_pm_std
 
 NAME = "cam-fit"
 DESCRIPTION = "CAM vs plain Fourier-feature MLP fitting a photograph: PSNR at equal steps"
@@ -84,9 +85,7 @@ def fit(cam: bool, seed: int, cfg: dict, coords, colours) -> dict:
 
 
 def _fmt(values: list[float], digits: int = 2) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return mean_pm_std(values, digits)
 
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:

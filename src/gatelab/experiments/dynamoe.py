@@ -43,6 +43,7 @@ from ..data import EvalBatches, LMBatches, load_corpus, load_digits
 from ..models import LM, LMConfig, MLPClassifier, MLPConfig
 from ..routing import K_SCHEDULES
 from ..train.evaluate import bits_per_byte
+from . import mean_std
 
 NAME = "dynamoe"
 DESCRIPTION = "DynaMoE K_max schedules (uniform, descending, ...) with dynamic-k routing on digits"
@@ -165,11 +166,6 @@ def _lm_table(runs: dict) -> str:
     return "\n".join(rows)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return statistics.fmean(values), std
-
-
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     cfg = SCALES[scale]
     schedules = cfg["schedules"] or [s for s in SCHEDULE_ORDER if s in K_SCHEDULES]
@@ -184,8 +180,8 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
     ]
     summary = {}
     for s in schedules:
-        acc = _mean_std([r["accuracy"] for r in runs[s]])
-        loss = _mean_std([r["loss"] for r in runs[s]])
+        acc = mean_std([r["accuracy"] for r in runs[s]])
+        loss = mean_std([r["loss"] for r in runs[s]])
         layers = [
             statistics.fmean(v)
             for v in zip(*(r["experts_per_token"] for r in runs[s]), strict=True)
@@ -193,7 +189,7 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
         diffs = [
             a["accuracy"] - u["accuracy"] for a, u in zip(runs[s], runs["uniform"], strict=True)
         ]
-        diff = _mean_std(diffs)
+        diff = mean_std(diffs)
         summary[s] = {
             "accuracy": acc,
             "loss": loss,

@@ -29,7 +29,6 @@ Protocol (ours):
 from __future__ import annotations
 
 import copy
-import statistics
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from ..adapt.early_exit import (
 from ..adapt.phatgoose import fit_classifier
 from ..data import load_digits
 from ..data.transforms import mixed_transform
+from . import mean_pm_std
 
 NAME = "early-exit"
 DESCRIPTION = "JEI-DNN learned exit gates vs confidence thresholding: accuracy/compute and ECE"
@@ -117,12 +117,6 @@ def _matched(curve: list[dict], compute: float) -> dict:
     return {**curve[best], "tau": TAUS[best]}
 
 
-def _fmt(values: list[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
-
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     cfg = SCALES[scale]
     seeds = [seed + i for i in range(cfg["seeds"])]
@@ -137,11 +131,11 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
         base = [r["matched_baseline"][i] for r in runs]
         same = [r["matched_same_heads"][i] for r in runs]
         rows.append(
-            f"| {lam:g} | {_fmt([j['compute'] for j in jei])} | "
-            f"{_fmt([j['accuracy'] for j in jei])} | {_fmt([j['ece'] for j in jei])} | "
-            f"{_fmt([b['accuracy'] for b in base])} | {_fmt([b['ece'] for b in base])} | "
-            f"{_fmt([b['tau'] for b in base])} | {_fmt([b['accuracy'] for b in same])} | "
-            f"{_fmt([b['ece'] for b in same])} |"
+            f"| {lam:g} | {mean_pm_std([j['compute'] for j in jei])} | "
+            f"{mean_pm_std([j['accuracy'] for j in jei])} | {mean_pm_std([j['ece'] for j in jei])} | "
+            f"{mean_pm_std([b['accuracy'] for b in base])} | {mean_pm_std([b['ece'] for b in base])} | "
+            f"{mean_pm_std([b['tau'] for b in base])} | {mean_pm_std([b['accuracy'] for b in same])} | "
+            f"{mean_pm_std([b['ece'] for b in same])} |"
         )
     gap = max(
         abs(b["compute"] - j["compute"])
@@ -150,14 +144,15 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
         for b, j in zip(r[key], r["jei"], strict=True)
     )
     exit_acc = " / ".join(
-        _fmt([r["exit_accuracy"][k] for r in runs]) for k in range(len(runs[0]["exit_accuracy"]))
+        mean_pm_std([r["exit_accuracy"][k] for r in runs])
+        for k in range(len(runs[0]["exit_accuracy"]))
     )
     final = [r["final"] for r in runs]
     rows += [
         "",
         f"Warm-up exit heads 1-4 and the final head, test accuracy: {exit_acc}. "
-        f"Full depth alone: accuracy {_fmt([f['accuracy'] for f in final])}, "
-        f"ECE {_fmt([f['ece'] for f in final])}, compute 1. Largest compute gap between a "
+        f"Full depth alone: accuracy {mean_pm_std([f['accuracy'] for f in final])}, "
+        f"ECE {mean_pm_std([f['ece'] for f in final])}, compute 1. Largest compute gap between a "
         f"JEI-DNN point and its matched threshold point: {gap:.3f}.",
     ]
     return {"table": "\n".join(rows), "seeds": seeds, "tradeoffs": list(TRADEOFFS), "runs": runs}

@@ -38,6 +38,7 @@ from torch import Tensor
 from ..data import load_digits
 from ..layers import moe_to_wide, routing_mask
 from ..models import MLPClassifier, MLPConfig
+from . import mean_pm_std
 
 NAME = "moex"
 DESCRIPTION = "MoE-X (ReLU experts, sparsity-aware router) vs top-k: activation L0 and loss, digits"
@@ -137,11 +138,7 @@ def train_one(arm: str, seed: int, steps: int, data) -> dict:
 
 def _fmt(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if v is not None]  # drop undefined correlations
-    if not values:
-        return "n/a"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return mean_pm_std(values, digits) if values else "n/a"
 
 
 def _nanmean(values: list[float | None]) -> float | None:

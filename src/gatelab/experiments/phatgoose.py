@@ -47,6 +47,7 @@ from ..adapt.phatgoose import (
 )
 from ..data import load_digits
 from ..data.transforms import transform_images
+from . import mean_pm_std
 
 NAME = "phatgoose"
 DESCRIPTION = "PHATGOOSE post-hoc routing of LoRA experts vs uniform merging vs best expert, digits"
@@ -120,9 +121,7 @@ def one_seed(seed: int, cfg: dict) -> dict:
 
 
 def _fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f}"
+    return mean_pm_std(values, 3)
 
 
 def _common(values: list[str]) -> str:

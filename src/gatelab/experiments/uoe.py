@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from ..data.text import EOS, IGNORE_INDEX, EvalBatches, LMBatches, load_corpus
 from ..layers import GluMlp, Mlp, MoE, apply_rope, decompose_to_moe, rope_cache, uoe_mlp
 from ..models.lm import SwiGLU
+from . import mean_pm_std
 
 NAME = "uoe"
 DESCRIPTION = "Union of Experts: exact MLP decomposition; routed slices vs top-k MoE, loss vs FLOPs"
@@ -201,9 +202,7 @@ def evaluate(model: TinyLM, corpus, max_batches: int) -> dict:
 
 
 def _fmt(values: list[float], digits: int = 4) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return mean_pm_std(values, digits)
 
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
