@@ -38,6 +38,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..data import EvalBatches, LMBatches, load_corpus, load_digits
 from ..models import LM, LMConfig, MLPClassifier, MLPConfig
@@ -75,14 +76,13 @@ def model_config(schedule: str) -> MLPConfig:
     )
 
 
-def train_one(schedule: str, seed: int, steps: int, data) -> dict:
-    """Train one model; return its test metrics and measured experts per token."""
-    torch.manual_seed(seed)
-    model = MLPClassifier(model_config(schedule))
+def fit_on_digits(model: nn.Module, data, steps: int, seed: int, cosine: bool) -> None:
+    """AdamW (lr 3e-3, weight decay 0.01) on the model's total loss (task + aux) over
+    batches of 64 training digits drawn by ``seed``, with cosine decay if ``cosine``; the
+    model is left in eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    x_train = data["train"].images.flatten(1)
-    y_train = data["train"].labels
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
+    x_train, y_train = data["train"].images.flatten(1), data["train"].labels
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
@@ -91,8 +91,16 @@ def train_one(schedule: str, seed: int, steps: int, data) -> dict:
         opt.zero_grad(set_to_none=True)
         out.total_loss.backward()
         opt.step()
-        decay.step()
+        if decay is not None:
+            decay.step()
     model.eval()
+
+
+def train_one(schedule: str, seed: int, steps: int, data) -> dict:
+    """Train one model; return its test metrics and measured experts per token."""
+    torch.manual_seed(seed)
+    model = MLPClassifier(model_config(schedule))
+    fit_on_digits(model, data, steps, seed, cosine=True)
     with torch.no_grad():
         out = model(data["test"].images.flatten(1), data["test"].labels)
     per_layer = [

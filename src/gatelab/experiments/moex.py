@@ -39,6 +39,7 @@ from ..data import load_digits
 from ..layers import moe_to_wide, routing_mask
 from ..models import MLPClassifier, MLPConfig
 from . import mean_pm_std
+from .dynamoe import fit_on_digits
 
 NAME = "moex"
 DESCRIPTION = "MoE-X (ReLU experts, sparsity-aware router) vs top-k: activation L0 and loss, digits"
@@ -114,17 +115,7 @@ def measure(model: MLPClassifier, x: Tensor) -> dict:
 def train_one(arm: str, seed: int, steps: int, data) -> dict:
     torch.manual_seed(seed)
     model = MLPClassifier(model_config(**ARMS[arm]))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    x_train, y_train = data["train"].images.flatten(1), data["train"].labels
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(y_train), (64,), generator=gen)
-        out = model(x_train[idx], y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        out.total_loss.backward()
-        opt.step()
-    model.eval()
+    fit_on_digits(model, data, steps, seed, cosine=False)
     x_test, y_test = data["test"].images.flatten(1), data["test"].labels
     with torch.no_grad():
         out = model(x_test, y_test)
