@@ -110,9 +110,12 @@ def test_normalized_adjacency_without_loops_leaves_isolated_nodes_at_zero():
 
 @pytest.mark.parametrize(
     "adj,match",
-    [(torch.ones(2, 3), "square"), (torch.tensor([[0.0, 1.0], [0.0, 0.0]]), "symmetric"),
-     (-torch.ones(2, 2), "non-negative")],
-)  # fmt: skip
+    [
+        (torch.ones(2, 3), "square"),
+        (torch.tensor([[0.0, 1.0], [0.0, 0.0]]), "symmetric"),
+        (-torch.ones(2, 2), "non-negative"),
+    ],
+)
 def test_bad_adjacency_errors(adj, match):
     with pytest.raises(ValueError, match=match):
         normalized_adjacency(adj)
@@ -211,9 +214,14 @@ def test_distillation_loss_weights_labels_by_lam_and_gradients_flow():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(lam=1.5), "lam"), (dict(tau=0.0), "tau"), (dict(low="spectral"), "low"),
-     (dict(epochs=0), "epochs"), (dict(dropout=1.0), "dropout")],
-)  # fmt: skip
+    [
+        (dict(lam=1.5), "lam"),
+        (dict(tau=0.0), "tau"),
+        (dict(low="spectral"), "low"),
+        (dict(epochs=0), "epochs"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
 def test_bad_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         G2MConfig(**kwargs)
@@ -231,8 +239,17 @@ def test_student_needs_teacher_logits_of_the_right_shape():
 
 def test_distilled_student_learns_from_a_good_teacher():
     # a clear SBM: the GCN is near perfect; the distilled MLP must beat the plain one
-    g = sbm_graph(num_nodes=200, num_classes=2, p_in=0.1, p_out=0.01, dim=256, signal=1.5,
-                  train_per_class=5, val_per_class=10, seed=0)  # fmt: skip
+    g = sbm_graph(
+        num_nodes=200,
+        num_classes=2,
+        p_in=0.1,
+        p_out=0.01,
+        dim=256,
+        signal=1.5,
+        train_per_class=5,
+        val_per_class=10,
+        seed=0,
+    )
     cfg = G2MConfig(epochs=150, hidden_dim=64)
     teacher = train_teacher(g, cfg)
     assert teacher.test_acc > 0.9

@@ -110,8 +110,17 @@ def test_memory_loss_terms():
 
 def test_final_hidden_is_the_heads_input():
     torch.manual_seed(0)
-    lm = LM(LMConfig(vocab_size=20, dim=16, num_layers=1, num_heads=2, max_seq_len=8,
-                     ffn_hidden_dim=32, moe_layers="none")).eval()  # fmt: skip
+    lm = LM(
+        LMConfig(
+            vocab_size=20,
+            dim=16,
+            num_layers=1,
+            num_heads=2,
+            max_seq_len=8,
+            ffn_hidden_dim=32,
+            moe_layers="none",
+        )
+    ).eval()
     ids = torch.randint(0, 20, (2, 8))
     h, log_p = final_hidden(lm, ids)
     assert h.shape == (2, 8, 16) and log_p.shape == (2, 8, 20)

@@ -106,9 +106,11 @@ def trades_kl(logits_adv: Tensor, logits_clean: Tensor) -> Tensor:
             f"and {tuple(logits_clean.shape)}"
         )
     return F.kl_div(
-        logits_adv.log_softmax(-1), logits_clean.log_softmax(-1), reduction="batchmean",
+        logits_adv.log_softmax(-1),
+        logits_clean.log_softmax(-1),
+        reduction="batchmean",
         log_target=True,
-    )  # fmt: skip
+    )
 
 
 def trades_loss(logits_clean: Tensor, logits_adv: Tensor, labels: Tensor, beta: float) -> Tensor:
@@ -180,9 +182,14 @@ class MoEConv2d(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, num_experts: int, *, kernel_size: int = 3,
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_experts: int,
+        *,
+        kernel_size: int = 3,
         router_dim: int = 8,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_experts, self.kernel_size = num_experts, kernel_size
@@ -211,8 +218,13 @@ class MoEConv2d(nn.Module):
             return x.new_zeros(0, self.out_channels, *x.shape[2:])
         weight = self.weight.unflatten(0, (self.num_experts, self.out_channels))[choice]
         bias = self.bias.unflatten(0, (self.num_experts, self.out_channels))[choice]
-        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.flatten(0, 1), bias.flatten(),
-                       padding=pad, groups=b)  # fmt: skip
+        out = F.conv2d(
+            x.reshape(1, -1, *x.shape[2:]),
+            weight.flatten(0, 1),
+            bias.flatten(),
+            padding=pad,
+            groups=b,
+        )
         return out.reshape(b, self.out_channels, *out.shape[2:])
 
 
@@ -331,9 +343,13 @@ def _router_kl(adv: list[Tensor], clean: list[Tensor]) -> Tensor:
 
 
 def trades_attack(
-    model: MoECNN, x: Tensor, attack: AttackConfig, *, with_routers: bool,
+    model: MoECNN,
+    x: Tensor,
+    attack: AttackConfig,
+    *,
+    with_routers: bool,
     generator: torch.Generator | None = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """TRADES's x_adv: PGD from x + 0.001·N(0,1) on KL(model(x) ‖ model(x_adv)), plus the
     routers' KL when ``with_routers`` (AdvMoE). The model is put in train mode (masked path)."""
     model.train()
@@ -347,14 +363,27 @@ def trades_attack(
             loss = loss + _router_kl(out.router_logits, clean.router_logits)
         return loss
 
-    return pgd_linf(objective, x, eps=attack.eps, step_size=attack.step_size,
-                    steps=attack.steps, start="normal", generator=generator)  # fmt: skip
+    return pgd_linf(
+        objective,
+        x,
+        eps=attack.eps,
+        step_size=attack.step_size,
+        steps=attack.steps,
+        start="normal",
+        generator=generator,
+    )
 
 
 def trades_step(
-    model: MoECNN, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, attack: AttackConfig,
-    *, beta: float = 6.0, generator: torch.Generator | None = None,
-) -> float:  # fmt: skip
+    model: MoECNN,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    attack: AttackConfig,
+    *,
+    beta: float = 6.0,
+    generator: torch.Generator | None = None,
+) -> float:
     """Plain TRADES adversarial training: one joint update of whatever ``optimizer`` holds."""
     x_adv = trades_attack(model, x, attack, with_routers=False, generator=generator)
     loss = trades_loss(model(x).logits, model(x_adv).logits, y, beta)
@@ -365,26 +394,39 @@ def trades_step(
 
 
 def advmoe_step(
-    model: MoECNN, x: Tensor, y: Tensor, expert_optimizer: torch.optim.Optimizer,
-    router_optimizer: torch.optim.Optimizer, attack: AttackConfig, *, beta: float = 6.0,
-    alpha: float = 6.0, generator: torch.Generator | None = None,
-) -> tuple[float, float]:  # fmt: skip
+    model: MoECNN,
+    x: Tensor,
+    y: Tensor,
+    expert_optimizer: torch.optim.Optimizer,
+    router_optimizer: torch.optim.Optimizer,
+    attack: AttackConfig,
+    *,
+    beta: float = 6.0,
+    alpha: float = 6.0,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
     """One AdvMoE batch: the expert TRADES step, then the router step. Returns both losses."""
     if model.config.num_experts < 2:
         raise ValueError("advmoe_step needs a MoECNN with num_experts >= 2 (it trains routers)")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    expert_loss = expert_step(model, x, y, expert_optimizer, attack, beta=beta,
-                              generator=generator)  # fmt: skip
-    router_loss = router_step(model, x, y, router_optimizer, attack, beta=beta, alpha=alpha,
-                              generator=generator)  # fmt: skip
+    expert_loss = expert_step(model, x, y, expert_optimizer, attack, beta=beta, generator=generator)
+    router_loss = router_step(
+        model, x, y, router_optimizer, attack, beta=beta, alpha=alpha, generator=generator
+    )
     return expert_loss, router_loss
 
 
 def expert_step(
-    model: MoECNN, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, attack: AttackConfig,
-    *, beta: float = 6.0, generator: torch.Generator | None = None,
-) -> float:  # fmt: skip
+    model: MoECNN,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    attack: AttackConfig,
+    *,
+    beta: float = 6.0,
+    generator: torch.Generator | None = None,
+) -> float:
     """AdvMoE step 1: x_adv against model + routers, TRADES update of the experts only."""
     x_adv = trades_attack(model, x, attack, with_routers=True, generator=generator)
     with _only_trainable(model, model.expert_parameters()):
@@ -396,9 +438,16 @@ def expert_step(
 
 
 def router_step(
-    model: MoECNN, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, attack: AttackConfig,
-    *, beta: float = 6.0, alpha: float = 6.0, generator: torch.Generator | None = None,
-) -> float:  # fmt: skip
+    model: MoECNN,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    attack: AttackConfig,
+    *,
+    beta: float = 6.0,
+    alpha: float = 6.0,
+    generator: torch.Generator | None = None,
+) -> float:
     """AdvMoE step 2: x_adv regenerated; alpha·CE(router, y mod E) + beta·KL on routers only."""
     x_adv = trades_attack(model, x, attack, with_routers=True, generator=generator)
     target = y % model.config.num_experts  # the released code's router label
@@ -419,15 +468,25 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def pgd_accuracy(
-    model: MoECNN, x: Tensor, y: Tensor, attack: AttackConfig, *,
+    model: MoECNN,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    *,
     generator: torch.Generator | None = None,
-) -> float:  # fmt: skip
+) -> float:
     """Accuracy under PGD-linf on the cross-entropy (uniform start), attacking the eval-mode
     model: the router's hard choice is part of what the attack faces (gradients still reach the
     input through the chosen experts)."""
     model.eval()
-    x_adv = pgd_linf(lambda z: F.cross_entropy(model(z).logits, y), x, eps=attack.eps,
-                     step_size=attack.step_size, steps=attack.steps, generator=generator)  # fmt: skip
+    x_adv = pgd_linf(
+        lambda z: F.cross_entropy(model(z).logits, y),
+        x,
+        eps=attack.eps,
+        step_size=attack.step_size,
+        steps=attack.steps,
+        generator=generator,
+    )
     return accuracy(model, x_adv, y)
 
 

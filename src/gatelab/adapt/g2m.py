@@ -95,9 +95,13 @@ class GCN(nn.Module):
     ``adj_norm @ (h W)``; ReLU and dropout between layers; the last layer gives logits."""
 
     def __init__(
-        self, in_dim: int, hidden_dim: int, num_classes: int, num_layers: int = 2,
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        num_classes: int,
+        num_layers: int = 2,
         dropout: float = 0.5,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         dims = _layer_dims(in_dim, hidden_dim, num_classes, num_layers)
         self.layers = nn.ModuleList(
@@ -125,9 +129,13 @@ class MLP(nn.Module):
     reads node features only."""
 
     def __init__(
-        self, in_dim: int, hidden_dim: int, num_classes: int, num_layers: int = 2,
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        num_classes: int,
+        num_layers: int = 2,
         dropout: float = 0.5,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         dims = _layer_dims(in_dim, hidden_dim, num_classes, num_layers)
         self.layers = nn.ModuleList(
@@ -244,9 +252,12 @@ def _fit(model: nn.Module, forward, loss_fn, graph, cfg: G2MConfig) -> FitResult
         val = _acc(logits, graph.y, graph.val_idx)
         if best is None or val > best.val_acc:
             best = FitResult(
-                val, _acc(logits, graph.y, graph.test_idx), _acc(logits, graph.y, graph.train_idx),
-                logits, epoch,
-            )  # fmt: skip
+                val,
+                _acc(logits, graph.y, graph.test_idx),
+                _acc(logits, graph.y, graph.train_idx),
+                logits,
+                epoch,
+            )
     return best
 
 
@@ -256,14 +267,19 @@ def train_teacher(graph, cfg: G2MConfig = G2MConfig(), seed: int = 0) -> FitResu
     model = GCN(graph.x.shape[1], cfg.hidden_dim, graph.num_classes, cfg.num_layers, cfg.dropout)
     adj_norm = normalized_adjacency(graph.adj)
     tr, y = graph.train_idx, graph.y
-    return _fit(model, lambda: model(graph.x, adj_norm),
-                lambda z: F.cross_entropy(z[tr], y[tr]), graph, cfg)  # fmt: skip
+    return _fit(
+        model, lambda: model(graph.x, adj_norm), lambda z: F.cross_entropy(z[tr], y[tr]), graph, cfg
+    )
 
 
 def distillation_loss(
-    student_logits: Tensor, teacher_logits: Tensor, graph, cfg: G2MConfig,
-    edges_loop: Tensor, edges: Tensor,
-) -> Tensor:  # fmt: skip
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    graph,
+    cfg: G2MConfig,
+    edges_loop: Tensor,
+    edges: Tensor,
+) -> Tensor:
     """The FF-G2M objective (module docstring) for ``cfg.low`` / ``cfg.high``; the plain
     label loss when ``cfg`` distils nothing."""
     tr = graph.train_idx
@@ -298,9 +314,13 @@ def train_student(
     torch.manual_seed(seed)
     model = MLP(graph.x.shape[1], cfg.hidden_dim, graph.num_classes, cfg.num_layers, cfg.dropout)
     edges_loop, edges = edge_index(graph.adj, True), edge_index(graph.adj, False)
-    return _fit(model, lambda: model(graph.x),
-                lambda z: distillation_loss(z, teacher_logits, graph, cfg, edges_loop, edges),
-                graph, cfg)  # fmt: skip
+    return _fit(
+        model,
+        lambda: model(graph.x),
+        lambda z: distillation_loss(z, teacher_logits, graph, cfg, edges_loop, edges),
+        graph,
+        cfg,
+    )
 
 
 __all__ = [

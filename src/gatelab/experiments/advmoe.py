@@ -71,16 +71,19 @@ def train_arm(arm: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int)
     model = MoECNN(DENSE if arm == "dense" else MOE)
     gen = torch.Generator().manual_seed(seed)  # batches and attack noise, seeded per arm
     if arm == "advmoe":
-        opts = [torch.optim.Adam(model.expert_parameters(), lr=LR),
-                torch.optim.Adam(model.router_parameters(), lr=LR)]  # fmt: skip
+        opts = [
+            torch.optim.Adam(model.expert_parameters(), lr=LR),
+            torch.optim.Adam(model.router_parameters(), lr=LR),
+        ]
     else:
         opts = [torch.optim.Adam(model.parameters(), lr=LR)]
     scheds = [_cosine(o, steps) for o in opts]
     for _ in range(steps):
         idx = torch.randint(len(x), (BATCH,), generator=gen)
         if arm == "advmoe":
-            advmoe_step(model, x[idx], y[idx], *opts, TRAIN_ATTACK, beta=BETA, alpha=ALPHA,
-                        generator=gen)  # fmt: skip
+            advmoe_step(
+                model, x[idx], y[idx], *opts, TRAIN_ATTACK, beta=BETA, alpha=ALPHA, generator=gen
+            )
         else:
             trades_step(model, x[idx], y[idx], opts[0], TRAIN_ATTACK, beta=BETA, generator=gen)
         for s in scheds:
@@ -118,12 +121,18 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
             for arm in ARMS
         }
     summary = {
-        arm: {k: statistics.fmean(r[arm][k] for r in per_seed.values())
-              for k in per_seed[str(s["seeds"][0])][arm]}
+        arm: {
+            k: statistics.fmean(r[arm][k] for r in per_seed.values())
+            for k in per_seed[str(s["seeds"][0])][arm]
+        }
         for arm in ARMS
-    }  # fmt: skip
-    return {"table": _table(summary, per_seed), "summary": summary, "per_seed": per_seed,
-            "settings": {**s, "eps": EVAL_ATTACK.eps}}  # fmt: skip
+    }
+    return {
+        "table": _table(summary, per_seed),
+        "summary": summary,
+        "per_seed": per_seed,
+        "settings": {**s, "eps": EVAL_ATTACK.eps},
+    }
 
 
 def _table(summary: dict, per_seed: dict) -> str:

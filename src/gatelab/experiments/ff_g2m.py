@@ -55,8 +55,9 @@ def _graphs(num_nodes: int, seed: int) -> list:
     split = dict(train_per_class=5 if small else 20, val_per_class=5 if small else 30)
     dim = 16 if small else 256
     homophilous = sbm_graph(num_nodes=num_nodes, dim=dim, signal=1.5, seed=seed, **split)
-    mixed = sbm_graph(num_nodes=num_nodes, dim=dim, signal=1.5, p_in=0.03, p_out=0.01,
-                      seed=seed, **split)  # fmt: skip
+    mixed = sbm_graph(
+        num_nodes=num_nodes, dim=dim, signal=1.5, p_in=0.03, p_out=0.01, seed=seed, **split
+    )
     return [homophilous, replace(mixed, name="sbm-mixed"), karate_club(seed=seed)]
 
 
@@ -82,8 +83,10 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
             for arm, acc in accs.items():
                 per_seed.setdefault(graph.name, {}).setdefault(arm, []).append(acc)
     names = list(per_seed)
-    lines = ["| arm | " + " | ".join(f"{n} test acc" for n in names) + " |",
-             "|---|" + "---:|" * len(names)]  # fmt: skip
+    lines = [
+        "| arm | " + " | ".join(f"{n} test acc" for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
     for arm in ARMS:
         cells = []
         for n in names:

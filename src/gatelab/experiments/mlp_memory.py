@@ -38,13 +38,39 @@ NAME = "mlp-memory"
 DESCRIPTION = "byte LM vs kNN-LM vs LM + MLP memory (bits per byte per domain, memory speed)"
 
 SETTINGS = {
-    "smoke": dict(dim=32, layers=1, heads=2, ffn=64, seq_len=32, batch=4, lm_steps=3,
-                  store_windows=8, eval_windows=4, k=8, mem_hidden=64, mem_layers=1,
-                  mem_steps=5, mem_batch=64),
-    "full": dict(dim=128, layers=3, heads=4, ffn=384, seq_len=128, batch=16, lm_steps=300,
-                 store_windows=128, eval_windows=24, k=64, mem_hidden=512, mem_layers=4,
-                 mem_steps=1200, mem_batch=512),
-}  # fmt: skip
+    "smoke": dict(
+        dim=32,
+        layers=1,
+        heads=2,
+        ffn=64,
+        seq_len=32,
+        batch=4,
+        lm_steps=3,
+        store_windows=8,
+        eval_windows=4,
+        k=8,
+        mem_hidden=64,
+        mem_layers=1,
+        mem_steps=5,
+        mem_batch=64,
+    ),
+    "full": dict(
+        dim=128,
+        layers=3,
+        heads=4,
+        ffn=384,
+        seq_len=128,
+        batch=16,
+        lm_steps=300,
+        store_windows=128,
+        eval_windows=24,
+        k=64,
+        mem_hidden=512,
+        mem_layers=4,
+        mem_steps=1200,
+        mem_batch=512,
+    ),
+}
 LAMBDAS = (0.1, 0.25, 0.5, 1.0)
 ALPHA = 0.4
 LN2 = math.log(2)
@@ -52,8 +78,15 @@ LN2 = math.log(2)
 
 def _train_lm(s: dict, seed: int) -> tuple[LM, float]:
     torch.manual_seed(seed)
-    cfg = LMConfig(dim=s["dim"], num_layers=s["layers"], num_heads=s["heads"],
-                   ffn_hidden_dim=s["ffn"], max_seq_len=s["seq_len"], moe_layers="none", vocab_size=ByteTokenizer.vocab_size)  # fmt: skip
+    cfg = LMConfig(
+        dim=s["dim"],
+        num_layers=s["layers"],
+        num_heads=s["heads"],
+        ffn_hidden_dim=s["ffn"],
+        max_seq_len=s["seq_len"],
+        moe_layers="none",
+        vocab_size=ByteTokenizer.vocab_size,
+    )
     model = LM(cfg)
     data = BalancedBatches(load_corpus(seed=seed), s["seq_len"], s["batch"], seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
@@ -112,11 +145,19 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = ".") -> dict:
     targets_knn = ds.distribution(keys, k, temperature, exclude=self_idx)
 
     torch.manual_seed(seed)
-    memory = MLPMemory(model.config.dim, model.config.vocab_size, s["mem_hidden"],
-                       s["mem_layers"])  # fmt: skip
+    memory = MLPMemory(model.config.dim, model.config.vocab_size, s["mem_hidden"], s["mem_layers"])
     start = time.perf_counter()
-    losses = train_memory(memory, keys, targets_knn, values, steps=s["mem_steps"],
-                          batch_size=s["mem_batch"], lr=1e-3, alpha=ALPHA, seed=seed)  # fmt: skip
+    losses = train_memory(
+        memory,
+        keys,
+        targets_knn,
+        values,
+        steps=s["mem_steps"],
+        batch_size=s["mem_batch"],
+        lr=1e-3,
+        alpha=ALPHA,
+        seed=seed,
+    )
     mem_seconds = time.perf_counter() - start
 
     bpb: dict[str, dict[str, float]] = {}
@@ -141,8 +182,10 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = ".") -> dict:
         knn_time = _best_of(lambda: ds.distribution(queries, k, temperature))
         mem_time = _best_of(lambda: torch.softmax(memory(queries), dim=-1))
 
-    lines = ["| method | " + " | ".join(f"{d} bpb" for d in DOMAINS) + " |",
-             "|---|" + "---|" * len(DOMAINS)]  # fmt: skip
+    lines = [
+        "| method | " + " | ".join(f"{d} bpb" for d in DOMAINS) + " |",
+        "|---|" + "---|" * len(DOMAINS),
+    ]
     for method in bpb[DOMAINS[0]]:
         cells = " | ".join(f"{bpb[d][method]:.4f}" for d in DOMAINS)
         lines.append(f"| {method} | {cells} |")
