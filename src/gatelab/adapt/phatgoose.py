@@ -77,8 +77,7 @@ class PhatGooseRouter(Router):
         self._check_logits(logits)
         return logits
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
         weights, experts = scores.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)

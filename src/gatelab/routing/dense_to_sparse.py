@@ -125,8 +125,7 @@ class DenseToSparseRouter(Router):
         """True once the gate has switched to hard top-1 (step >= hard_from)."""
         return self.hard_from is not None and self.step >= self.hard_from
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
         probs = logits.softmax(dim=-1)
         if not self.training:
             return self._evaluate(logits, probs)

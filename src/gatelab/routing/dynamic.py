@@ -258,8 +258,7 @@ class DynamicKRouter(_PrefixRouter):
                 self.num_batches_tracked += 1
         return tau
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
         tau = self.threshold(scores)
         return self._routing(logits, scores, lambda top: top > tau, {"threshold": tau})
@@ -295,8 +294,7 @@ class TopPRouter(_PrefixRouter):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_p={self.top_p}"
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
 
         def keep(top: Tensor) -> Tensor:

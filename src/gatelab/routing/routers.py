@@ -23,8 +23,24 @@ NAN_POLICIES = ("raise", "ignore")
 class Router(nn.Module):
     """Base class: validates the shared arguments and owns the [E, D] router weight.
 
-    ``forward(x, token_ids=None, positions=None)`` takes x [T, D]; only routers that hash
-    use the token ids or positions.
+    A router is two steps, kept apart so that tools can act between them:
+
+    - ``compute_logits(x) -> Tensor``: x [T, D] -> logits [T, E] float32, exactly what the
+      Routing's ``logits`` hold (the linear map by default; input noise, biases inside the
+      softmax and temperatures belong here);
+    - ``route(logits, **context) -> Routing``: the selection rule on those logits (softmax,
+      top-k, thresholds, group limits, selection biases); it may update the router's
+      running statistics in training, as the forward does.
+
+    ``forward(x, token_ids=None, positions=None)`` is ``route(compute_logits(x))``. A rule
+    that needs more than the logits takes it as keyword context, which its ``forward``
+    passes: ``token_ids`` / ``positions`` (:class:`HashRouter`), ``dtype`` (the weights'
+    dtype of :class:`~gatelab.routing.uoe.AllExpertsRouter`), ``z`` (the standardised
+    means of :class:`~gatelab.routing.sparsity_aware.SparsityAwareRouter`).
+
+    ``route_restricted(logits, allowed)`` is the rule with the experts outside ``allowed``
+    [E] bool out of reach: the seam model edits use (``gatelab.edit.restrict_experts``), so
+    an edit never reassigns anything on the module.
     """
 
     def __init__(
@@ -50,8 +66,27 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}"
 
+    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
+        return self.route(self.compute_logits(x))
+
     def compute_logits(self, x: Tensor) -> Tensor:
-        """[T, E] float32 logits; the matmul runs in the router weight's dtype."""
+        """[T, E] float32 logits (W x by default)."""
+        return self.linear_logits(x)
+
+    def route(self, logits: Tensor, **context) -> Routing:
+        """The selection rule on logits [T, E]; every concrete router defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define route(logits)")
+
+    def route_restricted(self, logits: Tensor, allowed: Tensor) -> Routing:
+        """``route`` with the experts outside ``allowed`` [E] bool at -inf logits.
+
+        Routers whose selection also reads a per-expert bias (:class:`SigmoidRouter`)
+        override this to put the bias of those experts out of reach too.
+        """
+        return self.route(logits.masked_fill(~allowed, float("-inf")))
+
+    def linear_logits(self, x: Tensor) -> Tensor:
+        """W x as [T, E] float32, checked for NaN; the matmul runs in the weight's dtype."""
         logits = F.linear(x.to(self.weight.dtype), self.weight).float()
         self._check_logits(logits)
         return logits
@@ -111,10 +146,12 @@ class TopKRouter(Router):
             raise ValueError(f"jitter must be >= 0, got {jitter}")
         self.normalize, self.jitter = normalize, jitter
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
+    def compute_logits(self, x: Tensor) -> Tensor:
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.compute_logits(x)
+        return self.linear_logits(x)
+
+    def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
         weights, experts = scores.topk(self.top_k, dim=-1)
         if self.normalize:
@@ -144,8 +181,7 @@ class TopKSoftmaxRouter(Router):
         super().__init__(dim, num_experts, top_k, nan_policy)
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
         shifted = logits if self.bias is None else logits + self.bias.float()
         top, experts = shifted.topk(self.top_k, dim=-1)
         return Routing(logits, shifted.softmax(dim=-1), experts, top.softmax(dim=-1))
@@ -189,10 +225,20 @@ class SigmoidRouter(Router):
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("tokens_seen", torch.zeros(num_experts), persistent=False)
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
+        return self._select(logits, self.expert_bias)
+
+    def route_restricted(self, logits: Tensor, allowed: Tensor) -> Routing:
+        """The rule with the experts outside ``allowed`` out of reach: their logits and
+        their selection bias at -inf (``aux["expert_bias"]`` holds the masked bias)."""
+        hidden = float("-inf")
+        return self._select(
+            logits.masked_fill(~allowed, hidden), self.expert_bias.masked_fill(~allowed, hidden)
+        )
+
+    def _select(self, logits: Tensor, expert_bias: Tensor) -> Routing:
         scores = logits.sigmoid()
-        biased = scores + self.expert_bias.float()
+        biased = scores + expert_bias.float()
         if self.n_group > 1:
             biased = self._mask_groups(biased)
         experts = biased.topk(self.top_k, dim=-1).indices
@@ -203,7 +249,7 @@ class SigmoidRouter(Router):
         if self.training and self.bias_update_rate > 0:
             with torch.no_grad():
                 self.tokens_seen += torch.bincount(experts.reshape(-1), minlength=self.num_experts)
-        return Routing(logits, scores, experts, weights, {"expert_bias": self.expert_bias})
+        return Routing(logits, scores, experts, weights, {"expert_bias": expert_bias})
 
     def _mask_groups(self, biased: Tensor) -> Tensor:
         grouped = biased.view(-1, self.n_group, self.num_experts // self.n_group)
@@ -268,14 +314,13 @@ class ExpertChoiceRouter(Router):
         wanted = math.ceil(num_tokens * self.top_k * self.capacity_factor / self.num_experts)
         return min(num_tokens, wanted)
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
         capacity = self.capacity(scores.shape[0])
         chosen = scores.topk(capacity, dim=0).indices  # [C, E] token ids per expert
         taken = torch.zeros_like(scores, dtype=torch.bool)
         taken.scatter_(0, chosen, True)
-        ids = torch.arange(self.num_experts, device=x.device).expand_as(scores)
+        ids = torch.arange(self.num_experts, device=logits.device).expand_as(scores)
         experts = torch.where(taken, ids, torch.full_like(ids, EMPTY))
         weights = torch.where(taken, scores, torch.zeros_like(scores))
         aux = {"capacity": torch.tensor(capacity)}
@@ -306,7 +351,16 @@ class HashRouter(Router):
         self.key = key
 
     def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        num_tokens = x.shape[0]
+        return self.route(self.compute_logits(x), token_ids=token_ids, positions=positions)
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        """Zeros [T, E]: a hash has no preference among experts."""
+        return x.new_zeros(x.shape[0], self.num_experts, dtype=torch.float32)
+
+    def route(self, logits: Tensor, token_ids=None, positions=None) -> Routing:
+        """The experts of each token's hash; needs ``token_ids`` (key "token") and reads
+        ``positions`` (key "position", 0..T-1 when not given)."""
+        num_tokens, device = logits.shape[0], logits.device
         if self.key == "token":
             if token_ids is None:
                 raise ValueError(
@@ -315,15 +369,14 @@ class HashRouter(Router):
                 )
             keys = token_ids
         else:
-            keys = positions if positions is not None else torch.arange(num_tokens, device=x.device)
+            keys = positions if positions is not None else torch.arange(num_tokens, device=device)
         keys = keys.reshape(-1).long()
         if keys.shape[0] != num_tokens:
             raise ValueError(f"got {keys.shape[0]} token ids / positions for {num_tokens} tokens")
         first = hash_ids(keys) % self.num_experts
-        offsets = torch.arange(self.top_k, device=x.device)
+        offsets = torch.arange(self.top_k, device=device)
         experts = (first.unsqueeze(1) + offsets) % self.num_experts
-        logits = x.new_zeros(num_tokens, self.num_experts, dtype=torch.float32)
-        weights = torch.full(experts.shape, 1.0 / self.top_k, device=x.device)
+        weights = torch.full(experts.shape, 1.0 / self.top_k, device=device)
         return Routing(logits, logits.softmax(dim=-1), experts, weights)
 
 

@@ -109,8 +109,22 @@ class SparsityAwareRouter(Router):
 
     def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
         z = self.standardized_mean(x)
+        return self.route(self._logits(z), z=z)
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        """-z / temperature [T, E] float32: sparsest expected activation first."""
+        return self._logits(self.standardized_mean(x))
+
+    def _logits(self, z: Tensor) -> Tensor:
         logits = (-z / self.temperature).float()
         self._check_logits(logits)
+        return logits
+
+    def route(self, logits: Tensor, z: Tensor | None = None) -> Routing:
+        """Top-k of softmax(logits); ``z`` (the forward passes it) gives the exact
+        ``aux["expected_l0"]``, otherwise it is read back from the logits."""
+        if z is None:
+            z = -logits * self.temperature
         scores = logits.softmax(dim=-1)
         weights, experts = scores.topk(self.top_k, dim=-1)
         if self.normalize:

@@ -125,15 +125,18 @@ class TemperatureRouter(Router):
 
     def affine(self, x: Tensor) -> Tensor:
         """W x + b in float32, checked for NaN by the shared policy."""
-        logits = self.compute_logits(x)
+        logits = self.linear_logits(x)
         return logits if self.bias is None else logits + self.bias.float()
 
     def gate_input(self, x: Tensor) -> Tensor:
         """What the softmax sees: (W x + b) / tau."""
         return self.affine(x) / self.temperature.float()
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.gate_input(x)
+    def compute_logits(self, x: Tensor) -> Tensor:
+        """The softmax's input (see :meth:`gate_input`)."""
+        return self.gate_input(x)
+
+    def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
         weights, experts = scores.topk(self.top_k, dim=-1)
         if self.normalize:

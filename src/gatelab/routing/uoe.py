@@ -56,10 +56,17 @@ class AllExpertsRouter(Router):
         super().__init__(dim, num_experts, top_k, nan_policy, learned=False)
 
     def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        t, e = x.shape[0], self.num_experts
-        logits = torch.zeros(t, e, device=x.device)
-        experts = torch.arange(e, device=x.device).expand(t, e).contiguous()
-        weights = torch.ones(t, e, device=x.device, dtype=x.dtype)
+        return self.route(self.compute_logits(x), dtype=x.dtype)
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        """Zeros [T, E]: every expert is taken alike."""
+        return torch.zeros(x.shape[0], self.num_experts, device=x.device)
+
+    def route(self, logits: Tensor, dtype: torch.dtype | None = None) -> Routing:
+        """Every expert, weight 1 in ``dtype`` (the input's; the logits' when not given)."""
+        (t, e), device = logits.shape, logits.device
+        experts = torch.arange(e, device=device).expand(t, e).contiguous()
+        weights = torch.ones(t, e, device=device, dtype=logits.dtype if dtype is None else dtype)
         return Routing(logits, logits.softmax(-1), experts, weights)
 
 
@@ -76,8 +83,7 @@ class UoERouter(Router):
     k = E the layer equals the dense MLP it was decomposed from.
     """
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
         top, experts = scores.topk(self.top_k, dim=-1)
         return Routing(logits, scores, experts, unit_weights(top))
@@ -104,8 +110,7 @@ class PatchSelectionRouter(ExpertChoiceRouter):
     selection differs.
     """
 
-    def forward(self, x: Tensor, token_ids=None, positions=None) -> Routing:
-        logits = self.compute_logits(x)
+    def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
         t, k = scores.shape[0], self.top_k
         top, idx = scores.topk(k, dim=-1)
