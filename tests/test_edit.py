@@ -186,6 +186,66 @@ def test_pruned_gatelab_model_matches_masked():
     torch.testing.assert_close(_logits(pruned, ids), masked, atol=ATOL, rtol=RTOL)
 
 
+def _router_state(router):
+    """What an edit must leave alone: the attribute names and the identity of every value,
+    parameter and buffer of the router module."""
+    return (
+        {k: id(v) for k, v in vars(router).items()},
+        {n: id(t) for n, t in router.named_parameters()},
+        {n: id(t) for n, t in router.named_buffers()},
+        {n: t.clone() for n, t in router.state_dict().items()},
+    )
+
+
+def _same_state(a, b):
+    return a[:3] == b[:3] and all(torch.equal(a[3][n], b[3][n]) for n in a[3])
+
+
+@pytest.mark.parametrize(
+    "router, kwargs",
+    [
+        ("topk", {}),
+        ("sigmoid", {"n_group": 2, "topk_group": 2}),
+        ("temperature", {"temperature": 0.7}),
+        ("top_p", {"top_p": 0.6}),
+    ],
+)
+def test_restrict_gatelab_router_without_patching(router, kwargs):
+    """Restricting a router installs no attribute on it, and removal restores it bitwise."""
+    model = _gatelab_lm(router=router, router_kwargs=kwargs)
+    blocks = find_moe_blocks(model)
+    if router == "sigmoid":
+        with torch.no_grad():
+            for block in blocks:
+                block.router.expert_bias.copy_(torch.rand(6))
+    ids = torch.randint(3, 50, (2, 12))
+    before = [_router_state(b.router) for b in blocks]
+    with capture_routing(model) as ref:
+        plain = _logits(model, ids)
+    keep = {b.layer: [0, 2, 3, 5] for b in blocks}
+    routers = [b.router for b in blocks]
+    seen = []  # (router index, its state) whenever a router runs, edits included
+
+    def spy(module, args):
+        seen.append((routers.index(module), _router_state(module)))
+
+    spies = [r.register_forward_pre_hook(spy) for r in routers]
+    with restrict_experts(model, keep), capture_routing(model) as cap:
+        _logits(model, ids)
+    for handle in spies:
+        handle.remove()
+    assert seen and all(_same_state(before[i], state) for i, state in seen)
+    for block in blocks:
+        experts = cap.routing(block.layer).experts
+        assert torch.isin(experts[experts != EMPTY], torch.tensor([0, 2, 3, 5])).all()
+    first = blocks[0].layer  # the edit keeps the logits the router computed
+    assert torch.equal(cap.routing(first).logits, ref.routing(first).logits)
+    with restrict_experts(model, {b.layer: list(range(6)) for b in blocks}):
+        assert torch.equal(_logits(model, ids), plain)  # all allowed: the router's own rule
+    assert all(_same_state(s, _router_state(b.router)) for s, b in zip(before, blocks, strict=True))
+    assert torch.equal(_logits(model, ids), plain)
+
+
 def test_easy_ep_hand_computed():
     """EASY-EP's score on one layer, against a direct per-token computation."""
     model = _gatelab_lm()

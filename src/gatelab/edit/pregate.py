@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..inspect.access import capture_routing, find_moe_blocks, forward_ids, prompt_batches
+from ..inspect.access import capture_routing, find_moe_blocks
+from ..inspect.prompts import forward_ids, prompt_batches
 
 
 class PreGates(nn.Module):

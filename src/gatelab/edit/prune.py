@@ -40,11 +40,10 @@ from ..inspect.access import (
     capture_routing,
     edit_routing,
     find_moe_blocks,
-    forward_ids,
     has_hooks,
-    prompt_batches,
     select_blocks,
 )
+from ..inspect.prompts import forward_ids, prompt_batches
 
 METHODS = ("easy_ep", "frequency")
 

@@ -42,14 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..inspect.access import (
-    EditHandle,
-    capture_routing,
-    edit_routing,
-    find_moe_blocks,
-    forward_ids,
-    prompt_batches,
-)
+from ..inspect.access import EditHandle, capture_routing, edit_routing, find_moe_blocks
+from ..inspect.prompts import forward_ids, prompt_batches
 from ..routing import Routing
 
 

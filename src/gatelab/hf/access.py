@@ -2,7 +2,9 @@
 
 ``gatelab.inspect.access.find_moe_blocks`` registers :class:`HFAdapter` the first time it
 sees a transformers model (this module imports nothing from ``inspect``: the adapter is
-duck-typed against ``MoEBlock`` and the per-block hook owner). It recognises an MoE block
+duck-typed against ``MoEBlock`` and the per-block hook owner, ``BlockHooks`` in
+:mod:`gatelab.inspect.access.hooks`, and follows ``BlockAdapter`` in
+:mod:`gatelab.inspect.access.adapters`). It recognises an MoE block
 by shape rather than by class name, so the six families below and others built the same
 way are found:
 
