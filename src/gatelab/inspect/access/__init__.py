@@ -37,23 +37,27 @@ from .edit import Edit, EditHandle, compose, edit_routing
 from .hooks import has_hooks
 
 __all__ = [
+    # adapters
     "BlockAdapter",
-    "Edit",
-    "EditHandle",
     "GatelabAdapter",
+    "adapters",
+    "register_adapter",
+    # blocks
     "MoEBlock",
     "NoMoEBlocksError",
-    "RoutingCapture",
-    "adapters",
-    "capture_routing",
-    "compose",
-    "context_length",
-    "edit_routing",
-    "forward_ids",
-    "has_hooks",
-    "next_token_loss",
     "find_moe_blocks",
-    "prompt_batches",
-    "register_adapter",
     "select_blocks",
+    # hooks, capture, edit
+    "has_hooks",
+    "RoutingCapture",
+    "capture_routing",
+    "Edit",
+    "EditHandle",
+    "compose",
+    "edit_routing",
+    # prompts (gatelab.inspect.prompts)
+    "context_length",
+    "forward_ids",
+    "next_token_loss",
+    "prompt_batches",
 ]
