@@ -341,35 +341,14 @@ class Trainer:
 
     def _train_step(self) -> dict[str, float]:
         """Forward/backward over ``grad_accum`` micro-batches, clip, update; the record to log."""
-        cfg, model = self.cfg, self.model
+        model = self.model
         model.train()
         # Schedules (router temperature, k, capacity) are functions of the steps taken, which
         # the checkpoint stores, so a resumed run sets the same values.
         step_schedules(model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = aux_sum = None
-        tokens = 0
-        for _ in range(cfg.grad_accum):
-            batch = self._next_batch()
-            tokens += self.tokens_in(batch)
-            if self.parallel is not None:  # every rank reads the global batch, keeps its rows
-                batch = self.parallel.shard_batch(batch)
-            loss, aux = losses(self.forward(model, to_device(batch, self._device)))
-            total = loss if aux is None else loss + aux
-            (total / cfg.grad_accum).backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-            if aux is not None:
-                aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
-        loss_value = float(loss_sum) / cfg.grad_accum
-        aux_value = float(aux_sum) / cfg.grad_accum if aux_sum is not None else 0.0
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        if self.parallel is not None:
-            self.parallel.finish_backward(model)
-            loss_value, aux_value = self.parallel.mean([loss_value, aux_value])
-            grad_norm = float(self.parallel.clip_grad_norm_(model, params, max_norm))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss_value, aux_value, tokens = self._backward()
+        grad_norm = self._clip()
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise FloatingPointError(
                 f"step {self.step + 1}: loss {loss_value}, gradient norm {grad_norm}; the update "
@@ -392,6 +371,38 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_step": tokens,
         }
+
+    def _backward(self) -> tuple[float, float, int]:
+        """The micro-batches' backward passes; their mean loss and aux loss (over all ranks
+        when distributed) and the tokens they held."""
+        accum = self.cfg.grad_accum
+        loss_sum = aux_sum = None
+        tokens = 0
+        for _ in range(accum):
+            batch = self._next_batch()
+            tokens += self.tokens_in(batch)
+            if self.parallel is not None:  # every rank reads the global batch, keeps its rows
+                batch = self.parallel.shard_batch(batch)
+            loss, aux = losses(self.forward(self.model, to_device(batch, self._device)))
+            total = loss if aux is None else loss + aux
+            (total / accum).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            if aux is not None:
+                aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
+        loss_value = float(loss_sum) / accum
+        aux_value = float(aux_sum) / accum if aux_sum is not None else 0.0
+        if self.parallel is not None:
+            self.parallel.finish_backward(self.model)
+            loss_value, aux_value = self.parallel.mean([loss_value, aux_value])
+        return loss_value, aux_value, tokens
+
+    def _clip(self) -> float:
+        """Clip the gradients to ``grad_clip`` (when > 0); the global norm before clipping."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        if self.parallel is not None:
+            return float(self.parallel.clip_grad_norm_(self.model, params, max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     # -- eval, routing, save -------------------------------------------------------------------
 
