@@ -643,3 +643,11 @@ def test_data_running_out_saves_and_stops(tmp_path):
     _, result = run_tiny(tmp_path, data=Batches(limit=7))
     assert result.stopped == "data_exhausted" and result.step == 3
     assert read_checkpoint(latest_checkpoint(tmp_path))[0]["data_state"] == {"index": 6}
+
+
+def test_biased_routers_finds_the_aux_free_routers():
+    from gatelab.routing.aux_free import biased_routers
+
+    model = TinyNet()
+    assert biased_routers(model) == [model.moe.router]
+    assert biased_routers(TinyNet(moe=False)) == []
