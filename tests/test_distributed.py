@@ -8,6 +8,7 @@ reference it computes from the same weights, and raises on a mismatch.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -219,6 +220,7 @@ def _check_reshard(rank: int, checkpoint: str) -> None:
     from gatelab.recipes import load_recipe
     from gatelab.recipes.run import build_run
     from gatelab.train.checkpoint import load_checkpoint, read_checkpoint
+    from gatelab.train.sharded import gather_expert_banks, shard_expert_banks
 
     meta, tensors = read_checkpoint(checkpoint)
     run = build_run(load_recipe("moe-lm", SMALL))
@@ -226,12 +228,13 @@ def _check_reshard(rank: int, checkpoint: str) -> None:
     run.model = parallelize(model, ep=WORLD)
     trainer = run.trainer()
     state = parallel_state(run.model)
-    load_checkpoint(checkpoint, model, trainer.optimizer, rng=False, transform=state.reshard)
+    reshard = functools.partial(shard_expert_banks, state)
+    load_checkpoint(checkpoint, model, trainer.optimizer, rng=False, transform=reshard)
     per = 4 // WORLD
     for name in state.expert_params:
         want = tensors[f"model/{name}"][rank * per : (rank + 1) * per]
         torch.testing.assert_close(model.get_parameter(name).detach(), want, rtol=0, atol=0)
-    model_state, optim_state = state.full_state(run.model, trainer.optimizer)
+    model_state, optim_state = gather_expert_banks(state, model, trainer.optimizer)
     for name, value in model_state.items():
         torch.testing.assert_close(value, tensors[f"model/{name}"], rtol=0, atol=0)
     assert optim_state["state"], "the optimizer state was not restored"

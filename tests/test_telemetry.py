@@ -129,6 +129,31 @@ def test_monitor_record_accumulates():
     assert monitor.summary() == {}
 
 
+def test_monitor_reduce_applies_a_function_to_the_counts():
+    """``reduce(fn)`` as a distributed run uses it (fn an all-reduce): here fn doubles, as a
+    sum over two ranks that saw the same tokens would; ``calls`` stays per process."""
+    monitor = RoutingMonitor()
+    monitor.record("a", example())
+    monitor.record("b", example(), torch.tensor([False, True, True, False]))
+    once = monitor.summary()
+    seen = []
+
+    def double(flat):
+        seen.append(flat.dtype)
+        return flat * 2
+
+    monitor.reduce(double)
+    twice = monitor.summary()
+    assert seen == [torch.float64, torch.float64]
+    for name in ("a", "b"):
+        assert twice[name]["tokens_per_expert"] == [2 * n for n in once[name]["tokens_per_expert"]]
+        assert twice[name]["num_tokens"] == 2 * once[name]["num_tokens"]
+        assert twice[name]["empty_slots"] == 2 * once[name]["empty_slots"]
+        assert twice[name]["routing_entropy"] == pytest.approx(once[name]["routing_entropy"])
+        assert twice[name]["calls"] == once[name]["calls"]
+        assert isinstance(twice[name]["num_tokens"], int)
+
+
 def test_monitor_rejects_mixed_layers():
     monitor = RoutingMonitor()
     monitor.record("a", example())

@@ -300,6 +300,47 @@ def test_eval_runs_and_leaves_the_trajectory_alone(tmp_path, reference):
     assert result.eval == {"val_loss": 1.5}
 
 
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return events
+
+
+def test_tensorboard_gets_the_logged_scalars(tmp_path):
+    """The same records as metrics.jsonl, as scalars beside it; a resumed run adds the
+    steps after its checkpoint; ``tensorboard=False`` writes no events file."""
+    pytest.importorskip("tensorboard")
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    trainer, _ = run_tiny(tmp_path, data=Batches(on_index={9: interrupt}))  # stops at step 4
+    trainer.eval_fn = lambda model: {"val_loss": 1.5}
+    trainer.fit(resume=True)
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    events = _events(tmp_path)
+    scalars = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(scalars) == list(range(1, STEPS + 1))
+    for step, loss in train_losses(tmp_path):
+        assert scalars[step] == pytest.approx(loss, rel=1e-6)
+    assert [(e.step, e.value) for e in events.Scalars("eval/val_loss")] == [(STEPS, 1.5)]
+    tags = events.Tags()["scalars"]
+    assert "train/lr" in tags and "routing/moe/load_entropy" in tags
+
+    run_tiny(tmp_path / "off", steps=2, tensorboard=False)
+    assert (tmp_path / "off" / "metrics.jsonl").exists()
+    assert not list((tmp_path / "off").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_is_silently_off_when_not_installed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    run_tiny(tmp_path, steps=2)
+    assert len(train_losses(tmp_path)) == 2
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+
 def test_progress_bar_renders_when_forced():
     stream = io.StringIO()
     bar = Progress(10, enabled=True, stream=stream, min_interval=0)
@@ -602,3 +643,11 @@ def test_data_running_out_saves_and_stops(tmp_path):
     _, result = run_tiny(tmp_path, data=Batches(limit=7))
     assert result.stopped == "data_exhausted" and result.step == 3
     assert read_checkpoint(latest_checkpoint(tmp_path))[0]["data_state"] == {"index": 6}
+
+
+def test_biased_routers_finds_the_aux_free_routers():
+    from gatelab.routing.aux_free import biased_routers
+
+    model = TinyNet()
+    assert biased_routers(model) == [model.moe.router]
+    assert biased_routers(TinyNet(moe=False)) == []

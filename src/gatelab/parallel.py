@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .dispatch.expert_parallel import ExpertParallel
 from .routing import Routing
+from .routing.aux_free import biased_routers
 
 __all__ = [
     "GlobalRouting",
@@ -155,11 +156,17 @@ class GlobalRouting:
 class ParallelState:
     """What a parallelized model needs besides its forward; attached by :func:`parallelize`.
 
-    The trainer calls: :meth:`shard_batch` on each batch, :meth:`finish_backward` after the
-    backward passes, :meth:`clip_grad_norm_`, :meth:`before_optimizer_step` (aux-free
-    router counts), :meth:`mean` for logged numbers, :meth:`reduce_monitor` before writing
-    telemetry, :meth:`full_state` / :meth:`reshard` for checkpoints, and :meth:`agree`
-    to stop all ranks at the same step.
+    Process groups and collectives only; what they are applied to lives with its owner
+    (checkpoints gather and cut expert banks in :mod:`gatelab.train.sharded`, telemetry
+    sums its counts with ``RoutingMonitor.reduce(state.sum_over_ranks)``). The trainer calls:
+    :meth:`shard_batch` on each batch, :meth:`finish_backward` after the backward passes,
+    :meth:`clip_grad_norm_`, :meth:`before_optimizer_step` (aux-free router counts),
+    :meth:`mean` for logged numbers, :meth:`sum_over_ranks` for telemetry, :meth:`gather_experts` when
+    saving, and :meth:`agree` to stop all ranks at the same step.
+
+    ``expert_params`` maps each sharded expert parameter's name (as in the unwrapped
+    model's ``state_dict``) to its layer's global ``num_experts``; this rank holds experts
+    ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` of each.
     """
 
     def __init__(self, ep: int, expert_params: dict[str, int]):
@@ -254,16 +261,14 @@ class ParallelState:
     def before_optimizer_step(self, model: nn.Module) -> None:
         """Sum the aux-loss-free routers' token counts over all ranks: each rank then moves
         its (replicated) bias by the same, global, sign rule."""
-        for module in unwrap(model).modules():
-            counts = getattr(module, "tokens_seen", None)
-            if callable(getattr(module, "update_bias", None)) and isinstance(counts, Tensor):
-                dist.all_reduce(counts, group=self.world_group)
+        for router in biased_routers(unwrap(model)):
+            dist.all_reduce(router.tokens_seen, group=self.world_group)
 
     def mean(self, values: list[float]) -> list[float]:
         """The mean of each value over all ranks (for logged losses)."""
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, group=self.cpu_group)
-        return (t / self.world).tolist()
+        return (
+            self.sum_over_ranks(torch.tensor(values, dtype=torch.float64)) / self.world
+        ).tolist()
 
     def agree(self, code: int) -> int:
         """The largest ``code`` over all ranks, so every rank stops at the same step."""
@@ -274,81 +279,20 @@ class ParallelState:
     def barrier(self) -> None:
         dist.barrier(group=self.cpu_group)
 
-    def reduce_monitor(self, monitor) -> None:
-        """Sum a RoutingMonitor's additive counts over all ranks (every rank records the
-        same layers; ``calls`` stays per rank)."""
-        from .inspect.telemetry import _ADDITIVE
+    def sum_over_ranks(self, values: Tensor) -> Tensor:
+        """``values`` (a CPU tensor) summed over all ranks, in place; returned for chaining
+        (e.g. ``RoutingMonitor.reduce(state.sum_over_ranks)`` before telemetry is written)."""
+        dist.all_reduce(values, group=self.cpu_group)
+        return values
 
-        totals = monitor._totals  # additive by design (see telemetry._ADDITIVE)
-        for name in sorted(totals):
-            layer = totals[name]
-            flat = torch.tensor(
-                [*layer["tokens_per_expert"], *(layer[k] for k in _ADDITIVE)], dtype=torch.float64
-            )
-            dist.all_reduce(flat, group=self.cpu_group)
-            num_experts = len(layer["tokens_per_expert"])
-            layer["tokens_per_expert"] = [round(v) for v in flat[:num_experts].tolist()]
-            for key, value in zip(_ADDITIVE, flat[num_experts:].tolist(), strict=True):
-                layer[key] = value if key == "entropy_sum" else round(value)
+    # -- expert banks ------------------------------------------------------------------------
 
-    # -- checkpoints -----------------------------------------------------------------------
-
-    def _gather_experts(self, tensor: Tensor) -> Tensor:
+    def gather_experts(self, tensor: Tensor) -> Tensor:
+        """This rank's expert shard [E/ep, ...] -> the whole bank [E, ...], on every rank of
+        the expert-parallel group (a checkpoint's save gathers banks this way)."""
         parts = [torch.empty_like(tensor) for _ in range(self.ep)]
         dist.all_gather(parts, tensor.contiguous(), group=self.ep_group)
         return torch.cat(parts)
-
-    @torch.no_grad()
-    def full_state(self, model: nn.Module, optimizer) -> tuple[dict, dict | None]:
-        """The model's and optimizer's state dicts with every expert bank whole (all ranks
-        call it; rank 0 writes them): a checkpoint that loads under any EP size."""
-        core = unwrap(model)
-        model_state = core.state_dict()
-        for name in sorted(self.expert_params):
-            model_state[name] = self._gather_experts(model_state[name])
-        if optimizer is None:
-            return model_state, None
-        optim_state = optimizer.state_dict()
-        names = {id(p): n for n, p in core.named_parameters()}
-        order = [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
-        for index, name in enumerate(order):
-            state = optim_state["state"].get(index)
-            if name not in self.expert_params or state is None:
-                continue
-            optim_state["state"][index] = {
-                key: self._gather_experts(v) if self._is_expert_tensor(v, name) else v
-                for key, v in state.items()
-            }
-        return model_state, optim_state
-
-    def _is_expert_tensor(self, value: Any, name: str, whole: bool = False) -> bool:
-        experts = self.expert_params[name] // (1 if whole else self.ep)
-        return isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == experts
-
-    def _shard(self, tensor: Tensor, name: str) -> Tensor:
-        per = self.expert_params[name] // self.ep
-        return tensor[self.ep_rank * per : (self.ep_rank + 1) * per].clone()
-
-    def reshard(self, meta: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-        """``load_checkpoint(transform=...)``: cut this rank's experts out of a whole
-        checkpoint (written under any EP size) before it is checked and applied."""
-        tensors = dict(tensors)
-        for name in self.expert_params:
-            key = f"model/{name}"
-            if key in tensors and self._is_expert_tensor(tensors[key], name, whole=True):
-                tensors[key] = self._shard(tensors[key], name)
-        optimizer = meta.get("optimizer") or {}
-        order = [n for group in optimizer.get("param_names", []) for n in group]
-        state = (optimizer.get("state_dict") or {}).get("state") or {}
-        for index, entry in (state.get("__int_keys__") or {}).items():
-            name = order[int(index)] if int(index) < len(order) else None
-            if name not in self.expert_params:
-                continue
-            for ref in entry.values():
-                key = ref.get("__tensor__") if isinstance(ref, dict) else None
-                if key in tensors and self._is_expert_tensor(tensors[key], name, whole=True):
-                    tensors[key] = self._shard(tensors[key], name)
-        return meta, tensors
 
 
 def _shard_bank(bank: nn.Module, num_experts: int, ep: int, ep_rank: int, where: str) -> list[str]:

@@ -9,6 +9,7 @@ Everything returned is JSON-serialisable (ints, floats, lists, dicts).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -171,6 +172,28 @@ class RoutingMonitor:
             name: {**_summarise(totals), "calls": totals["calls"]}
             for name, totals in self._totals.items()
         }
+
+    def reduce(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Replace the additive counts of every layer by ``fn`` of them, e.g. a sum over the
+        processes of a distributed run (``fn`` an all-reduce), so a summary counts every
+        process's tokens.
+
+        Per layer, in sorted name order (so every process passes its layers in the same
+        order), ``fn`` receives one float64 vector ``[tokens_per_expert..., num_tokens,
+        empty_slots, dropped_slots, unrouted_tokens, entropy_sum]`` and returns the reduced
+        vector of the same shape (it may reduce in place and return its argument). ``calls``
+        is not reduced: it stays this process's count.
+        """
+        for name in sorted(self._totals):
+            layer = self._totals[name]
+            num_experts = len(layer["tokens_per_expert"])
+            flat = torch.tensor(
+                [*layer["tokens_per_expert"], *(layer[k] for k in _ADDITIVE)], dtype=torch.float64
+            )
+            flat = fn(flat)
+            layer["tokens_per_expert"] = [round(v) for v in flat[:num_experts].tolist()]
+            for key, value in zip(_ADDITIVE, flat[num_experts:].tolist(), strict=True):
+                layer[key] = value if key == "entropy_sum" else round(value)
 
     def reset(self) -> None:
         """Forget what was recorded (the hooks stay)."""

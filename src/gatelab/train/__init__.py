@@ -2,6 +2,12 @@
 
 See :class:`Trainer` for the protocols a model and its data follow, and
 :mod:`gatelab.train.checkpoint` for what a checkpoint holds and how it is written.
+
+Modules: ``trainer`` (the loop), ``config`` (TrainConfig, TrainResult), ``protocols`` (what a
+model and its batches provide; AdamW groups), ``stopping`` (Ctrl-C, time budget), ``rundir``
+(run-directory checks and logs), ``metrics`` (JSONL, TensorBoard, the tqdm bar),
+``checkpoint`` (files), ``state`` (RNG, config fingerprint, the tensors/JSON split),
+``sharded`` (expert banks of an expert-parallel run), ``schedule``, ``evaluate``.
 """
 
 from .checkpoint import (
@@ -18,7 +24,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .metrics import JsonlLog, Progress, read_jsonl, truncate_jsonl
+from .metrics import JsonlLog, Progress, TensorBoardLog, read_jsonl, truncate_jsonl
 from .schedule import WarmupCosine, warmup_cosine
 from .trainer import (
     ResumableIterator,
@@ -38,6 +44,7 @@ __all__ = [
     "JsonlLog",
     "Progress",
     "ResumableIterator",
+    "TensorBoardLog",
     "TrainConfig",
     "TrainError",
     "TrainResult",

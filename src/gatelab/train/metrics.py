@@ -1,25 +1,29 @@
-"""JSON-lines logs (``metrics.jsonl``, ``routing.jsonl``) and a minimal progress bar.
+"""Run logs: JSON lines (``metrics.jsonl``, ``routing.jsonl``), TensorBoard scalars, and a
+tqdm progress bar.
 
-Logs are append-only, one JSON object per line, each with a ``step``. Floats are written with
-Python's shortest round-trip repr, so a resumed run's log can be compared bitwise with an
-uninterrupted one. On resume, :func:`truncate_jsonl` drops the lines written after the
-checkpoint (and a half-written last line from a kill), so the log reads as one run.
+JSONL logs are append-only, one JSON object per line, each with a ``step``. Floats are
+written with Python's shortest round-trip repr, so a resumed run's log can be compared
+bitwise with an uninterrupted one. On resume, :func:`truncate_jsonl` drops the lines written
+after the checkpoint (and a half-written last line from a kill), so the log reads as one
+run. :class:`TensorBoardLog` writes the same records as scalars (the ``tensorboard`` extra);
+:class:`Progress` draws the bar on stderr and never into a log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
-import time
+from numbers import Real
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from ..io import atomic_write
 
-__all__ = ["JsonlLog", "Progress", "read_jsonl", "truncate_jsonl"]
+__all__ = ["JsonlLog", "Progress", "TensorBoardLog", "read_jsonl", "truncate_jsonl"]
 
 
 def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
@@ -74,12 +78,65 @@ class JsonlLog:
         self._file.close()
 
 
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+def _scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The real-number entries of ``values`` as ``prefix/key`` tags (lists, strings and
+    booleans are not scalars)."""
+    return {
+        f"{prefix}/{key}": float(value)
+        for key, value in values.items()
+        if isinstance(value, Real) and not isinstance(value, bool)
+    }
+
+
+class TensorBoardLog:
+    """The run's records as TensorBoard scalars, in event files in ``directory``.
+
+    Train records become ``train/<key>`` (loss, aux, lr, grad_norm, tokens, tokens_per_s,
+    elapsed_s), eval records ``eval/<metric>``, routing records ``routing/<layer>/<stat>``
+    for each scalar of a layer's summary; every value at the record's ``step``.
+    ``purge_step`` (a resumed run's checkpoint step) makes TensorBoard drop the events an
+    interrupted run wrote after it, as :func:`truncate_jsonl` does for the JSONL logs.
+
+    :meth:`create` returns None when the ``tensorboard`` package (an optional extra) is not
+    installed: the run then logs to JSONL only, silently.
+    """
+
+    def __init__(self, directory: str | os.PathLike, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = Path(directory)
+        self._writer = SummaryWriter(str(self.path), purge_step=purge_step or None)
+
+    @classmethod
+    def create(
+        cls, directory: str | os.PathLike, purge_step: int | None = None
+    ) -> TensorBoardLog | None:
+        """A log in ``directory``, or None without the ``tensorboard`` package."""
+        try:
+            return cls(directory, purge_step)
+        except ImportError:
+            return None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One metrics.jsonl record (``kind`` "train" or "eval")."""
+        values = {k: v for k, v in record.items() if k not in ("kind", "step")}
+        self._add(_scalars(values, str(record.get("kind", "train"))), record["step"])
+
+    def write_routing(self, record: dict[str, Any]) -> None:
+        """One routing.jsonl record (``layers``: per layer name, its summary)."""
+        for name, summary in record["layers"].items():
+            self._add(_scalars(summary, f"routing/{name}"), record["step"])
+
+    def _add(self, scalars: dict[str, float], step: int) -> None:
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+
+    def sync(self) -> None:
+        """Flush the events to disk (at save points, as :meth:`JsonlLog.sync`)."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _rate(value: float) -> str:
@@ -90,11 +147,11 @@ def _rate(value: float) -> str:
 
 
 class Progress:
-    """One status line on stderr: step, bar, live loss, tokens/s and ETA.
+    """A tqdm bar over the training steps: step/total, ETA, live loss and tokens/s.
 
-    Written here rather than taken from tqdm to keep the dependencies few. Off when the stream
-    is not a terminal (logs and CI stay clean) unless ``enabled=True`` forces it; redraws at
-    most every ``min_interval`` seconds.
+    On ``stream`` (stderr by default), never on stdout or in a log. Off when the stream is
+    not a terminal (logs and CI stay clean) unless ``enabled=True`` forces it (and
+    ``enabled=False`` turns it off); redraws at most every ``min_interval`` seconds.
     """
 
     def __init__(
@@ -109,50 +166,31 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", lambda: False)
         self.enabled = isatty() if enabled is None else enabled
-        self.total, self.initial, self.width = total, initial, width
-        self.min_interval = min_interval
-        self._start = time.perf_counter()
-        self._last_draw = -math.inf
-        self._last_len = 0
-        self._line = ""
+        self._step = initial
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            file=self.stream,
+            disable=not self.enabled,
+            mininterval=min_interval,
+            unit="step",
+            dynamic_ncols=True,
+            bar_format=f"{{n_fmt}}/{{total_fmt}} |{{bar:{width}}}| ETA {{remaining}}{{postfix}}",
+        )
 
     def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None):
-        now = time.perf_counter()
-        done = step - self.initial
-        eta = (self.total - step) * (now - self._start) / done if done > 0 else math.inf
-        filled = int(self.width * step / self.total) if self.total else self.width
-        parts = [f"{step}/{self.total} |{'#' * filled}{'.' * (self.width - filled)}|"]
+        parts = []
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         if tokens_per_s is not None:
             parts.append(f"{_rate(tokens_per_s)} tok/s")
-        parts.append(f"ETA {_duration(eta)}")
-        self._line = " ".join(parts)
-        if now - self._last_draw >= self.min_interval or step >= self.total:
-            self._draw()
-            self._last_draw = now
-
-    def _draw(self) -> None:
-        if not self.enabled:
-            return
-        pad = max(0, self._last_len - len(self._line))
-        self.stream.write("\r" + self._line + " " * pad)
-        self.stream.flush()
-        self._last_len = len(self._line)
+        self._bar.set_postfix_str(", ".join(parts), refresh=False)
+        self._bar.update(step - self._step)
+        self._step = step
 
     def write(self, message: str) -> None:
         """Print a message above the bar (or plainly when the bar is off)."""
-        if self.enabled and self._last_len:
-            self.stream.write("\r" + " " * self._last_len + "\r")
-        self.stream.write(message + "\n")
-        if self.enabled and self._last_len:
-            self._last_len = 0
-            self._draw()
-        self.stream.flush()
+        self._bar.write(message, file=self.stream)
 
     def close(self) -> None:
-        if self.enabled and self._last_len:
-            self._draw()
-            self.stream.write("\n")
-            self.stream.flush()
-            self._last_len = 0
+        self._bar.close()
