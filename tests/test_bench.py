@@ -223,3 +223,12 @@ def test_python_m_gatelab_bench_quick(tmp_path):
     assert [s["name"] for s in data["shapes"]] == ["coarse", "fine", "decode"]
     assert data["settings"]["quick"] is True
     assert "ratio fwd" in done.stdout
+
+
+def test_write_json_atomic_is_a_deprecated_spelling_of_io_write_json(tmp_path):
+    import gatelab.bench.common as common
+
+    with pytest.warns(DeprecationWarning, match="gatelab.io.write_json"):
+        write_json_atomic = common.write_json_atomic
+    path = write_json_atomic({"a": 1}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"a": 1}

@@ -74,30 +74,27 @@ def gatelab_grouped(moe: MoE) -> Variant:
 
 def gatelab_loop(moe: MoE) -> Variant:
     """The same router and experts (shared parameters) through the loop dispatcher."""
-    loop = MoE(
-        moe.dim,
-        moe.hidden_dim,
-        moe.num_experts,
-        moe.top_k,
-        router=moe.router,
-        experts=moe.experts,
-        dispatcher="loop",
-    ).eval()
-    return Variant(loop, list(loop.parameters()))
+    return _redispatched(moe, "loop")
 
 
 def gatelab_triton(moe: MoE) -> Variant:
     """The same router and experts (shared parameters) through the triton dispatcher."""
-    fused = MoE(
+    return _redispatched(moe, "triton")
+
+
+def _redispatched(moe: MoE, dispatcher: str) -> Variant:
+    """An MoE sharing ``moe``'s router and experts (the same Parameters), run by
+    ``dispatcher``."""
+    layer = MoE(
         moe.dim,
         moe.hidden_dim,
         moe.num_experts,
         moe.top_k,
         router=moe.router,
         experts=moe.experts,
-        dispatcher="triton",
+        dispatcher=dispatcher,
     ).eval()
-    return Variant(fused, list(fused.parameters()))
+    return Variant(layer, list(layer.parameters()))
 
 
 def triton_available() -> bool:

@@ -147,6 +147,12 @@ def checkpoint_meta(where: str | Path, missing: str | None = None) -> tuple[Path
     return Path(meta["_path"]), meta
 
 
+def add_checkpoint_parser(subparsers, name: str, help: str, description: str) -> None:
+    """A command that reads one ``gatelab train`` checkpoint (``gatelab eval``, ``info``)."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("checkpoint", help="a checkpoint .json, a checkpoints/ dir or a run dir")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -48,12 +48,7 @@ def _add_moe_parser(benchmarks) -> None:
         default=None,
         help="parameter and input dtype (default: float32 on CPU, bfloat16 on CUDA)",
     )
-    moe.add_argument(
-        "--repeats", type=int_at_least(1), default=None, help="timed calls per measurement"
-    )
-    moe.add_argument(
-        "--warmup", type=int_at_least(0), default=None, help="untimed calls before timing"
-    )
+    _add_timing_arguments(moe, "timed calls per measurement", "untimed calls before timing")
     moe.add_argument(
         "--shapes",
         nargs="+",
@@ -126,12 +121,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens per sequence (default: 256; 128 with --quick on CPU)",
     )
-    parser.add_argument(
-        "--repeats", type=int_at_least(1), default=None, help="timed steps per model"
-    )
-    parser.add_argument(
-        "--warmup", type=int_at_least(0), default=None, help="untimed steps per model first"
-    )
+    _add_timing_arguments(parser, "timed steps per model", "untimed steps per model first")
     parser.add_argument(
         "--router",
         choices=ROUTERS.names(),
@@ -207,6 +197,13 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="where to run (default: auto = cuda when available)",
     )
+
+
+def _add_timing_arguments(
+    parser: argparse.ArgumentParser, repeats_help: str, warmup_help: str
+) -> None:
+    parser.add_argument("--repeats", type=int_at_least(1), default=None, help=repeats_help)
+    parser.add_argument("--warmup", type=int_at_least(0), default=None, help=warmup_help)
 
 
 def _add_json_argument(parser: argparse.ArgumentParser, benchmark: str) -> None:

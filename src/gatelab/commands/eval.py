@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import checkpoint_meta
+from ._common import add_checkpoint_parser, checkpoint_meta
 
 
 def add_parser(subparsers) -> None:
-    evaluate = subparsers.add_parser(
+    add_checkpoint_parser(
+        subparsers,
         "eval",
         help="evaluate a checkpoint (or a run directory's latest) as its recipe says",
         description="Rebuild the model and evaluation from the recipe stored in a checkpoint, "
         "load its weights and print the evaluation metrics as JSON.",
     )
-    evaluate.add_argument("checkpoint", help="a checkpoint .json, a checkpoints/ dir or a run dir")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import checkpoint_meta, count_parameters
+from ._common import add_checkpoint_parser, checkpoint_meta, count_parameters
 
 
 def add_parser(subparsers) -> None:
-    info = subparsers.add_parser(
+    add_checkpoint_parser(
+        subparsers,
         "info",
         help="what a checkpoint holds: config, parameters, active parameters, routing",
         description="Print a checkpoint's recipe, its parameter counts (total and active per "
         "token) and the last routing summary its run logged (routing.jsonl).",
     )
-    info.add_argument("checkpoint", help="a checkpoint .json, a checkpoints/ dir or a run dir")
 
 
 def run(args: argparse.Namespace) -> int:
