@@ -90,14 +90,14 @@ def check_bf16(shapes: dict, device: str = "cuda", dtype=torch.bfloat16) -> bool
 
 
 def bench(shapes: dict, quick: bool) -> dict:
-    from gatelab.bench.common import write_json_atomic
     from gatelab.bench.moe import BenchSettings, Shape, format_table, run_moe_bench
+    from gatelab.io import write_json
 
     settings = BenchSettings(device="cuda", dtype="bfloat16", quick=quick)
     specs = [Shape(name, *dims) for name, dims in shapes.items()]
     result = run_moe_bench(specs, settings, command="python benchmarks/gpu_check.py")
     print(format_table(result))
-    print(f"\nwrote {write_json_atomic(result, 'bench-results/gpu-check.json')}")
+    print(f"\nwrote {write_json('bench-results/gpu-check.json', result)}")
     return result
 
 

@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from gatelab.bench import BenchSettings, Shape, format_table, parse_shape, run_moe_bench
-from gatelab.bench.common import timeit, write_json_atomic
+from gatelab.bench.common import timeit
 from gatelab.bench.moe import MOE_VARIANTS, VARIANTS, hf_available, skip_reason
 from gatelab.cli import build_parser, main
+from gatelab.io import write_json
 
 TINY = Shape("tiny", 96, 16, 32, 4, 2)
 DECODE = Shape("dec", 8, 16, 32, 4, 2)
@@ -114,7 +115,7 @@ def test_gatelab_matches_hf_eager(result):
 
 
 def test_json_round_trip_and_table(result, tmp_path):
-    path = write_json_atomic(result, tmp_path / "deep" / "moe-cpu.json")
+    path = write_json(tmp_path / "deep" / "moe-cpu.json", result)
     assert json.loads(path.read_text()) == result
     assert os.listdir(path.parent) == ["moe-cpu.json"]  # no temp file left behind
     table = format_table(result)
@@ -122,10 +123,10 @@ def test_json_round_trip_and_table(result, tmp_path):
         assert text in table
 
 
-def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
-    path = write_json_atomic({"a": 1}, tmp_path / "r.json")
+def test_write_json_keeps_old_file_on_failure(tmp_path):
+    path = write_json(tmp_path / "r.json", {"a": 1})
     with pytest.raises(ValueError):
-        write_json_atomic({"a": float("nan")}, path)
+        write_json(path, {"a": float("nan")})
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["r.json"]
 
@@ -222,3 +223,12 @@ def test_python_m_gatelab_bench_quick(tmp_path):
     assert [s["name"] for s in data["shapes"]] == ["coarse", "fine", "decode"]
     assert data["settings"]["quick"] is True
     assert "ratio fwd" in done.stdout
+
+
+def test_write_json_atomic_is_a_deprecated_spelling_of_io_write_json(tmp_path):
+    import gatelab.bench.common as common
+
+    with pytest.warns(DeprecationWarning, match="gatelab.io.write_json"):
+        write_json_atomic = common.write_json_atomic
+    path = write_json_atomic({"a": 1}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"a": 1}

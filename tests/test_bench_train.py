@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from gatelab.bench import train
-from gatelab.bench.common import write_json_atomic
 from gatelab.bench.train import (
     MODELS,
     SCHEMA,
     TARGET_RATIO,
     TrainBenchSettings,
-    add_arguments,
     format_table,
     measure_round_robin,
     moe_config,
-    run,
     run_train_bench,
 )
+from gatelab.commands.bench import add_train_arguments as add_arguments
+from gatelab.commands.bench import run_train as run
+from gatelab.io import write_json
 from gatelab.models.config import ConfigError
 from gatelab.models.lm import LMConfig
 
@@ -124,7 +124,7 @@ def test_models_have_equal_active_parameters_up_to_routers(result):
 
 
 def test_json_round_trip_and_table(result, tmp_path):
-    path = write_json_atomic(result, tmp_path / "deep" / "train-cpu.json")
+    path = write_json(tmp_path / "deep" / "train-cpu.json", result)
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
     assert os.listdir(path.parent) == ["train-cpu.json"]
     table = format_table(result)

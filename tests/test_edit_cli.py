@@ -10,9 +10,9 @@ import torch
 
 from gatelab import experiments
 from gatelab.cli import main
+from gatelab.commands._common import open_model, parse_experts
 from gatelab.edit import find_moe_blocks
 from gatelab.experiments._trained_lm import trained_moe_lm
-from gatelab.tools import open_model, parse_experts
 
 PROSE = "The quick brown fox jumps over the lazy dog. " * 12
 CODE = "def f(x):\n    return [i * 2 for i in range(x)]\n\n" * 12

@@ -1,10 +1,12 @@
 """Benchmarks that print ratios measured side by side in one process and write JSON.
 
 ``gatelab bench moe`` (:mod:`gatelab.bench.moe`) times the MoE layer against an
-equal-FLOP dense MLP and Hugging Face's Mixtral block built with the same weights.
+equal-FLOP dense MLP and Hugging Face's Mixtral block built with the same weights;
+``gatelab bench train`` (:mod:`gatelab.bench.train`) times training steps of the MoE LM
+against its dense equivalent. The command line lives in :mod:`gatelab.commands.bench`.
 """
 
-from .common import copy_bandwidth, timeit, write_json_atomic
+from .common import copy_bandwidth, timeit
 from .moe import BenchSettings, Shape, format_table, parse_shape, run_moe_bench
 
 __all__ = [
@@ -15,5 +17,13 @@ __all__ = [
     "parse_shape",
     "run_moe_bench",
     "timeit",
-    "write_json_atomic",
 ]
+
+
+def __getattr__(name: str):
+    """``write_json_atomic``: deprecated, see :func:`gatelab.io.write_json`."""
+    if name == "write_json_atomic":
+        from . import common
+
+        return common.write_json_atomic  # warns
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

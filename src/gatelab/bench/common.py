@@ -1,4 +1,4 @@
-"""Helpers every benchmark shares: a timer, a copy-bandwidth probe, the environment, JSON.
+"""Helpers every benchmark shares: the device, a timer, a copy-bandwidth probe, the environment.
 
 Timing rules (DESIGN.md): everything compared runs in one process, each number is the
 median of ``repeats`` timed calls after ``warmup`` untimed ones, the clock is
@@ -8,9 +8,7 @@ before it stops, so the time covers the kernels and not only their launch.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -18,11 +16,22 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from ..io import atomic_write
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; a clear error for an unusable device."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda, but torch.cuda.is_available() is False (a CPU build of torch, "
+            "or no visible GPU); use --device cpu or --device auto"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, auto")
+    return device
 
 
 def device_sync(device: torch.device | str) -> Callable[[], None] | None:
@@ -149,33 +158,22 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
-    """Write ``data`` as JSON to ``path`` through a temporary file and ``os.replace``.
-
-    A reader never sees a half-written file, and an interrupted run leaves the previous
-    result in place. Parent directories are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
-    return path
-
-
 def log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def int_at_least(low: int):
-    """An argparse type: an int of at least ``low``, with a message naming the bound."""
+def __getattr__(name: str):
+    """``write_json_atomic(data, path)``, the old spelling of ``gatelab.io.write_json``."""
+    if name == "write_json_atomic":
+        import warnings
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
+        from ..io import write_json
 
-    parse.__name__ = f"int >= {low}"
-    return parse
+        warnings.warn(
+            "gatelab.bench.common.write_json_atomic(data, path) moved to "
+            "gatelab.io.write_json(path, data)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return lambda data, path: write_json(path, data)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

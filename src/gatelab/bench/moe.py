@@ -31,15 +31,12 @@ How it is measured, so the numbers are comparable:
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..layers import MoE
 from .common import (
@@ -49,30 +46,34 @@ from .common import (
     load_average,
     log_stderr,
     median,
+    resolve_device,
     timeit,
     utc_now,
 )
+from .shapes import DECODE_TOKENS, SHAPE_FORMAT, Shape, default_shapes, parse_shape
+from .tables import format_moe_table as format_table
+from .variants import (
+    MOE_VARIANTS,
+    VARIANTS,
+    Variant,
+    build_gatelab_moe,
+    dense_mlp,
+    gatelab_grouped,
+    gatelab_loop,
+    gatelab_triton,
+    hf_available,
+    hf_eager,
+    hf_grouped_mm,
+    triton_available,
+)
 
 SCHEMA = "gatelab.bench.moe/1"
-
-DECODE_TOKENS = 64
-"""Shapes with at most this many tokens are small-batch (decode) shapes: they get a roofline."""
 
 LOOP_MAX_EXPERTS = 256
 """Above this many experts the per-expert loops (gatelab loop, HF eager) are not timed."""
 
 QUICK_LOOP_MAX_EXPERTS = 16
 """With --quick the per-expert loops are timed only up to this many experts."""
-
-VARIANTS = (
-    "dense",
-    "gatelab_grouped",
-    "gatelab_triton",
-    "gatelab_loop",
-    "hf_eager",
-    "hf_grouped_mm",
-)
-MOE_VARIANTS = VARIANTS[1:]
 
 DTYPES = {
     "float32": torch.float32,
@@ -84,110 +85,6 @@ DTYPES = {
     "float64": torch.float64,
     "fp64": torch.float64,
 }
-
-
-# -- shapes -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One benchmark case: T tokens of width D through E experts of width F, k per token."""
-
-    name: str
-    tokens: int
-    dim: int
-    hidden_dim: int
-    num_experts: int
-    top_k: int
-
-    def __post_init__(self) -> None:
-        for attr in ("tokens", "dim", "hidden_dim", "num_experts", "top_k"):
-            value = getattr(self, attr)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"shape {self.name!r}: {attr} must be a positive int, got {value!r}"
-                )
-        if self.top_k > self.num_experts:
-            raise ValueError(
-                f"shape {self.name!r}: k={self.top_k} exceeds E={self.num_experts}; use k <= E"
-            )
-
-    @property
-    def decode(self) -> bool:
-        """A small-batch shape, bounded by reading weights rather than by FLOPs."""
-        return self.tokens <= DECODE_TOKENS
-
-    @property
-    def spec(self) -> str:
-        """The ``T,D,F,E,k`` form ``--shapes`` reads."""
-        return f"{self.tokens},{self.dim},{self.hidden_dim},{self.num_experts},{self.top_k}"
-
-    def describe(self) -> str:
-        return (
-            f"T={self.tokens} D={self.dim} F={self.hidden_dim} E={self.num_experts} k={self.top_k}"
-        )
-
-    def active_flops(self) -> int:
-        """Forward FLOPs of the routed experts (= the dense baseline's): 6 * T * k * D * F."""
-        return 6 * self.tokens * self.top_k * self.dim * self.hidden_dim
-
-
-SHAPE_FORMAT = "T,D,F,E,k (five positive integers, k <= E), optionally prefixed by NAME="
-
-_SHAPE_RE = re.compile(r"^(?:(?P<name>[A-Za-z_][\w.-]*)=)?(?P<dims>.*)$")
-
-
-def parse_shape(text: str) -> Shape:
-    """Parse ``"T,D,F,E,k"`` or ``"name=T,D,F,E,k"``; ValueError with the format otherwise."""
-    match = _SHAPE_RE.match(text.strip())
-    name, dims = (match["name"], match["dims"]) if match else (None, text)
-    parts = [p.strip() for p in dims.split(",")]
-    if len(parts) != 5:
-        raise ValueError(
-            f"bad shape {text!r}: expected {SHAPE_FORMAT}, e.g. 4096,512,1024,8,2 or "
-            f"coarse=4096,512,1024,8,2; got {len(parts)} field(s)"
-        )
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(
-            f"bad shape {text!r}: expected {SHAPE_FORMAT}; {dims!r} holds a non-integer"
-        ) from None
-    if any(v < 1 for v in values):
-        raise ValueError(f"bad shape {text!r}: T, D, F, E and k must all be >= 1")
-    tokens, dim, hidden_dim, num_experts, top_k = values
-    if top_k > num_experts:
-        raise ValueError(f"bad shape {text!r}: k={top_k} exceeds E={num_experts}; use k <= E")
-    return Shape(name or f"T{tokens}-E{num_experts}", tokens, dim, hidden_dim, num_experts, top_k)
-
-
-DEFAULT_SHAPES: dict[tuple[str, bool], tuple[Shape, ...]] = {
-    ("cpu", False): (
-        Shape("coarse", 4096, 512, 1024, 8, 2),
-        Shape("fine", 4096, 512, 256, 64, 8),
-        Shape("decode", 8, 512, 1024, 8, 2),
-    ),
-    ("cpu", True): (
-        Shape("coarse", 512, 512, 1024, 8, 2),
-        Shape("fine", 512, 512, 256, 64, 8),
-        Shape("decode", 8, 512, 1024, 8, 2),
-    ),
-    ("cuda", False): (
-        Shape("mixtral", 8192, 4096, 14336, 8, 2),
-        Shape("fine-64", 8192, 2048, 1024, 64, 8),
-        Shape("fine-128", 8192, 2048, 512, 128, 8),
-        Shape("decode", 16, 4096, 14336, 8, 2),
-    ),
-    ("cuda", True): (
-        Shape("mixtral", 2048, 4096, 14336, 8, 2),
-        Shape("fine-64", 2048, 2048, 1024, 64, 8),
-        Shape("decode", 16, 4096, 14336, 8, 2),
-    ),
-}
-
-
-def default_shapes(device: str, quick: bool) -> tuple[Shape, ...]:
-    return DEFAULT_SHAPES[(torch.device(device).type, quick)]
 
 
 # -- settings ---------------------------------------------------------------------------
@@ -226,150 +123,6 @@ class BenchSettings:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; a clear error for an unusable device."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "--device cuda, but torch.cuda.is_available() is False (a CPU build of torch, "
-            "or no visible GPU); use --device cpu or --device auto"
-        )
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, auto")
-    return device
-
-
-# -- the measured variants ----------------------------------------------------------------
-
-
-@dataclass
-class Variant:
-    """Something to time: ``forward(x [T, D]) -> [T, D]`` and the parameters it trains."""
-
-    forward: Callable[[Tensor], Tensor]
-    params: list[Tensor] = field(default_factory=list)
-
-
-def dense_mlp(shape: Shape, device: str, dtype: torch.dtype) -> Variant:
-    """The equal-FLOP dense baseline: a SwiGLU MLP of hidden width k*F."""
-    hidden = shape.top_k * shape.hidden_dim
-
-    def init(rows: int, cols: int) -> nn.Parameter:
-        bound = 1 / math.sqrt(cols)  # nn.Linear's default scale
-        w = torch.empty(rows, cols, device=device, dtype=dtype).uniform_(-bound, bound)
-        return nn.Parameter(w)
-
-    gate_up, down = init(2 * hidden, shape.dim), init(shape.dim, hidden)
-
-    def forward(x: Tensor) -> Tensor:
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, down)
-
-    return Variant(forward, [gate_up, down])
-
-
-def build_gatelab_moe(shape: Shape, device: str, dtype: torch.dtype) -> MoE:
-    """gatelab's MoE with Mixtral routing (softmax, top-k, renormalised), grouped dispatch."""
-    with torch.device(device):
-        moe = MoE(
-            shape.dim,
-            shape.hidden_dim,
-            shape.num_experts,
-            shape.top_k,
-            router="topk",
-            router_kwargs={"normalize": True},
-            dispatcher="grouped",
-        )
-    return moe.to(dtype).eval()
-
-
-def gatelab_grouped(moe: MoE) -> Variant:
-    """The layer as built: grouped dispatch (sort by expert, grouped GEMMs, combine)."""
-    return Variant(moe, list(moe.parameters()))
-
-
-def gatelab_loop(moe: MoE) -> Variant:
-    """The same router and experts (shared parameters) through the loop dispatcher."""
-    loop = MoE(
-        moe.dim,
-        moe.hidden_dim,
-        moe.num_experts,
-        moe.top_k,
-        router=moe.router,
-        experts=moe.experts,
-        dispatcher="loop",
-    ).eval()
-    return Variant(loop, list(loop.parameters()))
-
-
-def gatelab_triton(moe: MoE) -> Variant:
-    """The same router and experts (shared parameters) through the triton dispatcher."""
-    fused = MoE(
-        moe.dim,
-        moe.hidden_dim,
-        moe.num_experts,
-        moe.top_k,
-        router=moe.router,
-        experts=moe.experts,
-        dispatcher="triton",
-    ).eval()
-    return Variant(fused, list(fused.parameters()))
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def hf_available() -> bool:
-    return importlib.util.find_spec("transformers") is not None
-
-
-def hf_block(moe: MoE, implementation: str) -> nn.Module:
-    """A Mixtral MoE block that holds ``moe``'s own parameters, run by ``implementation``.
-
-    The router weight [E, D] and the experts' ``gate_up_proj`` [E, 2F, D] (gate rows first)
-    and ``down_proj`` [E, D, F] have the same layout in both libraries, so the block takes
-    the very same Parameter objects: no copy, and gradients land in the same ``.grad``.
-    """
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    config = MixtralConfig(
-        hidden_size=moe.dim,
-        intermediate_size=moe.hidden_dim,
-        num_local_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        hidden_act="silu",
-        router_jitter_noise=0.0,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-    )
-    config._experts_implementation = implementation
-    with torch.device("meta"):  # allocate nothing: every parameter is replaced below
-        block = MixtralSparseMoeBlock(config)
-    block.gate.weight = moe.router.weight
-    block.experts.gate_up_proj = moe.experts.gate_up_proj
-    block.experts.down_proj = moe.experts.down_proj
-    left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"MixtralSparseMoeBlock has tensors gatelab did not fill: {left}")
-    return block.eval()
-
-
-def hf_eager(moe: MoE) -> Variant:
-    """HF's reference experts loop (``experts_implementation="eager"``)."""
-    block = hf_block(moe, "eager")
-    return Variant(lambda x: block(x.unsqueeze(0)).squeeze(0), list(block.parameters()))
-
-
-def hf_grouped_mm(moe: MoE) -> Variant:
-    """HF's default experts implementation: argsort + ``grouped_mm``."""
-    block = hf_block(moe, "grouped_mm")
-    return Variant(lambda x: block(x.unsqueeze(0)).squeeze(0), list(block.parameters()))
 
 
 # -- measuring ----------------------------------------------------------------------------
@@ -498,53 +251,22 @@ def bench_shape(
 ) -> dict:
     """Every variant on one shape, plus the HF check, ratios and (decode) roofline."""
     device, dtype = settings.device, settings.torch_dtype
-    sync = device_sync(device)
     torch.manual_seed(settings.seed)
     moe = build_gatelab_moe(shape, device, dtype)
     x = torch.randn(shape.tokens, shape.dim, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(shape.tokens, shape.dim, device=device, dtype=dtype)
-
-    builders: dict[str, Callable[[], Variant]] = {
-        "dense": lambda: dense_mlp(shape, device, dtype),
-        "gatelab_grouped": lambda: gatelab_grouped(moe),
-        "gatelab_triton": lambda: gatelab_triton(moe),
-        "gatelab_loop": lambda: gatelab_loop(moe),
-        "hf_eager": lambda: hf_eager(moe),
-        "hf_grouped_mm": lambda: hf_grouped_mm(moe),
-    }
     hf_check = None
     if settings.hf and hf_available():
         hf_check = check_against_hf(moe, hf_eager(moe), x)
-    skipped: dict[str, str] = {}
-    variants: dict[str, Variant] = {}
-    for name in VARIANTS:
-        reason = skip_reason(name, shape, settings)
-        if reason is None:
-            variants[name] = builders[name]()
-        else:
-            skipped[name] = reason
-            log(f"  {shape.name}: {name} skipped ({reason})")
+    variants, skipped = build_variants(shape, settings, moe, log)
     log(f"  {shape.name}: timing {', '.join(variants)} round-robin")
-    timed = measure(variants, x, grad_out, settings.warmup, settings.repeats, sync)
+    timed = measure(variants, x, grad_out, settings.warmup, settings.repeats, device_sync(device))
     results = {
         name: {"skipped": skipped[name]} if name in skipped else {"skipped": None, **timed[name]}
         for name in VARIANTS
     }
-
-    dense = results["dense"]
-    for entry in results.values():
-        if entry["skipped"] is None:
-            entry["ratio_fwd"] = dense["fwd_s"] / entry["fwd_s"]
-            entry["ratio_fwd_bwd"] = dense["fwd_bwd_s"] / entry["fwd_bwd_s"]
-
-    roofline = None
-    if shape.decode:
-        roofline = decode_roofline(moe, x, bandwidth)
-        for name in MOE_VARIANTS:
-            entry = results[name]
-            if entry["skipped"] is None:
-                entry["roofline_fwd"] = roofline["seconds"] / entry["fwd_s"]
-
+    roofline = decode_roofline(moe, x, bandwidth) if shape.decode else None
+    add_ratios(results, roofline)
     return {
         "name": shape.name,
         "spec": shape.spec,
@@ -555,6 +277,48 @@ def bench_shape(
         "roofline": roofline,
         "variants": results,
     }
+
+
+def build_variants(
+    shape: Shape, settings: BenchSettings, moe: MoE, log: Callable[[str], None]
+) -> tuple[dict[str, Variant], dict[str, str]]:
+    """The variants to time on ``shape`` (built in ``VARIANTS`` order, so the dense MLP's
+    initialisation draws from the seeded generator as it always has) and why the others
+    are skipped."""
+    builders: dict[str, Callable[[], Variant]] = {
+        "dense": lambda: dense_mlp(shape, settings.device, settings.torch_dtype),
+        "gatelab_grouped": lambda: gatelab_grouped(moe),
+        "gatelab_triton": lambda: gatelab_triton(moe),
+        "gatelab_loop": lambda: gatelab_loop(moe),
+        "hf_eager": lambda: hf_eager(moe),
+        "hf_grouped_mm": lambda: hf_grouped_mm(moe),
+    }
+    skipped: dict[str, str] = {}
+    variants: dict[str, Variant] = {}
+    for name in VARIANTS:
+        reason = skip_reason(name, shape, settings)
+        if reason is None:
+            variants[name] = builders[name]()
+        else:
+            skipped[name] = reason
+            log(f"  {shape.name}: {name} skipped ({reason})")
+    return variants, skipped
+
+
+def add_ratios(results: dict[str, dict], roofline: dict | None) -> None:
+    """Add dense time / variant time to every timed variant and, on a decode shape, the
+    roofline fraction to every timed MoE variant."""
+    dense = results["dense"]
+    for entry in results.values():
+        if entry["skipped"] is None:
+            entry["ratio_fwd"] = dense["fwd_s"] / entry["fwd_s"]
+            entry["ratio_fwd_bwd"] = dense["fwd_bwd_s"] / entry["fwd_bwd_s"]
+    if roofline is None:
+        return
+    for name in MOE_VARIANTS:
+        entry = results[name]
+        if entry["skipped"] is None:
+            entry["roofline_fwd"] = roofline["seconds"] / entry["fwd_s"]
 
 
 def run_moe_bench(
@@ -605,62 +369,25 @@ def run_moe_bench(
     }
 
 
-# -- the printed table ----------------------------------------------------------------------
-
-_LABELS = {
-    "dense": "dense (k*F)",
-    "gatelab_grouped": "gatelab grouped",
-    "gatelab_triton": "gatelab triton",
-    "gatelab_loop": "gatelab loop",
-    "hf_eager": "HF eager",
-    "hf_grouped_mm": "HF grouped_mm",
-}
-
-
-def format_table(result: dict) -> str:
-    """The result as a plain-text table: one block per shape, one row per variant."""
-    env, settings = result["environment"], result["settings"]
-    lines = [
-        f"gatelab bench moe | {env['device_name']} | {settings['device']} {settings['dtype']} | "
-        f"{env['threads']} threads | torch {env['torch']} | "
-        f"transformers {env['transformers'] or '-'} | load average "
-        f"{env.get('load_average_1m')} -> {env.get('load_average_1m_at_end')}",
-        f"median of {settings['repeats']} after {settings['warmup']} warm-up; "
-        "ratio = dense time / variant time (higher is better)",
-    ]
-    bandwidth = result.get("copy_bandwidth")
-    if bandwidth:
-        lines.append(
-            f"copy bandwidth {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s "
-            "(2 x bytes / time of a copy); roofline = weight bytes / bandwidth / forward time"
-        )
-    header = (
-        f"  {'variant':<17}{'fwd ms':>10}{'fwd+bwd ms':>12}{'ratio fwd':>11}"
-        f"{'ratio f+b':>11}{'roofline':>10}"
-    )
-    for shape in result["shapes"]:
-        check, note = shape["hf_check"], ""
-        if check is not None:
-            diff = "non-finite" if check["max_abs_diff"] is None else f"{check['max_abs_diff']:.2e}"
-            note = f" | vs HF eager max|diff| {diff} {'ok' if check['ok'] else 'MISMATCH'}"
-        roof = shape["roofline"]
-        if roof is not None:
-            note += f" | {roof['distinct_experts']} experts touched"
-        title = (
-            f"{shape['name']}: T={shape['tokens']} D={shape['dim']} F={shape['hidden_dim']} "
-            f"E={shape['num_experts']} k={shape['top_k']}{note}"
-        )
-        lines += ["", title, header]
-        for name in VARIANTS:
-            entry = shape["variants"][name]
-            if entry["skipped"] is not None:
-                lines.append(f"  {_LABELS[name]:<17}  skipped: {entry['skipped']}")
-                continue
-            roofline = entry.get("roofline_fwd")
-            row = (
-                f"  {_LABELS[name]:<17}{entry['fwd_s'] * 1e3:>10.2f}"
-                f"{entry['fwd_bwd_s'] * 1e3:>12.2f}{entry['ratio_fwd']:>11.2f}"
-                f"{entry['ratio_fwd_bwd']:>11.2f}"
-            )
-            lines.append(row if roofline is None else f"{row}{roofline:>10.2f}")
-    return "\n".join(lines)
+__all__ = [
+    "DECODE_TOKENS",
+    "DTYPES",
+    "LOOP_MAX_EXPERTS",
+    "MOE_VARIANTS",
+    "QUICK_LOOP_MAX_EXPERTS",
+    "SCHEMA",
+    "SHAPE_FORMAT",
+    "VARIANTS",
+    "BenchSettings",
+    "Shape",
+    "Variant",
+    "bench_shape",
+    "default_shapes",
+    "format_table",
+    "hf_available",
+    "parse_shape",
+    "resolve_device",
+    "run_moe_bench",
+    "skip_reason",
+    "triton_available",
+]

@@ -31,9 +31,7 @@ How it is measured, so the numbers are comparable:
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
@@ -44,14 +42,14 @@ from ..models.lm import LM, LMConfig, dense_equivalent
 from .common import (
     device_sync,
     environment,
-    int_at_least,
     load_average,
     log_stderr,
     median,
+    resolve_device,
     timeit,
     utc_now,
 )
-from .moe import resolve_device
+from .tables import format_train_table as format_table
 
 SCHEMA = "gatelab.bench.train/1"
 
@@ -291,18 +289,7 @@ def run_train_bench(
     configs["dense"] = dense_equivalent(configs["moe"])
     started, env_at_start = utc_now(), environment(settings.device)
     tokens_per_step = settings.batch_size * settings.seq_len
-    log(
-        f"gatelab bench train: {settings.device}, batch {settings.batch_size} x seq "
-        f"{settings.seq_len} ({settings.data} data), warmup {settings.warmup}, "
-        f"repeats {settings.repeats}"
-    )
-
-    load = env_at_start.get("load_average_1m")
-    if load is not None and load >= 1.0:
-        log(
-            f"  note: 1-minute load average {load} ({env_at_start['cpu_count']} CPUs): other "
-            "processes are running, so the times may be noisy (both models alike)"
-        )
+    _log_start(settings, env_at_start, log)
     count = settings.warmup + settings.repeats
     batches, data_info = make_batches(settings, configs["moe"].vocab_size, count)
     models = {name: build_model(configs[name], settings) for name in MODELS}
@@ -312,23 +299,10 @@ def run_train_bench(
     times = measure_round_robin(
         steps, settings.warmup, settings.repeats, device_sync(settings.device)
     )
-
-    results = {}
-    for name in MODELS:
-        model, step_times = models[name], times[name]
-        step_s = median(step_times)
-        results[name] = {
-            "config": _config_dict(configs[name]),
-            "parameters": model.num_parameters(),
-            "active_parameters": model.num_active_parameters(),
-            "active_parameters_no_embedding": model.num_active_parameters(include_embedding=False),
-            "moe_layers": len(model.moe_layers()),
-            "step_s": step_s,
-            "step_min_s": min(step_times),
-            "step_times_s": step_times,
-            "tokens_per_s": tokens_per_step / step_s,
-            "losses": [_finite_or_none(float(v)) for v in losses[name]],
-        }
+    results = {
+        name: _model_record(models[name], configs[name], times[name], losses[name], tokens_per_step)
+        for name in MODELS
+    }
     ratio = results["moe"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
     return {
         "schema": SCHEMA,
@@ -336,18 +310,7 @@ def run_train_bench(
         "started_at": started,
         "finished_at": utc_now(),
         "environment": {**env_at_start, "load_average_1m_at_end": load_average()},
-        "settings": {
-            **asdict(settings),
-            "dtype": "float32",
-            "tokens_per_step": tokens_per_step,
-            "step": "model(inputs, targets); (loss + aux_loss).backward(); "
-            "clip_grad_norm_(params, grad_clip); AdamW.step() (trainer's parameter groups, "
-            "aux-free bias hook attached); zero_grad(set_to_none=True)",
-            "timer": "time.perf_counter; median of repeats after warm-up; warm-up and timed "
-            "steps round-robin, one step of each model per round, order alternating"
-            + ("; torch.cuda.synchronize around each step" if settings.device == "cuda" else ""),
-            "ratio": "moe tokens/s / dense tokens/s (= dense step time / moe step time)",
-        },
+        "settings": _settings_record(settings, tokens_per_step),
         "data": data_info,
         "models": results,
         "ratio_tokens_per_s": ratio,
@@ -360,6 +323,60 @@ def run_train_bench(
     }
 
 
+def _log_start(settings: TrainBenchSettings, env: dict, log: Callable[[str], None]) -> None:
+    """What is about to run, and a note when other processes load the machine."""
+    log(
+        f"gatelab bench train: {settings.device}, batch {settings.batch_size} x seq "
+        f"{settings.seq_len} ({settings.data} data), warmup {settings.warmup}, "
+        f"repeats {settings.repeats}"
+    )
+    load = env.get("load_average_1m")
+    if load is not None and load >= 1.0:
+        log(
+            f"  note: 1-minute load average {load} ({env['cpu_count']} CPUs): other "
+            "processes are running, so the times may be noisy (both models alike)"
+        )
+
+
+def _model_record(
+    model: LM,
+    config: LMConfig,
+    step_times: list[float],
+    losses: list[torch.Tensor],
+    tokens_per_step: int,
+) -> dict:
+    """One model's entry of the result: its sizes, its step times and its losses."""
+    step_s = median(step_times)
+    return {
+        "config": _config_dict(config),
+        "parameters": model.num_parameters(),
+        "active_parameters": model.num_active_parameters(),
+        "active_parameters_no_embedding": model.num_active_parameters(include_embedding=False),
+        "moe_layers": len(model.moe_layers()),
+        "step_s": step_s,
+        "step_min_s": min(step_times),
+        "step_times_s": step_times,
+        "tokens_per_s": tokens_per_step / step_s,
+        "losses": [_finite_or_none(float(v)) for v in losses],
+    }
+
+
+def _settings_record(settings: TrainBenchSettings, tokens_per_step: int) -> dict:
+    """The settings as the result records them, with how the step and timer work."""
+    return {
+        **asdict(settings),
+        "dtype": "float32",
+        "tokens_per_step": tokens_per_step,
+        "step": "model(inputs, targets); (loss + aux_loss).backward(); "
+        "clip_grad_norm_(params, grad_clip); AdamW.step() (trainer's parameter groups, "
+        "aux-free bias hook attached); zero_grad(set_to_none=True)",
+        "timer": "time.perf_counter; median of repeats after warm-up; warm-up and timed "
+        "steps round-robin, one step of each model per round, order alternating"
+        + ("; torch.cuda.synchronize around each step" if settings.device == "cuda" else ""),
+        "ratio": "moe tokens/s / dense tokens/s (= dense step time / moe step time)",
+    }
+
+
 def _config_dict(config: LMConfig) -> dict:
     return asdict(config)
 
@@ -368,149 +385,26 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# -- the printed table ----------------------------------------------------------------------
-
-
-def format_table(result: dict) -> str:
-    """The result as a plain-text table: one row per model, then the ratio and the target."""
-    env, settings = result["environment"], result["settings"]
-    moe, dense = result["models"]["moe"], result["models"]["dense"]
-    mc = moe["config"]
-    lines = [
-        f"gatelab bench train | {env['device_name']} | {settings['device']} "
-        f"{settings['dtype']} | {env['threads']} threads | torch {env['torch']} | "
-        f"load average {env.get('load_average_1m')} -> {env.get('load_average_1m_at_end')}",
-        f"MoE LM: {mc['num_layers']} layers, dim {mc['dim']}, {mc['num_heads']} heads, "
-        f"{mc['num_experts']} experts top-{mc['top_k']} (expert hidden {mc['expert_hidden_dim']}), "
-        f"vocab {mc['vocab_size']}, router {mc['router']}, dispatcher {mc['dispatcher']}; "
-        f"dense: FFN hidden {dense['config']['ffn_hidden_dim']} (dense_equivalent)",
-        f"batch {settings['batch_size']} x seq {settings['seq_len']} = "
-        f"{settings['tokens_per_step']} tokens/step, {result['data']['source']} data; "
-        f"full training step (fwd, loss + aux, bwd, clip, AdamW, zero_grad); median of "
-        f"{settings['repeats']} after {settings['warmup']} warm-up, round-robin",
-        "",
-        f"  {'model':<8}{'step ms':>10}{'tokens/s':>12}{'active params':>16}{'total params':>15}",
-    ]
-    for name in MODELS:
-        entry = result["models"][name]
-        lines.append(
-            f"  {name:<8}{entry['step_s'] * 1e3:>10.1f}{entry['tokens_per_s']:>12.0f}"
-            f"{entry['active_parameters']:>16,}{entry['parameters']:>15,}"
-        )
-    ratio, target = result["ratio_tokens_per_s"], result["target"]
-    lines += ["", f"ratio moe/dense tokens/s: {ratio:.2f}"]
-    verdict = "met" if target["met"] else "NOT met"
-    where = (
-        ""
-        if settings["device"] == target["applies_to"]
-        else f" (the target is for {target['applies_to']}; this run is on {settings['device']})"
-    )
-    lines.append(
-        f"target (issue 3): MoE >= {target['ratio']:.2f} x dense tokens/s on "
-        f"{target['applies_to']}: {verdict}{where}"
-    )
-    return "\n".join(lines)
-
-
-# -- command line ---------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``gatelab bench train``'s options on ``parser``."""
-    from ..dispatch import DISPATCHERS
-    from ..routing import ROUTERS
-
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="batch 4 x seq 128 and fewer steps on CPU (under 30 s)",
-    )
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda", "auto"),
-        default="auto",
-        help="where to run (default: auto = cuda when available)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int_at_least(1),
-        default=None,
-        help="sequences per step (default: 8 on CPU, 4 with --quick; 32 on CUDA)",
-    )
-    parser.add_argument(
-        "--seq-len",
-        type=int_at_least(1),
-        default=None,
-        help="tokens per sequence (default: 256; 128 with --quick on CPU)",
-    )
-    parser.add_argument(
-        "--repeats", type=int_at_least(1), default=None, help="timed steps per model"
-    )
-    parser.add_argument(
-        "--warmup", type=int_at_least(0), default=None, help="untimed steps per model first"
-    )
-    parser.add_argument(
-        "--router",
-        choices=ROUTERS.names(),
-        default=None,
-        help="the MoE LM's router (default: topk, the reference model's)",
-    )
-    parser.add_argument(
-        "--dispatcher",
-        choices=["auto", *DISPATCHERS.names()],
-        default=None,
-        help="the MoE LM's dispatcher (default: auto)",
-    )
-    parser.add_argument(
-        "--data",
-        choices=DATA_SOURCES,
-        default="corpus",
-        help="corpus: windows of the two-domain corpus (default); random: random token ids",
-    )
-    parser.add_argument(
-        "--json",
-        metavar="PATH",
-        default=None,
-        help="where to write the results (default: bench-results/train-<device>.json)",
-    )
-    parser.set_defaults(parser=parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``gatelab bench train``: print the table, write the JSON."""
-    from .common import write_json_atomic
-
-    settings = TrainBenchSettings(
-        device=args.device,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        quick=args.quick,
-        data=args.data,
-        router=args.router,
-        dispatcher=args.dispatcher,
-    )
-    try:
-        settings = settings.resolved()
-        config = moe_config(settings)
-        if settings.data == "corpus":
-            _check_corpus_fits(settings)
-    except ValueError as error:
-        parser = getattr(args, "parser", None)
-        if parser is not None:
-            parser.error(str(error))  # exits with status 2
-        print(f"gatelab bench train: error: {error}", file=sys.stderr)
-        return 2
-    result = run_train_bench(settings, config, command=getattr(args, "command_line", None))
-    print(format_table(result))
-    path = write_json_atomic(result, args.json or f"bench-results/train-{settings.device}.json")
-    print(f"\nwrote {path}")
-    return 0
-
-
-def _check_corpus_fits(settings: TrainBenchSettings) -> None:
+def check_corpus_fits(settings: TrainBenchSettings) -> None:
     """A ValueError, before anything is timed, when seq_len is longer than the corpus allows."""
     from ..data.text import LMBatches, load_corpus
 
     LMBatches(load_corpus(seed=settings.seed), "train", seq_len=settings.seq_len, batch_size=1)
+
+
+__all__ = [
+    "DATA_SOURCES",
+    "MODELS",
+    "SCHEMA",
+    "TARGET_RATIO",
+    "TrainBenchSettings",
+    "build_model",
+    "check_corpus_fits",
+    "format_table",
+    "make_batches",
+    "make_step",
+    "measure_round_robin",
+    "moe_config",
+    "reference_config",
+    "run_train_bench",
+]

@@ -1,0 +1,105 @@
+"""The printed tables of the benchmarks: ``gatelab bench moe`` and ``gatelab bench train``
+print these next to the JSON they write, from the result dicts alone."""
+
+from __future__ import annotations
+
+from .variants import VARIANTS
+
+_LABELS = {
+    "dense": "dense (k*F)",
+    "gatelab_grouped": "gatelab grouped",
+    "gatelab_triton": "gatelab triton",
+    "gatelab_loop": "gatelab loop",
+    "hf_eager": "HF eager",
+    "hf_grouped_mm": "HF grouped_mm",
+}
+
+
+def format_moe_table(result: dict) -> str:
+    """The result as a plain-text table: one block per shape, one row per variant."""
+    env, settings = result["environment"], result["settings"]
+    lines = [
+        f"gatelab bench moe | {env['device_name']} | {settings['device']} {settings['dtype']} | "
+        f"{env['threads']} threads | torch {env['torch']} | "
+        f"transformers {env['transformers'] or '-'} | load average "
+        f"{env.get('load_average_1m')} -> {env.get('load_average_1m_at_end')}",
+        f"median of {settings['repeats']} after {settings['warmup']} warm-up; "
+        "ratio = dense time / variant time (higher is better)",
+    ]
+    bandwidth = result.get("copy_bandwidth")
+    if bandwidth:
+        lines.append(
+            f"copy bandwidth {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s "
+            "(2 x bytes / time of a copy); roofline = weight bytes / bandwidth / forward time"
+        )
+    header = (
+        f"  {'variant':<17}{'fwd ms':>10}{'fwd+bwd ms':>12}{'ratio fwd':>11}"
+        f"{'ratio f+b':>11}{'roofline':>10}"
+    )
+    for shape in result["shapes"]:
+        check, note = shape["hf_check"], ""
+        if check is not None:
+            diff = "non-finite" if check["max_abs_diff"] is None else f"{check['max_abs_diff']:.2e}"
+            note = f" | vs HF eager max|diff| {diff} {'ok' if check['ok'] else 'MISMATCH'}"
+        roof = shape["roofline"]
+        if roof is not None:
+            note += f" | {roof['distinct_experts']} experts touched"
+        title = (
+            f"{shape['name']}: T={shape['tokens']} D={shape['dim']} F={shape['hidden_dim']} "
+            f"E={shape['num_experts']} k={shape['top_k']}{note}"
+        )
+        lines += ["", title, header]
+        for name in VARIANTS:
+            entry = shape["variants"][name]
+            if entry["skipped"] is not None:
+                lines.append(f"  {_LABELS[name]:<17}  skipped: {entry['skipped']}")
+                continue
+            roofline = entry.get("roofline_fwd")
+            row = (
+                f"  {_LABELS[name]:<17}{entry['fwd_s'] * 1e3:>10.2f}"
+                f"{entry['fwd_bwd_s'] * 1e3:>12.2f}{entry['ratio_fwd']:>11.2f}"
+                f"{entry['ratio_fwd_bwd']:>11.2f}"
+            )
+            lines.append(row if roofline is None else f"{row}{roofline:>10.2f}")
+    return "\n".join(lines)
+
+
+def format_train_table(result: dict) -> str:
+    """The result as a plain-text table: one row per model, then the ratio and the target."""
+    env, settings = result["environment"], result["settings"]
+    moe, dense = result["models"]["moe"], result["models"]["dense"]
+    mc = moe["config"]
+    lines = [
+        f"gatelab bench train | {env['device_name']} | {settings['device']} "
+        f"{settings['dtype']} | {env['threads']} threads | torch {env['torch']} | "
+        f"load average {env.get('load_average_1m')} -> {env.get('load_average_1m_at_end')}",
+        f"MoE LM: {mc['num_layers']} layers, dim {mc['dim']}, {mc['num_heads']} heads, "
+        f"{mc['num_experts']} experts top-{mc['top_k']} (expert hidden {mc['expert_hidden_dim']}), "
+        f"vocab {mc['vocab_size']}, router {mc['router']}, dispatcher {mc['dispatcher']}; "
+        f"dense: FFN hidden {dense['config']['ffn_hidden_dim']} (dense_equivalent)",
+        f"batch {settings['batch_size']} x seq {settings['seq_len']} = "
+        f"{settings['tokens_per_step']} tokens/step, {result['data']['source']} data; "
+        f"full training step (fwd, loss + aux, bwd, clip, AdamW, zero_grad); median of "
+        f"{settings['repeats']} after {settings['warmup']} warm-up, round-robin",
+        "",
+        f"  {'model':<8}{'step ms':>10}{'tokens/s':>12}{'active params':>16}{'total params':>15}",
+    ]
+    for name in result["models"]:  # moe, dense
+        entry = result["models"][name]
+        lines.append(
+            f"  {name:<8}{entry['step_s'] * 1e3:>10.1f}{entry['tokens_per_s']:>12.0f}"
+            f"{entry['active_parameters']:>16,}{entry['parameters']:>15,}"
+        )
+    ratio, target = result["ratio_tokens_per_s"], result["target"]
+    lines += ["", f"ratio moe/dense tokens/s: {ratio:.2f}"]
+    verdict = "met" if target["met"] else "NOT met"
+    where = (
+        ""
+        if settings["device"] == target["applies_to"]
+        else f" (the target is for {target['applies_to']}; this run is on {settings['device']})"
+    )
+    lines.append(
+        f"target (issue 3): MoE >= {target['ratio']:.2f} x dense tokens/s on "
+        f"{target['applies_to']}: {verdict}{where}"
+    )
+    return "\n".join(lines)

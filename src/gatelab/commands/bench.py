@@ -1,0 +1,225 @@
+"""``gatelab bench moe`` and ``gatelab bench train``: the benchmarks' command line. The
+measuring code lives in :mod:`gatelab.bench`; this module parses, prints and writes."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import int_at_least, shape_arg
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmarks: ratios to dense and HF measured in one process, written as JSON",
+        description="Benchmarks that print a table of ratios measured in one process and "
+        "write the numbers as JSON.",
+    )
+    benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    _add_moe_parser(benchmarks)
+    _add_train_parser(benchmarks)
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"moe": run_moe, "train": run_train}[args.benchmark](args)
+
+
+# -- gatelab bench moe ------------------------------------------------------------------------
+
+
+def _add_moe_parser(benchmarks) -> None:
+    from ..bench.moe import DTYPES, SHAPE_FORMAT
+
+    moe = benchmarks.add_parser(
+        "moe",
+        help="the MoE layer vs an equal-FLOP dense MLP and HF Mixtral (eager, grouped_mm)",
+        description="Time gatelab's MoE (grouped and loop dispatch), an equal-FLOP dense "
+        "SwiGLU MLP and HF's Mixtral block with the same weights, forward and "
+        "forward+backward; print ratios dense/variant and, for decode shapes, the fraction "
+        "of the weight-bandwidth roofline reached.",
+    )
+    moe.add_argument(
+        "--quick", action="store_true", help="smaller T and fewer repeats (well under a minute)"
+    )
+    _add_device_argument(moe)
+    moe.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="parameter and input dtype (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+    _add_timing_arguments(moe, "timed calls per measurement", "untimed calls before timing")
+    moe.add_argument(
+        "--shapes",
+        nargs="+",
+        type=shape_arg,
+        default=None,
+        metavar="SHAPE",
+        help=f"shapes to run instead of the defaults, each {SHAPE_FORMAT}",
+    )
+    _add_json_argument(moe, "moe")
+    moe.add_argument(
+        "--no-hf", action="store_true", help="skip the Hugging Face transformers variants"
+    )
+    moe.set_defaults(parser=moe)
+
+
+def run_moe(args: argparse.Namespace) -> int:
+    """Run ``gatelab bench moe``: print the table, write the JSON."""
+    from ..bench.moe import BenchSettings, format_table, run_moe_bench
+
+    settings = BenchSettings(
+        device=args.device,
+        dtype=args.dtype,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        quick=args.quick,
+        hf=not args.no_hf,
+    )
+    try:
+        settings = settings.resolved()
+    except ValueError as error:
+        _usage_error(args, error)
+    result = run_moe_bench(args.shapes, settings, command=getattr(args, "command_line", None))
+    return _print_and_write(format_table(result), result, args.json, f"moe-{settings.device}")
+
+
+# -- gatelab bench train ----------------------------------------------------------------------
+
+
+def _add_train_parser(benchmarks) -> None:
+    train = benchmarks.add_parser(
+        "train",
+        help="training tokens/s: the MoE LM vs the dense LM of equal active parameters",
+        description="Time full training steps of the MoE LM and its dense equivalent "
+        "round-robin in one process; print tokens/s and their ratio, write JSON.",
+    )
+    add_train_arguments(train)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``gatelab bench train``'s options on ``parser``."""
+    from ..bench.train import DATA_SOURCES
+    from ..dispatch import DISPATCHERS
+    from ..routing import ROUTERS
+
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 4 x seq 128 and fewer steps on CPU (under 30 s)",
+    )
+    _add_device_argument(parser)
+    parser.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="sequences per step (default: 8 on CPU, 4 with --quick; 32 on CUDA)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int_at_least(1),
+        default=None,
+        help="tokens per sequence (default: 256; 128 with --quick on CPU)",
+    )
+    _add_timing_arguments(parser, "timed steps per model", "untimed steps per model first")
+    parser.add_argument(
+        "--router",
+        choices=ROUTERS.names(),
+        default=None,
+        help="the MoE LM's router (default: topk, the reference model's)",
+    )
+    parser.add_argument(
+        "--dispatcher",
+        choices=["auto", *DISPATCHERS.names()],
+        default=None,
+        help="the MoE LM's dispatcher (default: auto)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=DATA_SOURCES,
+        default="corpus",
+        help="corpus: windows of the two-domain corpus (default); random: random token ids",
+    )
+    _add_json_argument(parser, "train")
+    parser.set_defaults(parser=parser)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``gatelab bench train``: print the table, write the JSON. Settings that cannot
+    run (a sequence longer than the corpus allows, say) are usage errors, found before
+    anything is timed."""
+    from ..bench.train import (
+        TrainBenchSettings,
+        check_corpus_fits,
+        format_table,
+        moe_config,
+        run_train_bench,
+    )
+
+    settings = TrainBenchSettings(
+        device=args.device,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        quick=args.quick,
+        data=args.data,
+        router=args.router,
+        dispatcher=args.dispatcher,
+    )
+    try:
+        settings = settings.resolved()
+        config = moe_config(settings)
+        if settings.data == "corpus":
+            check_corpus_fits(settings)
+    except ValueError as error:
+        _usage_error(args, error)
+    result = run_train_bench(settings, config, command=getattr(args, "command_line", None))
+    return _print_and_write(format_table(result), result, args.json, f"train-{settings.device}")
+
+
+# -- shared by both ---------------------------------------------------------------------------
+
+
+def _usage_error(args: argparse.Namespace, error: ValueError) -> None:
+    """Settings that cannot run: argparse's usage error (exit status 2) where the parser is
+    known, else the error goes on to the user-error funnel."""
+    parser = getattr(args, "parser", None)
+    if parser is None:
+        raise error
+    parser.error(str(error))
+
+
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="auto",
+        help="where to run (default: auto = cuda when available)",
+    )
+
+
+def _add_timing_arguments(
+    parser: argparse.ArgumentParser, repeats_help: str, warmup_help: str
+) -> None:
+    parser.add_argument("--repeats", type=int_at_least(1), default=None, help=repeats_help)
+    parser.add_argument("--warmup", type=int_at_least(0), default=None, help=warmup_help)
+
+
+def _add_json_argument(parser: argparse.ArgumentParser, benchmark: str) -> None:
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help=f"where to write the results (default: bench-results/{benchmark}-<device>.json)",
+    )
+
+
+def _print_and_write(table: str, result: dict, path: str | None, default_name: str) -> int:
+    """Print the table, write the result to ``path`` (default bench-results/NAME.json)."""
+    from ..io import write_json
+
+    print(table)
+    written = write_json(path or f"bench-results/{default_name}.json", result)
+    print(f"\nwrote {written}")
+    return 0

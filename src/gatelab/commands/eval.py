@@ -1,0 +1,34 @@
+"""``gatelab eval CHECKPOINT``: evaluate a checkpoint as its recipe says."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ._common import add_checkpoint_parser, checkpoint_meta
+
+
+def add_parser(subparsers) -> None:
+    add_checkpoint_parser(
+        subparsers,
+        "eval",
+        help="evaluate a checkpoint (or a run directory's latest) as its recipe says",
+        description="Rebuild the model and evaluation from the recipe stored in a checkpoint, "
+        "load its weights and print the evaluation metrics as JSON.",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..recipes.run import build_run
+    from ..train.checkpoint import load_checkpoint
+
+    path, meta = checkpoint_meta(args.checkpoint)
+    run = build_run(meta["config"]["run"])
+    load_checkpoint(path, run.model, rng=False)
+    run.model.eval()
+    with torch.no_grad():
+        metrics = run.eval_fn(run.model)
+    print(json.dumps({"checkpoint": str(path), "step": meta["step"], **metrics}))
+    return 0

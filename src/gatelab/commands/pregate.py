@@ -1,0 +1,107 @@
+"""``gatelab pregate``: distil pre-gates, then compare offloaded inference modes (all experts
+resident, offloaded with on-demand loading, offloaded with pre-gate prefetch). The methods
+live in ``edit.pregate`` and ``edit.offload``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..io import write_json
+from ._common import add_model_arguments, all_prompts, open_model, prompt_sets, save_state
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pregate",
+        help="train pre-gates; offloaded inference: resident vs on demand vs prefetch",
+        description="Distil one pre-gate per MoE layer from the next layer's router on the "
+        "calibration --set(s), report its hit rate, then run the prompts with all experts "
+        "resident, offloaded with on-demand loading and offloaded with pre-gate prefetch "
+        "(experts in safetensors under OUT/experts, an LRU cache of --capacity experts): "
+        "tokens/s, peak resident expert bytes, misses, and whether outputs equal the "
+        "resident model's. Writes pregate.json and pregates.safetensors.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
+    p.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="experts in the cache (default: half of all routed experts)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..edit.pregate import pregate_hit_rate, train_pregates
+    from ..inspect.access import find_moe_blocks
+
+    opened = open_model(args.model)
+    sets = prompt_sets(args, opened)
+    prompts = all_prompts(sets)
+    if not prompts:
+        raise ValueError("give at least one calibration set with --set NAME=FILE")
+    model = opened.model
+    total = sum(b.num_experts for b in find_moe_blocks(model))
+    capacity = args.capacity if args.capacity is not None else max(1, total // 2)
+    gates = train_pregates(model, prompts, steps=args.steps)
+    hits = pregate_hit_rate(model, gates, prompts)
+    out = Path(args.out)
+    rows = _compare_modes(model, gates, prompts, capacity, out / "experts")
+    out.mkdir(parents=True, exist_ok=True)
+    save_state(gates, out / "pregates.safetensors")
+    path = write_json(
+        out / "pregate.json",
+        {"sets": list(sets), "capacity": capacity, "hit_rate": hits, "modes": rows},
+        indent=1,
+    )
+    for layer, h in hits.items():
+        print(
+            f"pre-gate {layer} -> {gates.next_layer[layer]}: hit rate {h['hit_rate']:.3f} "
+            f"(chance {h['chance']:.3f})"
+        )
+    for row in rows:
+        print(
+            f"{row['mode']}: {row['tokens_per_s']:.0f} tokens/s, peak resident experts "
+            f"{row['peak_resident_bytes'] / 2**20:.2f} MB, equals resident: {row['exact']}"
+        )
+    print(f"wrote {path} and {out / 'pregates.safetensors'}")
+    return 0
+
+
+def _compare_modes(model, gates, prompts, capacity: int, directory: Path) -> list[dict]:
+    """tokens/s, resident bytes and exactness of the resident, on-demand and prefetch modes."""
+    from ..edit.offload import OffloadedExperts, resident_expert_bytes
+    from ..inspect.access import prompt_batches
+
+    batches = prompt_batches(model, prompts, "prompts")
+    tokens = sum(b.numel() for b in batches)
+    device = next(model.parameters()).device
+
+    def timed():
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = [model(b.to(device)).logits for b in batches]
+        return time.perf_counter() - start, logits
+
+    seconds, reference = timed()
+    rows = [
+        {
+            "mode": "all resident",
+            "tokens_per_s": tokens / seconds,
+            "exact": True,
+            "peak_resident_bytes": resident_expert_bytes(model),
+        }
+    ]
+    for mode, pregates in (("on demand", None), ("pre-gate prefetch", gates)):
+        with OffloadedExperts(model, directory, capacity, pregates=pregates) as off:
+            seconds, logits = timed()
+            off.wait()
+        exact = all(torch.equal(a, b) for a, b in zip(logits, reference, strict=True))
+        rows.append(
+            {"mode": mode, "tokens_per_s": tokens / seconds, "exact": exact, **off.stats.as_dict()}
+        )
+    return rows

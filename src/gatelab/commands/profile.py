@@ -1,0 +1,42 @@
+"""``gatelab profile``: per layer x expert routing frequency and gate weight by prompt set
+(MoTE's fTRI / GateBreaker's profile)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import add_model_arguments, open_model, prompt_sets
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="per layer x expert routing frequency and gate weight by prompt set",
+        description="Run named prompt sets through an MoE model (HF directory or gatelab "
+        "checkpoint) and write profile.json (frequency, mean gate weight, each set's contrast "
+        "with the others) and profile.png (heatmaps). MoTE's fTRI / GateBreaker's profile.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--metric", choices=("frequency", "mean_weight"), default="frequency")
+    p.add_argument("--top", type=int, default=5, help="top experts to print per set")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inspect.plots import plot_profile
+    from ..inspect.profile import profile_routing
+
+    opened = open_model(args.model)
+    sets = prompt_sets(args, opened)
+    if not sets:
+        raise ValueError("give at least one prompt set with --set NAME=FILE")
+    profile = profile_routing(opened.model, sets)
+    out = Path(args.out)
+    profile.save_json(out / "profile.json")
+    plot_profile(profile, out / "profile.png", metric=args.metric)
+    for name in profile.names if len(profile.names) > 1 else []:
+        top = profile.top_experts(name, args.top, metric=args.metric)
+        rounded = [(a, b, round(c, 4)) for a, b, c in top]
+        print(f"{name}: top experts (layer, expert, contrast) {rounded}")
+    print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
+    return 0

@@ -1,0 +1,80 @@
+"""``gatelab steer``: MoTE's steering. Switch experts off, force them on or clamp neurons, and
+measure next-token loss on each prompt set before and after; the model on disk is unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..io import write_json
+from ._common import add_model_arguments, open_model, parse_experts, prompt_sets
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "steer",
+        help="switch experts off / force them on / clamp neurons; loss per prompt set",
+        description="MoTE's steering: apply the edits, measure next-token loss on each "
+        "--set before and after, write steer.json. The model on disk is not changed.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--off", default=None, help="experts to switch off, LAYER:E,E;LAYER:E")
+    p.add_argument("--on", default=None, help="experts to force on, LAYER:E,E;LAYER:E")
+    p.add_argument("--clamp", default=None, help="neurons.json from `gatelab localize`")
+    p.add_argument(
+        "--renormalize",
+        action="store_true",
+        help="rescale each token's remaining weights to their previous sum",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inspect.access import next_token_loss
+
+    opened = open_model(args.model)
+    sets = prompt_sets(args, opened)
+    if not sets:
+        raise ValueError("give at least one prompt set with --set NAME=FILE to measure")
+    off = parse_experts(args.off) if args.off else None
+    on = parse_experts(args.on) if args.on else None
+    neurons = []
+    if args.clamp:
+        data = json.loads(Path(args.clamp).read_text())
+        neurons = data["neurons"] if isinstance(data, dict) else data
+    base = {n: next_token_loss(opened.model, p, n) for n, p in sets.items()}
+    steered = _steered_losses(opened.model, sets, off, on, neurons, args.renormalize)
+    result = {
+        "off": off,
+        "on": on,
+        "clamped_neurons": len(neurons),
+        "renormalize": args.renormalize,
+        "loss": {
+            n: {"base": base[n], "steered": steered[n], "change": steered[n] - base[n]}
+            for n in sets
+        },
+    }
+    path = write_json(Path(args.out) / "steer.json", result, indent=1)
+    for n in sets:
+        print(f"{n}: loss {base[n]:.4f} -> {steered[n]:.4f} nats/token")
+    print(f"wrote {path}")
+    return 0
+
+
+def _steered_losses(model, sets, off, on, neurons, renormalize: bool) -> dict[str, float]:
+    """Loss per set with the edits applied; the edits are removed again before returning."""
+    from ..edit.steer import clamp_neurons, steer_experts
+    from ..inspect.access import next_token_loss
+
+    handles = []
+    try:
+        if off or on:
+            handles.append(steer_experts(model, off=off, on=on, renormalize=renormalize))
+        if neurons:
+            handles.append(clamp_neurons(model, neurons))
+        if not handles:
+            raise ValueError("nothing to steer: give --off, --on and/or --clamp")
+        return {n: next_token_loss(model, p, n) for n, p in sets.items()}
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
