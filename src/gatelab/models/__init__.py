@@ -14,7 +14,7 @@ from torch import nn
 from ..registry import Registry
 from .classifier import LeNet5, LeNet5Config, MLPClassifier, MLPConfig, c3_connections
 from .common import ModelOutput, moe_modules, num_active_parameters, num_parameters
-from .config import Config, ConfigError
+from .config import FLAT_MOE_KEYS, Config, ConfigError, MoEConfig
 from .lm import (
     LM,
     CausalSelfAttention,
@@ -59,6 +59,8 @@ __all__ = [
     "CausalSelfAttention",
     "Config",
     "ConfigError",
+    "FLAT_MOE_KEYS",
+    "MoEConfig",
     "LMConfig",
     "LeNet5",
     "LeNet5Config",
