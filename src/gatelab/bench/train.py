@@ -146,11 +146,14 @@ def moe_config(settings: TrainBenchSettings, config: LMConfig | None = None) -> 
     if not isinstance(config, LMConfig):
         raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
     changes: dict = {}
-    if settings.router is not None and settings.router != config.router:
+    moe_changes: dict = {}
+    if settings.router is not None and settings.router != config.moe.router:
         # Another router's keyword arguments need not fit this one: start from its defaults.
-        changes.update(router=settings.router, router_kwargs={})
+        moe_changes.update(router=settings.router, router_kwargs={})
     if settings.dispatcher is not None:
-        changes["dispatcher"] = settings.dispatcher
+        moe_changes["dispatcher"] = settings.dispatcher
+    if moe_changes:
+        changes["moe"] = config.moe.replace(**moe_changes)
     if settings.seq_len is not None and settings.seq_len > config.max_seq_len:
         changes["max_seq_len"] = settings.seq_len
     config = config.replace(**changes) if changes else config
@@ -376,13 +379,14 @@ def format_table(result: dict) -> str:
     env, settings = result["environment"], result["settings"]
     moe, dense = result["models"]["moe"], result["models"]["dense"]
     mc = moe["config"]
+    mm = mc["moe"]
     lines = [
         f"gatelab bench train | {env['device_name']} | {settings['device']} "
         f"{settings['dtype']} | {env['threads']} threads | torch {env['torch']} | "
         f"load average {env.get('load_average_1m')} -> {env.get('load_average_1m_at_end')}",
         f"MoE LM: {mc['num_layers']} layers, dim {mc['dim']}, {mc['num_heads']} heads, "
-        f"{mc['num_experts']} experts top-{mc['top_k']} (expert hidden {mc['expert_hidden_dim']}), "
-        f"vocab {mc['vocab_size']}, router {mc['router']}, dispatcher {mc['dispatcher']}; "
+        f"{mm['num_experts']} experts top-{mm['top_k']} (expert hidden {mm['hidden_dim']}), "
+        f"vocab {mc['vocab_size']}, router {mm['router']}, dispatcher {mm['dispatcher']}; "
         f"dense: FFN hidden {dense['config']['ffn_hidden_dim']} (dense_equivalent)",
         f"batch {settings['batch_size']} x seq {settings['seq_len']} = "
         f"{settings['tokens_per_step']} tokens/step, {result['data']['source']} data; "
