@@ -1013,7 +1013,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         f"decay {s['weight_decay']:g}, {s['warmup_steps']} warm-up steps then cosine decay to "
         f"{s['min_lr_ratio']:g} x lr, gradient clipping at {s['grad_clip']:g}; the MoE also "
         "optimises its weighted auxiliary losses ("
-        + ", ".join(f"{k} {v:g}" for k, v in cfg["loss_weights"].items())
+        + ", ".join(f"{k} {v:g}" for k, v in cfg["moe"]["loss_weights"].items())
         + f"). {how} {summary['threads']} torch threads.",
         "",
     ]

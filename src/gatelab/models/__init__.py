@@ -15,6 +15,8 @@ from ..registry import Registry
 from .classifier import LeNet5, LeNet5Config, MLPClassifier, MLPConfig, c3_connections
 from .common import ModelOutput, moe_modules, num_active_parameters, num_parameters
 from .config import FLAT_MOE_KEYS, Config, ConfigError, MoEConfig
+from .ctr import DualMLP, FinalMLP, LogisticCTR
+from .field import NeuralField
 from .lm import (
     LM,
     CausalSelfAttention,
@@ -26,6 +28,16 @@ from .lm import (
 )
 from .mixing import MixingClassifier, MixingClassifierConfig
 from .mohets import DLinear, MoHETS, MoHETSConfig
+from .multitask import (
+    CGC,
+    MULTITASK_MODELS,
+    PLE,
+    HoME,
+    MMoE,
+    MultiTaskModel,
+    SharedBottom,
+    expert_statistics,
+)
 from .one_layer import OneLayerTransformer
 
 MODELS: Registry[tuple[type[Config], type[nn.Module]]] = Registry("model")
@@ -48,6 +60,18 @@ def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Conf
 
 
 __all__ = [
+    "CGC",
+    "DualMLP",
+    "FinalMLP",
+    "HoME",
+    "LogisticCTR",
+    "MMoE",
+    "MULTITASK_MODELS",
+    "MultiTaskModel",
+    "NeuralField",
+    "PLE",
+    "SharedBottom",
+    "expert_statistics",
     "DLinear",
     "MoHETS",
     "MoHETSConfig",
