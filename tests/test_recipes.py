@@ -92,3 +92,13 @@ def test_set_nested_and_flat_moe_keys(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.num_experts is now model.moe.num_experts" in err[0]
     assert flat == nested
+
+
+@pytest.mark.parametrize("name", ["moe-lm", "digits-moe", "dense-lm"])
+def test_upgrade_model_table_turns_an_old_flat_table_into_the_shipped_one(name, recwarn, capsys):
+    from gatelab.models import upgrade_model_table
+
+    table = load_recipe(name)["model"]
+    assert upgrade_model_table(_flatten_moe(table)) == table
+    assert upgrade_model_table(table) == table
+    assert not recwarn.list and capsys.readouterr().err == ""

@@ -59,6 +59,17 @@ def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Conf
     return config, model_cls(config)
 
 
+def upgrade_model_table(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe's ``[model]`` table (``kind`` included) in today's layout: the flat keys an
+    earlier version wrote (``num_experts = 8`` directly in ``[model]``) moved into their
+    nested table (``[model.moe]``), without a warning. Tables already in today's layout
+    and unknown kinds come back unchanged (as a copy)."""
+    kind = table.get("kind", "lm")
+    if kind not in MODELS.names():
+        return dict(table)
+    return MODELS.get(kind)[0].upgrade_table(table)
+
+
 __all__ = [
     "CGC",
     "DualMLP",
@@ -94,6 +105,7 @@ __all__ = [
     "SwiGLU",
     "apply_rope",
     "build_model",
+    "upgrade_model_table",
     "c3_connections",
     "dense_equivalent",
     "moe_modules",

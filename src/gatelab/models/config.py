@@ -130,8 +130,19 @@ class Config(metaclass=_ConfigMeta):
         return getattr(getattr(self, section), key)
 
     @classmethod
+    def upgrade_table(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``data`` (a table of this config, maybe written by an earlier version) with the
+        moved keys written into their nested tables, silently: what today's recipe for the
+        same model says (e.g. to compare an old checkpoint's config with a new recipe)."""
+        return cls._fold_moved(data, warn=False)
+
+    @classmethod
     def _fold_moved(
-        cls, data: Mapping[str, Any], stderr: bool = False, current: Config | None = None
+        cls,
+        data: Mapping[str, Any],
+        stderr: bool = False,
+        current: Config | None = None,
+        warn: bool = True,
     ) -> dict[str, Any]:
         """``data`` with the moved keys written into their nested config (the one in
         ``data``, else ``current``'s, else a table over the field's default)."""
@@ -151,7 +162,8 @@ class Config(metaclass=_ConfigMeta):
             elif isinstance(nested, Mapping):
                 out[section] = {**nested, **changes}
         message = _moved_message(old)
-        warnings.warn(message, DeprecationWarning, stacklevel=3)
+        if warn:
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
         if stderr:
             print(f"gatelab: {message}", file=sys.stderr)
         return out
@@ -177,7 +189,7 @@ def _moved_message(old: Mapping[str, str]) -> str:
     moves = ", ".join(f"model.{k} is now model.{v}" for k, v in old.items())
     sections = sorted({v.split(".")[0] for v in old.values()})
     tables = ", ".join(f"[model.{s}]" for s in sections)
-    return f"deprecated flat keys: {moves} (write them in the {tables} table of a recipe)"
+    return f"deprecated flat keys: {moves} (new recipes write them in a {tables} table)"
 
 
 @contextlib.contextmanager
