@@ -489,14 +489,3 @@ FLAT_MOE_KEYS = {
     "k_schedule": "moe.k_schedule",
     "k_schedule_min": "moe.k_schedule_min",
 }
-
-
-def build_moe(
-    cfg: Config, dim: int, hidden_dim: int | None = None, top_k: int | None = None, **kwargs: Any
-):
-    """A gatelab ``MoE`` from a model config's ``moe`` (or a :class:`MoEConfig`); kept for
-    callers of the earlier signature: ``hidden_dim``, when given, must be the config's."""
-    moe = cfg if isinstance(cfg, MoEConfig) else cfg.moe
-    if hidden_dim is not None and hidden_dim != moe.hidden_dim:
-        moe = moe.replace(hidden_dim=hidden_dim)
-    return moe.build(dim, top_k=top_k, **kwargs)
