@@ -142,7 +142,7 @@ def test_corpus_batches_router_and_dispatcher():
     out = run_train_bench(settings, TINY, log=None)
     assert out["data"]["source"] == "corpus" and out["data"]["train_tokens"] > 10**6
     moe = out["models"]["moe"]["config"]
-    assert (moe["router"], moe["dispatcher"]) == ("topk_softmax", "loop")
+    assert (moe["moe"]["router"], moe["moe"]["dispatcher"]) == ("topk_softmax", "loop")
     assert _positive(out["ratio_tokens_per_s"])
 
 

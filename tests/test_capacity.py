@@ -130,7 +130,7 @@ def test_moe_is_dropless_by_default():
 
 def test_moe_dropped_tokens_use_only_the_shared_expert():
     """A token whose every slot is dropped still gets the shared expert's output."""
-    moe = MoE(8, 8, 4, 1, shared_experts=8, capacity_factor=0.25, dispatcher="loop")
+    moe = MoE(8, 8, 4, 1, shared_hidden_dim=8, capacity_factor=0.25, dispatcher="loop")
     x = torch.randn(8, 8)
     out = moe(x)
     dropped = ~moe.last_routing.valid.any(dim=1)

@@ -19,14 +19,12 @@ from gatelab.data.ctr import (
 )
 from gatelab.experiments.finalmlp import roc_auc
 from gatelab.layers.ctr import (
-    DualMLP,
     FeatureSelection,
     FieldEmbedding,
-    FinalMLP,
     InteractionAggregation,
-    LogisticCTR,
     mlp_parameter_count,
 )
+from gatelab.models.ctr import DualMLP, FinalMLP, LogisticCTR
 
 FIELDS = [7, 3, 11, 5]
 
@@ -341,3 +339,20 @@ def test_smoke_run(tmp_path):
     for s in summary.values():
         assert 0.0 <= s["auc_mean"] <= 1.0
     assert "| FinalMLP |" in result["table"]
+
+
+def test_old_import_paths_warn_and_give_the_same_classes():
+    import gatelab.layers
+    import gatelab.layers.ctr
+
+    for module in (gatelab.layers, gatelab.layers.ctr):
+        for name, cls in (
+            ("FinalMLP", FinalMLP),
+            ("DualMLP", DualMLP),
+            ("LogisticCTR", LogisticCTR),
+        ):
+            with pytest.warns(DeprecationWarning, match=f"moved to gatelab.models.ctr.{name}"):
+                assert getattr(module, name) is cls
+    assert "FinalMLP" not in gatelab.layers.__all__
+    with pytest.raises(AttributeError):
+        gatelab.layers.ctr.NoSuchModel  # noqa: B018

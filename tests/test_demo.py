@@ -64,14 +64,14 @@ def check_outputs(run_dir: Path, plots: bool = True) -> dict:
     assert moe["parameters"] > dense["parameters"]
     # Same active parameters up to the routers (E * D per MoE layer for the topk router).
     cfg = moe["config"]
-    router_params = cfg["num_layers"] * cfg["num_experts"] * cfg["dim"]
+    router_params = cfg["num_layers"] * cfg["moe"]["num_experts"] * cfg["dim"]
     assert moe["active_parameters"] - dense["active_parameters"] == router_params
     assert len(summary["profile"]) == cfg["num_layers"]
     for layer in summary["profile"]:
         for domain in DOMAINS:
             assert sum(layer["shares"][domain]) == pytest.approx(1.0)
             assert sum(layer["counts"][domain]) > 0
-            assert len(layer["shares"][domain]) == cfg["num_experts"]
+            assert len(layer["shares"][domain]) == cfg["moe"]["num_experts"]
             assert sum(layer["at_init"]["shares"][domain]) == pytest.approx(1.0)
         assert 0.0 <= layer["jsd_bits"] <= 1.0 and 0.0 <= layer["total_variation"] <= 1.0
     assert (run_dir / "moe" / "routing.jsonl").exists()

@@ -136,9 +136,9 @@ def _check_moe_layer(rank: int, ep: int = WORLD) -> None:
     parallelize equals the single-process layer on the full batch, for the mean loss."""
     world = dist.get_world_size()
     torch.manual_seed(3)
-    layer = MoE(D, F, E, K, shared_experts=4, loss_weights={"balance": 0.1, "z": 0.01}).double()
+    layer = MoE(D, F, E, K, shared_hidden_dim=4, loss_weights={"balance": 0.1, "z": 0.01}).double()
     x = torch.randn(2 * world, 3, D, dtype=torch.float64)
-    ref = MoE(D, F, E, K, shared_experts=4, loss_weights={"balance": 0.1, "z": 0.01}).double()
+    ref = MoE(D, F, E, K, shared_hidden_dim=4, loss_weights={"balance": 0.1, "z": 0.01}).double()
     ref.load_state_dict(layer.state_dict())
     ref_out = ref(x)
     (ref_out.square().mean() + ref.aux_loss).backward()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gatelab import experiments
-from gatelab.layers import CoordinateAwareModulation, FourierFeatures, NeuralField, pixel_coords
+from gatelab.layers import CoordinateAwareModulation, FourierFeatures, pixel_coords
+from gatelab.models import NeuralField
 
 
 def test_cam_starts_as_plain_normalisation():
@@ -102,3 +103,13 @@ def test_cam_fit_experiment_smoke(tmp_path):
     for runs in result["runs"].values():
         assert all(0 < v < 100 for r in runs for v in r["psnr"].values())
     assert "| cam |" in result["table"]
+
+
+def test_old_import_paths_warn_and_give_the_same_class():
+    import gatelab.layers
+    import gatelab.layers.field
+
+    for module in (gatelab.layers, gatelab.layers.field):
+        with pytest.warns(DeprecationWarning, match="moved to gatelab.models.field.NeuralField"):
+            assert module.NeuralField is NeuralField
+    assert "NeuralField" not in gatelab.layers.__all__

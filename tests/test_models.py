@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from gatelab.models import (
     LMConfig,
     MLPClassifier,
     MLPConfig,
+    MoEConfig,
     apply_rope,
     build_model,
     c3_connections,
@@ -33,20 +36,12 @@ V, D = 32, 16
 
 
 def tiny(**changes) -> LMConfig:
-    """A small LM config: 2 layers, width 16, 4 experts top-2."""
-    base = dict(
-        vocab_size=V,
-        dim=D,
-        num_layers=2,
-        num_heads=2,
-        max_seq_len=24,
-        ffn_hidden_dim=32,
-        num_experts=4,
-        top_k=2,
-        expert_hidden_dim=16,
-        dispatcher="loop",
-    )
-    return LMConfig(**{**base, **changes})
+    """A small LM config: 2 layers, width 16, 4 experts top-2; ``changes`` named like
+    MoEConfig's fields go to ``moe``."""
+    base = dict(vocab_size=V, dim=D, num_layers=2, num_heads=2, max_seq_len=24, ffn_hidden_dim=32)
+    moe = dict(num_experts=4, top_k=2, hidden_dim=16, dispatcher="loop")
+    moe.update({k: changes.pop(k) for k in list(changes) if k in MoEConfig.keys()})
+    return LMConfig(**{**base, **changes}, moe=moe)
 
 
 def ids_for(batch=2, seq=12, vocab=V, seed=0):
@@ -59,7 +54,7 @@ def ids_for(batch=2, seq=12, vocab=V, seed=0):
 @pytest.mark.parametrize("moe_layers", ["none", "all", [1], "every_other"])
 def test_lm_shapes_and_initial_loss(moe_layers):
     # A bigger vocabulary than `tiny` so the initial loss is near log(V) at width 16.
-    model = LM(tiny(moe_layers=moe_layers, vocab_size=128, dim=32, expert_hidden_dim=32))
+    model = LM(tiny(moe_layers=moe_layers, vocab_size=128, dim=32, hidden_dim=32))
     ids, targets = ids_for(3, 10, 128), ids_for(3, 10, 128, seed=1)
     out = model(ids, targets)
     assert out.logits.shape == (3, 10, 128)
@@ -158,8 +153,8 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_init_follows_gpt2():
-    cfg = tiny(num_layers=8, dim=64, num_heads=4, expert_hidden_dim=64, ffn_hidden_dim=64)
-    model = LM(cfg.replace(moe_layers=[1], shared_expert_dim=64))
+    cfg = tiny(num_layers=8, dim=64, num_heads=4, hidden_dim=64, ffn_hidden_dim=64)
+    model = LM(cfg.replace(moe_layers=[1], moe=cfg.moe.replace(shared_hidden_dim=64)))
     resid = 0.02 / math.sqrt(2 * 8)
     stds = {name: p.std().item() for name, p in model.named_parameters()}
     assert stds["embed.weight"] == pytest.approx(0.02, rel=0.1)
@@ -186,10 +181,7 @@ def test_parameter_counts_by_hand():
         num_heads=2,
         ffn_hidden_dim=15,
         moe_layers=[1],
-        num_experts=4,
-        top_k=2,
-        expert_hidden_dim=6,
-        shared_expert_dim=3,
+        moe=MoEConfig(num_experts=4, top_k=2, hidden_dim=6, shared_hidden_dim=3),
     )
     d, e, f, s = 8, 4, 6, 3
     embed, final_norm = 11 * d, d
@@ -217,7 +209,7 @@ def test_parameter_counts_by_hand():
 )
 def test_dense_equivalent_matches_active_parameters_up_to_routers(router, per_layer_router):
     top_k = 1 if router == "hash" else 2
-    cfg = tiny(num_layers=3, router=router, top_k=top_k, shared_expert_dim=8)
+    cfg = tiny(num_layers=3, router=router, top_k=top_k, shared_hidden_dim=8)
     dense_cfg = dense_equivalent(cfg)
     assert dense_cfg.moe_layer_indices() == []
     assert dense_cfg.ffn_hidden_dim == top_k * 16 + 8
@@ -256,7 +248,7 @@ def test_aux_loss_is_differentiable_and_only_in_training():
 @pytest.mark.parametrize("moe_layers", ["none", "all"])
 def test_a_few_steps_overfit_a_repeated_sequence(moe_layers):
     torch.manual_seed(0)
-    model = LM(tiny(moe_layers=moe_layers, dim=32, ffn_hidden_dim=64, expert_hidden_dim=32))
+    model = LM(tiny(moe_layers=moe_layers, dim=32, ffn_hidden_dim=64, hidden_dim=32))
     pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
     seq = pattern.repeat(2)[None].expand(4, -1)
     ids, targets = seq[:, :-1], seq[:, 1:]
@@ -336,29 +328,32 @@ def test_unknown_keys_name_the_nearest_valid_one():
         ("moe_layers", [1, "2"], "LMConfig.moe_layers: expected one of 'all', 'none', "),
         ("moe_layers", "evry_other", "expected one of 'all', 'none', 'every_other' or a list"),
         (
-            "loss_weights",
+            "moe.loss_weights",
             {"balance": "high"},
-            "LMConfig.loss_weights: expected a table of a number",
+            "LMConfig.moe.loss_weights: expected a table of a number",
         ),
-        ("capacity_factor", "1.0", "LMConfig.capacity_factor: expected a number or nothing"),
+        ("moe.capacity_factor", "1.0", "LMConfig.moe.capacity_factor: expected a number or "),
+        ("moe", 3, "LMConfig.moe: expected a table (MoEConfig), got int 3"),
     ],
 )
 def test_wrong_types_name_the_key_and_the_type(key, value, expected):
+    section, _, name = key.rpartition(".")
     with pytest.raises(ConfigError) as info:
-        LMConfig.from_dict({key: value})
+        LMConfig.from_dict({section: {name: value}} if section else {key: value})
     assert expected in str(info.value)
 
 
 def test_invalid_values_name_the_key():
     cases = [
-        ({"router": "topkk"}, "LMConfig.router: unknown value 'topkk'; did you mean 'topk'?"),
-        ({"dispatcher": "groupd"}, "did you mean 'grouped'?"),
-        ({"router_kwargs": {"jiter": 0.1}}, "did you mean 'jitter'?"),
-        ({"loss_weights": {"balanse": 0.1}}, "did you mean 'balance'?"),
-        ({"top_k": 9}, "LMConfig.top_k=9 exceeds num_experts=8"),
+        ({"moe": {"router": "topkk"}}, "LMConfig.moe.router: unknown value 'topkk'; did you "),
+        ({"moe": {"dispatcher": "groupd"}}, "did you mean 'grouped'?"),
+        ({"moe": {"router_kwargs": {"jiter": 0.1}}}, "did you mean 'jitter'?"),
+        ({"moe": {"loss_weights": {"balanse": 0.1}}}, "did you mean 'balance'?"),
+        ({"moe": {"top_k": 9}}, "LMConfig.moe.top_k=9 exceeds num_experts=8"),
+        ({"moe": {"topk": 1}}, "unknown key 'topk' in LMConfig.moe; did you mean 'top_k'?"),
         ({"dim": 24, "num_heads": 8}, "even width"),
         ({"moe_layers": [4]}, "layer 4 is out of range for 4 layers"),
-        ({"capacity_factor": 0}, "leave it out for dropless"),
+        ({"moe": {"capacity_factor": 0}}, "leave it out for dropless"),
         ({"dropout": 1.0}, "LMConfig.dropout must lie in [0, 1)"),
         ({"num_layers": 0}, "LMConfig.num_layers must be > 0"),
     ]
@@ -374,7 +369,7 @@ def test_configs_round_trip_and_read_toml():
     configs = [
         tiny(moe_layers=[0], capacity_factor=1.25, router="sigmoid", router_kwargs={"n_group": 2}),
         tiny(),
-        MLPConfig(hidden_dims=[64, 64], moe_layers=[1], loss_weights={"z": 0.5}),
+        MLPConfig(hidden_dims=[64, 64], moe_layers=[1], moe={"loss_weights": {"z": 0.5}}),
         LeNet5Config(image_size=8, act="relu", c3_table=False),
     ]
     for cfg in configs:
@@ -391,13 +386,15 @@ def test_configs_round_trip_and_read_toml():
         dim = 32
         num_heads = 2
         moe_layers = [1, 3]
+
+        [model.moe]
         router = "topk"
         router_kwargs = { normalize = true }
         loss_weights = { balance = 0.01 }
         """
     )
     cfg = LMConfig.from_dict(recipe["model"])
-    assert cfg.moe_layer_indices() == [1, 3] and cfg.router_kwargs == {"normalize": True}
+    assert cfg.moe_layer_indices() == [1, 3] and cfg.moe.router_kwargs == {"normalize": True}
     assert LMConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -477,3 +474,101 @@ def test_lenet5_follows_the_paper():
         model(torch.randn(2, 1, 8, 8))
     with pytest.raises(ConfigError, match="'pad' needs images of at most 32"):
         LeNet5Config(image_size=40, input_adapt="pad")
+
+
+# -- The nested MoE config and the flat keys of earlier versions -------------------------
+
+FLAT_LM = {
+    "vocab_size": V,
+    "dim": D,
+    "num_layers": 2,
+    "num_heads": 2,
+    "max_seq_len": 24,
+    "ffn_hidden_dim": 32,
+    "moe_layers": [1],
+    "num_experts": 4,
+    "top_k": 1,
+    "expert_hidden_dim": 8,
+    "shared_expert_dim": 4,
+    "router": "sigmoid",
+    "loss_weights": {"balance": 0.1},
+    "capacity_factor": 1.5,
+}
+NESTED_LM = {
+    **{k: v for k, v in FLAT_LM.items() if k not in LMConfig._moved},
+    "moe": {
+        "num_experts": 4,
+        "top_k": 1,
+        "hidden_dim": 8,
+        "shared_hidden_dim": 4,
+        "router": "sigmoid",
+        "loss_weights": {"balance": 0.1},
+        "capacity_factor": 1.5,
+    },
+}
+
+
+def test_flat_and_nested_moe_keys_build_the_same_model(capsys):
+    with pytest.warns(
+        DeprecationWarning, match="model.expert_hidden_dim is now model.moe.hidden_dim"
+    ):
+        flat = LMConfig.from_dict(FLAT_LM)  # an old recipe, or an old checkpoint's JSON config
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.moe.num_experts" in err
+    nested = LMConfig.from_dict(NESTED_LM)
+    assert capsys.readouterr().err == ""
+    assert flat == nested
+    table = flat.to_dict()  # written back nested: what new checkpoints store
+    assert "num_experts" not in table and table["moe"]["hidden_dim"] == 8
+    models = []
+    for cfg in (flat, nested):
+        torch.manual_seed(0)
+        models.append(LM(cfg).train())
+    a, b = (m.state_dict() for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = ids_for()
+    out_a, out_b = (m(ids, ids) for m in models)
+    assert torch.equal(out_a.logits, out_b.logits) and torch.equal(out_a.aux_loss, out_b.aux_loss)
+
+
+def test_flat_moe_keys_in_python_and_mlp_config():
+    with pytest.warns(DeprecationWarning, match="model.moe.num_experts"):
+        cfg = LMConfig(num_experts=4, top_k=1)
+    assert cfg.moe == MoEConfig(num_experts=4, top_k=1)
+    with pytest.warns(DeprecationWarning, match="LMConfig.moe.top_k"):
+        assert cfg.top_k == 1  # attribute reads of the old names
+    with pytest.warns(DeprecationWarning):
+        assert cfg.replace(num_experts=2, top_k=2).moe.num_experts == 2
+    with pytest.warns(DeprecationWarning):
+        changed = dataclasses.replace(cfg, shared_expert_dim=8)
+    assert changed.moe.shared_hidden_dim == 8 and changed.moe.num_experts == 4
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        cfg.nope  # noqa: B018
+    # A table over the model's own defaults: the MLP keeps its narrow experts.
+    mlp = MLPConfig.from_dict({"moe": {"num_experts": 4}})
+    assert (mlp.moe.hidden_dim, mlp.moe.loss_weights) == (128, {"balance": 0.01})
+    with pytest.warns(DeprecationWarning):
+        old = MLPConfig.from_dict({"num_experts": 4, "expert_hidden_dim": 64})
+    assert old.moe == mlp.moe.replace(hidden_dim=64)
+    # A flat key written beside the table (a --set model.top_k=1 on a new recipe) wins.
+    with pytest.warns(DeprecationWarning):
+        both = LMConfig.from_dict({"moe": {"num_experts": 4, "top_k": 2}, "top_k": 1})
+    assert both.moe.top_k == 1 and both.moe.num_experts == 4
+    with pytest.raises(ConfigError, match="MLPConfig.moe.top_k=3 exceeds num_experts=2"):
+        MLPConfig.from_dict({"moe": {"num_experts": 2, "top_k": 3}})
+
+
+def test_flat_and_nested_mlp_classifier_are_identical():
+    flat_table = {"hidden_dims": [32, 32], "moe_layers": [1], "num_experts": 4, "top_k": 2}
+    nested_table = {"hidden_dims": [32, 32], "moe_layers": [1], "moe": {"num_experts": 4}}
+    outputs = []
+    for table in (flat_table, nested_table):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _, model = build_model("mlp", table)
+        outputs.append(
+            model.train()(torch.randn(6, 64, generator=torch.Generator().manual_seed(1)))
+        )
+    assert torch.equal(outputs[0].logits, outputs[1].logits)
+    assert torch.equal(outputs[0].aux_loss, outputs[1].aux_loss)

@@ -101,7 +101,7 @@ def test_single_expert_and_k_equals_e(num_experts, top_k, dispatcher):
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dispatcher", ["loop", "grouped"])
 def test_shared_expert(gated, dispatcher):
-    moe = make_moe("topk", dispatcher=dispatcher, shared_experts=12, shared_gate=gated)
+    moe = make_moe("topk", dispatcher=dispatcher, shared_hidden_dim=12, shared_gate=gated)
     x = torch.randn(2, 3, DIM)
     out = moe(x)
     flat = x.reshape(-1, DIM)
@@ -116,9 +116,24 @@ def test_shared_expert(gated, dispatcher):
     torch.testing.assert_close(out.reshape(-1, DIM), routed + shared)
 
 
+def test_shared_experts_keyword_is_the_deprecated_name_of_shared_hidden_dim():
+    torch.manual_seed(0)
+    new = make_moe("topk", shared_hidden_dim=12)
+    torch.manual_seed(0)
+    with pytest.warns(
+        DeprecationWarning, match="shared expert's hidden width.*shared_hidden_dim=12"
+    ):
+        old = make_moe("topk", shared_experts=12)
+    assert old.shared_experts.state_dict().keys() == new.shared_experts.state_dict().keys()
+    x = torch.randn(5, DIM)
+    torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pass only shared_hidden_dim"):
+        make_moe("topk", shared_experts=12, shared_hidden_dim=12)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_shared_expert_dispatchers_agree(gated):
-    moe = make_moe("sigmoid", shared_experts=12, shared_gate=gated).double()
+    moe = make_moe("sigmoid", shared_hidden_dim=12, shared_gate=gated).double()
     x = torch.randn(2, 3, DIM, dtype=torch.float64)
     grouped = with_dispatcher(moe, "grouped")
     ref, ref_grads = forward_backward(moe, x)
@@ -226,5 +241,5 @@ def test_compile_eager_backend_default_dispatcher(router, fresh_dynamo):
 @pytest.mark.parametrize("dispatcher", ["loop", "grouped"])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compile(dispatcher, backend, fresh_dynamo):
-    moe = make_moe("topk", dispatcher=dispatcher, shared_experts=8, capacity_factor=1.0)
+    moe = make_moe("topk", dispatcher=dispatcher, shared_hidden_dim=8, capacity_factor=1.0)
     check_compiled(moe, backend, torch.randn(2, 3, DIM))

@@ -227,7 +227,7 @@ def test_wide_mlp_errors():
     # without biases any unit mask is a valid wide MLP
     WideMLP(4, 3, 2)(torch.randn(1, 4), torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="shared expert"):
-        moe_to_wide(MoE(4, 2, 3, shared_experts=4))
+        moe_to_wide(MoE(4, 2, 3, shared_hidden_dim=4))
 
 
 def test_moex_experiment_smoke(tmp_path):

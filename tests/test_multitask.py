@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gatelab.data.synthetic import mmoe_synthetic
-from gatelab.layers.multitask import (
+from gatelab.models.multitask import (
     CGC,
     MULTITASK_MODELS,
     PLE,
@@ -173,3 +173,16 @@ def test_multitask_experiment_smoke(tmp_path):
     home = result["summary"]["HoME"]["1.0"]
     assert home["zero_mean"] == 0.0  # Swish experts have no exact zeros
     assert all(math.isfinite(m) for m in home["mse"])
+
+
+def test_old_import_paths_warn_and_give_the_same_objects():
+    import gatelab.layers
+    import gatelab.layers.multitask
+
+    for name, obj in (("MMoE", MMoE), ("PLE", PLE), ("HoME", HoME), ("CGC", CGC)):
+        for module in (gatelab.layers, gatelab.layers.multitask):
+            with pytest.warns(DeprecationWarning, match=f"gatelab.models.multitask.{name}"):
+                assert getattr(module, name) is obj
+    with pytest.warns(DeprecationWarning):
+        assert gatelab.layers.expert_statistics is expert_statistics
+    assert "MMoE" not in gatelab.layers.__all__

@@ -53,3 +53,52 @@ def test_missing_recipe(tmp_path):
         recipe_path(tmp_path / "nope.toml")
     with pytest.raises(RecipeError, match="no recipe named"):
         recipe_path("no-such-recipe")
+
+
+def _model_config(recipe):
+    from gatelab.models import MODELS
+
+    table = dict(recipe["model"])
+    config_cls, _ = MODELS.get(table.pop("kind", "lm"))
+    return config_cls.from_dict(table)
+
+
+def _flatten_moe(model_table):
+    """A [model] table as recipes wrote it before [model.moe]: the MoE keys flat."""
+    from gatelab.models import FLAT_MOE_KEYS
+
+    new_to_old = {v.split(".")[1]: k for k, v in FLAT_MOE_KEYS.items()}
+    flat = {k: v for k, v in model_table.items() if k != "moe"}
+    flat.update({new_to_old[k]: v for k, v in model_table.get("moe", {}).items()})
+    return flat
+
+
+@pytest.mark.parametrize("name", ["moe-lm", "digits-moe"])
+def test_shipped_moe_recipes_are_nested_and_match_their_flat_form(name, capsys):
+    recipe = load_recipe(name)
+    assert "moe" in recipe["model"] and "num_experts" not in recipe["model"]
+    nested = _model_config(recipe)
+    assert capsys.readouterr().err == ""
+    with pytest.warns(DeprecationWarning, match="model.moe.num_experts"):
+        flat = _model_config({"model": _flatten_moe(recipe["model"])})
+    assert flat == nested
+
+
+def test_set_nested_and_flat_moe_keys(capsys):
+    nested = _model_config(load_recipe("moe-lm", ["model.moe.num_experts=4"]))
+    assert nested.moe.num_experts == 4 and capsys.readouterr().err == ""
+    with pytest.warns(DeprecationWarning):
+        flat = _model_config(load_recipe("moe-lm", ["model.num_experts=4"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.num_experts is now model.moe.num_experts" in err[0]
+    assert flat == nested
+
+
+@pytest.mark.parametrize("name", ["moe-lm", "digits-moe", "dense-lm"])
+def test_upgrade_model_table_turns_an_old_flat_table_into_the_shipped_one(name, recwarn, capsys):
+    from gatelab.models import upgrade_model_table
+
+    table = load_recipe(name)["model"]
+    assert upgrade_model_table(_flatten_moe(table)) == table
+    assert upgrade_model_table(table) == table
+    assert not recwarn.list and capsys.readouterr().err == ""

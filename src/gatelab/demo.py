@@ -59,6 +59,7 @@ import torch
 from . import __version__
 from .data.text import DOMAINS, EvalBatches, LMBatch, LMBatches, TextCorpus, load_corpus
 from .io import atomic_write
+from .models.config import MoEConfig
 from .models.lm import LM, LMConfig, dense_equivalent
 from .train import TrainConfig, Trainer, TrainResult, param_groups, read_jsonl
 from .train.evaluate import bits_per_byte
@@ -141,9 +142,7 @@ def demo_settings(tiny: bool = False) -> DemoSettings:
             num_layers=2,
             num_heads=2,
             max_seq_len=32,
-            num_experts=4,
-            top_k=2,
-            expert_hidden_dim=32,
+            moe=MoEConfig(num_experts=4, top_k=2, hidden_dim=32),
             ffn_hidden_dim=64,
         )
         return DemoSettings(model, seq_len=32, batch_size=4)
@@ -931,7 +930,8 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         "# gatelab demo: an MoE language model against its dense equivalent",
         "",
         f"A byte-level MoE LM ({cfg['num_layers']} layers, width {cfg['dim']}, "
-        f"{cfg['num_experts']} experts of width {cfg['expert_hidden_dim']}, top-{cfg['top_k']}) "
+        f"{cfg['moe']['num_experts']} experts of width {cfg['moe']['hidden_dim']}, "
+        f"top-{cfg['moe']['top_k']}) "
         f"and the dense LM with the same active parameters (a SwiGLU FFN of width "
         f"{dense['config']['ffn_hidden_dim']}), trained on the same {moe['tokens']:,} tokens "
         "(same seed, same batches in the same order, same optimizer and schedule) of a "
@@ -1013,7 +1013,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         f"decay {s['weight_decay']:g}, {s['warmup_steps']} warm-up steps then cosine decay to "
         f"{s['min_lr_ratio']:g} x lr, gradient clipping at {s['grad_clip']:g}; the MoE also "
         "optimises its weighted auxiliary losses ("
-        + ", ".join(f"{k} {v:g}" for k, v in cfg["loss_weights"].items())
+        + ", ".join(f"{k} {v:g}" for k, v in cfg["moe"]["loss_weights"].items())
         + f"). {how} {summary['threads']} torch threads.",
         "",
     ]

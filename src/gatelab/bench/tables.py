@@ -69,13 +69,14 @@ def format_train_table(result: dict) -> str:
     env, settings = result["environment"], result["settings"]
     moe, dense = result["models"]["moe"], result["models"]["dense"]
     mc = moe["config"]
+    mm = mc["moe"]
     lines = [
         f"gatelab bench train | {env['device_name']} | {settings['device']} "
         f"{settings['dtype']} | {env['threads']} threads | torch {env['torch']} | "
         f"load average {env.get('load_average_1m')} -> {env.get('load_average_1m_at_end')}",
         f"MoE LM: {mc['num_layers']} layers, dim {mc['dim']}, {mc['num_heads']} heads, "
-        f"{mc['num_experts']} experts top-{mc['top_k']} (expert hidden {mc['expert_hidden_dim']}), "
-        f"vocab {mc['vocab_size']}, router {mc['router']}, dispatcher {mc['dispatcher']}; "
+        f"{mm['num_experts']} experts top-{mm['top_k']} (expert hidden {mm['hidden_dim']}), "
+        f"vocab {mc['vocab_size']}, router {mm['router']}, dispatcher {mm['dispatcher']}; "
         f"dense: FFN hidden {dense['config']['ffn_hidden_dim']} (dense_equivalent)",
         f"batch {settings['batch_size']} x seq {settings['seq_len']} = "
         f"{settings['tokens_per_step']} tokens/step, {result['data']['source']} data; "

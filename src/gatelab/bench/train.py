@@ -144,11 +144,14 @@ def moe_config(settings: TrainBenchSettings, config: LMConfig | None = None) -> 
     if not isinstance(config, LMConfig):
         raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
     changes: dict = {}
-    if settings.router is not None and settings.router != config.router:
+    moe_changes: dict = {}
+    if settings.router is not None and settings.router != config.moe.router:
         # Another router's keyword arguments need not fit this one: start from its defaults.
-        changes.update(router=settings.router, router_kwargs={})
+        moe_changes.update(router=settings.router, router_kwargs={})
     if settings.dispatcher is not None:
-        changes["dispatcher"] = settings.dispatcher
+        moe_changes["dispatcher"] = settings.dispatcher
+    if moe_changes:
+        changes["moe"] = config.moe.replace(**moe_changes)
     if settings.seq_len is not None and settings.seq_len > config.max_seq_len:
         changes["max_seq_len"] = settings.seq_len
     config = config.replace(**changes) if changes else config

@@ -102,10 +102,13 @@ def save_pruned(opened: OpenedModel, pruned: nn.Module, directory: Path) -> Path
     if opened.kind != "gatelab":
         raise ValueError("save_pruned needs a model opened from a directory")
     from ..inspect.access import find_moe_blocks
+    from ..models import upgrade_model_table
     from ..train.checkpoint import save_checkpoint
 
     config = copy.deepcopy(opened.meta["config"])
-    config["run"].setdefault("model", {})["num_experts"] = find_moe_blocks(pruned)[0].num_experts
+    model = upgrade_model_table(config["run"].get("model", {}))
+    model.setdefault("moe", {})["num_experts"] = find_moe_blocks(pruned)[0].num_experts
+    config["run"]["model"] = model
     save_checkpoint(
         directory / "checkpoints",
         opened.meta["step"],

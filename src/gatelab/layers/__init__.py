@@ -1,18 +1,16 @@
-"""nn.Modules users put in models."""
+"""Blocks: the nn.Modules users put in models (complete models are in gatelab.models)."""
 
+from ..legacy import moved
 from .attention import ATTN_GATES, GatedAttention, apply_rope, rope_cache
 from .conv import BaseConv, LongConv, ShortConv
 from .ctr import (
-    DualMLP,
     FeatureSelection,
     FieldEmbedding,
-    FinalMLP,
     InteractionAggregation,
-    LogisticCTR,
     MLPStack,
     mlp_parameter_count,
 )
-from .field import CoordinateAwareModulation, FourierFeatures, NeuralField, pixel_coords
+from .field import CoordinateAwareModulation, FourierFeatures, pixel_coords
 from .kan import GRKANMLP, SKAN, GroupRational, SKANLayer
 from .mlp import (
     GLU_VARIANTS,
@@ -27,7 +25,6 @@ from .mlp import (
     ResidualMlpBlock,
 )
 from .moe import MoE
-from .multitask import CGC, PLE, HoME, MMoE, SharedBottom, expert_statistics
 from .retention import GatedRetention
 from .token_mixing import (
     ActivatorBlock,
@@ -55,26 +52,16 @@ from .wide_mlp import (
 )
 
 __all__ = [
-    "CGC",
-    "PLE",
-    "HoME",
-    "MMoE",
-    "SharedBottom",
-    "expert_statistics",
     "CoordinateAwareModulation",
     "FourierFeatures",
-    "NeuralField",
     "pixel_coords",
     "SelectiveMultiHeadAttention",
     "decompose_mlp",
     "decompose_to_moe",
     "uoe_mlp",
-    "DualMLP",
     "FeatureSelection",
     "FieldEmbedding",
-    "FinalMLP",
     "InteractionAggregation",
-    "LogisticCTR",
     "MLPStack",
     "mlp_parameter_count",
     "BaseConv",
@@ -120,3 +107,14 @@ __all__ = [
     "rope_cache",
     "MoE",
 ]
+
+# Complete models moved to gatelab.models (issue 14); the old names import with a warning.
+_MOVED_MODELS = {
+    **dict.fromkeys(("DualMLP", "FinalMLP", "LogisticCTR"), "gatelab.models.ctr"),
+    **dict.fromkeys(
+        ("CGC", "PLE", "HoME", "MMoE", "SharedBottom", "expert_statistics"),
+        "gatelab.models.multitask",
+    ),
+    "NeuralField": "gatelab.models.field",
+}
+__getattr__ = moved(__name__, _MOVED_MODELS)

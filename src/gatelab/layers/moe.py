@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +26,8 @@ class MoE(nn.Module):
         dispatcher: "auto", "grouped" or "loop", or a dispatcher object: any callable with
             the dispatcher signature, such as ``gatelab.dispatch.ExpertParallel`` (which
             ``gatelab.parallelize`` installs from outside).
-        shared_experts: hidden width of a shared expert every token also passes (0: none).
+        shared_hidden_dim: hidden width of a shared expert every token also passes (0: none).
+            (``shared_experts``, its old name, still works with a DeprecationWarning.)
         shared_gate: scale the shared expert by sigmoid(x w) (Qwen2-MoE).
         capacity_factor: None for dropless; otherwise each expert takes at most
             ceil(capacity_factor * T * k / E) slots and the rest are dropped.
@@ -54,14 +57,18 @@ class MoE(nn.Module):
         act: str = "silu",
         bias: bool = False,
         dispatcher: str = "auto",
-        shared_experts: int = 0,
+        shared_hidden_dim: int = 0,
         shared_gate: bool = False,
         capacity_factor: float | None = None,
         loss_weights: dict[str, float] | None = None,
         deterministic: bool = True,
         router_kwargs: dict | None = None,
+        *,
+        shared_experts: int | None = None,
     ):
         super().__init__()
+        if shared_experts is not None:
+            shared_hidden_dim = _renamed_shared_experts(shared_experts, shared_hidden_dim)
         self.dim, self.hidden_dim = dim, hidden_dim
         self.num_experts, self.top_k = num_experts, top_k
         self.router = self._build_router(router, router_kwargs or {})
@@ -75,8 +82,8 @@ class MoE(nn.Module):
         self.dispatcher = dispatcher
         self.aux_loss_routing = None
         self.shared_experts = (
-            SharedExpert(dim, shared_experts, act=act, gated=shared_gate)
-            if shared_experts
+            SharedExpert(dim, shared_hidden_dim, act=act, gated=shared_gate)
+            if shared_hidden_dim
             else None
         )
         if capacity_factor is not None and not capacity_factor > 0:
@@ -200,6 +207,22 @@ class MoE(nn.Module):
             )
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE input must be [..., dim={self.dim}], got shape {tuple(x.shape)}")
+
+
+def _renamed_shared_experts(shared_experts: int, shared_hidden_dim: int) -> int:
+    """The shared expert's width from the old keyword ``shared_experts`` (a width, not a count)."""
+    if shared_hidden_dim:
+        raise ValueError(
+            "MoE got both shared_experts and shared_hidden_dim; pass only shared_hidden_dim "
+            "(the shared expert's hidden width)"
+        )
+    warnings.warn(
+        f"MoE(shared_experts={shared_experts}) is deprecated: the argument is the shared "
+        f"expert's hidden width, not a count; pass shared_hidden_dim={shared_experts}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return shared_experts
 
 
 def _check_loss_weights(weights: dict[str, float]) -> dict[str, float]:

@@ -14,7 +14,9 @@ from torch import nn
 from ..registry import Registry
 from .classifier import LeNet5, LeNet5Config, MLPClassifier, MLPConfig, c3_connections
 from .common import ModelOutput, moe_modules, num_active_parameters, num_parameters
-from .config import Config, ConfigError
+from .config import FLAT_MOE_KEYS, Config, ConfigError, MoEConfig
+from .ctr import DualMLP, FinalMLP, LogisticCTR
+from .field import NeuralField
 from .lm import (
     LM,
     CausalSelfAttention,
@@ -26,6 +28,16 @@ from .lm import (
 )
 from .mixing import MixingClassifier, MixingClassifierConfig
 from .mohets import DLinear, MoHETS, MoHETSConfig
+from .multitask import (
+    CGC,
+    MULTITASK_MODELS,
+    PLE,
+    HoME,
+    MMoE,
+    MultiTaskModel,
+    SharedBottom,
+    expert_statistics,
+)
 from .one_layer import OneLayerTransformer
 
 MODELS: Registry[tuple[type[Config], type[nn.Module]]] = Registry("model")
@@ -47,7 +59,30 @@ def build_model(name: str, table: Mapping[str, Any] | None = None) -> tuple[Conf
     return config, model_cls(config)
 
 
+def upgrade_model_table(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe's ``[model]`` table (``kind`` included) in today's layout: the flat keys an
+    earlier version wrote (``num_experts = 8`` directly in ``[model]``) moved into their
+    nested table (``[model.moe]``), without a warning. Tables already in today's layout
+    and unknown kinds come back unchanged (as a copy)."""
+    kind = table.get("kind", "lm")
+    if kind not in MODELS.names():
+        return dict(table)
+    return MODELS.get(kind)[0].upgrade_table(table)
+
+
 __all__ = [
+    "CGC",
+    "DualMLP",
+    "FinalMLP",
+    "HoME",
+    "LogisticCTR",
+    "MMoE",
+    "MULTITASK_MODELS",
+    "MultiTaskModel",
+    "NeuralField",
+    "PLE",
+    "SharedBottom",
+    "expert_statistics",
     "DLinear",
     "MoHETS",
     "MoHETSConfig",
@@ -59,6 +94,8 @@ __all__ = [
     "CausalSelfAttention",
     "Config",
     "ConfigError",
+    "FLAT_MOE_KEYS",
+    "MoEConfig",
     "LMConfig",
     "LeNet5",
     "LeNet5Config",
@@ -68,6 +105,7 @@ __all__ = [
     "SwiGLU",
     "apply_rope",
     "build_model",
+    "upgrade_model_table",
     "c3_connections",
     "dense_equivalent",
     "moe_modules",

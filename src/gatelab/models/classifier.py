@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,13 @@ from .common import (
     num_parameters,
 )
 from .config import (
+    FLAT_MOE_KEYS,
     Config,
     ConfigError,
-    build_moe,
+    MoEConfig,
     check_choice,
-    check_moe_fields,
     check_positive,
-    layer_top_ks,
+    nested_errors,
     resolve_layers,
 )
 
@@ -47,14 +47,12 @@ class MLPConfig(Config):
     ``num_classes`` logits out, ``act`` (a gatelab activation name) and ``dropout``.
     ``moe_layers`` ("all", "none", "every_other" or indices into ``hidden_dims``) picks
     the hidden layers that are MoE; an MoE layer keeps its width, so
-    ``hidden_dims[i]`` must equal the width before it. The MoE fields mean what they mean
-    in :class:`~gatelab.models.LMConfig`; the experts are plain two-layer MLPs
-    (``act``) of width ``expert_hidden_dim``.
-    ``k_schedule`` (left out: ``top_k`` everywhere) gives each MoE layer its own K_max:
-    a name in ``gatelab.routing.K_SCHEDULES`` ("uniform", "descending", "ascending",
-    "pyramid", "valley", "wave") spreading K_max between ``k_schedule_min`` and
-    ``top_k`` over the MoE layers, or a list with one K_max per MoE layer; with the
-    ``dynamic_k`` and ``top_p`` routers K_max bounds each token's number of experts.
+    ``hidden_dims[i]`` must equal the width before it. ``moe`` configures those layers: a
+    :class:`~gatelab.models.MoEConfig` (a recipe's ``[model.moe]`` table, as for
+    :class:`~gatelab.models.LMConfig`; here by default experts of width 128 and the
+    balance loss alone); the experts are plain two-layer MLPs (``act``) of width
+    ``moe.hidden_dim``. The flat keys of earlier versions (``num_experts``,
+    ``expert_hidden_dim``, ... directly in ``[model]``) still work, with a deprecation message.
 
     ``block`` "linear" (default) makes every dense hidden layer ``act(Linear(x))``.
     "bottleneck" or "hourglass" (names in ``gatelab.layers.MLPS``) builds the residual MLPs
@@ -70,19 +68,13 @@ class MLPConfig(Config):
     act: str = "gelu"
     dropout: float = 0.0
     moe_layers: Literal["all", "none", "every_other"] | list[int] = "none"
-    num_experts: int = 8
-    top_k: int = 2
-    expert_hidden_dim: int = 128
-    router: str = "topk"
-    router_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    capacity_factor: float | None = None
-    shared_expert_dim: int = 0
-    loss_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"balance": 0.01})
-    dispatcher: str = "auto"
+    moe: MoEConfig = dataclasses.field(
+        default_factory=lambda: MoEConfig(hidden_dim=128, loss_weights={"balance": 0.01})
+    )
     block: Literal["linear", "bottleneck", "hourglass"] = "linear"
     block_hidden_dim: int = 0
-    k_schedule: str | list[int] | None = None
-    k_schedule_min: int = 1
+
+    _moved = FLAT_MOE_KEYS  # the flat MoE keys of earlier versions, now in ``moe``
 
     def validate(self) -> None:
         check_positive(self, "input_dim", "num_classes")
@@ -101,7 +93,6 @@ class MLPConfig(Config):
                     f"({width})"
                 )
             width = self.hidden_dims[i]
-        check_moe_fields(self)
         check_positive(self, "block_hidden_dim", allow_zero=True)
         if self.block == "hourglass" and self.block_hidden_dim:
             for i, width in enumerate(self.hidden_dims):
@@ -111,9 +102,9 @@ class MLPConfig(Config):
                         f"blocks are narrow, so it must be < hidden_dims[{i}]={width}"
                     )
         self.moe_top_ks()
-        if self.router == "hash" and self.router_kwargs.get("key", "token") == "token":
+        if self.moe.router == "hash" and self.moe.router_kwargs.get("key", "token") == "token":
             raise ConfigError(
-                f"{self._key('router_kwargs')}: the classifier has no token ids to hash; "
+                f"{self._key('moe.router_kwargs')}: the classifier has no token ids to hash; "
                 'use router_kwargs = { key = "position" }'
             )
 
@@ -123,7 +114,8 @@ class MLPConfig(Config):
 
     def moe_top_ks(self) -> list[int]:
         """K_max of each MoE layer, in the order of :meth:`moe_layer_indices`."""
-        return layer_top_ks(self, len(self.moe_layer_indices()))
+        with nested_errors(type(self), "moe", MoEConfig):
+            return self.moe.layer_top_ks(len(self.moe_layer_indices()))
 
 
 class MLPClassifier(nn.Module):
@@ -151,14 +143,7 @@ class MLPClassifier(nn.Module):
         for i, hidden in enumerate(config.hidden_dims):
             if i in moe:
                 layers.append(
-                    build_moe(
-                        config,
-                        width,
-                        config.expert_hidden_dim,
-                        top_k=top_ks[i],
-                        experts="mlp",
-                        act=config.act,
-                    )
+                    config.moe.build(width, top_k=top_ks[i], experts="mlp", act=config.act)
                 )
             elif config.block != "linear" and hidden == width:
                 layers.append(_residual_block(config, width))

@@ -1,27 +1,37 @@
 """The shared logic of model configs: plain-typed dataclasses that map one-to-one onto TOML.
 
 A model config is a frozen dataclass deriving from :class:`Config`. Its fields hold only
-what TOML can write (int, float, str, bool, lists and string-keyed tables of those), so a
-recipe's ``[model]`` table is ``Config.from_dict(table)`` and ``to_dict()`` writes it back.
+what TOML can write (int, float, str, bool, lists and string-keyed tables of those) or a
+nested config (a sub-table such as ``[model.moe]``), so a recipe's ``[model]`` table is
+``Config.from_dict(table)`` and ``to_dict()`` writes it back.
 
 - ``from_dict`` rejects unknown keys, naming the nearest valid one (difflib), and missing
   keys take their defaults.
 - Every value is checked against its field's annotation at construction (``from_dict``,
   the constructor and ``replace`` alike); an int is accepted where a float is expected and
   stored as a float, a tuple where a list is expected and stored as a list.
+- A nested config field takes a config or a table; a table changes the field's default
+  (the owner's own defaults, e.g. ``MLPConfig``'s narrower experts), key by key.
 - TOML has no null: a field that may be ``None`` must default to ``None``, and ``to_dict``
   leaves ``None`` values out, so a missing key reads back as ``None``.
 - Subclasses add cross-field checks in ``validate()``, raising :class:`ConfigError`.
+- Keys that moved into a nested config (``_moved``: old key -> "section.key") still work
+  in ``from_dict``, the constructor, ``replace`` and attribute reads, with a
+  DeprecationWarning naming the new key (``from_dict``, fed by recipes and checkpoints,
+  also prints it as one line on stderr).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
+import sys
 import types
 import typing
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypeVar, Union
 
 C = TypeVar("C", bound="Config")
@@ -31,14 +41,31 @@ class ConfigError(ValueError):
     """A config value or key a user can fix; the message names the key."""
 
 
+class _ConfigMeta(type):
+    """Folds moved keys (``Config._moved``) into their nested config before ``__init__``,
+    so ``LMConfig(num_experts=4)`` and ``dataclasses.replace`` keep working."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls._moved:
+            kwargs = cls._fold_moved(kwargs)
+        return super().__call__(*args, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(metaclass=_ConfigMeta):
     """Base of the model configs: type checks, ``from_dict``, ``to_dict``, ``replace``."""
+
+    # Old key -> "section.key" of a nested config field (see the module docstring).
+    _moved: typing.ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         hints = _type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = check_value(getattr(self, f.name), hints[f.name], self._key(f.name))
+            value, tp = getattr(self, f.name), hints[f.name]
+            if _is_config_type(tp):
+                value = self._nested(f, tp, value)
+            else:
+                value = check_value(value, tp, self._key(f.name))
             object.__setattr__(self, f.name, value)
         self.validate()
 
@@ -60,6 +87,7 @@ class Config:
             raise ConfigError(
                 f"{cls.__name__} must be built from a table (dict), got {type(data).__name__}"
             )
+        data = cls._fold_moved(data, stderr=True)
         valid = cls.keys()
         for key in data:
             if key not in valid:
@@ -80,11 +108,100 @@ class Config:
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with ``changes`` applied and checked like ``from_dict``."""
+        changes = self._fold_moved(changes, current=self)
         valid = self.keys()
         for key in changes:
             if key not in valid:
                 raise ConfigError(unknown_key_message(key, valid, type(self).__name__))
         return dataclasses.replace(self, **changes)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a moved key read under its old name.
+        moved = type(self)._moved.get(name)
+        if moved is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        where = type(self).__name__
+        warnings.warn(
+            f"{where}.{name} is deprecated: read {where}.{moved} (model.{moved} in a recipe)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        section, key = moved.split(".")
+        return getattr(getattr(self, section), key)
+
+    @classmethod
+    def upgrade_table(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``data`` (a table of this config, maybe written by an earlier version) with the
+        moved keys written into their nested tables, silently: what today's recipe for the
+        same model says (e.g. to compare an old checkpoint's config with a new recipe)."""
+        return cls._fold_moved(data, warn=False)
+
+    @classmethod
+    def _fold_moved(
+        cls,
+        data: Mapping[str, Any],
+        stderr: bool = False,
+        current: Config | None = None,
+        warn: bool = True,
+    ) -> dict[str, Any]:
+        """``data`` with the moved keys written into their nested config (the one in
+        ``data``, else ``current``'s, else a table over the field's default)."""
+        old = {k: cls._moved[k] for k in data if k in cls._moved}
+        out = {k: v for k, v in data.items() if k not in old}
+        if not old:
+            return out
+        by_section: dict[str, dict[str, Any]] = {}
+        for key, moved in old.items():
+            section, name = moved.split(".")
+            by_section.setdefault(section, {})[name] = data[key]
+        for section, changes in by_section.items():
+            nested = out.get(section, getattr(current, section, None) or {})
+            if isinstance(nested, Config):
+                with nested_errors(cls, section, type(nested)):
+                    out[section] = nested.replace(**changes)
+            elif isinstance(nested, Mapping):
+                out[section] = {**nested, **changes}
+        message = _moved_message(old)
+        if warn:
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
+        if stderr:
+            print(f"gatelab: {message}", file=sys.stderr)
+        return out
+
+    def _nested(self, f: dataclasses.Field, tp: type[Config], value: Any) -> Config:
+        """A nested config field's value: a config as is, a table over the default."""
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{self._key(f.name)}: expected a table ({tp.__name__}), got {_describe(value)}"
+            )
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp()
+        with nested_errors(type(self), f.name, tp):
+            return default.replace(**value)
+
+
+def _is_config_type(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Config)
+
+
+def _moved_message(old: Mapping[str, str]) -> str:
+    moves = ", ".join(f"model.{k} is now model.{v}" for k, v in old.items())
+    sections = sorted({v.split(".")[0] for v in old.values()})
+    tables = ", ".join(f"[model.{s}]" for s in sections)
+    return f"deprecated flat keys: {moves} (new recipes write them in a {tables} table)"
+
+
+@contextlib.contextmanager
+def nested_errors(owner: type[Config], section: str, nested: type[Config]) -> Iterator[None]:
+    """Re-raise a nested config's ConfigError naming the key as the owner sees it:
+    'MoEConfig.top_k' -> 'LMConfig.moe.top_k'."""
+    try:
+        yield
+    except ConfigError as error:
+        name, where = nested.__name__, f"{owner.__name__}.{section}"
+        text = str(error).replace(f"{name}.", f"{where}.").replace(f"in {name};", f"in {where};")
+        raise ConfigError(text) from None
 
 
 def unknown_key_message(key: object, valid: list[str], where: str) -> str:
@@ -190,6 +307,8 @@ def _describe(value: Any) -> str:
 
 
 def _plain_copy(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
     if isinstance(value, list | tuple):
         return [_plain_copy(v) for v in value]
     if isinstance(value, Mapping):
@@ -202,7 +321,8 @@ _HINTS: dict[type, dict[str, Any]] = {}
 
 def _type_hints(cls: type) -> dict[str, Any]:
     if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
     return _HINTS[cls]
 
 
@@ -246,87 +366,126 @@ def resolve_layers(spec: str | list[int], num_layers: int, key: str) -> list[int
     return sorted(out)
 
 
-# -- MoE settings shared by the model configs ---------------------------------------------
-
-MOE_FIELDS = (
-    "num_experts",
-    "top_k",
-    "expert_hidden_dim",
-    "router",
-    "router_kwargs",
-    "capacity_factor",
-    "shared_expert_dim",
-    "loss_weights",
-    "dispatcher",
-)
+# -- The MoE settings the model configs share ---------------------------------------------
 
 
-def check_moe_fields(cfg: Config) -> None:
-    """Validate the MoE fields of a config (names in MOE_FIELDS) before any layer is built."""
-    from ..dispatch import DISPATCHERS
-    from ..routing import LOSSES, ROUTERS
+@dataclasses.dataclass(frozen=True)
+class MoEConfig(Config):
+    """The MoE layers of a model: a recipe's ``[model.moe]`` table (torchtitan's ``MoEArgs``),
+    shared by :class:`~gatelab.models.LMConfig` and :class:`~gatelab.models.MLPConfig`
+    (which of a model's layers are MoE stays the model's ``moe_layers``).
 
-    check_positive(cfg, "num_experts", "top_k", "expert_hidden_dim")
-    check_positive(cfg, "shared_expert_dim", allow_zero=True)
-    if cfg.top_k > cfg.num_experts:
-        raise ConfigError(
-            f"{cfg._key('top_k')}={cfg.top_k} exceeds num_experts={cfg.num_experts}; "
-            "use top_k <= num_experts"
-        )
-    check_choice(cfg._key("router"), cfg.router, ROUTERS.names())
-    params = inspect.signature(ROUTERS.get(cfg.router)).parameters
-    accepted = [n for n in params if n not in ("self", "dim", "num_experts", "top_k")]
-    for name in cfg.router_kwargs:
-        if name not in accepted:
-            raise ConfigError(
-                unknown_key_message(name, accepted, f"{cfg._key('router_kwargs')} ({cfg.router!r})")
-            )
-    check_choice(cfg._key("dispatcher"), cfg.dispatcher, ["auto", *DISPATCHERS.names()])
-    if cfg.capacity_factor is not None and not cfg.capacity_factor > 0:
-        raise ConfigError(
-            f"{cfg._key('capacity_factor')} must be > 0 (leave it out for dropless routing), "
-            f"got {cfg.capacity_factor}"
-        )
-    for name, weight in cfg.loss_weights.items():
-        check_choice(f"{cfg._key('loss_weights')} key", name, sorted(LOSSES))
-        if weight < 0:
-            raise ConfigError(f"{cfg._key('loss_weights')}.{name} must be >= 0, got {weight}")
+    ``num_experts`` routed experts of hidden width ``hidden_dim``, ``top_k`` per token,
+    chosen by the router ``router`` (a name in ``gatelab.routing.ROUTERS``) built with
+    ``router_kwargs``; ``capacity_factor`` (left out: dropless); a shared expert of hidden
+    width ``shared_hidden_dim`` every token also passes (0: none); the auxiliary
+    ``loss_weights`` (names in ``gatelab.routing.LOSSES``); ``dispatcher`` ("auto",
+    "grouped", "loop"). ``k_schedule`` (left out: ``top_k`` everywhere) gives each MoE layer
+    its own K_max: a name in ``gatelab.routing.K_SCHEDULES`` ("uniform", "descending",
+    "ascending", "pyramid", "valley", "wave") spreading K_max between ``k_schedule_min`` and
+    ``top_k`` over the MoE layers, or a list with one K_max per MoE layer; with the
+    ``dynamic_k`` and ``top_p`` routers K_max bounds each token's number of experts.
 
+    The defaults are the demo LM's; a model config may default to others (``MLPConfig``).
+    Earlier versions wrote these keys flat in ``[model]`` (see :data:`FLAT_MOE_KEYS`).
+    """
 
-def build_moe(cfg: Config, dim: int, hidden_dim: int, top_k: int | None = None, **kwargs: Any):
-    """A gatelab ``MoE`` of width ``dim`` from a config's MoE fields (see MOE_FIELDS);
-    ``top_k`` overrides the config's (a layer's K_max from ``k_schedule``)."""
-    from ..layers import MoE
-
-    return MoE(
-        dim,
-        hidden_dim,
-        cfg.num_experts,
-        cfg.top_k if top_k is None else top_k,
-        router=cfg.router,
-        dispatcher=cfg.dispatcher,
-        shared_experts=cfg.shared_expert_dim,
-        capacity_factor=cfg.capacity_factor,
-        loss_weights=dict(cfg.loss_weights),
-        router_kwargs=dict(cfg.router_kwargs),
-        **kwargs,
+    num_experts: int = 8
+    top_k: int = 2
+    hidden_dim: int = 512
+    router: str = "topk"
+    router_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    capacity_factor: float | None = None
+    shared_hidden_dim: int = 0
+    loss_weights: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"balance": 0.01, "z": 0.001}
     )
+    dispatcher: str = "auto"
+    k_schedule: str | list[int] | None = None
+    k_schedule_min: int = 1
 
+    def validate(self) -> None:
+        from ..dispatch import DISPATCHERS
+        from ..routing import LOSSES
 
-def layer_top_ks(cfg: Config, num_moe_layers: int) -> list[int]:
-    """K_max of each of the ``num_moe_layers`` MoE layers, in order: ``top_k`` for every
-    layer, or what ``k_schedule`` gives (``gatelab.routing.resolve_k_schedule``: a schedule
-    name or one K_max per MoE layer, between ``k_schedule_min`` and ``top_k``)."""
-    schedule = getattr(cfg, "k_schedule", None)
-    if schedule is None or num_moe_layers == 0:
-        return [cfg.top_k] * num_moe_layers
-    from ..routing import K_SCHEDULES, resolve_k_schedule
+        check_positive(self, "num_experts", "top_k", "hidden_dim")
+        check_positive(self, "shared_hidden_dim", allow_zero=True)
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"{self._key('top_k')}={self.top_k} exceeds num_experts={self.num_experts}; "
+                "use top_k <= num_experts"
+            )
+        self._check_router()
+        check_choice(self._key("dispatcher"), self.dispatcher, ["auto", *DISPATCHERS.names()])
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(
+                f"{self._key('capacity_factor')} must be > 0 (leave it out for dropless "
+                f"routing), got {self.capacity_factor}"
+            )
+        for name, weight in self.loss_weights.items():
+            check_choice(f"{self._key('loss_weights')} key", name, sorted(LOSSES))
+            if weight < 0:
+                raise ConfigError(f"{self._key('loss_weights')}.{name} must be >= 0, got {weight}")
 
-    if isinstance(schedule, str):
-        check_choice(cfg._key("k_schedule"), schedule, K_SCHEDULES.names())
-    try:
-        return resolve_k_schedule(
-            schedule, num_moe_layers, cfg.k_schedule_min, cfg.top_k, cfg.num_experts
+    def _check_router(self) -> None:
+        from ..routing import ROUTERS
+
+        check_choice(self._key("router"), self.router, ROUTERS.names())
+        params = inspect.signature(ROUTERS.get(self.router)).parameters
+        accepted = [n for n in params if n not in ("self", "dim", "num_experts", "top_k")]
+        for name in self.router_kwargs:
+            if name not in accepted:
+                where = f"{self._key('router_kwargs')} ({self.router!r})"
+                raise ConfigError(unknown_key_message(name, accepted, where))
+
+    def build(self, dim: int, top_k: int | None = None, **kwargs: Any):
+        """A gatelab ``MoE`` of width ``dim``; ``top_k`` overrides the config's (a layer's
+        K_max from ``k_schedule``); ``kwargs`` go to ``MoE`` (``experts``, ``act``...)."""
+        from ..layers.moe import MoE
+
+        return MoE(
+            dim,
+            self.hidden_dim,
+            self.num_experts,
+            self.top_k if top_k is None else top_k,
+            router=self.router,
+            dispatcher=self.dispatcher,
+            shared_hidden_dim=self.shared_hidden_dim,
+            capacity_factor=self.capacity_factor,
+            loss_weights=dict(self.loss_weights),
+            router_kwargs=dict(self.router_kwargs),
+            **kwargs,
         )
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{cfg._key('k_schedule')}: {error}") from None
+
+    def layer_top_ks(self, num_moe_layers: int) -> list[int]:
+        """K_max of each of the ``num_moe_layers`` MoE layers, in order: ``top_k`` for every
+        layer, or what ``k_schedule`` gives (``gatelab.routing.resolve_k_schedule``)."""
+        schedule = self.k_schedule
+        if schedule is None or num_moe_layers == 0:
+            return [self.top_k] * num_moe_layers
+        from ..routing import K_SCHEDULES, resolve_k_schedule
+
+        if isinstance(schedule, str):
+            check_choice(self._key("k_schedule"), schedule, K_SCHEDULES.names())
+        try:
+            return resolve_k_schedule(
+                schedule, num_moe_layers, self.k_schedule_min, self.top_k, self.num_experts
+            )
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{self._key('k_schedule')}: {error}") from None
+
+
+# The flat ``[model]`` keys of earlier versions -> their place in ``[model.moe]``.
+FLAT_MOE_KEYS = {
+    "num_experts": "moe.num_experts",
+    "top_k": "moe.top_k",
+    "expert_hidden_dim": "moe.hidden_dim",
+    "router": "moe.router",
+    "router_kwargs": "moe.router_kwargs",
+    "capacity_factor": "moe.capacity_factor",
+    "shared_expert_dim": "moe.shared_hidden_dim",
+    "loss_weights": "moe.loss_weights",
+    "dispatcher": "moe.dispatcher",
+    "k_schedule": "moe.k_schedule",
+    "k_schedule_min": "moe.k_schedule_min",
+}

@@ -36,13 +36,13 @@ from .common import (
     num_parameters,
 )
 from .config import (
+    FLAT_MOE_KEYS,
     Config,
     ConfigError,
-    build_moe,
+    MoEConfig,
     check_choice,
-    check_moe_fields,
     check_positive,
-    layer_top_ks,
+    nested_errors,
     resolve_layers,
     unknown_key_message,
 )
@@ -67,17 +67,14 @@ class LMConfig(Config):
     ``ffn_hidden_dim`` (hidden width of the dense SwiGLU FFNs).
 
     MoE: ``moe_layers`` picks the layers whose FFN is a gatelab ``MoE``: "all", "none",
-    "every_other" (layers 1, 3, 5, ...) or a list of indices. Those layers use
-    ``num_experts`` SwiGLU experts of width ``expert_hidden_dim``, ``top_k`` per token,
-    the router ``router`` (a name in ``gatelab.routing.ROUTERS``) built with
-    ``router_kwargs``, ``capacity_factor`` (left out: dropless), a shared SwiGLU expert of
-    width ``shared_expert_dim`` (0: none), the auxiliary ``loss_weights`` (names in
-    ``gatelab.routing.LOSSES``) and ``dispatcher`` ("auto", "grouped", "loop").
-    ``k_schedule`` (left out: ``top_k`` everywhere) gives each MoE layer its own K_max:
-    a name in ``gatelab.routing.K_SCHEDULES`` ("uniform", "descending", "ascending",
-    "pyramid", "valley", "wave") spreading K_max between ``k_schedule_min`` and
-    ``top_k`` over the MoE layers, or a list with one K_max per MoE layer; with the
-    ``dynamic_k`` and ``top_p`` routers K_max bounds each token's number of experts.
+    "every_other" (layers 1, 3, 5, ...) or a list of indices. Those layers are configured
+    by ``moe``, a :class:`~gatelab.models.MoEConfig` (a recipe's ``[model.moe]`` table:
+    ``num_experts`` SwiGLU experts of width ``hidden_dim``, ``top_k``, ``router``,
+    ``router_kwargs``, ``capacity_factor``, a shared SwiGLU expert of width
+    ``shared_hidden_dim``, ``loss_weights``, ``dispatcher``, ``k_schedule``,
+    ``k_schedule_min``). The flat keys of earlier versions (``num_experts = 8`` directly in
+    ``[model]``, ``expert_hidden_dim``, ``shared_expert_dim``, ...: ``FLAT_MOE_KEYS``) still
+    work, with a deprecation message naming the new key.
     ``schedules`` changes MoE settings over training steps (``gatelab.routing.schedules``;
     the Trainer advances them): ``capacity_factor`` of every MoE layer and ``top_k`` of
     every router, each a table such as ``{ kind = "step", values = [2.0, 1.25],
@@ -97,7 +94,7 @@ class LMConfig(Config):
     ``norm_eps`` of the RMSNorms, ``init_std`` (see :meth:`LM.reset_parameters`).
 
     The defaults are the demo's MoE LM (4 layers, width 256, 8 experts of width 512, top-2,
-    byte vocabulary); ``ffn_hidden_dim`` = 1024 = top_k * expert_hidden_dim, so a mixed
+    byte vocabulary); ``ffn_hidden_dim`` = 1024 = top_k * moe.hidden_dim, so a mixed
     model built from them has a dense equivalent.
     """
 
@@ -108,28 +105,18 @@ class LMConfig(Config):
     max_seq_len: int = 256
     ffn_hidden_dim: int = 1024
     moe_layers: Literal["all", "none", "every_other"] | list[int] = "all"
-    num_experts: int = 8
-    top_k: int = 2
-    expert_hidden_dim: int = 512
-    router: str = "topk"
-    router_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    capacity_factor: float | None = None
-    shared_expert_dim: int = 0
-    loss_weights: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"balance": 0.01, "z": 0.001}
-    )
-    dispatcher: str = "auto"
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    k_schedule: str | list[int] | None = None
-    k_schedule_min: int = 1
     ffn: str = "swiglu"
     ffn_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     attn_gate: Literal["none", "headwise", "elementwise"] = "none"
     num_kv_heads: int = 0
     schedules: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    _moved = FLAT_MOE_KEYS  # the flat MoE keys of earlier versions, now in ``moe``
 
     def validate(self) -> None:
         check_positive(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len")
@@ -144,9 +131,8 @@ class LMConfig(Config):
         moe = self.moe_layer_indices()
         if len(moe) < self.num_layers:
             check_positive(self, "ffn_hidden_dim")
-        check_moe_fields(self)
         try:
-            check_moe_schedules(self.schedules, self.num_experts)
+            check_moe_schedules(self.schedules, self.moe.num_experts)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{self._key('schedules')}: {error}") from None
         self.moe_top_ks()
@@ -188,7 +174,8 @@ class LMConfig(Config):
 
     def moe_top_ks(self) -> list[int]:
         """K_max of each MoE layer, in the order of :meth:`moe_layer_indices`."""
-        return layer_top_ks(self, len(self.moe_layer_indices()))
+        with nested_errors(type(self), "moe", MoEConfig):
+            return self.moe.layer_top_ks(len(self.moe_layer_indices()))
 
     @property
     def head_dim(self) -> int:
@@ -199,7 +186,7 @@ def dense_equivalent(config: LMConfig) -> LMConfig:
     """The dense LM config with the same active parameters as ``config``, up to the routers.
 
     Each MoE FFN becomes a dense SwiGLU FFN of hidden width
-    ``top_k * expert_hidden_dim + shared_expert_dim``: the same weights a token passes
+    ``moe.top_k * moe.hidden_dim + moe.shared_hidden_dim``: the same weights a token passes
     through. So ``LM(dense_equivalent(c)).num_active_parameters()`` equals
     ``LM(c).num_active_parameters()`` minus the MoE layers' router parameters (E * D per
     layer for the learned routers, E * D + E for ``topk_softmax`` with its bias, 0 for
@@ -209,17 +196,18 @@ def dense_equivalent(config: LMConfig) -> LMConfig:
     moe = config.moe_layer_indices()
     if not moe:
         return config
-    if config.k_schedule is not None:
+    m = config.moe
+    if m.k_schedule is not None:
         raise ConfigError(
             "dense_equivalent needs one top_k for every MoE layer; this config sets "
-            f"k_schedule={config.k_schedule!r}"
+            f"moe.k_schedule={m.k_schedule!r}"
         )
-    width = config.top_k * config.expert_hidden_dim + config.shared_expert_dim
+    width = m.top_k * m.hidden_dim + m.shared_hidden_dim
     if len(moe) < config.num_layers and config.ffn_hidden_dim != width:
         raise ConfigError(
             f"dense_equivalent: the dense layers of this mixed config have ffn_hidden_dim="
             f"{config.ffn_hidden_dim}, but an MoE layer's dense equivalent needs "
-            f"top_k * expert_hidden_dim + shared_expert_dim = {width}; set ffn_hidden_dim="
+            f"moe.top_k * moe.hidden_dim + moe.shared_hidden_dim = {width}; set ffn_hidden_dim="
             f"{width} so one width fits every layer"
         )
     if config.ffn != "swiglu" and len(moe) < config.num_layers:
@@ -308,11 +296,7 @@ class Block(nn.Module):
         )
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.is_moe = moe
-        self.ffn = (
-            build_moe(config, d, config.expert_hidden_dim, top_k=top_k)
-            if moe
-            else dense_ffn(config)
-        )
+        self.ffn = config.moe.build(d, top_k=top_k) if moe else dense_ffn(config)
         if isinstance(self.ffn, HourglassFFN):
             self.ffn_norm = nn.Identity()  # each hourglass sub-block norms its own input
         self.drop = nn.Dropout(config.dropout)
