@@ -102,3 +102,35 @@ def test_upgrade_model_table_turns_an_old_flat_table_into_the_shipped_one(name, 
     assert upgrade_model_table(_flatten_moe(table)) == table
     assert upgrade_model_table(table) == table
     assert not recwarn.list and capsys.readouterr().err == ""
+
+
+def test_a_run_started_with_flat_moe_keys_resumes_under_the_nested_recipe(tmp_path, capsys):
+    """A run directory written by an earlier version (flat MoE keys in its stored recipe)
+    resumes with today's nested recipe: the stored config is upgraded before the
+    fingerprints are compared, and the resumed run ends where an uninterrupted one does."""
+    from gatelab.recipes.run import run_recipe
+
+    nested = recipe_path("digits-moe").read_text()
+    flat = nested.replace("[model.moe]\n", "").replace("hidden_dim = 64", "expert_hidden_dim = 64")
+    for folder, text in (
+        ("old", flat),
+        ("new", nested),
+        ("changed", nested.replace("top_k = 2", "top_k = 1")),
+    ):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "digits.toml").write_text(text)
+    run_dir = tmp_path / "run"
+    common = [
+        f"train.run_dir='{run_dir}'",
+        "train.save_every=2",
+        "train.eval_every=0",
+        "train.steps=4",
+    ]
+    with pytest.warns(DeprecationWarning):
+        whole = run_recipe(str(tmp_path / "old" / "digits.toml"), common)
+    for file in (run_dir / "checkpoints").glob("step_00000004*"):
+        file.unlink()  # as if the old run had stopped after its step-2 checkpoint
+    with pytest.raises(Exception, match="top_k"):
+        run_recipe(str(tmp_path / "changed" / "digits.toml"), common, resume=True)
+    resumed = run_recipe(str(tmp_path / "new" / "digits.toml"), common, resume=True)
+    assert resumed.step == 4 and resumed.loss == whole.loss

@@ -46,6 +46,7 @@ from .state import (
     config_fingerprint,
     get_rng_state,
     set_rng_state,
+    upgrade_config,
 )
 
 __all__ = [
@@ -350,6 +351,15 @@ def _optimizer_state(
     return state
 
 
+def _same_config(meta: dict[str, Any], config: Any) -> bool:
+    """The checkpoint was written by this config, or by its earlier-layout spelling."""
+    if meta["config_fingerprint"] == config_fingerprint(config):
+        return True
+    stored = meta.get("config")
+    upgraded = upgrade_config(stored)
+    return upgraded is not stored and config_fingerprint(upgraded) == config_fingerprint(config)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -374,8 +384,8 @@ def load_checkpoint(
     if transform is not None:
         meta, tensors = transform(meta, tensors)
     path = Path(meta["_path"])
-    if config is not None and meta["config_fingerprint"] != config_fingerprint(config):
-        diff = config_diff(meta.get("config"), config)
+    if config is not None and not _same_config(meta, config):
+        diff = config_diff(upgrade_config(meta.get("config")), config)
         raise CheckpointError(
             f"checkpoint {path} was written by a run with another config; differing keys: "
             + ("; ".join(diff) if diff else "(unknown: the checkpoint holds no config)")

@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "config_diff",
     "config_fingerprint",
+    "upgrade_config",
     "get_rng_state",
     "set_rng_state",
 ]
@@ -165,6 +166,20 @@ def config_fingerprint(config: Any) -> str:
     """SHA-256 of the config's canonical JSON: equal configs, equal fingerprints."""
     text = json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def upgrade_config(config: Any) -> Any:
+    """A run config as stored by an earlier version, in today's layout: a recipe's flat MoE
+    keys (``model.num_experts``) move into ``model.moe``, so a run started before the nested
+    MoE config resumes under today's code. Anything else comes back unchanged."""
+    if not (isinstance(config, dict) and isinstance(config.get("run"), dict)):
+        return config
+    model = config["run"].get("model")
+    if not isinstance(model, dict):
+        return config
+    from ..models import upgrade_model_table  # models sit above train; imported on use
+
+    return {**config, "run": {**config["run"], "model": upgrade_model_table(model)}}
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
