@@ -59,17 +59,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _add_demo(commands) -> None:
-    from .demo import add_demo_arguments, run_demo
+    from .commands import demo
 
-    demo = commands.add_parser(
-        "demo",
-        help="the main job: train an MoE and a dense LM on prose + code, compare, profile",
-        description="Train the MoE LM and the dense LM of equal active parameters on the "
-        "two-domain byte corpus (same tokens, same seed), report bits per byte per domain, "
-        "profile which experts each domain uses, and write runs/demo/report.md with plots.",
-    )
-    add_demo_arguments(demo)
-    demo.set_defaults(func=run_demo)
+    demo.add_parser(commands)
 
 
 # -- gatelab train / eval / info -----------------------------------------------------------

@@ -1,0 +1,1 @@
+"""gatelab's command-line commands: one module per command (add_parser, run)."""
