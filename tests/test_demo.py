@@ -281,7 +281,8 @@ def test_divergence_scores():
     disjoint = divergence(torch.tensor([0.5, 0.5, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.5, 0.5]))
     assert disjoint["jsd_bits"] == pytest.approx(1.0)
     assert disjoint["total_variation"] == pytest.approx(1.0)
-    # p = (1, 0), q = (1/2, 1/2): m = (3/4, 1/4), JSD = (log2(4/3) + (1/2)log2(2/3) + (1/2)log2(2)) / 2
+    # p = (1, 0), q = (1/2, 1/2): m = (3/4, 1/4),
+    # JSD = (log2(4/3) + (1/2)log2(2/3) + (1/2)log2(2)) / 2
     half = divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]))
     expected = (math.log2(4 / 3) + 0.5 * math.log2(2 / 3) + 0.5 * math.log2(2)) / 2
     assert half["jsd_bits"] == pytest.approx(expected)

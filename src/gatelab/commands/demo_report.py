@@ -25,8 +25,8 @@ TEMPLATE = string.Template(
 A byte-level MoE LM (the `$moe_recipe` recipe: $num_layers layers, width $dim, $num_experts
 experts of width $expert_hidden_dim, top-$top_k) and the dense LM with the same active
 parameters (the `$dense_recipe` recipe: a SwiGLU FFN of width $ffn_hidden_dim), trained on
-the same $tokens tokens (same seed, same batches in the same order, same optimizer and schedule) of a
-two-domain corpus: English prose (Python's documentation topics, $prose_train) and Python
+the same $tokens tokens (same seed, same batches in the same order, same optimizer and
+schedule) of a two-domain corpus: English prose (Python's documentation topics, $prose_train) and Python
 source (the standard library's modules, $code_train).
 
 ## Validation loss (bits per byte)
@@ -197,8 +197,10 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         **moe["shape"],
         "ffn_hidden_dim": dense["shape"]["ffn_hidden_dim"],
         "tokens": f"{moe['tokens']:,}",
-        "prose_train": f"{corpus['prose']['bytes'] / 1e6:.2f} MB in {corpus['prose']['documents']} documents",
-        "code_train": f"{corpus['code']['bytes'] / 1e6:.2f} MB in {corpus['code']['documents']} documents",
+        **{
+            f"{d}_train": f"{c['bytes'] / 1e6:.2f} MB in {c['documents']} documents"
+            for d, c in corpus.items()
+        },
         "eval_batches": ", ".join(f"{n} {d}" for d, n in summary["eval_batches"].items()),
         "val_tokens": ", ".join(f"{moe['val'][d]['tokens']:,} {d}" for d in DOMAINS),
         **{k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in s.items()},
