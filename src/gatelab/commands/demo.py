@@ -30,6 +30,7 @@ import math
 import platform
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = _run(args)
     except KeyboardInterrupt:
-        print("gatelab demo: interrupted", flush=True)
+        print("gatelab demo: interrupted", file=sys.stderr, flush=True)
         return 130
     print(format_summary(summary))
     return 0

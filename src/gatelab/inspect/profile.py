@@ -316,6 +316,8 @@ def profile_labels(
     show one. Works on gatelab and HF models alike (through :func:`capture_routing`).
     """
     blocks = select_blocks(model, layers)
+    if len({b.num_experts for b in blocks}) != 1:
+        raise ValueError("profile_labels needs the same num_experts in every profiled layer")
     counts = [torch.zeros(len(labels), b.num_experts, dtype=torch.int64) for b in blocks]
     was_training = model.training
     model.eval()
