@@ -22,12 +22,19 @@ labelled responses; here the sets are whatever the caller names. ``contrast(name
 MoTE's score: the set's map minus the mean of the other sets' maps. Every token counts,
 since the prompts come as token ids (GateBreaker masks chat-template tokens: pass prompts
 without them).
+
+:func:`profile_labels` profiles by token label instead of by prompt (``gatelab demo``: each
+token's domain, prose or code): per layer, the routed slots (a token's filled top-k slots)
+each expert receives from each label, and their shares (each label's row sums to 1).
+:func:`divergence` scores how differently two labels use the experts (Jensen-Shannon
+divergence in bits and total variation).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,4 +191,159 @@ def _per_prompt(routing, shape: torch.Size, num_experts: int) -> Tensor:
     return per_prompt.view(2, batch, seq, num_experts).mean(dim=2).sum(dim=1)
 
 
-__all__ = ["METRICS", "RoutingProfile", "profile_routing"]
+# -- routed-slot shares per token label ---------------------------------------------------------
+
+
+def slot_counts(experts: Tensor, labels: Tensor, num_labels: int, num_experts: int) -> Tensor:
+    """[num_labels, E] int64: routed slots per (label, expert).
+
+    experts: [T, K] a Routing's expert ids (-1: an empty slot, not counted).
+    labels: [T] each token's label id (-1: not counted, e.g. padding).
+    """
+    if experts.dim() != 2 or labels.shape != experts.shape[:1]:
+        raise ValueError(
+            f"slot_counts takes experts [T, K] and labels [T], got {tuple(experts.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    labels = labels.to(experts.device).long()
+    slot_label = labels[:, None].expand_as(experts)
+    valid = (experts >= 0) & (slot_label >= 0)
+    index = slot_label[valid] * num_experts + experts[valid]
+    counts = torch.bincount(index, minlength=num_labels * num_experts)
+    return counts.view(num_labels, num_experts).cpu()
+
+
+def slot_shares(counts: Tensor) -> Tensor:
+    """counts [..., G, E] -> shares float64, each row divided by its sum (zeros if none)."""
+    counts = counts.double()
+    return counts / counts.sum(dim=-1, keepdim=True).clamp_min(1)
+
+
+def divergence(p: Tensor, q: Tensor) -> dict[str, float]:
+    """How differently two share rows p, q [E] use the experts.
+
+    ``jsd_bits``: Jensen-Shannon divergence in bits, (KL(p||m) + KL(q||m)) / 2 with
+    m = (p + q) / 2; in [0, 1], 0 for identical rows, 1 for disjoint experts.
+    ``total_variation``: sum |p - q| / 2, the share of slots that would have to move for the
+    rows to match; also in [0, 1].
+    """
+    p, q = p.double(), q.double()
+    m = (p + q) / 2
+
+    def kl(a: Tensor, b: Tensor) -> float:
+        return float((torch.special.xlogy(a, a) - torch.special.xlogy(a, b)).sum()) / math.log(2)
+
+    return {
+        "jsd_bits": max(0.0, (kl(p, m) + kl(q, m)) / 2),
+        "total_variation": float((p - q).abs().sum() / 2),
+    }
+
+
+@dataclass
+class LabelProfile:
+    """``counts`` [L, G, E] int64: routed slots per layer (rows follow ``layers``), label
+    (``labels``) and expert; ``names`` are the blocks' module names."""
+
+    layers: list[int]
+    names: list[str]
+    labels: list[str]
+    counts: Tensor
+
+    def shares(self) -> Tensor:
+        """[L, G, E] float64: each label's share of its routed slots per expert."""
+        return slot_shares(self.counts)
+
+    def divergence(self, a: str, b: str) -> list[dict[str, float]]:
+        """Per layer, :func:`divergence` of label ``a``'s shares and label ``b``'s."""
+        shares, i, j = self.shares(), self.labels.index(a), self.labels.index(b)
+        return [divergence(layer[i], layer[j]) for layer in shares]
+
+    def leaning(self, a: str, b: str) -> list[tuple[int, float, float]]:
+        """Per layer, the expert whose share of ``a``'s slots exceeds its share of ``b``'s
+        the most: (expert, share of a, share of b).
+
+        By difference, not ratio: a ratio makes an expert neither label uses (0 / 0) or
+        one ``b`` never uses (x / 0) the winner whatever its share.
+        """
+        shares, i, j = self.shares(), self.labels.index(a), self.labels.index(b)
+        out = []
+        for layer in shares:
+            e = int((layer[i] - layer[j]).argmax())
+            out.append((e, float(layer[i, e]), float(layer[j, e])))
+        return out
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """JSON-able, one dict per layer: counts and shares per label."""
+        shares = self.shares()
+        return [
+            {
+                "layer": layer,
+                "name": name,
+                "counts": {g: self.counts[i, k].tolist() for k, g in enumerate(self.labels)},
+                "shares": {g: shares[i, k].tolist() for k, g in enumerate(self.labels)},
+            }
+            for i, (layer, name) in enumerate(zip(self.layers, self.names, strict=True))
+        ]
+
+    def compare(
+        self, a: str, b: str, reference: LabelProfile | None = None
+    ) -> list[dict[str, Any]]:
+        """:meth:`to_rows` with, per layer, the divergence of ``a`` and ``b`` (``jsd_bits``,
+        ``total_variation``), the expert leaning most to ``a`` (``leaning``: expert and its
+        shares of ``a`` and ``b``) and the shares and divergence of a ``reference`` profile
+        of the same model (``reference``, e.g. the model before training)."""
+        rows = self.to_rows()
+        ref_rows = reference.to_rows() if reference is not None else None
+        ref_scores = reference.divergence(a, b) if reference is not None else None
+        for i, (row, scores) in enumerate(zip(rows, self.divergence(a, b), strict=True)):
+            expert, share_a, share_b = self.leaning(a, b)[i]
+            row.update(scores, leaning={"expert": expert, a: share_a, b: share_b})
+            if ref_rows is not None:
+                row["reference"] = {"shares": ref_rows[i]["shares"], **ref_scores[i]}
+        return rows
+
+
+def profile_labels(
+    model,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    labels: Sequence[str],
+    layers: Iterable[int] | None = None,
+) -> LabelProfile:
+    """Routed slots per (layer, label, expert) over ``batches`` of (ids [B, S], token labels
+    [B, S]: an index into ``labels``, -1 for tokens not to count).
+
+    The model runs in eval mode (restored afterwards); wrap ``batches`` in a progress bar to
+    show one. Works on gatelab and HF models alike (through :func:`capture_routing`).
+    """
+    blocks = select_blocks(model, layers)
+    if len({b.num_experts for b in blocks}) != 1:
+        raise ValueError("profile_labels needs the same num_experts in every profiled layer")
+    counts = [torch.zeros(len(labels), b.num_experts, dtype=torch.int64) for b in blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        with capture_routing(blocks) as cap:
+            for ids, token_labels in batches:
+                cap.clear()
+                forward_ids(model, ids)
+                flat = token_labels.reshape(-1)
+                for i, block in enumerate(blocks):
+                    experts = cap.routing(block.layer).experts
+                    counts[i] += slot_counts(experts, flat, len(labels), block.num_experts)
+    finally:
+        model.train(was_training)
+    return LabelProfile(
+        [b.layer for b in blocks], [b.name for b in blocks], list(labels), torch.stack(counts)
+    )
+
+
+__all__ = [
+    "METRICS",
+    "LabelProfile",
+    "RoutingProfile",
+    "divergence",
+    "profile_labels",
+    "profile_routing",
+    "slot_counts",
+    "slot_shares",
+]

@@ -3,7 +3,8 @@
 A recipe has a table per part of the run (``[model]``, ``[data]``, ``[train]``, ...); each
 table is checked by the config class that consumes it, so a misspelled key fails with the
 nearest valid one. ``load_recipe`` reads the file (malformed TOML is reported with its line
-and column), applies ``--set section.key=value`` overrides, and returns plain dicts.
+and column), applies ``--set section.key=value`` overrides, and returns plain dicts;
+``build_run(recipe, overrides)`` (from :mod:`.run`) turns one into a model, data and Trainer.
 """
 
 from __future__ import annotations
@@ -101,13 +102,19 @@ def check_keys(table: dict[str, Any], valid: list[str], where: str) -> None:
             )
 
 
+# Last: run.py imports the helpers above from this package.
+from .run import Run, build_run, run_recipe  # noqa: E402
+
 __all__ = [
     "RecipeError",
+    "Run",
     "apply_override",
+    "build_run",
     "check_keys",
     "load_recipe",
     "nearest",
     "parse_value",
     "recipe_path",
+    "run_recipe",
     "shipped_recipes",
 ]

@@ -11,9 +11,11 @@ A recipe has four parts::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from ..data.text import ByteTokenizer
 from ..models import build_model
 from ..train import TrainConfig, Trainer, TrainResult
 from ..train.evaluate import bits_per_byte
-from . import RecipeError, check_keys, load_recipe
+from . import RecipeError, apply_override, check_keys, load_recipe
 
 RECIPE_KEYS = ["name", "description", "model", "data", "train"]
 
@@ -37,29 +39,47 @@ DATA_KEYS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Run:
-    """Everything a recipe builds; ``trainer()`` makes the Trainer."""
+    """Everything a recipe builds; ``trainer()`` makes the Trainer.
+
+    ``eval_sets`` (corpus data only): the validation batches ``eval_fn`` scores, per domain,
+    built once, so a caller can score or profile the very same batches.
+    """
 
     recipe: dict[str, Any]
     model: nn.Module
     data: Any
-    eval_fn: Callable[[nn.Module], dict[str, float]]
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None
     forward: Callable[[nn.Module, Any], Any] | None
     train_config: TrainConfig
+    eval_sets: dict[str, list] | None = field(default=None, repr=False)
 
-    def trainer(self) -> Trainer:
+    def trainer(self, evaluate: bool = True) -> Trainer:
+        """The Trainer of this run; ``evaluate=False`` leaves out ``eval_fn`` (the caller
+        evaluates itself)."""
         run_config = {k: v for k, v in self.recipe.items() if k != "train"}
         return Trainer(
             self.model,
             self.data,
             self.train_config,
-            eval_fn=self.eval_fn,
+            eval_fn=self.eval_fn if evaluate else None,
             config=run_config,
             forward=self.forward,
         )
 
 
-def build_run(recipe: dict[str, Any]) -> Run:
-    """Build the model, data and evaluation a recipe describes (nothing is trained)."""
+def build_run(recipe: dict[str, Any] | str | Path, overrides: Sequence[str] | None = None) -> Run:
+    """Build the model, data and evaluation a recipe describes (nothing is trained).
+
+    ``recipe``: a loaded recipe (dict, left unchanged: the overrides apply to a copy), a
+    shipped recipe's name (``"moe-lm"``) or a path to a TOML file. ``overrides``:
+    ``section.key=value`` strings, as ``gatelab train --set`` takes them.
+    """
+    if isinstance(recipe, dict):
+        recipe = copy.deepcopy(recipe)
+        for override in overrides or []:
+            apply_override(recipe, override)
+    else:
+        recipe = load_recipe(recipe, list(overrides or []))
     check_keys(recipe, RECIPE_KEYS, "the recipe")
     name = str(recipe.get("name", "run"))
     model_table = dict(_table(recipe, "model"))
@@ -74,8 +94,8 @@ def build_run(recipe: dict[str, Any]) -> Run:
     check_keys(data_table, ["kind", *DATA_KEYS[data_kind]], f"[data] (kind {data_kind!r})")
     data_options = {**DATA_KEYS[data_kind], **data_table}
     build = _corpus_data if data_kind == "corpus" else _digits_data
-    data, eval_fn, forward = build(model, data_options)
-    return Run(recipe, model, data, eval_fn, forward, _train_config(recipe, name))
+    data, eval_fn, forward, eval_sets = build(model, data_options)
+    return Run(recipe, model, data, eval_fn, forward, _train_config(recipe, name), eval_sets)
 
 
 def _table(recipe: dict[str, Any], name: str) -> dict[str, Any]:
@@ -112,11 +132,10 @@ def _corpus_data(model: nn.Module, options: dict[str, Any]):
         seed=options["seed"],
     )
 
-    def eval_fn(model: nn.Module) -> dict[str, float]:
-        batches = (
-            batch
-            for domain in DOMAINS
-            for batch in EvalBatches(
+    # The first eval_batches batches of each domain's validation stream (deterministic).
+    eval_sets = {
+        domain: list(
+            EvalBatches(
                 corpus,
                 "val",
                 seq_len=options["seq_len"],
@@ -125,10 +144,15 @@ def _corpus_data(model: nn.Module, options: dict[str, Any]):
                 max_batches=options["eval_batches"],
             )
         )
+        for domain in DOMAINS
+    }
+
+    def eval_fn(model: nn.Module) -> dict[str, float]:
+        batches = (batch for domain in DOMAINS for batch in eval_sets[domain])
         per_domain = bits_per_byte(model, batches)
         return {f"bpb_{domain}": numbers["bits_per_byte"] for domain, numbers in per_domain.items()}
 
-    return data, eval_fn, lambda m, batch: m(batch.inputs, batch.targets)
+    return data, eval_fn, lambda m, batch: m(batch.inputs, batch.targets), eval_sets
 
 
 def _digits_data(model: nn.Module, options: dict[str, Any]):
@@ -155,7 +179,7 @@ def _digits_data(model: nn.Module, options: dict[str, Any]):
             "val_accuracy": float((out.logits.argmax(-1) == val_y).float().mean()),
         }
 
-    return data, eval_fn, None
+    return data, eval_fn, None, None
 
 
 def run_recipe(
