@@ -48,6 +48,7 @@ from ..io import write_json
 from ..recipes import Run, build_run, load_recipe
 from ..train import TrainResult, read_jsonl
 from ..train.evaluate import bits_per_byte
+from ._common import positive
 from .demo_report import LABELS, format_summary, write_report
 
 __all__ = ["add_parser", "plan_for", "run", "Plan"]
@@ -113,21 +114,6 @@ def plan_for(minutes: float, steps: int | None = None, eval_batches: int | None 
 # -- command line -----------------------------------------------------------------------------
 
 
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            article = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {article}, got {text!r}") from None
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
 HELP = {
     "--minutes": "the demo's length on a reference 2-core machine: picks the training steps "
     "and validation batches from a fixed table (a slower machine takes longer, never trains "
@@ -153,11 +139,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "profile which experts each domain uses, and write report.md with plots.",
     )
     add = parser.add_argument
-    add("--minutes", type=_positive(float), default=10.0, help=HELP["--minutes"])
+    add("--minutes", type=positive(float), default=10.0, help=HELP["--minutes"])
     add("--run-dir", default="runs/demo", help=HELP["--run-dir"])
     add("--seed", type=int, default=0, help=HELP["--seed"])
-    add("--steps", type=_positive(int), default=None, help=HELP["--steps"])
-    add("--eval-batches", type=_positive(int), default=None, help=HELP["--eval-batches"])
+    add("--steps", type=positive(int), default=None, help=HELP["--steps"])
+    add("--eval-batches", type=positive(int), default=None, help=HELP["--eval-batches"])
     for flag in ("--force", "--tiny", "--no-plots"):
         add(flag, action="store_true", help=HELP[flag])
     parser.set_defaults(func=run)
