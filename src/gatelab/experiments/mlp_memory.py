@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..adapt.mlp_memory import KNNDatastore, MLPMemory, final_hidden, interpolate, train_memory
 from ..data.text import DOMAINS, ByteTokenizer, load_corpus
 from ..models import LM, LMConfig
+from ._loop import train_loop, warmup_times_cosine
 from ._trained_lm import BalancedBatches, domain_windows
 
 NAME = "mlp-memory"
@@ -91,19 +92,10 @@ def _train_lm(s: dict, seed: int) -> tuple[LM, float]:
     data = BalancedBatches(load_corpus(seed=seed), s["seq_len"], s["batch"], seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     steps = s["lm_steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps))
-    )
+    sched = warmup_times_cosine(opt, warmup=20, steps=steps)
     start = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        batch = next(data)
-        loss = model(batch.inputs, batch.targets).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+    loss_fn = lambda m, b: m(b.inputs, b.targets).loss  # noqa: E731
+    train_loop(model, loss_fn, data, opt, steps=steps, schedule=sched, clip=1.0)
     return model.eval().requires_grad_(False), time.perf_counter() - start
 
 
