@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["random_batches", "shuffled_batches", "train_loop", "warmup_times_cosine"]
+__all__ = [
+    "random_batches",
+    "shuffled_batches",
+    "train_loop",
+    "warmup_then_cosine",
+    "warmup_times_cosine",
+]
 
 
 def train_loop(
@@ -79,18 +85,36 @@ def shuffled_batches(
         yield from torch.randperm(n, generator=generator).split(batch_size)
 
 
-def warmup_times_cosine(
-    optimizer: torch.optim.Optimizer, warmup: int, steps: int, min_ratio: float = 0.0
+def warmup_then_cosine(
+    optimizer: torch.optim.Optimizer, warmup: int, steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """``lr * min(1, (s+1)/warmup) * (min_ratio + (1-min_ratio) * cos_half(s/steps))``.
+    """``lr * (s+1)/warmup`` for ``s < warmup``, then a cosine from ``lr`` to 0 at ``steps``.
 
-    Unlike :class:`gatelab.train.WarmupCosine` (warm-up, *then* a cosine over the remaining
-    steps) the cosine here runs over the whole run and the warm-up ramp multiplies into it:
-    the schedule several recipes were tuned with, kept so their numbers do not move.
+    The schedule of :class:`gatelab.train.WarmupCosine` with ``min_lr_ratio=0``, written as
+    the recipes that use it were tuned: ``cos(pi * (s - warmup) / decay)``, where WarmupCosine
+    rounds ``cos(pi * ((s - warmup) / decay))``. The two differ in the last bit of some
+    rates, and so in the experiments' numbers; this keeps them where they were.
     """
 
     def factor(s: int) -> float:
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-        return min(1.0, (s + 1) / warmup) * (min_ratio + (1 - min_ratio) * cosine)
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_times_cosine(
+    optimizer: torch.optim.Optimizer, warmup: int, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr * min(1, (s+1)/warmup) * 0.5 * (1 + cos(pi * s / steps))``.
+
+    Unlike :func:`warmup_then_cosine` the cosine runs over the whole run and the warm-up ramp
+    multiplies into it: the schedule several recipes were tuned with, kept so their numbers
+    do not move.
+    """
+
+    def factor(s: int) -> float:
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -43,7 +43,7 @@ from ..adapt.advmoe import (
     trades_step,
 )
 from ..data import load_digits
-from ..train.schedule import WarmupCosine
+from ._loop import warmup_then_cosine
 
 NAME = "advmoe"
 DESCRIPTION = "AdvMoE alternating TRADES on an MoE-CNN vs joint TRADES (MoE-CNN, dense CNN)"
@@ -71,8 +71,7 @@ def train_arm(arm: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int)
         ]
     else:
         opts = [torch.optim.Adam(model.parameters(), lr=LR)]
-    # a cosine to 0 over the run, no warm-up
-    scheds = [WarmupCosine(o, warmup_steps=0, total_steps=steps, min_lr_ratio=0.0) for o in opts]
+    scheds = [warmup_then_cosine(o, warmup=0, steps=steps) for o in opts]  # no warm-up
     # our own loop, not _loop.train_loop: each step is an attack then a TRADES update (advmoe:
     # two optimizers alternating between experts and routers) inside advmoe_step/trades_step
     for _ in range(steps):

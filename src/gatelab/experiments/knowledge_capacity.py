@@ -34,7 +34,7 @@ import torch
 from ..data.bios import INFORMATIVE, Bios, bios, knowledge_bits, span_losses
 from ..data.text import IGNORE_INDEX
 from ..models.lm import LM, LMConfig
-from ._loop import shuffled_batches, train_loop, warmup_times_cosine
+from ._loop import shuffled_batches, train_loop
 
 NAME = "knowledge-capacity"
 DESCRIPTION = "bits of knowledge per parameter on synthetic biographies: GatedMLP vs plain MLP FFN"
@@ -78,7 +78,13 @@ def train(model: LM, data: Bios, exposures: int, seed: int) -> float:
     batch = batch_size(len(data))
     steps = exposures * math.ceil(len(data) / batch)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.98))
-    sched = warmup_times_cosine(opt, warmup=max(1, steps // 20), steps=steps, min_ratio=0.1)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # warm-up times a cosine to 0.1 over the run
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        ),
+    )
 
     def loss_fn(model: LM, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch

@@ -35,8 +35,7 @@ import torch
 from ..data import extract_patches, load_photos
 from ..models.common import num_parameters
 from ..models.maxim import ConvUNet, ConvUNetConfig, MaximUNet, MaximUNetConfig
-from ..train.schedule import WarmupCosine
-from ._loop import train_loop
+from ._loop import train_loop, warmup_then_cosine
 
 NAME = "maxim-denoise"
 DESCRIPTION = (
@@ -147,7 +146,7 @@ def train(model: torch.nn.Module, photos: list[torch.Tensor], cfg: dict, seed: i
     steps = cfg["steps"]
     warmup = max(1, steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = WarmupCosine(opt, warmup_steps=warmup, total_steps=steps, min_lr_ratio=0.0)
+    sched = warmup_then_cosine(opt, warmup, steps)
 
     def batches():  # (noisy, clean) crops, both drawn from gen
         while True:

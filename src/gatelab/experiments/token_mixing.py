@@ -26,8 +26,7 @@ from ..data import load_digits
 from ..models.classifier import MLPClassifier, MLPConfig
 from ..models.common import num_parameters
 from ..models.mixing import BLOCK_KINDS, MixingClassifier, MixingClassifierConfig
-from ..train.schedule import WarmupCosine
-from ._loop import shuffled_batches, train_loop
+from ._loop import shuffled_batches, train_loop, warmup_then_cosine
 
 NAME = "token-mixing"
 DESCRIPTION = (
@@ -84,7 +83,7 @@ def train_one(model, data, epochs: int, seed: int) -> float:
     total = epochs * steps_per_epoch
     warmup = max(1, total // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = WarmupCosine(opt, warmup_steps=warmup, total_steps=total, min_lr_ratio=0.0)
+    sched = warmup_then_cosine(opt, warmup, total)
     loss_fn = lambda m, idx: m(x[idx], y[idx]).loss  # noqa: E731
     train_loop(model, loss_fn, shuffled_batches(len(x), 64, epochs, gen), opt, schedule=sched)
     model.eval()
