@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -118,30 +119,16 @@ def train_and_test(
         for group in opt.param_groups:
             group["lr"] = lr * frac * cosine
 
-    # a fresh draw each step: seeds (seed, step) never meet the test seed below
-    draws = (
-        mqar(
-            batch,
-            vocab_size=vocab,
-            seq_len=seq_len,
-            num_kv_pairs=kv,
-            random_non_queries=False,
-            seed=1_000_003 * (seed + 1) + step,
-        )
-        for step in range(steps)
+    draw = partial(
+        mqar, vocab_size=vocab, seq_len=seq_len, num_kv_pairs=kv, random_non_queries=False
     )
+    # a fresh draw each step: seeds (seed, step) never meet the test seed below
+    draws = (draw(batch, seed=1_000_003 * (seed + 1) + step) for step in range(steps))
     start = time.perf_counter()
     loss_fn = lambda m, d: m(d.inputs, d.labels)[0]  # noqa: E731
     train_loop(model, loss_fn, draws, opt, before_step=set_lr)
     seconds = time.perf_counter() - start
-    data = mqar(
-        test,
-        vocab_size=vocab,
-        seq_len=seq_len,
-        num_kv_pairs=kv,
-        random_non_queries=False,
-        seed=2**40 + seed,
-    )
+    data = draw(test, seed=2**40 + seed)
     model.eval()
     with torch.no_grad():
         loss, correct = model(data.inputs, data.labels)
