@@ -93,6 +93,37 @@ class ForecastData:
         return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
 
 
+def _series_values(series: str | torch.Tensor, columns: list[str] | None):
+    """(name, values [T, F] float64, column names) of a named series or a tensor."""
+    if isinstance(series, str):
+        values, names = load_series(series)
+        if columns is not None:
+            unknown = [c for c in columns if c not in names]
+            if unknown:
+                raise ValueError(f"{series} has no columns {unknown}; it has {names}")
+            values = values[:, [names.index(c) for c in columns]]
+            names = list(columns)
+        return series, values, names
+    values = torch.as_tensor(series, dtype=torch.float64)
+    values = values.unsqueeze(1) if values.dim() == 1 else values
+    if values.dim() != 2:
+        raise ValueError(f"series must be [T] or [T, F], got {tuple(values.shape)}")
+    names = [str(i) for i in range(values.shape[1])] if columns is None else list(columns)
+    return "tensor", values, names
+
+
+def _window_set(
+    normalised: np.ndarray, lookback: int, horizon: int, stride: int, offset: int
+) -> ForecastSet:
+    """Windows every ``stride`` steps of one part [T_part, F]; starts shifted by ``offset``."""
+    window = lookback + horizon
+    norm = torch.from_numpy(normalised).float()
+    starts = torch.arange(0, max(len(normalised) - window + 1, 0), stride)
+    idx = starts[:, None] + torch.arange(window)
+    win = norm[idx] if len(starts) else torch.empty(0, window, norm.shape[1])
+    return ForecastSet(win[:, :lookback], win[:, lookback:], starts + offset)
+
+
 def forecast_windows(
     series: str | torch.Tensor,
     lookback: int,
@@ -113,22 +144,7 @@ def forecast_windows(
         raise ValueError(f"lookback, horizon, stride must be >= 1, got {lookback, horizon, stride}")
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be 3 numbers >= 0 summing to 1, got {fractions}")
-    if isinstance(series, str):
-        name = series
-        values, names = load_series(series)
-        if columns is not None:
-            unknown = [c for c in columns if c not in names]
-            if unknown:
-                raise ValueError(f"{series} has no columns {unknown}; it has {names}")
-            values = values[:, [names.index(c) for c in columns]]
-            names = list(columns)
-    else:
-        name = "tensor"
-        values = torch.as_tensor(series, dtype=torch.float64)
-        values = values.unsqueeze(1) if values.dim() == 1 else values
-        if values.dim() != 2:
-            raise ValueError(f"series must be [T] or [T, F], got {tuple(values.shape)}")
-        names = [str(i) for i in range(values.shape[1])] if columns is None else list(columns)
+    name, values, names = _series_values(series, columns)
     total = values.shape[0]
     t1 = round(fractions[0] * total)
     t2 = t1 + round(fractions[1] * total)
@@ -153,11 +169,7 @@ def forecast_windows(
                 f"the {part} part of {name} has {len(data)} steps, fewer than lookback + "
                 f"horizon = {window}; shorten the windows or change fractions={fractions}"
             )
-        norm = torch.from_numpy((data - mean) / std).float()
-        starts = torch.arange(0, max(len(data) - window + 1, 0), stride)
-        idx = starts[:, None] + torch.arange(window)
-        win = norm[idx] if len(starts) else torch.empty(0, window, norm.shape[1])
-        sets[part] = ForecastSet(win[:, :lookback], win[:, lookback:], starts + lo)
+        sets[part] = _window_set((data - mean) / std, lookback, horizon, stride, lo)
     filled = torch.from_numpy(np.concatenate(list(parts.values())))
     return ForecastData(
         name,

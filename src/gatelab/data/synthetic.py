@@ -43,6 +43,25 @@ def _distinct(num: int, low: int, high: int, k: int, gen: torch.Generator) -> to
         out[bad] = torch.randint(low, high, (len(bad), k), generator=gen)
 
 
+def _check_mqar(
+    vocab_size: int, seq_len: int, num_kv_pairs: int, power_a: float, num_passes: int
+) -> None:
+    if seq_len % 2:
+        raise ValueError(f"seq_len must be even, got {seq_len}")
+    if vocab_size <= seq_len:
+        raise ValueError(f"vocab_size must exceed seq_len, got {vocab_size} <= {seq_len}")
+    context = 2 * num_kv_pairs * num_passes
+    if num_kv_pairs < 1 or num_passes < 1 or context + 2 * num_kv_pairs > seq_len:
+        raise ValueError(
+            f"need 2 * num_kv_pairs * (num_passes + 1) <= seq_len, got num_kv_pairs="
+            f"{num_kv_pairs}, num_passes={num_passes}, seq_len={seq_len}"
+        )
+    if vocab_size // 2 - 1 < num_kv_pairs:
+        raise ValueError(f"vocab_size={vocab_size} has too few keys for {num_kv_pairs} pairs")
+    if power_a <= 0:
+        raise ValueError(f"power_a must be > 0, got {power_a}")
+
+
 def mqar(
     num_examples: int,
     *,
@@ -75,21 +94,8 @@ def mqar(
     test examples and ``random_non_queries=False``. Departure: numbers come from a torch
     generator, so a seed does not reproduce Zoology's numpy draws.
     """
-    if seq_len % 2:
-        raise ValueError(f"seq_len must be even, got {seq_len}")
-    if vocab_size <= seq_len:
-        raise ValueError(f"vocab_size must exceed seq_len, got {vocab_size} <= {seq_len}")
-    context = 2 * num_kv_pairs * num_passes
-    if num_kv_pairs < 1 or num_passes < 1 or context + 2 * num_kv_pairs > seq_len:
-        raise ValueError(
-            f"need 2 * num_kv_pairs * (num_passes + 1) <= seq_len, got num_kv_pairs="
-            f"{num_kv_pairs}, num_passes={num_passes}, seq_len={seq_len}"
-        )
-    half = vocab_size // 2
-    if half - 1 < num_kv_pairs:
-        raise ValueError(f"vocab_size={vocab_size} has too few keys for {num_kv_pairs} pairs")
-    if power_a <= 0:
-        raise ValueError(f"power_a must be > 0, got {power_a}")
+    _check_mqar(vocab_size, seq_len, num_kv_pairs, power_a, num_passes)
+    context, half = 2 * num_kv_pairs * num_passes, vocab_size // 2
     gen = torch.Generator().manual_seed(seed)
     n = num_examples
     keys = _distinct(n, 1, half, num_kv_pairs, gen)

@@ -27,7 +27,6 @@ Reported: clean and PGD test accuracy, and multiply-adds per image counted by fo
 
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from ..adapt.advmoe import (
     trades_step,
 )
 from ..data import load_digits
+from ._loop import warmup_then_cosine
 
 NAME = "advmoe"
 DESCRIPTION = "AdvMoE alternating TRADES on an MoE-CNN vs joint TRADES (MoE-CNN, dense CNN)"
@@ -60,12 +60,6 @@ MOE = AdvMoEConfig(num_experts=2, ratio=0.5)
 BATCH, LR, BETA, ALPHA = 64, 2e-3, 6.0, 6.0
 
 
-def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(steps, 1)))
-    )
-
-
 def train_arm(arm: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> MoECNN:
     torch.manual_seed(seed)
     model = MoECNN(DENSE if arm == "dense" else MOE)
@@ -77,7 +71,9 @@ def train_arm(arm: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int)
         ]
     else:
         opts = [torch.optim.Adam(model.parameters(), lr=LR)]
-    scheds = [_cosine(o, steps) for o in opts]
+    scheds = [warmup_then_cosine(o, warmup=0, steps=steps) for o in opts]  # no warm-up
+    # our own loop, not _loop.train_loop: each step is an attack then a TRADES update (advmoe:
+    # two optimizers alternating between experts and routers) inside advmoe_step/trades_step
     for _ in range(steps):
         idx = torch.randint(len(x), (BATCH,), generator=gen)
         if arm == "advmoe":

@@ -24,6 +24,7 @@ Protocol (ours):
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from ..data import load_photo
 from ..layers import NeuralField, pixel_coords
 from . import mean_pm_std
+from ._loop import train_loop
 
 NAME = "cam-fit"
 DESCRIPTION = "CAM vs plain Fourier-feature MLP fitting a photograph: PSNR at equal steps"
@@ -71,14 +73,15 @@ def fit(cam: bool, seed: int, cfg: dict, coords, colours) -> dict:
     groups = [{"params": rest, "lr": 1e-3}] + ([{"params": grids, "lr": 1e-2}] if grids else [])
     opt = torch.optim.Adam(groups)
     curve, start = {}, time.perf_counter()
-    for step in range(1, max(cfg["checkpoints"]) + 1):
-        loss = F.mse_loss(model(coords), colours)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    @torch.no_grad()
+    def checkpoint(step: int) -> None:
         if step in cfg["checkpoints"]:
-            with torch.no_grad():
-                curve[step] = psnr(F.mse_loss(model(coords), colours))
+            curve[step] = psnr(F.mse_loss(model(coords), colours))
+
+    loss_fn = lambda m, _: F.mse_loss(m(coords), colours)  # noqa: E731
+    full_batch = itertools.repeat(None, max(cfg["checkpoints"]))
+    train_loop(model, loss_fn, full_batch, opt, evaluate=checkpoint)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     return {"psnr": curve, "seconds_per_step": seconds / max(cfg["checkpoints"]), "params": params}

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..adapt.dopamine import Dopamine, activation_fraction, temperature_at
 from ..adapt.lora import add_lora, lora_parameters
 from ..data import load_digits, rotate
+from ._loop import random_batches, train_loop
 
 NAME = "dopamine"
 DESCRIPTION = "frozen digits MLP specialised to 45-degree rotation: Dopamine gates vs LoRA"
@@ -78,15 +79,14 @@ def fit(
     """AdamW without weight decay (it would pull the gains towards 0), batch 64, constant lr."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        if on_step is not None:
-            on_step(step)
-        idx = torch.randint(len(x), (64,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    train_loop(
+        model,
+        lambda m, idx: F.cross_entropy(m(x[idx]), y[idx]),
+        random_batches(len(x), 64, gen),
+        opt,
+        steps=steps,
+        before_step=on_step,
+    )
     model.eval()
 
 

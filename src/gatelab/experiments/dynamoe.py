@@ -45,6 +45,7 @@ from ..models import LM, LMConfig, MLPClassifier, MLPConfig
 from ..routing import K_SCHEDULES
 from ..train.evaluate import bits_per_byte
 from . import mean_std
+from ._loop import random_batches, train_loop
 
 NAME = "dynamoe"
 DESCRIPTION = "DynaMoE K_max schedules (uniform, descending, ...) with dynamic-k routing on digits"
@@ -84,15 +85,14 @@ def fit_on_digits(model: nn.Module, data, steps: int, seed: int, cosine: bool) -
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     x_train, y_train = data["train"].images.flatten(1), data["train"].labels
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(y_train), (64,), generator=gen)
-        out = model(x_train[idx], y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        out.total_loss.backward()
-        opt.step()
-        if decay is not None:
-            decay.step()
+    train_loop(
+        model,
+        lambda m, idx: m(x_train[idx], y_train[idx]).total_loss,
+        random_batches(len(y_train), 64, gen),
+        opt,
+        steps=steps,
+        schedule=decay,
+    )
     model.eval()
 
 
@@ -139,15 +139,15 @@ def train_lm(schedule: str, seed: int, steps: int, corpus) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     batches = LMBatches(corpus, "train", seq_len=64, batch_size=16, seed=seed)
-    model.train()
-    for _ in range(steps):
-        batch = next(batches)
-        out = model(batch.inputs, batch.targets)
-        opt.zero_grad(set_to_none=True)
-        out.total_loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay.step()
+    train_loop(
+        model,
+        lambda m, b: m(b.inputs, b.targets).total_loss,
+        batches,
+        opt,
+        steps=steps,
+        schedule=decay,
+        clip=1.0,
+    )
     result = {"k_max": [moe.top_k for moe in model.moe_layers().values()]}
     for domain in ("prose", "code"):
         evals = EvalBatches(corpus, "val", seq_len=64, batch_size=16, domain=domain, max_batches=4)

@@ -123,7 +123,6 @@ def _worker(rank: int, port: int, overrides: list[str], out: str) -> None:
 def run(scale: str, seed: int, out_dir: Path) -> dict:
     import torch.multiprocessing as mp
 
-    from ..dispatch import layer_bytes
     from ..recipes import load_recipe
 
     out_dir = Path(out_dir)
@@ -146,6 +145,25 @@ def run(scale: str, seed: int, out_dir: Path) -> dict:
     dim, k, experts = model["dim"], model["top_k"], model["num_experts"]
     tokens = data["batch_size"] * data["seq_len"] // WORLD  # per rank and step
     balanced = 4 * k * tokens * dim * 4 * (WORLD - 1) / WORLD
+    rows, checks = _rows(out_dir, dim, experts, steps, balanced)
+    header = (
+        f"moe-lm {scale}: D={dim}, E={experts}, k={k}, T={tokens} tokens per rank and step, "
+        f"W={WORLD}, fp32 (s=4), {steps} steps; bytes per step sent to the other rank\n\n"
+        "| rank | layer | forward (counter) | forward (formula) | backward (counter) | "
+        "counts | balanced estimate 4kTDs(W-1)/W | (fwd+bwd) / estimate | counter = formula |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    return {
+        "table": "\n".join([header, *rows]),
+        "all_equal": all(checks),
+        "settings": SETTINGS[scale],
+    }
+
+
+def _rows(out_dir: Path, dim: int, experts: int, steps: int, balanced: float):
+    """Table rows per rank and layer (counters vs formula), and whether each layer agrees."""
+    from ..dispatch import layer_bytes
+
     rows, checks = [], []
     for rank in range(WORLD):
         result = json.loads((out_dir / f"rank{rank}.json").read_text())
@@ -169,15 +187,4 @@ def run(scale: str, seed: int, out_dir: Path) -> dict:
             f"{result['seconds']:.2f} s training ({exchange_s / result['seconds']:.1%}) "
             "| | | | | | | |"
         )
-    header = (
-        f"moe-lm {scale}: D={dim}, E={experts}, k={k}, T={tokens} tokens per rank and step, "
-        f"W={WORLD}, fp32 (s=4), {steps} steps; bytes per step sent to the other rank\n\n"
-        "| rank | layer | forward (counter) | forward (formula) | backward (counter) | "
-        "counts | balanced estimate 4kTDs(W-1)/W | (fwd+bwd) / estimate | counter = formula |\n"
-        "|---|---|---|---|---|---|---|---|---|"
-    )
-    return {
-        "table": "\n".join([header, *rows]),
-        "all_equal": all(checks),
-        "settings": SETTINGS[scale],
-    }
+    return rows, checks

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..data.ctr import ClickModel, CTRData, iterate_batches
 from ..layers.ctr import DualMLP, FinalMLP, LogisticCTR
+from ._loop import train_loop
 
 NAME = "finalmlp"
 DESCRIPTION = "FinalMLP vs DualMLP vs logistic regression: test AUC on a synthetic click log"
@@ -80,13 +81,9 @@ def train(model: nn.Module, data: dict[str, CTRData], lr: float, epochs: int, se
     """Adam + BCE with early stopping on validation AUC; returns (model, epochs run)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best, best_state, run = -1.0, None, 0
+    loss_fn = lambda m, b: F.binary_cross_entropy_with_logits(m(b[0]), b[1])  # noqa: E731
     for epoch in range(epochs):
-        model.train()
-        for x, y in iterate_batches(data["train"], BATCH, seed * 100 + epoch):
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_loop(model, loss_fn, iterate_batches(data["train"], BATCH, seed * 100 + epoch), opt)
         run += 1
         auc = roc_auc(data["valid"].y, predict(model, data["valid"]))
         if auc <= best:

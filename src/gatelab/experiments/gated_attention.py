@@ -45,6 +45,7 @@ from ..models import LM, LMConfig
 from ..models.lm import CausalSelfAttention, apply_rope
 from ..train.schedule import WarmupCosine
 from ..train.trainer import param_groups
+from ._loop import train_loop
 
 NAME = "gated-attention"
 DESCRIPTION = "G1 elementwise-gated vs plain attention LM: val loss, attention sink, max activation"
@@ -119,16 +120,9 @@ def train_lm(model: LM, batches, steps: int, lr: float) -> float:
     """AdamW (weight decay 0.1 on matrices), 10% warm-up + cosine, clip 1; returns seconds."""
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
     schedule = WarmupCosine(opt, warmup_steps=max(1, steps // 10), total_steps=steps)
-    model.train()
     start = time.perf_counter()
-    for _ in range(steps):
-        batch = next(batches)
-        loss = model(batch.inputs, batch.targets).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
+    loss_fn = lambda m, b: m(b.inputs, b.targets).loss  # noqa: E731
+    train_loop(model, loss_fn, batches, opt, steps=steps, schedule=schedule, clip=1.0)
     return time.perf_counter() - start
 
 

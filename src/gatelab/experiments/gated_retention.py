@@ -15,7 +15,6 @@ initialisation and batch order).
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from ..data.batches import TensorBatches
 from ..data.images import load_digits
 from ..layers.retention import GatedRetention
+from ._loop import train_loop, warmup_times_cosine
 
 NAME = "gated-retention"
 DESCRIPTION = "digits: windowed retention with vs without the G1 output and SwiGLU value gates"
@@ -87,18 +87,10 @@ def train_and_test(variant: str, data: dict, cfg: dict, seed: int) -> dict:
     batches = TensorBatches(train.images, train.labels, batch_size=cfg["batch"], seed=seed)
     lr, steps = 3e-3, cfg["steps"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warmup = max(1, steps // 10)
+    schedule = warmup_times_cosine(opt, warmup=max(1, steps // 10), steps=steps)
     start = time.perf_counter()
-    model.train()
-    for step in range(steps):
-        images, labels = next(batches)
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    train_loop(model, loss_fn, batches, opt, steps=steps, schedule=schedule)
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():

@@ -180,7 +180,10 @@ def log_likelihood(fit: Fit, x: Tensor, y: Tensor, truth: GaussianMoEParams) -> 
 
 
 def fit_mle(truth: GaussianMoEParams, x: Tensor, y: Tensor, seed: int, max_iter: int) -> Fit:
-    """Maximum likelihood by L-BFGS from a noisy copy of the truth."""
+    """Maximum likelihood by L-BFGS from a noisy copy of the truth.
+
+    Not on ``_loop.train_loop``: L-BFGS evaluates the loss through a closure, several times a
+    step, with its own line search; there are no batches or schedule to share."""
     fit = init_fit(truth, torch.Generator().manual_seed(seed))
     opt = torch.optim.LBFGS(
         fit.tensors(),

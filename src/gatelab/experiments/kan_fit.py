@@ -148,6 +148,9 @@ def train(name: str, model: nn.Module, data: tuple[Tensor, ...], steps: int) -> 
     # next third, phase 3 selects, prunes and trains the last sixth
     anneal_at = steps // 2 if name == "s-kan" else steps
     select_at = 5 * steps // 6 if name == "s-kan" else steps
+    # Our own loop, not _loop.train_loop: S-KAN's phases are the loop (freeze the weights,
+    # anneal the selection, then select, prune and rebuild the optimizer mid-run, keeping the
+    # cosine-decayed lr set per step on whichever optimizer is current).
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     extra = {}
     start = time.perf_counter()

@@ -34,6 +34,7 @@ import torch
 from ..data.bios import INFORMATIVE, Bios, bios, knowledge_bits, span_losses
 from ..data.text import IGNORE_INDEX
 from ..models.lm import LM, LMConfig
+from ._loop import shuffled_batches, train_loop
 
 NAME = "knowledge-capacity"
 DESCRIPTION = "bits of knowledge per parameter on synthetic biographies: GatedMLP vs plain MLP FFN"
@@ -78,24 +79,21 @@ def train(model: LM, data: Bios, exposures: int, seed: int) -> float:
     steps = exposures * math.ceil(len(data) / batch)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    sched = torch.optim.lr_scheduler.LambdaLR(  # warm-up times a cosine to 0.1 over the run
         opt,
         lambda s: (
             min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
         ),
     )
-    model.train()
-    losses = []
-    for _ in range(exposures):
-        for people in torch.randperm(len(data), generator=gen).split(batch):
-            ids, mask, _ = data.render(people, gen)
-            targets = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
-            loss = model(ids[:, :-1], targets=targets, token_mask=mask[:, :-1]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+
+    def loss_fn(model: LM, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch
+        targets = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
+        return model(ids[:, :-1], targets=targets, token_mask=mask[:, :-1]).loss
+
+    people = shuffled_batches(len(data), batch, exposures, gen)
+    batches = (data.render(p, gen)[:2] for p in people)  # renders draw from gen in turn
+    losses = train_loop(model, loss_fn, batches, opt, schedule=sched)
     return statistics.fmean(losses[-50:])
 
 

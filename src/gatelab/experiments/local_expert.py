@@ -35,6 +35,7 @@ from ..adapt.local_expert import LocalExpertMoE, train_local_expert
 from ..data import load_digits
 from ..data.distort import distort, random_style, upsample
 from ..models import LeNet5, LeNet5Config
+from ._loop import random_batches, train_loop
 
 NAME = "local-expert"
 DESCRIPTION = "frozen LeNet-5 + small local expert + gate on simulated users' handwriting"
@@ -59,13 +60,8 @@ def _train_ge(x: Tensor, y: Tensor, steps: int, seed: int) -> LeNet5:
 def _fit(model, params, x, y, steps, lr, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (min(64, len(x)),), generator=gen)
-        loss = F.cross_entropy(model(x[idx]).logits, y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    loss_fn = lambda m, idx: F.cross_entropy(m(x[idx]).logits, y[idx])  # noqa: E731
+    train_loop(model, loss_fn, random_batches(len(x), min(64, len(x)), gen), opt, steps=steps)
     model.eval()
 
 

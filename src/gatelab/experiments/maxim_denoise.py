@@ -35,6 +35,7 @@ import torch
 from ..data import extract_patches, load_photos
 from ..models.common import num_parameters
 from ..models.maxim import ConvUNet, ConvUNetConfig, MaximUNet, MaximUNetConfig
+from ._loop import train_loop, warmup_then_cosine
 
 NAME = "maxim-denoise"
 DESCRIPTION = (
@@ -145,25 +146,16 @@ def train(model: torch.nn.Module, photos: list[torch.Tensor], cfg: dict, seed: i
     steps = cfg["steps"]
     warmup = max(1, steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
-    model.train()
+    sched = warmup_then_cosine(opt, warmup, steps)
+
+    def batches():  # (noisy, clean) crops, both drawn from gen
+        while True:
+            clean = random_crops(photos, cfg["crop"], cfg["batch"], gen)
+            yield clean + SIGMA * torch.randn(clean.shape, generator=gen), clean
+
     start = time.perf_counter()
-    for _ in range(steps):
-        clean = random_crops(photos, cfg["crop"], cfg["batch"], gen)
-        noisy = clean + SIGMA * torch.randn(clean.shape, generator=gen)
-        loss = charbonnier(model(noisy), clean)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+    loss_fn = lambda m, b: charbonnier(m(b[0]), b[1])  # noqa: E731
+    train_loop(model, loss_fn, batches(), opt, steps=steps, schedule=sched, clip=1.0)
     return time.perf_counter() - start
 
 

@@ -47,6 +47,7 @@ from ..layers import BottleneckMLP, GluMlp, HourglassMLP
 from ..models import LM, LMConfig
 from ..train.evaluate import bits_per_byte
 from ..train.schedule import WarmupCosine
+from ._loop import random_batches, train_loop
 from .gated_attention import train_lm
 
 NAME = "mlp-blocks"
@@ -158,14 +159,8 @@ def _train_eval(model: nn.Module, data: dict, steps: int, seed: int) -> float:
     x, y = data["train"].images, data["train"].labels
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = WarmupCosine(opt, warmup_steps=max(1, steps // 20), total_steps=steps)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
+    loss_fn = lambda m, idx: F.cross_entropy(m(x[idx]), y[idx])  # noqa: E731
+    train_loop(model, loss_fn, random_batches(len(x), 64, gen), opt, steps=steps, schedule=schedule)
     model.eval()
     with torch.no_grad():
         test = data["test"]

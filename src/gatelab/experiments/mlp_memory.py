@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..adapt.mlp_memory import KNNDatastore, MLPMemory, final_hidden, interpolate, train_memory
 from ..data.text import DOMAINS, ByteTokenizer, load_corpus
 from ..models import LM, LMConfig
+from ._loop import train_loop, warmup_times_cosine
 from ._trained_lm import BalancedBatches, domain_windows
 
 NAME = "mlp-memory"
@@ -91,19 +92,10 @@ def _train_lm(s: dict, seed: int) -> tuple[LM, float]:
     data = BalancedBatches(load_corpus(seed=seed), s["seq_len"], s["batch"], seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     steps = s["lm_steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps))
-    )
+    sched = warmup_times_cosine(opt, warmup=20, steps=steps)
     start = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        batch = next(data)
-        loss = model(batch.inputs, batch.targets).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+    loss_fn = lambda m, b: m(b.inputs, b.targets).loss  # noqa: E731
+    train_loop(model, loss_fn, data, opt, steps=steps, schedule=sched, clip=1.0)
     return model.eval().requires_grad_(False), time.perf_counter() - start
 
 
@@ -133,16 +125,8 @@ def _best_of(fn, repeats: int = 3) -> float:
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path = ".") -> dict:
     s = SETTINGS[scale]
     model, lm_seconds = _train_lm(s, seed)
-
-    # Datastore: train windows of both domains, equal counts.
-    store = [domain_windows(d, s["seq_len"], s["store_windows"], "train", seed) for d in DOMAINS]
-    keys, _, values = _states(model, torch.cat(store))
-    ds = KNNDatastore(keys, values, model.config.vocab_size)
-    self_idx = torch.arange(len(ds))
-    first, _ = ds.search(keys, 1, exclude=self_idx)
-    temperature = max(first.median().item(), 1e-6)
     k = s["k"]
-    targets_knn = ds.distribution(keys, k, temperature, exclude=self_idx)
+    ds, keys, values, temperature, targets_knn = _datastore(model, s, seed)
 
     torch.manual_seed(seed)
     memory = MLPMemory(model.config.dim, model.config.vocab_size, s["mem_hidden"], s["mem_layers"])
@@ -160,47 +144,13 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = ".") -> dict:
     )
     mem_seconds = time.perf_counter() - start
 
-    bpb: dict[str, dict[str, float]] = {}
-    zero_mass: dict[str, float] = {}  # share of bytes the kNN alone gives probability 0
-    queries_all = []
-    for domain in DOMAINS:
-        win = domain_windows(domain, s["seq_len"], s["eval_windows"], "val", seed)
-        h, log_p_lm, tgt = _states(model, win)
-        queries_all.append(h)
-        p_knn = ds.distribution(h, k, temperature)
-        with torch.no_grad():
-            log_p_mem = F.log_softmax(memory(h), dim=-1)
-        row = {"LM": _bpb(log_p_lm, tgt)}
-        for lam in LAMBDAS:
-            row[f"kNN-LM l={lam}"] = _bpb(interpolate(log_p_lm, p_knn, lam), tgt)
-            row[f"LM+memory l={lam}"] = _bpb(interpolate(log_p_lm, log_p_mem, lam, log=True), tgt)
-        bpb[domain] = row
-        zero_mass[domain] = (p_knn.gather(1, tgt[:, None]) == 0).float().mean().item()
-
-    queries = torch.cat(queries_all)
+    bpb, zero_mass, queries = _evaluate(model, ds, memory, s, seed, temperature)
     with torch.no_grad():
         knn_time = _best_of(lambda: ds.distribution(queries, k, temperature))
         mem_time = _best_of(lambda: torch.softmax(memory(queries), dim=-1))
-
-    lines = [
-        "| method | " + " | ".join(f"{d} bpb" for d in DOMAINS) + " |",
-        "|---|" + "---|" * len(DOMAINS),
-    ]
-    for method in bpb[DOMAINS[0]]:
-        cells = " | ".join(f"{bpb[d][method]:.4f}" for d in DOMAINS)
-        lines.append(f"| {method} | {cells} |")
-    cells = " | ".join(f"{zero_mass[d]:.1%}" for d in DOMAINS)
-    lines.append(f"| (bytes the kNN alone gives p = 0) | {cells} |")
     params = sum(p.numel() for p in memory.parameters())
-    lines += [
-        "",
-        "| speed (all eval queries) | seconds | ratio |",
-        "|---|---|---|",
-        f"| exact kNN, {len(ds)} keys, k={k} | {knn_time:.4f} | 1.00 |",
-        f"| MLP memory, {params} params | {mem_time:.4f} | {knn_time / mem_time:.2f}x faster |",
-    ]
     return {
-        "table": "\n".join(lines),
+        "table": _table(bpb, zero_mass, len(ds), k, params, knn_time, mem_time),
         # inf (the kNN alone, where it gives a byte p = 0) is stored as None: JSON has no inf
         "bpb": {
             d: {m: v if math.isfinite(v) else None for m, v in r.items()} for d, r in bpb.items()
@@ -220,3 +170,57 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = ".") -> dict:
         "lm_train_seconds": lm_seconds,
         "memory_train_seconds": mem_seconds,
     }
+
+
+def _datastore(model: LM, s: dict, seed: int):
+    """Datastore of train windows of both domains (equal counts); its temperature (median
+    nearest-neighbour distance) and the kNN targets of its own keys (self excluded)."""
+    store = [domain_windows(d, s["seq_len"], s["store_windows"], "train", seed) for d in DOMAINS]
+    keys, _, values = _states(model, torch.cat(store))
+    ds = KNNDatastore(keys, values, model.config.vocab_size)
+    self_idx = torch.arange(len(ds))
+    first, _ = ds.search(keys, 1, exclude=self_idx)
+    temperature = max(first.median().item(), 1e-6)
+    targets_knn = ds.distribution(keys, s["k"], temperature, exclude=self_idx)
+    return ds, keys, values, temperature, targets_knn
+
+
+def _evaluate(model: LM, ds, memory, s: dict, seed: int, temperature: float):
+    """Bits per byte per domain and method, kNN zero-mass share, all eval queries [N, D]."""
+    bpb: dict[str, dict[str, float]] = {}
+    zero_mass: dict[str, float] = {}  # share of bytes the kNN alone gives probability 0
+    queries_all = []
+    for domain in DOMAINS:
+        win = domain_windows(domain, s["seq_len"], s["eval_windows"], "val", seed)
+        h, log_p_lm, tgt = _states(model, win)
+        queries_all.append(h)
+        p_knn = ds.distribution(h, s["k"], temperature)
+        with torch.no_grad():
+            log_p_mem = F.log_softmax(memory(h), dim=-1)
+        row = {"LM": _bpb(log_p_lm, tgt)}
+        for lam in LAMBDAS:
+            row[f"kNN-LM l={lam}"] = _bpb(interpolate(log_p_lm, p_knn, lam), tgt)
+            row[f"LM+memory l={lam}"] = _bpb(interpolate(log_p_lm, log_p_mem, lam, log=True), tgt)
+        bpb[domain] = row
+        zero_mass[domain] = (p_knn.gather(1, tgt[:, None]) == 0).float().mean().item()
+    return bpb, zero_mass, torch.cat(queries_all)
+
+
+def _table(bpb, zero_mass, store_size, k, params, knn_time, mem_time) -> str:
+    lines = [
+        "| method | " + " | ".join(f"{d} bpb" for d in DOMAINS) + " |",
+        "|---|" + "---|" * len(DOMAINS),
+    ]
+    for method in bpb[DOMAINS[0]]:
+        cells = " | ".join(f"{bpb[d][method]:.4f}" for d in DOMAINS)
+        lines.append(f"| {method} | {cells} |")
+    cells = " | ".join(f"{zero_mass[d]:.1%}" for d in DOMAINS)
+    lines.append(f"| (bytes the kNN alone gives p = 0) | {cells} |")
+    lines += [
+        "",
+        "| speed (all eval queries) | seconds | ratio |",
+        "|---|---|---|",
+        f"| exact kNN, {store_size} keys, k={k} | {knn_time:.4f} | 1.00 |",
+        f"| MLP memory, {params} params | {mem_time:.4f} | {knn_time / mem_time:.2f}x faster |",
+    ]
+    return "\n".join(lines)

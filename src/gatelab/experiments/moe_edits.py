@@ -80,10 +80,9 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
     lm = trained_moe_lm(scale, seed, out)
     model, seq = lm.model, lm.seq_len
     blocks = find_moe_blocks(model)
-    num_experts, top_k = blocks[0].num_experts, blocks[0].top_k
     profile_sets = {
         d: domain_windows(d, seq - 1, cfg["profile"], "train", seed) for d in ("prose", "code")
-    }  # noqa: E501
+    }
     evals = {d: domain_windows(d, seq - 1, cfg["eval"], "val", seed) for d in ("prose", "code")}
 
     # 1. profile
@@ -94,8 +93,30 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
     # noise floor: the same distance between code of the training and the held-out split
     floor_profile = profile_routing(model, {"prose": profile_sets["code"], "code": evals["code"]})
     floor = _separation(floor_profile, blocks)
+    # 2. steer, 3. prune
+    steer = _steer(model, evals, profile, cfg, blocks[0].num_experts, seed)
+    prune = _prune(model, evals, cfg, seq, seed, blocks[0].num_experts)
+    table = _table(steer, prune, cfg, blocks, separation, floor)
+    return {
+        "table": table,
+        "trained": {"run_dir": str(lm.run_dir), "train_seconds": lm.train_seconds},
+        "separation": separation,
+        "separation_floor": floor,
+        "base": steer["base"],
+        "top_experts": steer["top"],
+        "steered": {f"{d}-{mode}": v for (d, mode), v in steer["steered"].items()},
+        "random_off": steer["random_off"],
+        "pruned": {f"{m}-{k}": v for (m, k), v in prune["losses"].items()},
+        "kept": prune["kept"],
+        "half_pruned_code_by_demo_set": prune["per_set"],
+        "pruned_vs_masked_max_abs": prune["check"],
+        "parameters": {str(k): v for k, v in prune["params"].items()},
+        "profile_png": str(out / "profile.png"),
+    }
 
-    # 2. steer: top code (and, as a mirror, top prose) experts off vs random experts off
+
+def _steer(model, evals, profile, cfg: dict, num_experts: int, seed: int) -> dict:
+    """Top code (and, as a mirror, top prose) experts off vs random experts off."""
     base = _losses(model, evals)
     top = {d: profile.top_experts(d, cfg["n_off"]) for d in ("code", "prose")}
     steered = {}
@@ -113,8 +134,11 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
         with steer_experts(model, off=spec):
             random_off.append(_losses(model, evals))
     rand = {d: [r[d] - base[d] for r in random_off] for d in evals}
+    return {"base": base, "top": top, "steered": steered, "random_off": random_off, "rand": rand}
 
-    # 3. prune with code demonstrations: half the experts (and 3/4 as a second point)
+
+def _prune(model, evals, cfg: dict, seq: int, seed: int, num_experts: int) -> dict:
+    """Prune with code demonstrations: half the experts (and 3/4 as a second point)."""
     # disjoint demonstration sets, interleaved from one pool; the first one fills the table
     pool = domain_windows("code", seq - 1, cfg["demos"] * cfg["demo_sets"], "train", seed + 1)
     demo_sets = [pool[i :: cfg["demo_sets"]] for i in range(cfg["demo_sets"])]
@@ -133,15 +157,25 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
                 masked = model(probe).logits
             with torch.no_grad():
                 check[f"{method}-{keep_n}"] = float((pruned(probe).logits - masked).abs().max())
-
     # the half-pruned comparison again on every demonstration set (code bits per byte)
-    half = num_experts // 2
     per_set = {m: [] for m in ("easy_ep", "frequency")}
     for demo in demo_sets:
         for method in per_set:
-            keep = select_experts(model, expert_importance(model, demo, method), half)
+            keep = select_experts(model, expert_importance(model, demo, method), num_experts // 2)
             per_set[method].append(_bpb(prune_model(model, keep), evals["code"]))
-    wins = sum(a < b for a, b in zip(per_set["easy_ep"], per_set["frequency"], strict=True))
+    return {
+        "losses": pruned_losses,
+        "kept": kept,
+        "check": check,
+        "params": params,
+        "per_set": per_set,
+        "num_sets": len(demo_sets),
+    }
+
+
+def _table(steer: dict, prune: dict, cfg: dict, blocks, separation, floor) -> str:
+    base, steered, rand, top = steer["base"], steer["steered"], steer["rand"], steer["top"]
+    num_experts, top_k = blocks[0].num_experts, blocks[0].top_k
 
     def change(losses):
         return f"{losses['prose'] - base['prose']:+.4f} | {losses['code'] - base['code']:+.4f}"
@@ -159,7 +193,7 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
         f"| top-{n} prose experts off (drop), change | {change(steered[('prose', 'drop')])} |",
         f"| top-{n} code experts off (reroute), change | {change(steered[('code', 'reroute')])} |",
     ]
-    for (method, keep_n), losses in pruned_losses.items():
+    for (method, keep_n), losses in prune["losses"].items():
         rows.append(
             f"| pruned to {keep_n}/{num_experts} by {method} (code demos), bits per byte | "
             f"{losses['prose']:.4f} | {losses['code']:.4f} |"
@@ -168,33 +202,19 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
         f"layer {b.layer}: {s:.3f} (code vs code {f:.3f})"
         for b, s, f in zip(blocks, separation, floor, strict=True)
     )
-    table = "\n".join(rows) + (
+    per_set, params, sets = prune["per_set"], prune["params"], prune["num_sets"]
+    wins = sum(a < b for a, b in zip(per_set["easy_ep"], per_set["frequency"], strict=True))
+    return "\n".join(rows) + (
         f"\n\nProfile separation (total variation between prose and code routed-slot "
         f"distributions): {sep}. Top code experts (layer, expert, contrast): "
         f"{[(a, b, round(c, 3)) for a, b, c in top['code']]}; top prose experts: "
         f"{[(a, b, round(c, 3)) for a, b, c in top['prose']]}. Parameters: full "
         f"{params['full']:,}, pruned to {num_experts // 2}: {params[num_experts // 2]:,}; "
-        f"max |pruned - masked| logit over the pruned models: {max(check.values()):.2e}. "
-        f"top_k={top_k}. Half-pruned code bits per byte over {len(demo_sets)} disjoint "
+        f"max |pruned - masked| logit over the pruned models: {max(prune['check'].values()):.2e}. "
+        f"top_k={top_k}. Half-pruned code bits per byte over {sets} disjoint "
         f"demonstration sets: EASY-EP {_span(per_set['easy_ep'])}, frequency "
-        f"{_span(per_set['frequency'])}; EASY-EP lower in {wins} of {len(demo_sets)}."
+        f"{_span(per_set['frequency'])}; EASY-EP lower in {wins} of {sets}."
     )
-    return {
-        "table": table,
-        "trained": {"run_dir": str(lm.run_dir), "train_seconds": lm.train_seconds},
-        "separation": separation,
-        "separation_floor": floor,
-        "base": base,
-        "top_experts": top,
-        "steered": {f"{d}-{mode}": v for (d, mode), v in steered.items()},
-        "random_off": random_off,
-        "pruned": {f"{m}-{k}": v for (m, k), v in pruned_losses.items()},
-        "kept": kept,
-        "half_pruned_code_by_demo_set": per_set,
-        "pruned_vs_masked_max_abs": check,
-        "parameters": {str(k): v for k, v in params.items()},
-        "profile_png": str(out / "profile.png"),
-    }
 
 
 def _by_layer(top) -> dict[int, list[int]]:

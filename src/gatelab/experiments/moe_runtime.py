@@ -352,7 +352,16 @@ def _fmt(v, spec=".4f") -> str:
 
 
 def _table(r: dict) -> str:
-    s = r["skip"]
+    sections = (
+        _skip_lines(r["skip"]),
+        _pregate_lines(r["pregate"]),
+        _offload_lines(r["offload"]),
+        _transcoder_lines(r["transcoder"]),
+    )
+    return "\n".join(line for lines in sections for line in lines)
+
+
+def _skip_lines(s: dict) -> list[str]:
     lines = [
         "**Skip (MoDES).** Layer importance alpha (normalised): "
         + ", ".join(f"layer {k}: {v:.3f}" for k, v in s["alpha"].items())
@@ -383,8 +392,11 @@ def _table(r: dict) -> str:
         )
         + ".",
     ]
-    p = r["pregate"]
-    lines += [
+    return lines
+
+
+def _pregate_lines(p: dict) -> list[str]:
+    lines = [
         "",
         "**Pre-gate hit rate** (top-2 guesses vs the next layer's top-2, held-out; chance 0.25):",
         "",
@@ -398,8 +410,11 @@ def _table(r: dict) -> str:
             f"{p['trained'][layer]['hit_rate']:.3f} | "
             f"{p['trained_on_calibration'][layer]['hit_rate']:.3f} |"
         )
-    o = r["offload"]
-    lines += [
+    return lines
+
+
+def _offload_lines(o: dict) -> list[str]:
+    lines = [
         "",
         f"**Offload** ({o['tokens']} held-out tokens in windows of {o['chunk']}, one "
         "window per forward):",
@@ -418,8 +433,11 @@ def _table(r: dict) -> str:
             f"{row.get('prefetch_hits', '-')} | {_fmt(row.get('pregate_hit_rate'), '.3f')} | "
             f"{'yes' if row['exact'] else 'NO'} |"
         )
-    t = r["transcoder"]
-    lines += [
+    return lines
+
+
+def _transcoder_lines(t: dict) -> list[str]:
+    lines = [
         "",
         f"**Transcoder** for MoE layer {t['layer']} ({t['hidden_dim']} features, "
         f"{t['train_tokens']} training tokens; held-out):",
@@ -451,4 +469,4 @@ def _table(r: dict) -> str:
         )
         + ".",
     ]
-    return "\n".join(lines)
+    return lines

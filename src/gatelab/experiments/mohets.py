@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..data.series import forecast_windows
 from ..models.mohets import DLinear, MoHETS, MoHETSConfig
+from ._loop import random_batches, train_loop
 
 NAME = "mohets"
 DESCRIPTION = "MoHETS (conv + FAN experts) vs MLP-expert MoE vs DLinear: test MSE/MAE per horizon"
@@ -91,13 +92,12 @@ def train_eval(model_name: str, name: str, data: dict, steps: int, seed: int) ->
     model = build(model_name, name, 0 if exog is None else exog.shape[2])
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(len(x), (min(BATCH, len(x)),), generator=gen)
+
+    def loss_fn(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         pred = model(x[idx], None if exog is None else exog[idx])
-        loss = F.mse_loss(pred, y[idx]) + AUX_WEIGHT * getattr(model, "aux_loss", torch.zeros(()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return F.mse_loss(pred, y[idx]) + AUX_WEIGHT * getattr(model, "aux_loss", torch.zeros(()))
+
+    train_loop(model, loss_fn, random_batches(len(x), min(BATCH, len(x)), gen), opt, steps=steps)
     model.eval()
     x, exog, y = data["test"]
     with torch.no_grad():

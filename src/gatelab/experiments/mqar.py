@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from ..data.synthetic import IGNORE_INDEX, mqar
 from ..layers.conv import BaseConv
 from ..models.lm import CausalSelfAttention, rope_cache
+from ._loop import train_loop
 
 NAME = "mqar"
 DESCRIPTION = "MQAR accuracy by (seq_len, kv pairs, width): attention vs Zoology's BaseConv"
@@ -108,34 +110,25 @@ def train_and_test(
     model = RecallModel(mixer, dim, seq_len, vocab=vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     warmup = max(1, steps // 10)
-    start = time.perf_counter()
-    for step in range(steps):
-        # a fresh draw each step: seeds (seed, step) never meet the test seed below
-        data = mqar(
-            batch,
-            vocab_size=vocab,
-            seq_len=seq_len,
-            num_kv_pairs=kv,
-            random_non_queries=False,
-            seed=1_000_003 * (seed + 1) + step,
-        )
+
+    def set_lr(step: int) -> None:
+        # warm-up times cosine, multiplied as (lr * frac) * cosine: the order these numbers
+        # were made with (``warmup_times_cosine`` rounds lr * (frac * cosine) differently)
         frac = min(1.0, (step + 1) / warmup)
         cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr * frac * cosine
-        loss, _ = model(data.inputs, data.labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - start
-    data = mqar(
-        test,
-        vocab_size=vocab,
-        seq_len=seq_len,
-        num_kv_pairs=kv,
-        random_non_queries=False,
-        seed=2**40 + seed,
+
+    draw = partial(
+        mqar, vocab_size=vocab, seq_len=seq_len, num_kv_pairs=kv, random_non_queries=False
     )
+    # a fresh draw each step: seeds (seed, step) never meet the test seed below
+    draws = (draw(batch, seed=1_000_003 * (seed + 1) + step) for step in range(steps))
+    start = time.perf_counter()
+    loss_fn = lambda m, d: m(d.inputs, d.labels)[0]  # noqa: E731
+    train_loop(model, loss_fn, draws, opt, before_step=set_lr)
+    seconds = time.perf_counter() - start
+    data = draw(test, seed=2**40 + seed)
     model.eval()
     with torch.no_grad():
         loss, correct = model(data.inputs, data.labels)

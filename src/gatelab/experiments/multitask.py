@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..data.synthetic import mmoe_synthetic
 from ..layers.multitask import PLE, HoME, MMoE, SharedBottom, expert_statistics
+from ._loop import shuffled_batches, train_loop
 
 NAME = "multitask"
 DESCRIPTION = "shared-bottom vs MMoE vs CGC vs PLE vs HoME: task loss against task correlation"
@@ -63,13 +64,8 @@ def train_eval(name: str, data, cfg: dict, seed: int) -> dict:
     x, y = data.x[:n], y_all[:n]
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(cfg["epochs"]):
-        for idx in torch.randperm(len(x), generator=gen).split(BATCH):
-            loss = F.mse_loss(model(x[idx]), y[idx], reduction="none").mean(0).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    loss_fn = lambda m, idx: F.mse_loss(m(x[idx]), y[idx], reduction="none").mean(0).sum()  # noqa: E731
+    train_loop(model, loss_fn, shuffled_batches(len(x), BATCH, cfg["epochs"], gen), opt)
     model.eval()
     with torch.no_grad():
         pred = model(data.x[n:])

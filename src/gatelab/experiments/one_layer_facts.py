@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.one_layer import OneLayerTransformer
+from ._loop import shuffled_batches, train_loop
 
 NAME = "one-layer-facts"
 DESCRIPTION = "one-layer transformer with vs without MLP: fact acquisition and extraction"
@@ -109,18 +110,15 @@ def make_facts(num_subjects: int, num_relations: int, num_answers: int, seed: in
 def _epochs(model, seqs: Tensor, epochs: int, lr: float, answer_only: bool, seed: int) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(seqs), generator=gen).split(BATCH):
-            batch = seqs[idx]
-            logits = model(batch[:, :2])
-            if answer_only:
-                loss = F.cross_entropy(logits[:, 1], batch[:, 2])
-            else:
-                loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def loss_fn(model, idx: Tensor) -> Tensor:
+        batch = seqs[idx]
+        logits = model(batch[:, :2])
+        if answer_only:
+            return F.cross_entropy(logits[:, 1], batch[:, 2])
+        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+    train_loop(model, loss_fn, shuffled_batches(len(seqs), BATCH, epochs, gen), opt)
 
 
 @torch.no_grad()

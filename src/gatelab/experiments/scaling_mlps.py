@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from ..data import load_cifar10, load_digits
 from ..layers import BottleneckMLP
 from ..train.schedule import WarmupCosine
+from ._loop import random_batches, train_loop
 
 NAME = "scaling-mlps"
 DESCRIPTION = "bottleneck MLP with Lion + label smoothing + mixup + crops: accuracy vs width, depth"
@@ -176,21 +177,21 @@ def train_mlp(
     warmup = max(1, int(recipe.warmup_fraction * recipe.steps))
     schedule = WarmupCosine(opt, warmup_steps=warmup, total_steps=recipe.steps)
     eps = recipe.label_smoothing
-    model.train()
-    for _ in range(recipe.steps):
-        idx = torch.randint(len(x), (min(recipe.batch_size, len(x)),), generator=gen)
-        xb = x[idx]
-        target = F.one_hot(y[idx], num_classes).float() * (1 - eps) + eps / num_classes
-        if recipe.crop_scale is not None or recipe.flip:
-            xb = random_resized_crop(xb, recipe.crop_scale or (1.0, 1.0), gen, flip=recipe.flip)
-        if recipe.mixup_alpha > 0:
-            lam = float(rng.beta(recipe.mixup_alpha, recipe.mixup_alpha))
-            xb, target = mixup(xb, target, lam, gen)
-        loss = -(target * F.log_softmax(model(xb), -1)).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
+
+    def batches():  # (images, soft targets): smoothed, cropped, mixed
+        for idx in random_batches(len(x), min(recipe.batch_size, len(x)), gen):
+            xb = x[idx]
+            target = F.one_hot(y[idx], num_classes).float() * (1 - eps) + eps / num_classes
+            if recipe.crop_scale is not None or recipe.flip:
+                crop = recipe.crop_scale or (1.0, 1.0)
+                xb = random_resized_crop(xb, crop, gen, flip=recipe.flip)
+            if recipe.mixup_alpha > 0:
+                lam = float(rng.beta(recipe.mixup_alpha, recipe.mixup_alpha))
+                xb, target = mixup(xb, target, lam, gen)
+            yield xb, target
+
+    loss_fn = lambda m, b: -(b[1] * F.log_softmax(m(b[0]), -1)).sum(-1).mean()  # noqa: E731
+    train_loop(model, loss_fn, batches(), opt, steps=recipe.steps, schedule=schedule)
     model.eval()
 
 

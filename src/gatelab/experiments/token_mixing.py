@@ -26,6 +26,7 @@ from ..data import load_digits
 from ..models.classifier import MLPClassifier, MLPConfig
 from ..models.common import num_parameters
 from ..models.mixing import BLOCK_KINDS, MixingClassifier, MixingClassifierConfig
+from ._loop import shuffled_batches, train_loop, warmup_then_cosine
 
 NAME = "token-mixing"
 DESCRIPTION = (
@@ -82,24 +83,9 @@ def train_one(model, data, epochs: int, seed: int) -> float:
     total = epochs * steps_per_epoch
     warmup = max(1, total // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-        ),
-    )
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = order[i : i + 64]
-            loss = model(x[idx], y[idx]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    sched = warmup_then_cosine(opt, warmup, total)
+    loss_fn = lambda m, idx: m(x[idx], y[idx]).loss  # noqa: E731
+    train_loop(model, loss_fn, shuffled_batches(len(x), 64, epochs, gen), opt, schedule=sched)
     model.eval()
     with torch.no_grad():
         xt, yt = data["test"]

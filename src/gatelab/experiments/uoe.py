@@ -46,6 +46,7 @@ from ..data.text import EOS, IGNORE_INDEX, EvalBatches, LMBatches, load_corpus
 from ..layers import GluMlp, Mlp, MoE, apply_rope, decompose_to_moe, rope_cache, uoe_mlp
 from ..models.lm import SwiGLU
 from . import mean_pm_std
+from ._loop import train_loop
 
 NAME = "uoe"
 DESCRIPTION = "Union of Experts: exact MLP decomposition; routed slices vs top-k MoE, loss vs FLOPs"
@@ -167,15 +168,13 @@ def train_one(arm, seed: int, cfg: dict, corpus) -> dict:
     model = TinyLM(dim, hidden, arm)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     batches = LMBatches(corpus, "train", seq_len=SEQ_LEN, batch_size=BATCH, seed=seed)
-    model.train()
-    for _ in range(cfg["steps"]):
-        batch = next(batches)
+
+    def loss_fn(model: TinyLM, batch) -> Tensor:
         logits = model(batch.inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
-        loss = loss + sum((m.aux_loss for m in model.moes()), torch.zeros(()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return loss + sum((m.aux_loss for m in model.moes()), torch.zeros(()))
+
+    train_loop(model, loss_fn, batches, opt, steps=cfg["steps"])
     return evaluate(model, corpus, cfg["eval_batches"])
 
 
