@@ -91,7 +91,7 @@ def recipe_for(scale: str, seed: int, run_dir: Path) -> dict[str, Any]:
     s = SETTINGS[scale]
     overrides = [
         f"model.dim={s['dim']}",
-        f"model.expert_hidden_dim={s['expert_hidden_dim']}",
+        f"model.moe.hidden_dim={s['expert_hidden_dim']}",
         f"model.num_heads={s['num_heads']}",
         f"model.max_seq_len={s['seq_len']}",
         f"model.ffn_hidden_dim={2 * s['expert_hidden_dim']}",

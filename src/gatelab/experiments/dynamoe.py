@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..data import EvalBatches, LMBatches, load_corpus, load_digits
-from ..models import LM, LMConfig, MLPClassifier, MLPConfig
+from ..models import LM, LMConfig, MLPClassifier, MLPConfig, MoEConfig
 from ..routing import K_SCHEDULES
 from ..train.evaluate import bits_per_byte
 from . import mean_std
@@ -66,14 +66,16 @@ def model_config(schedule: str) -> MLPConfig:
         num_classes=10,
         act="gelu",
         moe_layers=[1, 2, 3, 4],
-        num_experts=8,
-        top_k=4,
-        expert_hidden_dim=32,
-        router="dynamic_k",
-        router_kwargs={"percentile": 0.75},
-        k_schedule=schedule,
-        k_schedule_min=1,
-        loss_weights={"balance": 0.01},
+        moe=MoEConfig(
+            num_experts=8,
+            top_k=4,
+            hidden_dim=32,
+            router="dynamic_k",
+            router_kwargs={"percentile": 0.75},
+            k_schedule=schedule,
+            k_schedule_min=1,
+            loss_weights={"balance": 0.01},
+        ),
     )
 
 
@@ -123,12 +125,14 @@ def lm_config(schedule: str) -> LMConfig:
         num_layers=4,
         num_heads=4,
         max_seq_len=64,
-        num_experts=8,
-        top_k=4,
-        expert_hidden_dim=128,
-        router="dynamic_k",
-        router_kwargs={"percentile": 0.75},
-        k_schedule=schedule,
+        moe=MoEConfig(
+            num_experts=8,
+            top_k=4,
+            hidden_dim=128,
+            router="dynamic_k",
+            router_kwargs={"percentile": 0.75},
+            k_schedule=schedule,
+        ),
     )
 
 

@@ -31,8 +31,8 @@ SETTINGS = {
         "model.num_layers": 2,
         "model.num_heads": 2,
         "model.max_seq_len": 16,
-        "model.num_experts": 4,
-        "model.expert_hidden_dim": 32,
+        "model.moe.num_experts": 4,
+        "model.moe.hidden_dim": 32,
         "data.seq_len": 16,
         "data.batch_size": 4,
         "train.steps": 2,
@@ -42,8 +42,8 @@ SETTINGS = {
         "model.num_layers": 4,
         "model.num_heads": 4,
         "model.max_seq_len": 128,
-        "model.num_experts": 8,
-        "model.expert_hidden_dim": 512,
+        "model.moe.num_experts": 8,
+        "model.moe.hidden_dim": 512,
         "data.seq_len": 128,
         "data.batch_size": 16,
         "train.steps": 20,
@@ -142,7 +142,7 @@ def run(scale: str, seed: int, out_dir: Path) -> dict:
     model = load_recipe("moe-lm", overrides)["model"]
     data = load_recipe("moe-lm", overrides)["data"]
     steps = SETTINGS[scale]["train.steps"]
-    dim, k, experts = model["dim"], model["top_k"], model["num_experts"]
+    dim, k, experts = model["dim"], model["moe"]["top_k"], model["moe"]["num_experts"]
     tokens = data["batch_size"] * data["seq_len"] // WORLD  # per rank and step
     balanced = 4 * k * tokens * dim * 4 * (WORLD - 1) / WORLD
     rows, checks = _rows(out_dir, dim, experts, steps, balanced)

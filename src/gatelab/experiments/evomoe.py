@@ -93,6 +93,9 @@ DIVERSIFY = 0.5
 ARMS = ("switch", "top2", "evomoe")
 
 
+MOE_KEYS = ("top_k", "router", "router_kwargs")  # the arms' keys of [model.moe]
+
+
 def recipe(scale: dict[str, Any], seed: int, run_dir: Path, **model: Any) -> dict[str, Any]:
     """The moe-lm recipe, shrunk to ``scale``, with ``model`` overrides."""
     r = load_recipe("moe-lm")
@@ -102,11 +105,11 @@ def recipe(scale: dict[str, Any], seed: int, run_dir: Path, **model: Any) -> dic
         num_layers=scale["layers"],
         num_heads=scale["heads"],
         max_seq_len=scale["seq"],
-        num_experts=NUM_EXPERTS,
-        expert_hidden_dim=scale["hidden"],
         ffn_hidden_dim=scale["hidden"],
-        **model,
     )
+    moe = {k: model.pop(k) for k in list(model) if k in MOE_KEYS}
+    r["model"]["moe"].update(num_experts=NUM_EXPERTS, hidden_dim=scale["hidden"], **moe)
+    r["model"].update(model)
     r["data"].update(
         seq_len=scale["seq"],
         batch_size=scale["batch"],

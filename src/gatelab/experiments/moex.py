@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..data import load_digits
 from ..layers import moe_to_wide, routing_mask
-from ..models import MLPClassifier, MLPConfig
+from ..models import MLPClassifier, MLPConfig, MoEConfig
 from . import mean_pm_std
 from .dynamoe import fit_on_digits
 
@@ -59,11 +59,13 @@ def model_config(router: str, act: str) -> MLPConfig:
         num_classes=10,
         act=act,
         moe_layers=[1, 2],
-        num_experts=8,
-        top_k=2,
-        expert_hidden_dim=32,
-        router=router,
-        loss_weights={"balance": 0.01},
+        moe=MoEConfig(
+            num_experts=8,
+            top_k=2,
+            hidden_dim=32,
+            router=router,
+            loss_weights={"balance": 0.01},
+        ),
     )
 
 
