@@ -214,10 +214,14 @@ def small_lm(**kw):
     return LMConfig(**{**base, **kw})
 
 
-def test_lm_default_attention_and_state_dict_are_unchanged():
+def test_lm_default_attention_is_plain_causal_gated_attention():
+    # The former CausalSelfAttention is GatedAttention without a gate; its fused qkv/proj
+    # checkpoints load through a key map (tests/test_legacy_checkpoints.py).
     model = LM(small_lm())
-    assert isinstance(model.blocks[0].attn, lm_module.CausalSelfAttention)
-    assert "blocks.0.attn.qkv.weight" in model.state_dict()
+    attn = model.blocks[0].attn
+    assert isinstance(attn, GatedAttention) and attn.gate == "none" and attn.causal
+    assert attn.num_kv_heads == attn.num_heads
+    assert "blocks.0.attn.q_proj.weight" in model.state_dict()
     assert lm_module.rope_cache is rope_cache and lm_module.apply_rope is apply_rope
 
 

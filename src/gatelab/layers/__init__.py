@@ -1,5 +1,6 @@
 """nn.Modules users put in models."""
 
+from ..legacy import moved
 from .attention import ATTN_GATES, GatedAttention, apply_rope, rope_cache
 from .conv import BaseConv, LongConv, ShortConv
 from .ctr import (
@@ -25,6 +26,7 @@ from .mlp import (
     HourglassMLP,
     Mlp,
     ResidualMlpBlock,
+    SharedExpert,
 )
 from .moe import MoE
 from .multitask import CGC, PLE, HoME, MMoE, SharedBottom, expert_statistics
@@ -43,15 +45,13 @@ from .token_mixing import (
     SpatialGatingUnit,
     SpatialGatingWeights,
 )
-from .uoe import SelectiveMultiHeadAttention, decompose_mlp, decompose_to_moe, uoe_mlp
+from .uoe import SelectiveMultiHeadAttention
 from .wide_mlp import (
     WideMLP,
     block_gates,
     mask_to_routing,
-    moe_to_wide,
     moex_layer,
     routing_mask,
-    wide_to_moe,
 )
 
 __all__ = [
@@ -66,9 +66,6 @@ __all__ = [
     "NeuralField",
     "pixel_coords",
     "SelectiveMultiHeadAttention",
-    "decompose_mlp",
-    "decompose_to_moe",
-    "uoe_mlp",
     "DualMLP",
     "FeatureSelection",
     "FieldEmbedding",
@@ -100,10 +97,8 @@ __all__ = [
     "WideMLP",
     "block_gates",
     "mask_to_routing",
-    "moe_to_wide",
     "moex_layer",
     "routing_mask",
-    "wide_to_moe",
     "ATTN_GATES",
     "GLU_VARIANTS",
     "MLPS",
@@ -116,7 +111,17 @@ __all__ = [
     "HourglassMLP",
     "Mlp",
     "ResidualMlpBlock",
+    "SharedExpert",
     "apply_rope",
     "rope_cache",
     "MoE",
 ]
+
+# Weight converters moved to gatelab.convert (issue 14); the old names import with a warning.
+__getattr__ = moved(
+    __name__,
+    {
+        **dict.fromkeys(("decompose_mlp", "decompose_to_moe", "uoe_mlp"), "gatelab.convert.uoe"),
+        **dict.fromkeys(("moe_to_wide", "wide_to_moe"), "gatelab.convert.wide"),
+    },
+)

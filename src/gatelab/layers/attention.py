@@ -159,6 +159,7 @@ class GatedAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self._register_load_state_dict_pre_hook(self._accept_reference_layout)
+        self._register_load_state_dict_pre_hook(self._accept_fused_qkv)
 
     def extra_repr(self) -> str:
         return (
@@ -253,6 +254,20 @@ class GatedAttention(nn.Module):
                 q = state[f"q_proj.{kind}"]
                 state[f"q_proj.{kind}"] = fuse_q_gate(q, g, self.num_kv_heads)
         return state
+
+    def _accept_fused_qkv(self, state_dict, prefix, *args, **kwargs) -> None:
+        # gatelab's former LM attention (CausalSelfAttention, before issue 14): one fused
+        # ``qkv`` [3 * H * d_h, D] (q rows, then k, then v, each in head order) and ``proj``.
+        if self.gate_proj is not None or self.num_kv_heads != self.num_heads:
+            return
+        for kind in ("weight", "bias"):
+            fused = state_dict.pop(f"{prefix}qkv.{kind}", None)
+            if fused is not None:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3), strict=True):
+                    state_dict[f"{prefix}{name}.{kind}"] = part
+            proj = state_dict.pop(f"{prefix}proj.{kind}", None)
+            if proj is not None:
+                state_dict[f"{prefix}o_proj.{kind}"] = proj
 
     def _accept_reference_layout(self, state_dict, prefix, *args, **kwargs) -> None:
         # A fused q_proj (more rows than the query heads) and no gate_proj: split it.

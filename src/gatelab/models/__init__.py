@@ -17,9 +17,7 @@ from .common import ModelOutput, moe_modules, num_active_parameters, num_paramet
 from .config import Config, ConfigError
 from .lm import (
     LM,
-    CausalSelfAttention,
     LMConfig,
-    SwiGLU,
     apply_rope,
     dense_equivalent,
     rope_cache,
@@ -56,7 +54,6 @@ __all__ = [
     "MixingClassifierConfig",
     "LM",
     "MODELS",
-    "CausalSelfAttention",
     "Config",
     "ConfigError",
     "LMConfig",
@@ -65,7 +62,6 @@ __all__ = [
     "MLPClassifier",
     "MLPConfig",
     "ModelOutput",
-    "SwiGLU",
     "apply_rope",
     "build_model",
     "c3_connections",
@@ -75,3 +71,12 @@ __all__ = [
     "num_parameters",
     "rope_cache",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # SwiGLU and CausalSelfAttention are gone (issue 14); lm's __getattr__ warns and maps them.
+    if name in ("SwiGLU", "CausalSelfAttention"):
+        from . import lm
+
+        return getattr(lm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
