@@ -6,19 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatelab.layers.token_mixing import (
-    ActivatorBlock,
+from gatelab.layers.maxim_mlp import (
     CrossGatingBlock,
-    GMLPBlock,
     MaximGmlpLayer,
-    MixerBlock,
     MultiAxisGatedMLPBlock,
-    NiNformerBlock,
-    RaftLevel,
-    SpatialGatingUnit,
     SpatialGatingWeights,
     block_images,
     unblock_images,
+)
+from gatelab.layers.token_mixing import (
+    ActivatorBlock,
+    GMLPBlock,
+    MixerBlock,
+    NiNformerBlock,
+    RaftLevel,
+    SpatialGatingUnit,
 )
 from gatelab.models import MODELS, ConfigError, build_model
 from gatelab.models.mixing import BLOCK_KINDS, MixingClassifier, MixingClassifierConfig

@@ -15,6 +15,12 @@ from .ctr import (
 )
 from .field import CoordinateAwareModulation, FourierFeatures, NeuralField, pixel_coords
 from .kan import GRKANMLP, SKAN, GroupRational, SKANLayer
+from .maxim_mlp import (
+    CrossGatingBlock,
+    MaximGmlpLayer,
+    MultiAxisGatedMLPBlock,
+    SpatialGatingWeights,
+)
 from .mlp import (
     GLU_VARIANTS,
     MLPS,
@@ -34,16 +40,12 @@ from .retention import GatedRetention
 from .token_mixing import (
     ActivatorBlock,
     ActivatorGatingUnit,
-    CrossGatingBlock,
     GMLPBlock,
-    MaximGmlpLayer,
     MixerBlock,
     MixerGatingUnit,
-    MultiAxisGatedMLPBlock,
     NiNformerBlock,
     RaftLevel,
     SpatialGatingUnit,
-    SpatialGatingWeights,
 )
 from .uoe import SelectiveMultiHeadAttention
 from .wide_mlp import (
