@@ -58,4 +58,4 @@ def test_lm_checkpoints_of_earlier_versions_load(run):
         out = model(logits["ids"]).logits
     torch.testing.assert_close(out, logits[run], rtol=0, atol=1e-6)
     keys = model.state_dict()
-    assert "blocks.0.attn.q_proj.weight" in keys and "blocks.0.attn.qkv.weight" not in keys
+    assert "blocks.0.attn.qkv_proj.weight" in keys and "blocks.0.attn.qkv.weight" not in keys

@@ -163,7 +163,7 @@ def test_init_follows_gpt2():
     resid = 0.02 / math.sqrt(2 * 8)
     stds = {name: p.std().item() for name, p in model.named_parameters()}
     assert stds["embed.weight"] == pytest.approx(0.02, rel=0.1)
-    assert stds["blocks.0.attn.q_proj.weight"] == pytest.approx(0.02, rel=0.1)
+    assert stds["blocks.0.attn.qkv_proj.weight"] == pytest.approx(0.02, rel=0.1)
     for name in (
         "blocks.0.attn.o_proj.weight",
         "blocks.0.ffn.down_proj.weight",

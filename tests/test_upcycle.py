@@ -266,9 +266,9 @@ def test_optimizer_state_carries_over():
     moe_opt = torch.optim.AdamW(moe_lm.parameters(), lr=1e-3)
     carried = upcycle_optimizer_state(lm, opt, moe_lm, moe_opt)
     assert carried == len(list(lm.parameters()))  # every dense tensor has a home
-    attn = moe_opt.state[moe_lm.blocks[0].attn.q_proj.weight]
+    attn = moe_opt.state[moe_lm.blocks[0].attn.qkv_proj.weight]
     torch.testing.assert_close(
-        attn["exp_avg"], opt.state[lm.blocks[0].attn.q_proj.weight]["exp_avg"]
+        attn["exp_avg"], opt.state[lm.blocks[0].attn.qkv_proj.weight]["exp_avg"]
     )
     bank = moe_opt.state[moe_lm.blocks[1].ffn.experts.down_proj]
     dense = opt.state[lm.blocks[1].ffn.down_proj.weight]

@@ -49,6 +49,7 @@ from .phatgoose import (
     train_lora_expert,
 )
 from .transcoder import Transcoder, evaluate_transcoder, train_transcoder
+from .upcycle import MOVED as _UPCYCLE_MOVED
 
 __all__ = [
     "GCN",
@@ -101,22 +102,4 @@ __all__ = [
 ]
 
 # Upcycling moved to gatelab.convert (issue 14); the old names import with a warning.
-__getattr__ = moved(
-    __name__,
-    {
-        **dict.fromkeys(
-            (
-                "copy_into_bank",
-                "diversify_experts",
-                "init_router",
-                "upcycle_ffn",
-                "upcycle_lm",
-                "upcycle_optimizer_state",
-            ),
-            "gatelab.convert.upcycle",
-        ),
-        "dense_ffn_weights": "gatelab.experts:read_dense_ffn",
-        "DenseFFN": "gatelab.experts:ExpertWeights",
-        "activation_name": "gatelab.experts",
-    },
-)
+__getattr__ = moved(__name__, _UPCYCLE_MOVED)

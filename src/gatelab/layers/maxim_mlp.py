@@ -18,16 +18,9 @@ from torch import Tensor, nn
 
 from ..experts import activation
 from ._checks import check_dropout, check_positive
-from .token_mixing import SpatialGatingUnit, TokenLinear, _check_float
+from .token_mixing import MAXIM_NAMES, SpatialGatingUnit, TokenLinear, _check_float
 
-__all__ = [
-    "CrossGatingBlock",
-    "MaximGmlpLayer",
-    "MultiAxisGatedMLPBlock",
-    "SpatialGatingWeights",
-    "block_images",
-    "unblock_images",
-]
+__all__ = list(MAXIM_NAMES)
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str, who: str) -> tuple[int, int]:

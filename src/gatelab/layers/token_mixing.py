@@ -448,17 +448,12 @@ class ActivatorBlock(nn.Module):
 
 
 # MAXIM's image blocks moved to gatelab.layers.maxim_mlp (issue 14: one module per family).
-__getattr__ = moved(
-    __name__,
-    dict.fromkeys(
-        (
-            "CrossGatingBlock",
-            "MaximGmlpLayer",
-            "MultiAxisGatedMLPBlock",
-            "SpatialGatingWeights",
-            "block_images",
-            "unblock_images",
-        ),
-        "gatelab.layers.maxim_mlp",
-    ),
+MAXIM_NAMES = (
+    "CrossGatingBlock",
+    "MaximGmlpLayer",
+    "MultiAxisGatedMLPBlock",
+    "SpatialGatingWeights",
+    "block_images",
+    "unblock_images",
 )
+__getattr__ = moved(__name__, dict.fromkeys(MAXIM_NAMES, "gatelab.layers.maxim_mlp"))

@@ -252,8 +252,9 @@ def attention(config: LMConfig) -> GatedAttention:
     """The attention of a block: :class:`~gatelab.layers.GatedAttention`, causal, RoPE.
 
     With the defaults (``attn_gate="none"``, ``num_kv_heads=0``) it is plain multi-head
-    causal self-attention, the computation of the former ``CausalSelfAttention`` (whose
-    fused ``qkv``/``proj`` checkpoints load through GatedAttention's key map).
+    causal self-attention with one fused ``qkv_proj``, the former ``CausalSelfAttention``
+    to the last bit, forward and backward (its ``qkv``/``proj`` checkpoints load through
+    GatedAttention's key map).
     """
     return GatedAttention(
         config.dim,
@@ -261,6 +262,7 @@ def attention(config: LMConfig) -> GatedAttention:
         config.num_kv_heads or None,
         gate=config.attn_gate,
         dropout=config.dropout,
+        fused_qkv=not config.gated_attention,
     )
 
 
@@ -440,13 +442,13 @@ class LM(nn.Module):
 
 
 def _causal_self_attention(dim: int, num_heads: int, dropout: float = 0.0) -> GatedAttention:
-    return GatedAttention(dim, num_heads, gate="none", dropout=dropout)
+    return GatedAttention(dim, num_heads, gate="none", dropout=dropout, fused_qkv=True)
 
 
 _REPLACED = {
     "SwiGLU": ("gatelab.layers.GluMlp (variant 'swiglu', the default)", GluMlp),
     "CausalSelfAttention": (
-        "gatelab.layers.GatedAttention(dim, num_heads, gate='none')",
+        "gatelab.layers.GatedAttention(dim, num_heads, gate='none', fused_qkv=True)",
         _causal_self_attention,
     ),
 }
