@@ -214,10 +214,14 @@ def small_lm(**kw):
     return LMConfig(**{**base, **kw})
 
 
-def test_lm_default_attention_and_state_dict_are_unchanged():
+def test_lm_default_attention_is_plain_causal_gated_attention():
+    # The former CausalSelfAttention is GatedAttention without a gate; its fused qkv/proj
+    # checkpoints load through a key map (tests/test_legacy_checkpoints.py).
     model = LM(small_lm())
-    assert isinstance(model.blocks[0].attn, lm_module.CausalSelfAttention)
-    assert "blocks.0.attn.qkv.weight" in model.state_dict()
+    attn = model.blocks[0].attn
+    assert isinstance(attn, GatedAttention) and attn.gate == "none" and attn.causal
+    assert attn.num_kv_heads == attn.num_heads and attn.fused_qkv
+    assert "blocks.0.attn.qkv_proj.weight" in model.state_dict()
     assert lm_module.rope_cache is rope_cache and lm_module.apply_rope is apply_rope
 
 
@@ -254,3 +258,33 @@ def test_gated_attention_experiment_puts_bos_first():
     # every target is still the byte after its input
     assert torch.equal(batch.targets[:, 1:], batch.inputs[:, 1:] + 1)
     assert torch.equal(batch.targets[:, 0], x[:, 0])
+
+
+@pytest.mark.parametrize("kv", [None, 2])
+def test_fused_qkv_computes_the_split_layout(kv):
+    torch.manual_seed(0)
+    split = GatedAttention(32, 4, kv, gate="none")
+    fused = GatedAttention(32, 4, kv, gate="none", fused_qkv=True)
+    w = torch.cat([split.q_proj.weight, split.k_proj.weight, split.v_proj.weight])
+    state = {"qkv_proj.weight": w, "o_proj.weight": split.o_proj.weight}
+    fused.load_state_dict(state)
+    cos, sin = rope_cache(8, 16)
+    x = torch.randn(2, 16, 32)
+    torch.testing.assert_close(fused(x, cos, sin), split(x, cos, sin), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        fused.attention_weights(x, cos, sin), split.attention_weights(x, cos, sin)
+    )
+    with pytest.raises(ValueError, match="fused_qkv=True is plain attention"):
+        GatedAttention(32, 4, gate="headwise", fused_qkv=True)
+
+
+def test_former_lm_attention_state_dict_loads_fused_and_split():
+    # CausalSelfAttention (before issue 14) wrote qkv.weight [3D, D] and proj.weight.
+    torch.manual_seed(0)
+    qkv, proj = torch.randn(96, 32), torch.randn(32, 32)
+    fused = GatedAttention(32, 4, gate="none", fused_qkv=True)
+    split = GatedAttention(32, 4, gate="none")
+    for m in (fused, split):
+        m.load_state_dict({"qkv.weight": qkv.clone(), "proj.weight": proj.clone()})
+    assert torch.equal(fused.qkv_proj.weight, qkv) and torch.equal(split.o_proj.weight, proj)
+    assert torch.equal(split.k_proj.weight, qkv[32:64])

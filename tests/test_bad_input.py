@@ -7,7 +7,8 @@ import torch
 
 from gatelab import ExpertBank, ExpertWeights, MoE
 from gatelab.dispatch import get_dispatcher
-from gatelab.experts import EXPERT_BANKS, SharedExpert
+from gatelab.experts import EXPERT_BANKS
+from gatelab.layers import SharedExpert
 from gatelab.routing import (
     ROUTERS,
     ExpertChoiceRouter,

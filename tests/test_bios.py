@@ -115,7 +115,9 @@ def test_mlp_and_gated_ffn_lms_have_equal_parameters():
     mlp, gated = (LM(lm_config(data, ffn, 12)) for ffn in ("mlp", "swiglu"))
     assert mlp.num_parameters() == gated.num_parameters()
     assert type(mlp.blocks[0].ffn).__name__ == "Mlp"
-    assert type(gated.blocks[0].ffn).__name__ == "SwiGLU"
+    assert (
+        type(gated.blocks[0].ffn).__name__ == "GluMlp" and gated.blocks[0].ffn.variant == "swiglu"
+    )
 
 
 def test_knowledge_capacity_experiment_smoke(tmp_path):

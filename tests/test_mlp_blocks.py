@@ -88,7 +88,7 @@ def test_residual_blocks_compute_their_formula():
     b = BottleneckBlock(8, 32).double()
     x = torch.randn(3, 8, dtype=torch.float64)
     h = F.layer_norm(x, (8,), b.norm.weight, b.norm.bias)
-    want = x + b.mlp.fc2(F.gelu(b.mlp.fc1(h)))
+    want = x + b.mlp.down_proj(F.gelu(b.mlp.up_proj(h)))
     torch.testing.assert_close(b(x), want)
 
 
@@ -195,7 +195,9 @@ def test_lm_ffn_config_errors():
 
 def test_lm_default_ffn_is_unchanged():
     model = LM(small_lm())
-    assert type(model.blocks[0].ffn).__name__ == "SwiGLU"
+    assert (
+        type(model.blocks[0].ffn).__name__ == "GluMlp" and model.blocks[0].ffn.variant == "swiglu"
+    )
     assert "blocks.0.ffn_norm.weight" in model.state_dict()
 
 

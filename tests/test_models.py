@@ -158,12 +158,12 @@ def test_init_follows_gpt2():
     resid = 0.02 / math.sqrt(2 * 8)
     stds = {name: p.std().item() for name, p in model.named_parameters()}
     assert stds["embed.weight"] == pytest.approx(0.02, rel=0.1)
-    assert stds["blocks.0.attn.qkv.weight"] == pytest.approx(0.02, rel=0.1)
+    assert stds["blocks.0.attn.qkv_proj.weight"] == pytest.approx(0.02, rel=0.1)
     for name in (
-        "blocks.0.attn.proj.weight",
+        "blocks.0.attn.o_proj.weight",
         "blocks.0.ffn.down_proj.weight",
         "blocks.1.ffn.experts.down_proj",
-        "blocks.1.ffn.shared_experts.down_proj.weight",
+        "blocks.1.ffn.shared_experts.ffn.down_proj.weight",
     ):
         assert stds[name] == pytest.approx(resid, rel=0.1), name
     assert torch.all(model.blocks[0].attn_norm.weight == 1)
@@ -185,7 +185,7 @@ def test_parameter_counts_by_hand():
     )
     d, e, f, s = 8, 4, 6, 3
     embed, final_norm = 11 * d, d
-    attn_and_norms = 4 * d * d + 2 * d  # qkv + proj, two RMSNorms
+    attn_and_norms = 4 * d * d + 2 * d  # q, k, v, o projections, two RMSNorms
     dense_ffn = 3 * d * 15  # gate_up [2*15, 8] + down [8, 15]
     router, bank, shared = e * d, e * 3 * d * f, 3 * d * s
     total = embed + final_norm + 2 * attn_and_norms + dense_ffn + router + bank + shared

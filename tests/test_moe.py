@@ -108,7 +108,8 @@ def test_shared_expert(gated, dispatcher):
     r = moe.last_routing
     routed = get_dispatcher("loop")(flat, r.experts, r.weights, moe.experts.weights(), True)
     s = moe.shared_experts
-    shared = s.down_proj(F.silu(s.gate_proj(flat)) * s.up_proj(flat))
+    gate, up = s.ffn.gate_up_proj(flat).chunk(2, dim=-1)
+    shared = s.ffn.down_proj(F.silu(gate) * up)
     if gated:
         shared = torch.sigmoid(flat @ s.shared_expert_gate.weight.t()) * shared
     else:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import grads_of
 
+from gatelab.convert import moe_to_wide, wide_to_moe
 from gatelab.dispatch import grouped_dispatch, loop_dispatch
 from gatelab.experiments import moex
 from gatelab.experts import ExpertBank
@@ -16,10 +17,8 @@ from gatelab.layers import (
     MoE,
     WideMLP,
     mask_to_routing,
-    moe_to_wide,
     moex_layer,
     routing_mask,
-    wide_to_moe,
 )
 from gatelab.models import MLPClassifier, MLPConfig
 from gatelab.routing import EMPTY, ROUTERS, SparsityAwareRouter

@@ -6,19 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatelab.layers.token_mixing import (
-    ActivatorBlock,
+from gatelab.layers.maxim_mlp import (
     CrossGatingBlock,
-    GMLPBlock,
     MaximGmlpLayer,
-    MixerBlock,
     MultiAxisGatedMLPBlock,
-    NiNformerBlock,
-    RaftLevel,
-    SpatialGatingUnit,
     SpatialGatingWeights,
     block_images,
     unblock_images,
+)
+from gatelab.layers.token_mixing import (
+    ActivatorBlock,
+    GMLPBlock,
+    MixerBlock,
+    NiNformerBlock,
+    RaftLevel,
+    SpatialGatingUnit,
 )
 from gatelab.models import MODELS, ConfigError, build_model
 from gatelab.models.mixing import BLOCK_KINDS, MixingClassifier, MixingClassifierConfig
@@ -216,9 +218,9 @@ def test_mixer_token_mixing_matches_the_transposed_mlp():
     x = torch.randn(2, 6, 4)
     u = block.token_norm(x).transpose(1, 2)  # [B, C, N]
     t = block.token_mlp
-    u = x + t.fc2(torch.nn.functional.gelu(t.fc1(u))).transpose(1, 2)
+    u = x + t.down_proj(torch.nn.functional.gelu(t.up_proj(u))).transpose(1, 2)
     c = block.channel_mlp
-    expected = u + c.fc2(torch.nn.functional.gelu(c.fc1(block.channel_norm(u))))
+    expected = u + c.down_proj(torch.nn.functional.gelu(c.up_proj(block.channel_norm(u))))
     torch.testing.assert_close(block(x), expected)
 
 

@@ -10,23 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatelab import experiments
+from gatelab.convert import decompose_mlp, decompose_to_moe, uoe_mlp
 from gatelab.layers import (
     GluMlp,
     Mlp,
     MoE,
     SelectiveMultiHeadAttention,
-    decompose_mlp,
-    decompose_to_moe,
-    uoe_mlp,
 )
-from gatelab.models.lm import SwiGLU
 from gatelab.routing import EMPTY, ROUTERS, AllExpertsRouter, PatchSelectionRouter, UoERouter
 from gatelab.routing.uoe import unit_weights
 
 
 def _mlps(dim: int, hidden: int) -> dict[str, nn.Module]:
     return {
-        "swiglu": SwiGLU(dim, hidden),
+        "swiglu": GluMlp(dim, hidden),
         "glu_bias": GluMlp(dim, hidden, variant="geglu", bias=True),
         "mlp_bias": Mlp(dim, hidden, act="relu"),
         "sequential": nn.Sequential(
@@ -70,16 +67,16 @@ def test_sum_of_experts_is_the_dense_mlp_in_float64(kind, num_experts):
 def test_expert_i_owns_hidden_units_i_slice():
     mlp = _randomise(Mlp(4, 8, act="relu", bias=False)).double()
     bank = decompose_mlp(mlp, 4)
-    assert torch.equal(bank.up_proj[1], mlp.fc1.weight[2:4])
-    assert torch.equal(bank.down_proj[3], mlp.fc2.weight[:, 6:8])
-    glu = _randomise(SwiGLU(4, 8))
+    assert torch.equal(bank.up_proj[1], mlp.up_proj.weight[2:4])
+    assert torch.equal(bank.down_proj[3], mlp.down_proj.weight[:, 6:8])
+    glu = _randomise(GluMlp(4, 8))
     gbank = decompose_mlp(glu, 2)
     gate, up = glu.gate_up_proj.weight.chunk(2)
     assert torch.equal(gbank.gate_up_proj[1], torch.cat([gate[4:8], up[4:8]]))
 
 
 def test_decomposed_bank_is_a_copy():
-    mlp = SwiGLU(4, 8)
+    mlp = GluMlp(4, 8)
     before = mlp.gate_up_proj.weight.clone()
     bank = decompose_mlp(mlp, 2)
     with torch.no_grad():
@@ -89,12 +86,12 @@ def test_decomposed_bank_is_a_copy():
 
 def test_bad_decompositions_raise_clear_errors():
     with pytest.raises(ValueError, match="not divisible by num_experts=5"):
-        decompose_mlp(SwiGLU(4, 8), 5)
+        decompose_mlp(GluMlp(4, 8), 5)
     with pytest.raises(ValueError, match="num_experts must be a positive int"):
-        decompose_mlp(SwiGLU(4, 8), 0)
+        decompose_mlp(GluMlp(4, 8), 0)
     with pytest.raises(ValueError, match="act='identity'"):
         decompose_mlp(GluMlp(4, 8, variant="bilinear"), 2)
-    with pytest.raises(TypeError, match="cannot decompose Conv1d"):
+    with pytest.raises(TypeError, match="cannot read Conv1d as a dense FFN"):
         decompose_mlp(nn.Conv1d(4, 4, 1), 2)
     with pytest.raises(ValueError, match="activation Tanh"):
         decompose_mlp(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)), 2)
@@ -109,7 +106,7 @@ def test_bad_decompositions_raise_clear_errors():
 
 
 def test_uoe_router_at_k_equal_e_is_the_dense_mlp():
-    mlp = _randomise(SwiGLU(6, 12)).double()
+    mlp = _randomise(GluMlp(6, 12)).double()
     bank = decompose_mlp(mlp, 4)
     moe = MoE(6, 3, 4, top_k=4, router="uoe", experts=bank).double()
     x = torch.randn(7, 6, dtype=torch.float64)
@@ -176,7 +173,7 @@ def test_zero_tokens_route_to_nothing():
     for router in ("uoe", "uoe_patch"):
         layer = uoe_mlp(8, 16, 4, 2, router=router)
         assert layer(torch.zeros(0, 8)).shape == (0, 8)
-    assert decompose_to_moe(SwiGLU(8, 16), 4)(torch.zeros(0, 8)).shape == (0, 8)
+    assert decompose_to_moe(GluMlp(8, 16), 4)(torch.zeros(0, 8)).shape == (0, 8)
 
 
 # -- selective multi-head attention ------------------------------------------------------

@@ -6,16 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from gatelab.adapt import (
-    activation_name,
-    dense_ffn_weights,
-    diversify_experts,
-    upcycle_ffn,
-    upcycle_lm,
-)
+from gatelab.convert import diversify_experts, upcycle_ffn, upcycle_lm
 from gatelab.dispatch import get_dispatcher
+from gatelab.experts import activation_name, read_dense_ffn
+from gatelab.layers import GluMlp
 from gatelab.models import LM, LMConfig
-from gatelab.models.lm import SwiGLU
 from gatelab.routing import EMPTY, DenseToSparseRouter
 
 D, F, E = 12, 20, 5
@@ -38,7 +33,7 @@ def sequential_mlp() -> nn.Sequential:
     )
 
 
-FFNS = {"swiglu": lambda: SwiGLU(D, F), "sequential": sequential_mlp}
+FFNS = {"swiglu": lambda: GluMlp(D, F), "sequential": sequential_mlp}
 
 
 @pytest.mark.parametrize("dispatcher", ["loop", "grouped"])
@@ -53,7 +48,7 @@ def test_copies_give_the_dense_output_for_any_normalised_routing(kind, dispatche
 
 
 def test_the_layer_with_a_normalised_router_is_the_dense_ffn():
-    ffn = SwiGLU(D, F)
+    ffn = GluMlp(D, F)
     moe = upcycle_ffn(ffn, E, top_k=2, router_kwargs={"normalize": True})
     x = torch.randn(3, 7, D)
     torch.testing.assert_close(moe(x), ffn(x), atol=1e-6, rtol=1e-5)
@@ -72,11 +67,11 @@ def test_shapes_and_router_init():
     assert bank.up_proj_bias.shape == (E, F) and bank.down_proj_bias.shape == (E, D)
     assert moe.router.weight.shape == (E, D)
     assert moe.router.weight.std().item() == pytest.approx(0.5, rel=0.25)
-    glu = upcycle_ffn(SwiGLU(D, F), E, router_std=0.0)
+    glu = upcycle_ffn(GluMlp(D, F), E, router_std=0.0)
     assert glu.experts.gate_up_proj.shape == (E, 2 * F, D) and glu.experts.glu
     assert (glu.router.weight == 0).all()
     torch.manual_seed(3)
-    kept = upcycle_ffn(SwiGLU(D, F), E, router_std=None).router.weight
+    kept = upcycle_ffn(GluMlp(D, F), E, router_std=None).router.weight
     assert kept.abs().max() <= 1 / D**0.5 and kept.std() > 0.1  # the router's own U(±1/√D)
 
 
@@ -124,22 +119,22 @@ def test_activation_is_recognised_by_value():
 
 def test_bad_ffns():
     with pytest.raises(TypeError, match="cannot read Conv1d as a dense FFN"):
-        dense_ffn_weights(nn.Conv1d(2, 2, 1))
+        read_dense_ffn(nn.Conv1d(2, 2, 1))
     with pytest.raises(TypeError, match="must be Linear, activation, Linear"):
-        dense_ffn_weights(nn.Sequential(nn.Linear(D, F), nn.ReLU()))
+        read_dense_ffn(nn.Sequential(nn.Linear(D, F), nn.ReLU()))
     with pytest.raises(ValueError, match="none of gatelab's expert activations"):
         upcycle_ffn(nn.Sequential(nn.Linear(D, F), nn.Tanh(), nn.Linear(F, D)), E)
     with pytest.raises(ValueError, match="come from the dense FFN"):
-        upcycle_ffn(SwiGLU(D, F), E, act="relu")
+        upcycle_ffn(GluMlp(D, F), E, act="relu")
     with pytest.raises(ValueError, match="router_std must be >= 0"):
-        upcycle_ffn(SwiGLU(D, F), E, router_std=-1.0)
+        upcycle_ffn(GluMlp(D, F), E, router_std=-1.0)
 
 
 # -- diversify -------------------------------------------------------------------------------
 
 
 def test_diversify_masks_hidden_units_with_exact_shares():
-    ffn = SwiGLU(D, F)
+    ffn = GluMlp(D, F)
     moe = upcycle_ffn(ffn, E)
     gate_up = moe.experts.gate_up_proj.detach().clone()
     mask = diversify_experts(moe, drop=0.25, seed=7)
@@ -154,7 +149,7 @@ def test_diversify_masks_hidden_units_with_exact_shares():
 
 
 def test_diversify_without_rescale_and_with_no_drop():
-    ffn = SwiGLU(D, F)
+    ffn = GluMlp(D, F)
     moe = upcycle_ffn(ffn, E)
     diversify_experts(moe, drop=0.0)
     torch.testing.assert_close(moe.experts.down_proj, ffn.down_proj.weight.expand(E, D, F))
@@ -167,7 +162,7 @@ def test_diversify_without_rescale_and_with_no_drop():
 
 
 def test_diversified_experts_equal_the_trained_one_in_expectation():
-    ffn = SwiGLU(4, 8).double()
+    ffn = GluMlp(4, 8).double()
     many = 4000
     moe = upcycle_ffn(ffn, many)
     diversify_experts(moe, drop=0.5, seed=0)
@@ -232,7 +227,7 @@ def test_evomoe_pipeline_trains():
 
 def test_upcycle_lm_needs_a_dense_lm():
     with pytest.raises(TypeError, match="upcycle_lm takes a gatelab LM"):
-        upcycle_lm(SwiGLU(D, F), 4)
+        upcycle_lm(GluMlp(D, F), 4)
     moe_lm = upcycle_lm(dense_lm(), 2)
     with pytest.raises(ValueError, match="all dense"):
         upcycle_lm(moe_lm, 2)
@@ -258,7 +253,7 @@ def test_evomoe_experiment_smoke(tmp_path):
 
 
 def test_optimizer_state_carries_over():
-    from gatelab.adapt import upcycle_optimizer_state
+    from gatelab.convert import upcycle_optimizer_state
 
     lm = dense_lm()
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
@@ -271,8 +266,10 @@ def test_optimizer_state_carries_over():
     moe_opt = torch.optim.AdamW(moe_lm.parameters(), lr=1e-3)
     carried = upcycle_optimizer_state(lm, opt, moe_lm, moe_opt)
     assert carried == len(list(lm.parameters()))  # every dense tensor has a home
-    attn = moe_opt.state[moe_lm.blocks[0].attn.qkv.weight]
-    torch.testing.assert_close(attn["exp_avg"], opt.state[lm.blocks[0].attn.qkv.weight]["exp_avg"])
+    attn = moe_opt.state[moe_lm.blocks[0].attn.qkv_proj.weight]
+    torch.testing.assert_close(
+        attn["exp_avg"], opt.state[lm.blocks[0].attn.qkv_proj.weight]["exp_avg"]
+    )
     bank = moe_opt.state[moe_lm.blocks[1].ffn.experts.down_proj]
     dense = opt.state[lm.blocks[1].ffn.down_proj.weight]
     assert bank["exp_avg_sq"].shape == (3, 16, 24) and int(bank["step"]) == 2

@@ -4,8 +4,8 @@ Routers return a :class:`~gatelab.routing.Routing`; dispatchers, losses, telemet
 model edits consume it. See ``docs/architecture.md``.
 """
 
-from .experts import ExpertBank, ExpertWeights, SharedExpert
-from .layers import MoE
+from .experts import ExpertBank, ExpertWeights
+from .layers import MoE, SharedExpert
 from .parallel import parallelize
 from .routing import ROUTERS, Routing
 

@@ -1,9 +1,10 @@
-"""Cheap changes to a trained model: dense -> MoE upcycling, EvoMoE's expert diversify,
-transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters, PHATGOOSE routing
+"""Cheap changes to a trained model: transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters, PHATGOOSE routing
 among LoRA experts, early exit with learned gates (JEI-DNN), Dopamine neuron gates, and a
 local expert + gate beside a frozen classifier, and MLP Memory (an MLP trained to imitate a
-kNN-LM, interpolated with the LM), and FF-G2M GNN-to-MLP distillation."""
+kNN-LM, interpolated with the LM), and FF-G2M GNN-to-MLP distillation. Dense -> MoE
+upcycling and EvoMoE's expert diversify are weight conversions: :mod:`gatelab.convert`."""
 
+from ..legacy import moved
 from .advmoe import AdvMoEConfig, MoECNN, MoEConv2d, advmoe_step, pgd_linf, trades_loss, trades_step
 from .dopamine import Dopamine, DopamineGate, activation_fraction, temperature_at
 from .early_exit import (
@@ -48,17 +49,7 @@ from .phatgoose import (
     train_lora_expert,
 )
 from .transcoder import Transcoder, evaluate_transcoder, train_transcoder
-from .upcycle import (
-    DenseFFN,
-    activation_name,
-    copy_into_bank,
-    dense_ffn_weights,
-    diversify_experts,
-    init_router,
-    upcycle_ffn,
-    upcycle_lm,
-    upcycle_optimizer_state,
-)
+from .upcycle import MOVED as _UPCYCLE_MOVED
 
 __all__ = [
     "GCN",
@@ -75,7 +66,6 @@ __all__ = [
     "pgd_linf",
     "trades_loss",
     "trades_step",
-    "DenseFFN",
     "Dopamine",
     "DopamineGate",
     "EarlyExitNet",
@@ -90,16 +80,11 @@ __all__ = [
     "PhatGooseRouter",
     "Transcoder",
     "activation_fraction",
-    "activation_name",
     "add_lora",
-    "copy_into_bank",
-    "dense_ffn_weights",
-    "diversify_experts",
     "evaluate_transcoder",
     "expected_calibration_error",
     "final_hidden",
     "find_linear_targets",
-    "init_router",
     "interpolate",
     "lora_modules",
     "lora_parameters",
@@ -114,7 +99,7 @@ __all__ = [
     "train_lora_expert",
     "train_memory",
     "train_transcoder",
-    "upcycle_ffn",
-    "upcycle_lm",
-    "upcycle_optimizer_state",
 ]
+
+# Upcycling moved to gatelab.convert (issue 14); the old names import with a warning.
+__getattr__ = moved(__name__, _UPCYCLE_MOVED)

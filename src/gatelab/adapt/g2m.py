@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..legacy import rename_on_load
+
 LOW_MODES = ("edges", "node", "none")
 
 
@@ -81,13 +83,13 @@ def edge_index(adj: Tensor, self_loops: bool = False) -> Tensor:
     return a.nonzero().T.contiguous()
 
 
-def _layer_dims(in_dim: int, hidden_dim: int, num_classes: int, num_layers: int) -> list[int]:
-    if min(in_dim, hidden_dim, num_classes, num_layers) < 1:
+def _layer_dims(dim: int, hidden_dim: int, num_classes: int, num_layers: int) -> list[int]:
+    if min(dim, hidden_dim, num_classes, num_layers) < 1:
         raise ValueError(
-            f"in_dim, hidden_dim, num_classes and num_layers must be >= 1, got {in_dim}, "
+            f"dim, hidden_dim, num_classes and num_layers must be >= 1, got {dim}, "
             f"{hidden_dim}, {num_classes}, {num_layers}"
         )
-    return [in_dim] + [hidden_dim] * (num_layers - 1) + [num_classes]
+    return [dim] + [hidden_dim] * (num_layers - 1) + [num_classes]
 
 
 class GCN(nn.Module):
@@ -96,14 +98,14 @@ class GCN(nn.Module):
 
     def __init__(
         self,
-        in_dim: int,
+        dim: int,
         hidden_dim: int,
         num_classes: int,
         num_layers: int = 2,
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        dims = _layer_dims(in_dim, hidden_dim, num_classes, num_layers)
+        dims = _layer_dims(dim, hidden_dim, num_classes, num_layers)
         self.layers = nn.ModuleList(
             nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
         )
@@ -126,30 +128,57 @@ class GCN(nn.Module):
 
 class MLP(nn.Module):
     """The student (and the plain baseline): Linear layers, ReLU and dropout between them;
-    reads node features only."""
+    reads node features only.
+
+    A stack rather than :class:`gatelab.layers.Mlp`: GLNN / FF-G2M students drop out the
+    input features too (dropout before every layer, not only after the activation) and
+    vary in depth (``num_layers`` >= 1). It uses the dense-FFN family's spelling:
+    ``up_proj`` (dim -> hidden_dim), ``hidden_projs`` (hidden_dim -> hidden_dim, num_layers
+    - 2 of them), ``down_proj`` (-> num_classes; with one layer it reads dim directly and
+    there is no ``up_proj``). State dicts of the former ``layers.{i}`` spelling still load.
+    """
 
     def __init__(
         self,
-        in_dim: int,
+        dim: int,
         hidden_dim: int,
         num_classes: int,
         num_layers: int = 2,
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        dims = _layer_dims(in_dim, hidden_dim, num_classes, num_layers)
-        self.layers = nn.ModuleList(
-            nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
-        )
+        dims = _layer_dims(dim, hidden_dim, num_classes, num_layers)
+        linears = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        self.up_proj = linears[0] if num_layers > 1 else None
+        self.hidden_projs = nn.ModuleList(linears[1:-1])
+        self.down_proj = linears[-1]
         self.dropout = dropout
+        rename_on_load(self, _mlp_keys(num_layers))
+
+    def projections(self) -> list[nn.Linear]:
+        """The Linear layers in order (``up_proj``, ``hidden_projs``, ``down_proj``)."""
+        first = [] if self.up_proj is None else [self.up_proj]
+        return [*first, *self.hidden_projs, self.down_proj]
 
     def forward(self, x: Tensor) -> Tensor:
         h = x
-        for i, layer in enumerate(self.layers):
+        layers = self.projections()
+        for i, layer in enumerate(layers):
             h = layer(F.dropout(h, self.dropout, self.training))
-            if i < len(self.layers) - 1:
+            if i < len(layers) - 1:
                 h = F.relu(h)
         return h
+
+
+def _mlp_keys(num_layers: int) -> dict[str, str]:
+    """The former ``layers.{i}`` keys of :class:`MLP` -> the family's names."""
+    names = ["up_proj", *(f"hidden_projs.{i}" for i in range(num_layers - 2)), "down_proj"]
+    names = names[-num_layers:]  # one layer: down_proj only
+    return {
+        f"layers.{i}.{kind}": f"{name}.{kind}"
+        for i, name in enumerate(names)
+        for kind in ("weight", "bias")
+    }
 
 
 def _kl(log_input: Tensor, log_target: Tensor) -> Tensor:

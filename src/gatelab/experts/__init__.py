@@ -1,5 +1,6 @@
-"""Expert weight banks (fused [E, ...] parameters) and shared experts."""
+"""Expert weight banks (fused [E, ...] parameters) and the one reader of a dense FFN into them."""
 
+from ..legacy import moved
 from .activation import (
     ACTIVATION_NAMES,
     GLU,
@@ -9,7 +10,7 @@ from .activation import (
     as_activation,
 )
 from .bank import EXPERT_BANKS, ExpertBank, ExpertWeights, activation
-from .shared import SharedExpert
+from .dense import UnreadableFFNError, activation_name, read_dense_ffn
 
 __all__ = [
     "ACTIVATION_NAMES",
@@ -21,6 +22,11 @@ __all__ = [
     "EXPERT_BANKS",
     "ExpertBank",
     "ExpertWeights",
-    "SharedExpert",
     "activation",
+    "activation_name",
+    "read_dense_ffn",
+    "UnreadableFFNError",
 ]
+
+# SharedExpert is a dense FFN of gatelab.layers.mlp now (experts/ sits above layers/).
+__getattr__ = moved(__name__, {"SharedExpert": "gatelab.layers.mlp"})

@@ -50,6 +50,21 @@ class ExpertWeights(NamedTuple):
     def dim(self) -> int:
         return self.w_in.shape[2]
 
+    @property
+    def hidden_dim(self) -> int:
+        """F, each expert's hidden width (the columns of ``w_out``)."""
+        return self.w_out.shape[2]
+
+    @property
+    def glu(self) -> bool:
+        """True for gated experts (``w_in`` holds gate rows, then up rows)."""
+        return isinstance(self.activate, GLU)
+
+    @property
+    def act(self) -> str | None:
+        """The activation's gatelab name ("silu", ...); None for a bare callable."""
+        return getattr(self.activate, "name", None)
+
     def check(self) -> ExpertWeights:
         """Raise a clear error when the bank's shapes do not fit together."""
         if self.w_in.dim() != 3 or self.w_out.dim() != 3:

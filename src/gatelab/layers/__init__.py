@@ -12,6 +12,12 @@ from .ctr import (
 )
 from .field import CoordinateAwareModulation, FourierFeatures, pixel_coords
 from .kan import GRKANMLP, SKAN, GroupRational, SKANLayer
+from .maxim_mlp import (
+    CrossGatingBlock,
+    MaximGmlpLayer,
+    MultiAxisGatedMLPBlock,
+    SpatialGatingWeights,
+)
 from .mlp import (
     GLU_VARIANTS,
     MLPS,
@@ -23,32 +29,27 @@ from .mlp import (
     HourglassMLP,
     Mlp,
     ResidualMlpBlock,
+    SharedExpert,
 )
 from .moe import MoE
 from .retention import GatedRetention
 from .token_mixing import (
     ActivatorBlock,
     ActivatorGatingUnit,
-    CrossGatingBlock,
     GMLPBlock,
-    MaximGmlpLayer,
     MixerBlock,
     MixerGatingUnit,
-    MultiAxisGatedMLPBlock,
     NiNformerBlock,
     RaftLevel,
     SpatialGatingUnit,
-    SpatialGatingWeights,
 )
-from .uoe import SelectiveMultiHeadAttention, decompose_mlp, decompose_to_moe, uoe_mlp
+from .uoe import SelectiveMultiHeadAttention
 from .wide_mlp import (
     WideMLP,
     block_gates,
     mask_to_routing,
-    moe_to_wide,
     moex_layer,
     routing_mask,
-    wide_to_moe,
 )
 
 __all__ = [
@@ -56,9 +57,6 @@ __all__ = [
     "FourierFeatures",
     "pixel_coords",
     "SelectiveMultiHeadAttention",
-    "decompose_mlp",
-    "decompose_to_moe",
-    "uoe_mlp",
     "FeatureSelection",
     "FieldEmbedding",
     "InteractionAggregation",
@@ -87,10 +85,8 @@ __all__ = [
     "WideMLP",
     "block_gates",
     "mask_to_routing",
-    "moe_to_wide",
     "moex_layer",
     "routing_mask",
-    "wide_to_moe",
     "ATTN_GATES",
     "GLU_VARIANTS",
     "MLPS",
@@ -103,18 +99,24 @@ __all__ = [
     "HourglassMLP",
     "Mlp",
     "ResidualMlpBlock",
+    "SharedExpert",
     "apply_rope",
     "rope_cache",
     "MoE",
 ]
 
-# Complete models moved to gatelab.models (issue 14); the old names import with a warning.
-_MOVED_MODELS = {
-    **dict.fromkeys(("DualMLP", "FinalMLP", "LogisticCTR"), "gatelab.models.ctr"),
-    **dict.fromkeys(
-        ("CGC", "PLE", "HoME", "MMoE", "SharedBottom", "expert_statistics"),
-        "gatelab.models.multitask",
-    ),
-    "NeuralField": "gatelab.models.field",
-}
-__getattr__ = moved(__name__, _MOVED_MODELS)
+# Complete models moved to gatelab.models and weight converters to gatelab.convert (issue
+# 14); the old names import with a warning.
+__getattr__ = moved(
+    __name__,
+    {
+        **dict.fromkeys(("DualMLP", "FinalMLP", "LogisticCTR"), "gatelab.models.ctr"),
+        **dict.fromkeys(
+            ("CGC", "PLE", "HoME", "MMoE", "SharedBottom", "expert_statistics"),
+            "gatelab.models.multitask",
+        ),
+        "NeuralField": "gatelab.models.field",
+        **dict.fromkeys(("decompose_mlp", "decompose_to_moe", "uoe_mlp"), "gatelab.convert.uoe"),
+        **dict.fromkeys(("moe_to_wide", "wide_to_moe"), "gatelab.convert.wide"),
+    },
+)

@@ -125,6 +125,11 @@ class GatedAttention(nn.Module):
     gate rows in it and no ``gate_proj``) is converted on load, and
     :meth:`reference_state_dict` writes one. ``bias`` applies to all four projections, as
     the reference's ``qkv_bias`` does.
+
+    ``fused_qkv=True`` (ungated only) keeps q, k and v in one projection ``qkv_proj``
+    (rows [q; k; v]), one GEMM, as gatelab's LM attention has always computed it; with
+    ``gate="none"`` the module is then that attention exactly (the former
+    ``models.lm.CausalSelfAttention``, whose ``qkv``/``proj`` state dicts load here).
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class GatedAttention(nn.Module):
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
         causal: bool = True,
+        fused_qkv: bool = False,
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -147,9 +153,19 @@ class GatedAttention(nn.Module):
         self.head_dim = dim // num_heads if head_dim is None else head_dim
         self.gate, self.dropout, self.causal = gate, dropout, causal
         inner, kv = num_heads * self.head_dim, num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(dim, inner, bias=bias)
-        self.k_proj = nn.Linear(dim, kv, bias=bias)
-        self.v_proj = nn.Linear(dim, kv, bias=bias)
+        if fused_qkv and gate != "none":
+            raise ValueError(
+                "GatedAttention: fused_qkv=True is plain attention's layout; with a gate keep "
+                "fused_qkv=False (q_proj, k_proj, v_proj and gate_proj separate)"
+            )
+        self.fused_qkv = fused_qkv
+        if fused_qkv:  # one GEMM for q, k and v: rows [q; k; v], each in head order
+            self.qkv_proj = nn.Linear(dim, inner + 2 * kv, bias=bias)
+            self.q_proj = self.k_proj = self.v_proj = None
+        else:
+            self.q_proj = nn.Linear(dim, inner, bias=bias)
+            self.k_proj = nn.Linear(dim, kv, bias=bias)
+            self.v_proj = nn.Linear(dim, kv, bias=bias)
         self.gate_proj = (
             nn.Linear(dim, num_heads * _gate_width(gate, self.head_dim), bias=bias)
             if gate != "none"
@@ -159,25 +175,41 @@ class GatedAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self._register_load_state_dict_pre_hook(self._accept_reference_layout)
+        self._register_load_state_dict_pre_hook(self._accept_fused_qkv)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, gate={self.gate!r}, causal={self.causal}"
+            + (", fused_qkv=True" if self.fused_qkv else "")
         )
 
     # -- forward --------------------------------------------------------------------------
 
     def _qkv(self, x: Tensor, cos: Tensor | None, sin: Tensor | None):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.fused_qkv:
+            q, k, v = self._fused_qkv(x)
+        else:
+            q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
+
+    def _fused_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, s, _ = x.shape
+        qkv = self.qkv_proj(x)
+        if self.num_kv_heads == self.num_heads:  # the former LM attention's exact views
+            return qkv.view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def gate_scores(self, x: Tensor) -> Tensor | None:
         """sigmoid(gate_proj(x)) as [B, H, S, 1] (headwise) or [B, H, S, d_h]; None ungated."""
@@ -219,7 +251,8 @@ class GatedAttention(nn.Module):
         """
         self._check_input(x, cos, sin)
         q, k, _ = self._qkv(x, cos, sin)
-        k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        if not self.fused_qkv or self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
         if self.causal:
             s = x.shape[1]
@@ -254,11 +287,28 @@ class GatedAttention(nn.Module):
                 state[f"q_proj.{kind}"] = fuse_q_gate(q, g, self.num_kv_heads)
         return state
 
+    def _accept_fused_qkv(self, state_dict, prefix, *args, **kwargs) -> None:
+        # gatelab's former LM attention (CausalSelfAttention, before issue 14): one fused
+        # ``qkv`` [3 * H * d_h, D] (q rows, then k, then v, each in head order) and ``proj``.
+        if self.gate_proj is not None or self.num_kv_heads != self.num_heads:
+            return
+        for kind in ("weight", "bias"):
+            fused = state_dict.pop(f"{prefix}qkv.{kind}", None)
+            if fused is not None and self.fused_qkv:
+                state_dict[f"{prefix}qkv_proj.{kind}"] = fused
+            elif fused is not None:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3), strict=True):
+                    state_dict[f"{prefix}{name}.{kind}"] = part
+            proj = state_dict.pop(f"{prefix}proj.{kind}", None)
+            if proj is not None:
+                state_dict[f"{prefix}o_proj.{kind}"] = proj
+
     def _accept_reference_layout(self, state_dict, prefix, *args, **kwargs) -> None:
         # A fused q_proj (more rows than the query heads) and no gate_proj: split it.
         key = f"{prefix}q_proj.weight"
         if (
             self.gate_proj is None
+            or self.fused_qkv
             or key not in state_dict
             or f"{prefix}gate_proj.weight" in state_dict
         ):

@@ -2,9 +2,11 @@
 
 After timm's ``layers/mlp.py``: one file of MLP variants a model picks by name.
 
-- :class:`Mlp`: ``fc2(act(fc1(x)))``, the transformer / ViT MLP.
+- :class:`Mlp`: ``down_proj(act(up_proj(x)))``, the transformer / ViT MLP.
 - :class:`GluMlp`: the GLU family, ``down(act(x W_gate) * (x W_up))``, with the named variants
   SwiGLU, GeGLU, ReGLU and bilinear.
+- :class:`SharedExpert`: an MoE's dense shared expert, a GluMlp or Mlp with an optional
+  per-token sigmoid gate.
 - :class:`ResidualMlpBlock`: ``x + Mlp(norm(x))``; :class:`BottleneckBlock` is its inverted
   bottleneck (Scaling MLPs), :class:`HourglassBlock` its narrow bottleneck (Hourglass MLP).
 - :class:`BottleneckMLP` and :class:`HourglassMLP`: lift -> residual blocks -> readout, the
@@ -14,6 +16,13 @@ After timm's ``layers/mlp.py``: one file of MLP variants a model picks by name.
 ``MLPS`` registers them by name (``MLPS.get("geglu")(dim=64, hidden_dim=128)``) so recipes
 and model configs can name a block. Every input is [..., dim]; the classifiers flatten
 [B, ...] examples.
+
+One parameter spelling for every two-layer FFN, the expert bank's (``gatelab.experts``):
+``gate_up_proj`` (gated: gate rows, then up rows) or ``up_proj`` (plain), then
+``down_proj``. A dense FFN of this family is one expert of a bank as is, and
+``gatelab.experts.read_dense_ffn`` reads it into bank layout by a reshape. State dicts of
+earlier versions (``fc1``/``fc2``; the shared expert's ``gate_proj``/``up_proj``) load
+through key maps registered on the modules (``gatelab.legacy``).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..experts import ACTIVATION_NAMES, activation
+from ..legacy import rename_on_load
 from ..registry import Registry
 from ._checks import check_dropout, check_positive
 
@@ -47,6 +57,7 @@ __all__ = [
     "HourglassMLP",
     "Mlp",
     "ResidualMlpBlock",
+    "SharedExpert",
 ]
 
 
@@ -75,10 +86,20 @@ def _norm(kind: str, dim: int, eps: float) -> nn.Module:
 
 # -- Plain and gated MLPs -----------------------------------------------------------------
 
+# Keys of Mlp state dicts written before issue 14 -> today's.
+_MLP_KEYS = {
+    "fc1.weight": "up_proj.weight",
+    "fc1.bias": "up_proj.bias",
+    "fc2.weight": "down_proj.weight",
+    "fc2.bias": "down_proj.bias",
+}
+
 
 @MLPS.register("mlp")
 class Mlp(nn.Module):
-    """``dropout(fc2(dropout(act(fc1(x)))))``: the MLP of a transformer block (timm's ``Mlp``).
+    """``dropout(down_proj(dropout(act(up_proj(x)))))``: the MLP of a transformer block
+    (timm's ``Mlp``, whose ``fc1``/``fc2`` are ``up_proj``/``down_proj`` here, the names of
+    a plain expert bank; state dicts with ``fc1``/``fc2`` still load).
 
     ``hidden_dim`` defaults to 4 * dim, ``out_dim`` to dim. Parameters:
     ``dim * hidden_dim + hidden_dim * out_dim`` (+ ``hidden_dim + out_dim`` with ``bias``).
@@ -100,13 +121,14 @@ class Mlp(nn.Module):
         self.hidden_dim = hidden_dim or 4 * dim
         self.out_dim = out_dim or dim
         self.act_fn = _act(act)
-        self.fc1 = nn.Linear(dim, self.hidden_dim, bias=bias)
-        self.fc2 = nn.Linear(self.hidden_dim, self.out_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, self.hidden_dim, bias=bias)  # [hidden_dim, dim]
+        self.down_proj = nn.Linear(self.hidden_dim, self.out_dim, bias=bias)
         self.drop = nn.Dropout(dropout)
+        rename_on_load(self, _MLP_KEYS)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input("Mlp", x, self.dim)
-        return self.drop(self.fc2(self.drop(self.act_fn(self.fc1(x)))))
+        return self.drop(self.down_proj(self.drop(self.act_fn(self.up_proj(x)))))
 
 
 class GluMlp(nn.Module):
@@ -160,6 +182,58 @@ class GluMlp(nn.Module):
 
 for _name in GLU_VARIANTS:
     MLPS.register(_name)(functools.partial(GluMlp, variant=_name))
+
+
+class SharedExpert(nn.Module):
+    """An MoE's shared expert: a dense :class:`GluMlp` (``glu=True``, gate activation
+    ``act``) or :class:`Mlp`, ``ffn``, optionally scaled by a per-token sigmoid gate.
+
+    ``gated=True`` is Qwen2-MoE's shared expert: sigmoid(x w_g) * FFN(x) with
+    ``shared_expert_gate`` = Linear(D, 1, bias=False). DeepSeek's shared experts are
+    ungated (several of them are one FFN of their summed width). Parameters ``ffn.*`` in
+    the family's spelling; a state dict with HF's (and earlier gatelab's) ``gate_proj``,
+    ``up_proj``, ``down_proj`` is read through a key map (the gate and up rows fused).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        act: str = "silu",
+        glu: bool = True,
+        bias: bool = False,
+        gated: bool = False,
+    ):
+        super().__init__()
+        if act not in ACTIVATION_NAMES:  # an expert's activation, as the routed experts'
+            raise ValueError(f"unknown act {act!r}; valid names are: {', '.join(ACTIVATION_NAMES)}")
+        self.glu = glu
+        self.ffn = (
+            GluMlp(dim, hidden_dim, variant=act, bias=bias)
+            if glu
+            else Mlp(dim, hidden_dim, act=act, bias=bias)
+        )
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if gated else None
+        self._register_load_state_dict_pre_hook(self._accept_split_layout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.ffn(x)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(self.shared_expert_gate(x)) * out
+        return out
+
+    def _accept_split_layout(self, state_dict: dict[str, Tensor], prefix: str, *args) -> None:
+        # gate_proj / up_proj / down_proj (before issue 14, and HF) -> ffn.* (gate rows first).
+        for kind in ("weight", "bias"):
+            gate = state_dict.pop(f"{prefix}gate_proj.{kind}", None)
+            up = state_dict.pop(f"{prefix}up_proj.{kind}", None)
+            down = state_dict.pop(f"{prefix}down_proj.{kind}", None)
+            if gate is not None and up is not None:
+                state_dict[f"{prefix}ffn.gate_up_proj.{kind}"] = torch.cat([gate, up])
+            elif up is not None:
+                state_dict[f"{prefix}ffn.up_proj.{kind}"] = up
+            if down is not None:
+                state_dict[f"{prefix}ffn.down_proj.{kind}"] = down
 
 
 # -- Residual blocks ----------------------------------------------------------------------
@@ -228,7 +302,8 @@ class HourglassBlock(ResidualMlpBlock):
     ``z + W_up act(W_down norm(z))`` with the residual stream at the wide width ``dim``
     (the paper's d_z) and a narrow ``hidden_dim`` (d_h < d_z; default dim // 2).
 
-    Here ``mlp.fc1`` is the paper's W_down (dim -> hidden_dim) and ``mlp.fc2`` its W_up.
+    Here ``mlp.up_proj`` is the paper's W_down (dim -> hidden_dim) and ``mlp.down_proj``
+    its W_up (the family's names say which side is the hidden layer, not which is wider).
     A ``hidden_dim`` that is not narrower than ``dim`` raises: that is a conventional or
     inverted block (:class:`BottleneckBlock`).
     """

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import get_dispatcher
-from ..experts import EXPERT_BANKS, ExpertBank, SharedExpert
+from ..experts import EXPERT_BANKS, ExpertBank
 from ..routing import LOSSES, ROUTERS, Router, Routing, apply_capacity
+from .mlp import SharedExpert
 
 
 class MoE(nn.Module):

@@ -19,9 +19,7 @@ from .ctr import DualMLP, FinalMLP, LogisticCTR
 from .field import NeuralField
 from .lm import (
     LM,
-    CausalSelfAttention,
     LMConfig,
-    SwiGLU,
     apply_rope,
     dense_equivalent,
     rope_cache,
@@ -91,7 +89,6 @@ __all__ = [
     "MixingClassifierConfig",
     "LM",
     "MODELS",
-    "CausalSelfAttention",
     "Config",
     "ConfigError",
     "FLAT_MOE_KEYS",
@@ -102,7 +99,6 @@ __all__ = [
     "MLPClassifier",
     "MLPConfig",
     "ModelOutput",
-    "SwiGLU",
     "apply_rope",
     "build_model",
     "upgrade_model_table",
@@ -113,3 +109,12 @@ __all__ = [
     "num_parameters",
     "rope_cache",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # SwiGLU and CausalSelfAttention are gone (issue 14); lm's __getattr__ warns and maps them.
+    if name in ("SwiGLU", "CausalSelfAttention"):
+        from . import lm
+
+        return getattr(lm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

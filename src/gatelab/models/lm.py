@@ -18,14 +18,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.attention import GatedAttention, apply_rope, rope_cache
-from ..layers.mlp import MLPS, HourglassFFN
+from ..layers.attention import GatedAttention, rope_cache
+from ..layers.attention import apply_rope as apply_rope  # re-exported (models.apply_rope)
+from ..layers.mlp import MLPS, GluMlp, HourglassFFN
 from ..routing.schedules import attach_moe_schedules, check_moe_schedules
 from .common import (
     ModelOutput,
@@ -47,7 +49,7 @@ from .config import (
     unknown_key_message,
 )
 
-# LMConfig.ffn -> the gatelab.layers.MLPS name of the dense FFN ("swiglu" keeps SwiGLU below).
+# LMConfig.ffn -> the gatelab.layers.MLPS name of the dense FFN ("swiglu": GluMlp).
 LM_FFNS = {
     "swiglu": "swiglu",
     "geglu": "geglu",
@@ -224,56 +226,32 @@ def dense_equivalent(config: LMConfig) -> LMConfig:
 # rope_cache and apply_rope live in gatelab.layers.attention and are re-exported here.
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with rotary position embeddings, no biases.
-
-    RoPE: "RoFormer: Enhanced Transformer with Rotary Position Embedding" (Su et al.,
-    arXiv 2104.09864), applied to queries and keys, in the half-split channel order (see
-    :func:`rope_cache`). The scores run through ``F.scaled_dot_product_attention``.
-    """
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.dropout = dropout
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
-        return self.proj(y.transpose(1, 2).reshape(b, s, d))
-
-
-class SwiGLU(nn.Module):
-    """The dense FFN: down(silu(x W_gate) * (x W_up)), no biases.
-
-    "GLU Variants Improve Transformer" (Shazeer, arXiv 2002.05202). The gate and up
-    projections are one fused ``gate_up_proj`` (gate rows first), the layout of a gatelab
-    expert bank, so one GEMM computes both and a dense FFN copies into an expert as is.
-    """
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.dim, self.hidden_dim = dim, hidden_dim
-        self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 def dense_ffn(config: LMConfig) -> nn.Module:
-    """The dense FFN ``config.ffn`` names, of hidden width ``ffn_hidden_dim``, no biases."""
-    if config.ffn == "swiglu":
-        return SwiGLU(config.dim, config.ffn_hidden_dim)
+    """The dense FFN ``config.ffn`` names, of hidden width ``ffn_hidden_dim``, no biases.
+
+    "swiglu" is :class:`~gatelab.layers.GluMlp` (fused ``gate_up_proj``, gate rows first,
+    the layout of an expert bank, so a dense FFN copies into an expert as is).
+    """
     factory = MLPS.get(LM_FFNS[config.ffn])
     return factory(config.dim, config.ffn_hidden_dim, bias=False, **config.ffn_kwargs)
+
+
+def attention(config: LMConfig) -> GatedAttention:
+    """The attention of a block: :class:`~gatelab.layers.GatedAttention`, causal, RoPE.
+
+    With the defaults (``attn_gate="none"``, ``num_kv_heads=0``) it is plain multi-head
+    causal self-attention with one fused ``qkv_proj``, the former ``CausalSelfAttention``
+    to the last bit, forward and backward (its ``qkv``/``proj`` checkpoints load through
+    GatedAttention's key map).
+    """
+    return GatedAttention(
+        config.dim,
+        config.num_heads,
+        config.num_kv_heads or None,
+        gate=config.attn_gate,
+        dropout=config.dropout,
+        fused_qkv=not config.gated_attention,
+    )
 
 
 class Block(nn.Module):
@@ -283,17 +261,7 @@ class Block(nn.Module):
         super().__init__()
         d = config.dim
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.attn = (
-            GatedAttention(
-                d,
-                config.num_heads,
-                config.num_kv_heads or None,
-                gate=config.attn_gate,
-                dropout=config.dropout,
-            )
-            if config.gated_attention
-            else CausalSelfAttention(d, config.num_heads, config.dropout)
-        )
+        self.attn = attention(config)
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.is_moe = moe
         self.ffn = config.moe.build(d, top_k=top_k) if moe else dense_ffn(config)
@@ -452,3 +420,27 @@ class LM(nn.Module):
         ``include_embedding=False`` leaves it out."""
         n = num_active_parameters(self)
         return n if include_embedding else n - self.embed.weight.numel()
+
+
+# -- Names of earlier versions ------------------------------------------------------------
+
+
+def _causal_self_attention(dim: int, num_heads: int, dropout: float = 0.0) -> GatedAttention:
+    return GatedAttention(dim, num_heads, gate="none", dropout=dropout, fused_qkv=True)
+
+
+_REPLACED = {
+    "SwiGLU": ("gatelab.layers.GluMlp (variant 'swiglu', the default)", GluMlp),
+    "CausalSelfAttention": (
+        "gatelab.layers.GatedAttention(dim, num_heads, gate='none', fused_qkv=True)",
+        _causal_self_attention,
+    ),
+}
+
+
+def __getattr__(name: str):
+    if name not in _REPLACED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    where, obj = _REPLACED[name]
+    warnings.warn(f"{__name__}.{name} is gone; use {where}", DeprecationWarning, stacklevel=2)
+    return obj

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.maxim_mlp import CrossGatingBlock, MultiAxisGatedMLPBlock
 from ..layers.mlp import Mlp
-from ..layers.token_mixing import CrossGatingBlock, MultiAxisGatedMLPBlock
 from .common import num_parameters
 from .config import Config, ConfigError, check_positive
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.mlp import Mlp
+from ..legacy import rename_on_load
 from ..routing import ROUTERS, Routing
 from ..routing.losses import switch_balance_loss
 from .config import Config, ConfigError
@@ -65,15 +67,20 @@ class FANExpert(nn.Module):
         return self.out(self.fan(x))
 
 
-class MLPExpert(nn.Module):
-    """Linear(dim -> hidden_dim), GELU, Linear(hidden_dim -> dim): the homogeneous expert."""
+# MLPExpert's keys before issue 14 -> the family's.
+_MLP_EXPERT_KEYS = {
+    f"{old}.{kind}": f"{old}_proj.{kind}" for old in ("up", "down") for kind in ("weight", "bias")
+}
+
+
+class MLPExpert(Mlp):
+    """Linear(dim -> hidden_dim), GELU, Linear(hidden_dim -> dim): the homogeneous expert,
+    the family's :class:`~gatelab.layers.Mlp` (``up_proj``, ``down_proj``; state dicts
+    with the former ``up``/``down`` still load)."""
 
     def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.up, self.down = nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x)))
+        super().__init__(dim, hidden_dim, act="gelu", bias=True)
+        rename_on_load(self, _MLP_EXPERT_KEYS)
 
 
 class DwConvExpert(nn.Module):

@@ -36,6 +36,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ..io import TMP_SUFFIX, atomic_write
+from ..legacy import upgrade_state_dict
 from .state import (
     CheckpointError,
     _canonical,
@@ -303,6 +304,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
 
 def _check_model(path: Path, meta: dict, tensors: dict[str, Tensor], model: nn.Module) -> dict:
     saved = {k[len("model/") :]: t for k, t in tensors.items() if k.startswith("model/")}
+    saved = upgrade_state_dict(
+        model, saved
+    )  # keys of earlier versions, as load_state_dict maps them
     current = model.state_dict()
     missing = [k for k in current if k not in saved]
     unexpected = [k for k in saved if k not in current]
