@@ -9,7 +9,7 @@ from pathlib import Path
 import gatelab
 
 FLOORS = [
-    ("registry", "io", "legacy", "__init__", "__main__"),
+    ("registry", "io", "legacy"),
     ("data",),
     ("routing",),
     ("experts",),
@@ -28,6 +28,7 @@ FLOORS = [
     ("bench",),
     ("commands",),
     ("cli",),
+    ("__init__", "__main__"),  # the package facade re-exports from every floor
 ]
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
 ROOT = Path(gatelab.__file__).parent

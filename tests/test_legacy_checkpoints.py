@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from gatelab.adapt.g2m import MLP as G2MMLP
+from gatelab.commands._common import open_model
 from gatelab.layers import GluMlp, HourglassBlock, Mlp, MoE, SharedExpert
 from gatelab.models.mohets import MoHETS, MoHETSConfig
-from gatelab.tools import open_model
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 SPECS = json.loads((LEGACY / "modules.json").read_text())
@@ -59,3 +59,23 @@ def test_lm_checkpoints_of_earlier_versions_load(run):
     torch.testing.assert_close(out, logits[run], rtol=0, atol=1e-6)
     keys = model.state_dict()
     assert "blocks.0.attn.qkv_proj.weight" in keys and "blocks.0.attn.qkv.weight" not in keys
+
+
+def test_a_dense_lm_run_of_an_earlier_version_resumes_with_its_optimizer():
+    """The attention's parameters were renamed (qkv -> qkv_proj, proj -> o_proj): an earlier
+    checkpoint's AdamW moments still land on the same parameters."""
+    from gatelab.train import param_groups
+    from gatelab.train.checkpoint import _param_names, load_checkpoint, read_checkpoint
+
+    path = LEGACY / "dense-lm" / "step_00000002.json"
+    model = open_model(LEGACY / "dense-lm").model
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+    meta, _ = read_checkpoint(path)
+    old = [n for group in meta["optimizer"]["param_names"] for n in group]
+    new = [n for group in _param_names(model, optimizer) for n in group]
+    assert old != new and len(old) == len(new)  # the fixture holds a rename
+    load_checkpoint(path, model, optimizer, rng=False)
+    state, params = optimizer.state_dict()["state"], dict(model.named_parameters())
+    for i, name in enumerate(new):
+        assert state[i]["exp_avg"].shape == params[name].shape
+        assert state[i]["exp_avg"].abs().sum() > 0  # trained moments, not fresh zeros

@@ -1,17 +1,10 @@
-"""Transcoders (gatelab.adapt.transcoder) and unembedding read-outs (gatelab.inspect.readout)."""
+"""Transcoders (gatelab.inspect.transcoder) and unembedding read-outs (gatelab.inspect.readout)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gatelab.adapt.transcoder import (
-    Transcoder,
-    evaluate_transcoder,
-    replaced,
-    train_transcoder,
-    transcoder_loss,
-)
 from gatelab.edit import find_moe_blocks
 from gatelab.inspect.readout import (
     expert_neurons,
@@ -20,6 +13,13 @@ from gatelab.inspect.readout import (
     read_vectors,
     readout_accuracy,
     unembedding,
+)
+from gatelab.inspect.transcoder import (
+    Transcoder,
+    evaluate_transcoder,
+    replaced,
+    train_transcoder,
+    transcoder_loss,
 )
 from gatelab.models import LM, LMConfig
 

@@ -1,4 +1,4 @@
-"""Cheap changes to a trained model: transcoders (a sparse replacement of one MLP/MoE layer), LoRA adapters, PHATGOOSE routing
+"""Cheap changes to a trained model: LoRA adapters, PHATGOOSE routing
 among LoRA experts, early exit with learned gates (JEI-DNN), Dopamine neuron gates, and a
 local expert + gate beside a frozen classifier, and MLP Memory (an MLP trained to imitate a
 kNN-LM, interpolated with the LM), and FF-G2M GNN-to-MLP distillation. Dense -> MoE
@@ -48,7 +48,6 @@ from .phatgoose import (
     train_gates,
     train_lora_expert,
 )
-from .transcoder import Transcoder, evaluate_transcoder, train_transcoder
 from .upcycle import MOVED as _UPCYCLE_MOVED
 
 __all__ = [
@@ -78,10 +77,8 @@ __all__ = [
     "MLPMemory",
     "PhatGooseLinear",
     "PhatGooseRouter",
-    "Transcoder",
     "activation_fraction",
     "add_lora",
-    "evaluate_transcoder",
     "expected_calibration_error",
     "final_hidden",
     "find_linear_targets",
@@ -98,8 +95,11 @@ __all__ = [
     "train_local_expert",
     "train_lora_expert",
     "train_memory",
-    "train_transcoder",
 ]
 
-# Upcycling moved to gatelab.convert (issue 14); the old names import with a warning.
-__getattr__ = moved(__name__, _UPCYCLE_MOVED)
+# Upcycling moved to gatelab.convert and transcoders to gatelab.inspect (issue 14); the old
+# names import with a warning.
+_TRANSCODER_NAMES = ("Transcoder", "evaluate_transcoder", "train_transcoder")
+__getattr__ = moved(
+    __name__, {**_UPCYCLE_MOVED, **dict.fromkeys(_TRANSCODER_NAMES, "gatelab.inspect.transcoder")}
+)

@@ -251,7 +251,7 @@ def read_prompt_set(
     spec: str, opened: OpenedModel, seq_len: int | None = None, max_prompts: int = 64
 ) -> tuple[str, list[torch.Tensor]]:
     """``NAME=FILE`` -> (name, prompts as token-id tensors); see the module doc."""
-    from ..inspect.access import context_length
+    from ..inspect.prompts import context_length
 
     if "=" not in spec:
         raise ValueError(f"a prompt set is NAME=FILE, got {spec!r}")

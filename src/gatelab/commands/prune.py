@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..edit.prune import expert_importance, prune_model, select_experts
-    from ..inspect.access import next_token_loss
+    from ..inspect.prompts import next_token_loss
 
     opened = open_model(args.model)
     _, demos = read_prompt_set(args.demos, opened, args.seq_len, args.max_prompts)
@@ -75,7 +75,7 @@ def _full_and_masked_losses(model: nn.Module, keep, sets) -> dict[str, dict[str,
     """Next-token loss per set of the full model and of the model with the pruned experts
     masked out (which the pruned model must reproduce: the check that pruning is exact)."""
     from ..edit.prune import restrict_experts
-    from ..inspect.access import next_token_loss
+    from ..inspect.prompts import next_token_loss
 
     losses: dict[str, dict[str, float]] = {n: {} for n in sets}
     for n, p in sets.items():

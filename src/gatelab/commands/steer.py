@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inspect.access import next_token_loss
+    from ..inspect.prompts import next_token_loss
 
     opened = open_model(args.model)
     sets = prompt_sets(args, opened)
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 def _steered_losses(model, sets, off, on, neurons, renormalize: bool) -> dict[str, float]:
     """Loss per set with the edits applied; the edits are removed again before returning."""
     from ..edit.steer import clamp_neurons, steer_experts
-    from ..inspect.access import next_token_loss
+    from ..inspect.prompts import next_token_loss
 
     handles = []
     try:

@@ -33,8 +33,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapt.transcoder import evaluate_transcoder, train_transcoder
     from ..inspect.readout import module_io
+    from ..inspect.transcoder import evaluate_transcoder, train_transcoder
 
     opened = open_model(args.model)
     model = opened.model

@@ -184,15 +184,14 @@ def upcycle_lm(
             f"upcycle_lm needs an LM whose FFNs are all dense; this one has MoE layers "
             f"{lm.config.moe_layer_indices()} (build it with moe_layers='none')"
         )
-    config = lm.config.replace(
-        moe_layers="all",
+    moe = lm.config.moe.replace(
         num_experts=num_experts,
         top_k=top_k,
-        expert_hidden_dim=lm.config.ffn_hidden_dim,
+        hidden_dim=lm.config.ffn_hidden_dim,
         router=router,
         router_kwargs=dict(router_kwargs or {}),
-        **config_changes,
     )
+    config = lm.config.replace(moe_layers="all", moe=moe, **config_changes)
     new = LM(config).to(lm.embed.weight.device, lm.embed.weight.dtype)
     ffn_prefixes = tuple(f"blocks.{i}.ffn." for i in range(config.num_layers))
     dense_state = {k: v for k, v in lm.state_dict().items() if not k.startswith(ffn_prefixes)}

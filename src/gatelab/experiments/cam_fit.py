@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_photo
-from ..layers import NeuralField, pixel_coords
+from ..layers import pixel_coords
+from ..models import NeuralField
 from . import mean_pm_std
 from ._loop import train_loop
 

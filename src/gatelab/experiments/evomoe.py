@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapt import upcycle_lm, upcycle_optimizer_state
+from ..convert import upcycle_lm, upcycle_optimizer_state
 from ..layers import MoE
 from ..recipes import load_recipe
 from ..recipes.run import build_run

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.ctr import ClickModel, CTRData, iterate_batches
-from ..layers.ctr import DualMLP, FinalMLP, LogisticCTR
+from ..models.ctr import DualMLP, FinalMLP, LogisticCTR
 from ._loop import train_loop
 
 NAME = "finalmlp"

@@ -31,7 +31,6 @@ also gives the share a uniform causal attention would put on position 0 (the mea
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -40,9 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.text import DOMAINS, EOS, IGNORE_INDEX, EvalBatches, LMBatch, LMBatches, load_corpus
-from ..layers import GatedAttention
 from ..models import LM, LMConfig
-from ..models.lm import CausalSelfAttention, apply_rope
 from ..train.schedule import WarmupCosine
 from ..train.trainer import param_groups
 from ._loop import train_loop
@@ -126,16 +123,6 @@ def train_lm(model: LM, batches, steps: int, lr: float) -> float:
     return time.perf_counter() - start
 
 
-def _plain_attention_probs(attn: CausalSelfAttention, x: Tensor, cos: Tensor, sin: Tensor):
-    """Softmax probabilities [B, H, S, S] of the LM's fused-qkv attention."""
-    b, s, _ = x.shape
-    q, k, _ = attn.qkv(x).view(b, s, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)
-    future = torch.ones(s, s, dtype=torch.bool).triu(1)
-    return scores.masked_fill(future, float("-inf")).softmax(-1)
-
-
 class _Probe:
     """Forward hooks that record the sink share, the largest activation and the gate mean."""
 
@@ -149,13 +136,10 @@ class _Probe:
 
     def _attention(self, module: nn.Module, args) -> None:
         x, cos, sin = args[:3]
-        if isinstance(module, GatedAttention):
-            probs = module.attention_weights(x, cos, sin)
-            gate = module.gate_scores(x)
-            if gate is not None:
-                self.gates.append(float(gate.float().mean()))
-        else:
-            probs = _plain_attention_probs(module, x, cos, sin)
+        probs = module.attention_weights(x, cos, sin)
+        gate = module.gate_scores(x)
+        if gate is not None:
+            self.gates.append(float(gate.float().mean()))
         per_head = probs[:, :, 1:, 0].mean(dim=(0, 2))
         self.sink.append(float(per_head.mean()))
         self.max_head = max(self.max_head, float(per_head.max()))

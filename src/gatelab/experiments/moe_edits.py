@@ -32,9 +32,10 @@ import torch
 
 from ..edit.prune import expert_importance, prune_model, restrict_experts, select_experts
 from ..edit.steer import steer_experts
-from ..inspect.access import find_moe_blocks, next_token_loss
+from ..inspect.access import find_moe_blocks
 from ..inspect.plots import plot_profile
 from ..inspect.profile import profile_routing
+from ..inspect.prompts import next_token_loss
 from ._trained_lm import domain_windows, trained_moe_lm
 
 NAME = "moe-edits"

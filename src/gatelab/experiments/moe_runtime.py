@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-from ..adapt.transcoder import evaluate_transcoder, train_transcoder
 from ..edit.offload import OffloadedExperts, resident_expert_bytes
 from ..edit.pregate import PreGates, collect_pairs, hit_rate, train_pregates
 from ..edit.skip import (
@@ -50,6 +49,7 @@ from ..edit.skip import (
 )
 from ..inspect.access import find_moe_blocks
 from ..inspect.readout import module_io, read_neurons, readout_accuracy
+from ..inspect.transcoder import evaluate_transcoder, train_transcoder
 from ._trained_lm import domain_windows, trained_moe_lm
 
 NAME = "moe-runtime"

@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..convert import moe_to_wide
 from ..data import load_digits
-from ..layers import moe_to_wide, routing_mask
+from ..layers import routing_mask
 from ..models import MLPClassifier, MLPConfig, MoEConfig
 from . import mean_pm_std
 from .dynamoe import fit_on_digits

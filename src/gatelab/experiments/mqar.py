@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.synthetic import IGNORE_INDEX, mqar
-from ..layers.conv import BaseConv
-from ..models.lm import CausalSelfAttention, rope_cache
+from ..layers import BaseConv, GatedAttention, rope_cache
 from ._loop import train_loop
 
 NAME = "mqar"
@@ -53,7 +52,7 @@ class AttentionMixer(nn.Module):
 
     def __init__(self, dim: int, max_seq_len: int):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, num_heads=1)
+        self.attn = GatedAttention(dim, 1, gate="none", fused_qkv=True)
         cos, sin = rope_cache(dim, max_seq_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.synthetic import mmoe_synthetic
-from ..layers.multitask import PLE, HoME, MMoE, SharedBottom, expert_statistics
+from ..models.multitask import PLE, HoME, MMoE, SharedBottom, expert_statistics
 from ._loop import shuffled_batches, train_loop
 
 NAME = "multitask"

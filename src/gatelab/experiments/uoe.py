@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..convert import decompose_to_moe, uoe_mlp
 from ..data.text import EOS, IGNORE_INDEX, EvalBatches, LMBatches, load_corpus
-from ..layers import GluMlp, Mlp, MoE, apply_rope, decompose_to_moe, rope_cache, uoe_mlp
-from ..models.lm import SwiGLU
+from ..layers import GluMlp, Mlp, MoE, apply_rope, rope_cache
 from . import mean_pm_std
 from ._loop import train_loop
 
@@ -73,7 +73,7 @@ ARMS = {
 
 def _mlps(dim: int, hidden: int) -> dict[str, nn.Module]:
     return {
-        "SwiGLU (LM)": SwiGLU(dim, hidden),
+        "SwiGLU (LM)": GluMlp(dim, hidden),
         "GluMlp + bias": GluMlp(dim, hidden, bias=True),
         "Mlp (GELU) + bias": Mlp(dim, hidden),
         "Sequential (ReLU)": nn.Sequential(
@@ -146,7 +146,7 @@ class TinyLM(nn.Module):
 
 def _ffn(dim: int, hidden: int, arm: tuple[str, int] | None) -> nn.Module:
     if arm is None:
-        return SwiGLU(dim, hidden)
+        return GluMlp(dim, hidden)
     router, k = arm
     kwargs = {"loss_weights": {"balance": 0.01}}
     if router == "topk":

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .access import MoEBlock, capture_routing, forward_ids, prompt_batches, select_blocks
+from .access import MoEBlock, capture_routing, select_blocks
+from .prompts import forward_ids, prompt_batches
 
 
 @dataclass

@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from ..io import atomic_write
-from .access import capture_routing, forward_ids, prompt_batches, select_blocks
+from .access import capture_routing, select_blocks
+from .prompts import forward_ids, prompt_batches
 
 METRICS = ("frequency", "mean_weight")
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .access import find_moe_blocks, forward_ids, prompt_batches
+from .access import find_moe_blocks
+from .prompts import forward_ids, prompt_batches
 
 
 def unembedding(model: nn.Module) -> tuple[Tensor, Tensor | None]:

@@ -340,6 +340,8 @@ def _optimizer_state(
         )
     now = _param_names(model, optimizer)
     if saved["param_names"] != now:
+        saved = {**saved, "param_names": _renamed_params(model, saved["param_names"])}
+    if saved["param_names"] != now:
         old = {n for group in saved["param_names"] for n in group}
         new = {n for group in now for n in group}
         differ = sorted(old ^ new) or ["(same names, different groups or order)"]
@@ -353,6 +355,23 @@ def _optimizer_state(
             if isinstance(value, tuple) and isinstance(group.get(key), list):
                 group[key] = tuple(group[key])
     return state
+
+
+def _renamed_params(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:
+    """The optimizer's parameter names of a checkpoint written by an earlier gatelab, renamed
+    by the model's key maps (``legacy.rename_on_load``: ``qkv`` -> ``qkv_proj``, ...), so a
+    run resumes across a rename. Only one-to-one renames map (each moment keeps its
+    parameter); a fused or split parameter leaves the names as they were, and the caller's
+    error names them."""
+    probes = {name: torch.empty(0) for group in groups for name in group}
+    try:
+        upgraded = upgrade_state_dict(model, probes)
+    except (RuntimeError, ValueError, IndexError):
+        return groups
+    new_name = {id(tensor): name for name, tensor in upgraded.items()}
+    if len(new_name) != len(probes) or any(id(t) not in new_name for t in probes.values()):
+        return groups
+    return [[new_name[id(probes[name])] for name in group] for group in groups]
 
 
 def _same_config(meta: dict[str, Any], config: Any) -> bool:

@@ -20,13 +20,13 @@ import sys
 from pathlib import Path
 
 import torch
+from gatelab.tools import open_model
 from safetensors.torch import save_file
 
 from gatelab.adapt.g2m import MLP as G2MMLP
 from gatelab.experts import SharedExpert
 from gatelab.layers import GluMlp, HourglassBlock, Mlp, MoE
 from gatelab.models.mohets import MoHETS, MoHETSConfig
-from gatelab.tools import open_model
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
