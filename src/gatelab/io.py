@@ -60,3 +60,19 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(data, indent=indent, allow_nan=False) + "\n").encode())
     return path
+
+
+def ensure_writable_dir(
+    directory: str | os.PathLike, what: str, fix: str, error: type[Exception] = ValueError
+) -> Path:
+    """Create ``directory`` (and its parents) and prove a file can be written in it, before any
+    work that would write there; otherwise raise ``error`` saying ``what`` is not writable and
+    how to ``fix`` it (e.g. ``what="--run-dir"``, ``fix="pass another --run-dir"``)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise error(f"{what} {directory} is not writable ({e.strerror or e}); {fix}") from e
+    return directory

@@ -56,13 +56,15 @@ def upgrade_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> dict[st
     return upgraded
 
 
-def moved(old_module: str, names: Mapping[str, str]) -> Callable[[str], Any]:
+def moved(old_module: str, names: Mapping[str, str] | str) -> Callable[[str], Any]:
     """A module ``__getattr__`` for ``old_module``: ``names`` maps each moved name to the
     module that holds it now (``"gatelab.convert"``), or to ``"module:new_name"`` when it
-    was renamed too; reading one warns and returns the object from there."""
+    was renamed too; reading one warns and returns the object from there. A module that
+    moved whole gives the new module's name instead of a mapping: every public name of it
+    is then found there."""
 
     def __getattr__(name: str) -> Any:
-        target = names.get(name)
+        target = _target(names, name)
         if target is None:
             raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
         new_module, _, new_name = target.partition(":")
@@ -75,3 +77,12 @@ def moved(old_module: str, names: Mapping[str, str]) -> Callable[[str], Any]:
         return getattr(importlib.import_module(new_module), new_name)
 
     return __getattr__
+
+
+def _target(names: Mapping[str, str] | str, name: str) -> str | None:
+    """Where ``name`` lives now, or None when it did not move here."""
+    if not isinstance(names, str):
+        return names.get(name)
+    if name.startswith("_"):
+        return None
+    return names if hasattr(importlib.import_module(names), name) else None

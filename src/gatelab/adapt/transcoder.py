@@ -2,6 +2,4 @@
 
 from ..legacy import moved
 
-_NAMES = ("Transcoder", "TranscoderHistory", "evaluate_transcoder", "replaced", "train_transcoder")
-_NAMES += ("transcoder_loss",)
-__getattr__ = moved(__name__, dict.fromkeys(_NAMES, "gatelab.inspect.transcoder"))
+__getattr__ = moved(__name__, "gatelab.inspect.transcoder")

@@ -7,14 +7,28 @@ import argparse
 
 from ._common import int_at_least, shape_arg
 
+BENCH_HELP = "benchmarks: ratios to dense and HF measured in one process, written as JSON"
+BENCH_DESCRIPTION = (
+    "Benchmarks that print a table of ratios measured in one process and write the numbers as JSON."
+)
+
+MOE_HELP = "the MoE layer vs an equal-FLOP dense MLP and HF Mixtral (eager, grouped_mm)"
+MOE_DESCRIPTION = (
+    "Time gatelab's MoE (grouped and loop dispatch), an equal-FLOP dense "
+    "SwiGLU MLP and HF's Mixtral block with the same weights, forward and "
+    "forward+backward; print ratios dense/variant and, for decode shapes, the fraction "
+    "of the weight-bandwidth roofline reached."
+)
+
+TRAIN_HELP = "training tokens/s: the MoE LM vs the dense LM of equal active parameters"
+TRAIN_DESCRIPTION = (
+    "Time full training steps of the MoE LM and its dense equivalent "
+    "round-robin in one process; print tokens/s and their ratio, write JSON."
+)
+
 
 def add_parser(subparsers) -> None:
-    bench = subparsers.add_parser(
-        "bench",
-        help="benchmarks: ratios to dense and HF measured in one process, written as JSON",
-        description="Benchmarks that print a table of ratios measured in one process and "
-        "write the numbers as JSON.",
-    )
+    bench = subparsers.add_parser("bench", help=BENCH_HELP, description=BENCH_DESCRIPTION)
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     _add_moe_parser(benchmarks)
     _add_train_parser(benchmarks)
@@ -30,14 +44,7 @@ def run(args: argparse.Namespace) -> int:
 def _add_moe_parser(benchmarks) -> None:
     from ..bench.moe import DTYPES, SHAPE_FORMAT
 
-    moe = benchmarks.add_parser(
-        "moe",
-        help="the MoE layer vs an equal-FLOP dense MLP and HF Mixtral (eager, grouped_mm)",
-        description="Time gatelab's MoE (grouped and loop dispatch), an equal-FLOP dense "
-        "SwiGLU MLP and HF's Mixtral block with the same weights, forward and "
-        "forward+backward; print ratios dense/variant and, for decode shapes, the fraction "
-        "of the weight-bandwidth roofline reached.",
-    )
+    moe = benchmarks.add_parser("moe", help=MOE_HELP, description=MOE_DESCRIPTION)
     moe.add_argument(
         "--quick", action="store_true", help="smaller T and fewer repeats (well under a minute)"
     )
@@ -88,12 +95,7 @@ def run_moe(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(benchmarks) -> None:
-    train = benchmarks.add_parser(
-        "train",
-        help="training tokens/s: the MoE LM vs the dense LM of equal active parameters",
-        description="Time full training steps of the MoE LM and its dense equivalent "
-        "round-robin in one process; print tokens/s and their ratio, write JSON.",
-    )
+    train = benchmarks.add_parser("train", help=TRAIN_HELP, description=TRAIN_DESCRIPTION)
     add_train_arguments(train)
 
 

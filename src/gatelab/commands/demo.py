@@ -31,7 +31,6 @@ import platform
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from .. import __version__
 from ..data.text import DOMAINS, load_corpus
 from ..inspect import plots
 from ..inspect.profile import LabelProfile, profile_labels
-from ..io import write_json
+from ..io import ensure_writable_dir, write_json
 from ..recipes import Run, build_run, load_recipe
 from ..train import TrainResult, read_jsonl
 from ..train.evaluate import bits_per_byte
@@ -90,6 +89,14 @@ class Plan:
     from_table: bool
 
 
+HELP = "the main job: train an MoE and a dense LM on prose + code, compare, profile"
+DESCRIPTION = (
+    "Train the moe-lm and dense-lm recipes (equal active parameters) on the "
+    "two-domain byte corpus (same tokens, same seed), report bits per byte per domain, "
+    "profile which experts each domain uses, and write report.md with plots."
+)
+
+
 def plan_for(minutes: float, steps: int | None = None, eval_batches: int | None = None) -> Plan:
     """The demo's work for ``minutes`` on the reference machine: a pure function.
 
@@ -114,7 +121,7 @@ def plan_for(minutes: float, steps: int | None = None, eval_batches: int | None 
 # -- command line -----------------------------------------------------------------------------
 
 
-HELP = {
+OPTION_HELP = {
     "--minutes": "the demo's length on a reference 2-core machine: picks the training steps "
     "and validation batches from a fixed table (a slower machine takes longer, never trains "
     "less) (default: 10)",
@@ -131,21 +138,15 @@ HELP = {
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``gatelab demo`` and its options (:data:`HELP`) on ``subparsers``."""
-    parser = subparsers.add_parser(
-        "demo",
-        help="the main job: train an MoE and a dense LM on prose + code, compare, profile",
-        description="Train the moe-lm and dense-lm recipes (equal active parameters) on the "
-        "two-domain byte corpus (same tokens, same seed), report bits per byte per domain, "
-        "profile which experts each domain uses, and write report.md with plots.",
-    )
+    parser = subparsers.add_parser("demo", help=HELP, description=DESCRIPTION)
     add = parser.add_argument
-    add("--minutes", type=positive(float), default=10.0, help=HELP["--minutes"])
-    add("--run-dir", default="runs/demo", help=HELP["--run-dir"])
-    add("--seed", type=int, default=0, help=HELP["--seed"])
-    add("--steps", type=positive(int), default=None, help=HELP["--steps"])
-    add("--eval-batches", type=positive(int), default=None, help=HELP["--eval-batches"])
+    add("--minutes", type=positive(float), default=10.0, help=OPTION_HELP["--minutes"])
+    add("--run-dir", default="runs/demo", help=OPTION_HELP["--run-dir"])
+    add("--seed", type=int, default=0, help=OPTION_HELP["--seed"])
+    add("--steps", type=positive(int), default=None, help=OPTION_HELP["--steps"])
+    add("--eval-batches", type=positive(int), default=None, help=OPTION_HELP["--eval-batches"])
     for flag in ("--force", "--tiny", "--no-plots"):
-        add(flag, action="store_true", help=HELP[flag])
+        add(flag, action="store_true", help=OPTION_HELP[flag])
     parser.set_defaults(func=run)
     return parser
 
@@ -198,15 +199,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 def prepare_run_dir(run_dir: Path, force: bool = False) -> Path:
     """Create ``run_dir`` and check it is writable; clear earlier demo outputs only with
     ``force``. Raises ValueError before anything is trained."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as error:
-        raise ValueError(
-            f"--run-dir {run_dir} is not writable ({error.strerror or error}); pass "
-            "another --run-dir or fix its permissions"
-        ) from None
+    ensure_writable_dir(run_dir, "--run-dir", "pass another --run-dir or fix its permissions")
     existing = [name for name in OUTPUTS if (run_dir / name).exists()]
     if existing and not force:
         raise ValueError(

@@ -7,15 +7,15 @@ import json
 
 from ._common import add_checkpoint_parser, checkpoint_meta
 
+HELP = "evaluate a checkpoint (or a run directory's latest) as its recipe says"
+DESCRIPTION = (
+    "Rebuild the model and evaluation from the recipe stored in a checkpoint, "
+    "load its weights and print the evaluation metrics as JSON."
+)
+
 
 def add_parser(subparsers) -> None:
-    add_checkpoint_parser(
-        subparsers,
-        "eval",
-        help="evaluate a checkpoint (or a run directory's latest) as its recipe says",
-        description="Rebuild the model and evaluation from the recipe stored in a checkpoint, "
-        "load its weights and print the evaluation metrics as JSON.",
-    )
+    add_checkpoint_parser(subparsers, "eval", help=HELP, description=DESCRIPTION)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+EXPERIMENT_HELP = "run an experiment that tests a paper's claim (see `gatelab experiment list`)"
+EXPERIMENT_DESCRIPTION = (
+    "Run one experiment of gatelab.experiments: print its table of measured "
+    "numbers and write result.json (the numbers docs/results.md quotes come from here)."
+)
+
 
 def add_parser(subparsers) -> None:
     experiment = subparsers.add_parser(
-        "experiment",
-        help="run an experiment that tests a paper's claim (see `gatelab experiment list`)",
-        description="Run one experiment of gatelab.experiments: print its table of measured "
-        "numbers and write result.json (the numbers docs/results.md quotes come from here).",
+        "experiment", help=EXPERIMENT_HELP, description=EXPERIMENT_DESCRIPTION
     )
     experiment.add_argument("name", help="experiment name, or 'list' to list them")
     experiment.add_argument(

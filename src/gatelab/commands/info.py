@@ -7,15 +7,15 @@ import json
 
 from ._common import add_checkpoint_parser, checkpoint_meta, count_parameters
 
+HELP = "what a checkpoint holds: config, parameters, active parameters, routing"
+DESCRIPTION = (
+    "Print a checkpoint's recipe, its parameter counts (total and active per "
+    "token) and the last routing summary its run logged (routing.jsonl)."
+)
+
 
 def add_parser(subparsers) -> None:
-    add_checkpoint_parser(
-        subparsers,
-        "info",
-        help="what a checkpoint holds: config, parameters, active parameters, routing",
-        description="Print a checkpoint's recipe, its parameter counts (total and active per "
-        "token) and the last routing summary its run logged (routing.jsonl).",
-    )
+    add_checkpoint_parser(subparsers, "info", help=HELP, description=DESCRIPTION)
 
 
 def run(args: argparse.Namespace) -> int:

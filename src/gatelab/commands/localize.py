@@ -9,15 +9,16 @@ from pathlib import Path
 from ..io import write_json
 from ._common import add_model_arguments, open_model, parse_experts, read_prompt_set
 
+HELP = "neurons inside experts that fire for one prompt set (z-score)"
+DESCRIPTION = (
+    "GateBreaker's localisation: per-neuron max activation over routed tokens, "
+    "difference of means between --target and --other, z-score > --threshold; writes "
+    "neurons.json (a list `gatelab steer --clamp` takes)."
+)
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "localize",
-        help="neurons inside experts that fire for one prompt set (z-score)",
-        description="GateBreaker's localisation: per-neuron max activation over routed tokens, "
-        "difference of means between --target and --other, z-score > --threshold; writes "
-        "neurons.json (a list `gatelab steer --clamp` takes).",
-    )
+    p = subparsers.add_parser("localize", help=HELP, description=DESCRIPTION)
     add_model_arguments(p, sets=False)
     p.add_argument("--target", required=True, metavar="NAME=FILE")
     p.add_argument("--other", required=True, metavar="NAME=FILE")

@@ -13,18 +13,19 @@ import torch
 from ..io import write_json
 from ._common import add_model_arguments, all_prompts, open_model, prompt_sets, save_state
 
+HELP = "train pre-gates; offloaded inference: resident vs on demand vs prefetch"
+DESCRIPTION = (
+    "Distil one pre-gate per MoE layer from the next layer's router on the "
+    "calibration --set(s), report its hit rate, then run the prompts with all experts "
+    "resident, offloaded with on-demand loading and offloaded with pre-gate prefetch "
+    "(experts in safetensors under OUT/experts, an LRU cache of --capacity experts): "
+    "tokens/s, peak resident expert bytes, misses, and whether outputs equal the "
+    "resident model's. Writes pregate.json and pregates.safetensors."
+)
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "pregate",
-        help="train pre-gates; offloaded inference: resident vs on demand vs prefetch",
-        description="Distil one pre-gate per MoE layer from the next layer's router on the "
-        "calibration --set(s), report its hit rate, then run the prompts with all experts "
-        "resident, offloaded with on-demand loading and offloaded with pre-gate prefetch "
-        "(experts in safetensors under OUT/experts, an LRU cache of --capacity experts): "
-        "tokens/s, peak resident expert bytes, misses, and whether outputs equal the "
-        "resident model's. Writes pregate.json and pregates.safetensors.",
-    )
+    p = subparsers.add_parser("pregate", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     p.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
     p.add_argument(

@@ -8,15 +8,16 @@ from pathlib import Path
 
 from ._common import add_model_arguments, open_model, prompt_sets
 
+HELP = "per layer x expert routing frequency and gate weight by prompt set"
+DESCRIPTION = (
+    "Run named prompt sets through an MoE model (HF directory or gatelab "
+    "checkpoint) and write profile.json (frequency, mean gate weight, each set's contrast "
+    "with the others) and profile.png (heatmaps). MoTE's fTRI / GateBreaker's profile."
+)
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "profile",
-        help="per layer x expert routing frequency and gate weight by prompt set",
-        description="Run named prompt sets through an MoE model (HF directory or gatelab "
-        "checkpoint) and write profile.json (frequency, mean gate weight, each set's contrast "
-        "with the others) and profile.png (heatmaps). MoTE's fTRI / GateBreaker's profile.",
-    )
+    p = subparsers.add_parser("profile", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     p.add_argument("--metric", choices=("frequency", "mean_weight"), default="frequency")
     p.add_argument("--top", type=int, default=5, help="top experts to print per set")

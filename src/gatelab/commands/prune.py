@@ -19,17 +19,18 @@ from ._common import (
     read_prompt_set,
 )
 
+HELP = "keep N experts per layer chosen from demonstrations (EASY-EP)"
+DESCRIPTION = (
+    "Score experts on --demos (EASY-EP's output-aware importance x token "
+    "contribution, or routed-slot frequency), keep --keep per layer, and write the "
+    "physically smaller model to OUT/model (HF: save_pretrained; gatelab: a checkpoint) "
+    "and prune.json (kept experts, importance, parameter counts, loss on each --set for "
+    "the full, masked and pruned model)."
+)
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prune",
-        help="keep N experts per layer chosen from demonstrations (EASY-EP)",
-        description="Score experts on --demos (EASY-EP's output-aware importance x token "
-        "contribution, or routed-slot frequency), keep --keep per layer, and write the "
-        "physically smaller model to OUT/model (HF: save_pretrained; gatelab: a checkpoint) "
-        "and prune.json (kept experts, importance, parameter counts, loss on each --set for "
-        "the full, masked and pruned model).",
-    )
+    p = subparsers.add_parser("prune", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     p.add_argument("--demos", required=True, metavar="NAME=FILE", help="in-domain demonstrations")
     p.add_argument("--keep", type=int, required=True, help="experts to keep per layer")

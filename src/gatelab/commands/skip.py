@@ -12,16 +12,17 @@ import torch
 from ..io import write_json
 from ._common import add_model_arguments, open_model, prompt_sets
 
+HELP = "MoDES expert skipping: layer importance, skip ratio vs KL, thresholds"
+DESCRIPTION = (
+    "Compute MoDES's layer importance on the calibration --set(s), the skip "
+    "ratio / KL / loss curve over one threshold, and the thresholds that reach each "
+    "--target skip ratio (two sets: also one threshold per set, by the frontier search). "
+    "Writes skip.json and skip.png. The model on disk is not changed."
+)
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "skip",
-        help="MoDES expert skipping: layer importance, skip ratio vs KL, thresholds",
-        description="Compute MoDES's layer importance on the calibration --set(s), the skip "
-        "ratio / KL / loss curve over one threshold, and the thresholds that reach each "
-        "--target skip ratio (two sets: also one threshold per set, by the frontier search). "
-        "Writes skip.json and skip.png. The model on disk is not changed.",
-    )
+    p = subparsers.add_parser("skip", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     p.add_argument(
         "--target",

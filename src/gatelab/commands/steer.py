@@ -10,14 +10,15 @@ from pathlib import Path
 from ..io import write_json
 from ._common import add_model_arguments, open_model, parse_experts, prompt_sets
 
+HELP = "switch experts off / force them on / clamp neurons; loss per prompt set"
+DESCRIPTION = (
+    "MoTE's steering: apply the edits, measure next-token loss on each "
+    "--set before and after, write steer.json. The model on disk is not changed."
+)
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "steer",
-        help="switch experts off / force them on / clamp neurons; loss per prompt set",
-        description="MoTE's steering: apply the edits, measure next-token loss on each "
-        "--set before and after, write steer.json. The model on disk is not changed.",
-    )
+    p = subparsers.add_parser("steer", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     p.add_argument("--off", default=None, help="experts to switch off, LAYER:E,E;LAYER:E")
     p.add_argument("--on", default=None, help="experts to force on, LAYER:E,E;LAYER:E")

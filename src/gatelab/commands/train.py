@@ -7,15 +7,16 @@ import json
 
 from ._common import int_at_least, is_main_process
 
+TRAIN_HELP = "train a recipe (a shipped name such as moe-lm, or a .toml path)"
+TRAIN_DESCRIPTION = (
+    "Train the run a recipe describes. Shipped recipes: moe-lm, dense-lm, "
+    "digits-moe, digits-dense. Metrics, routing telemetry and checkpoints go to the "
+    "run directory ([train] run_dir, runs/<recipe> by default)."
+)
+
 
 def add_parser(subparsers) -> None:
-    train = subparsers.add_parser(
-        "train",
-        help="train a recipe (a shipped name such as moe-lm, or a .toml path)",
-        description="Train the run a recipe describes. Shipped recipes: moe-lm, dense-lm, "
-        "digits-moe, digits-dense. Metrics, routing telemetry and checkpoints go to the "
-        "run directory ([train] run_dir, runs/<recipe> by default).",
-    )
+    train = subparsers.add_parser("train", help=TRAIN_HELP, description=TRAIN_DESCRIPTION)
     train.add_argument("recipe", help="a shipped recipe name or a path to a .toml file")
     train.add_argument(
         "--set",

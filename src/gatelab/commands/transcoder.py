@@ -12,16 +12,17 @@ from torch import nn
 from ..io import write_json
 from ._common import add_model_arguments, open_model, read_prompts, save_state
 
+HELP = "train a sparse transcoder replacing one MoE/MLP layer"
+DESCRIPTION = (
+    "Train a transcoder (wide ReLU features, L1, unit-norm decoder rows) on "
+    "the input/output of one layer over the --set prompts, and report L0, fraction of "
+    "variance explained and loss recovered (against zero ablation) on --eval (default: "
+    "the training prompts). Writes transcoder.json and transcoder.safetensors."
+)
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "transcoder",
-        help="train a sparse transcoder replacing one MoE/MLP layer",
-        description="Train a transcoder (wide ReLU features, L1, unit-norm decoder rows) on "
-        "the input/output of one layer over the --set prompts, and report L0, fraction of "
-        "variance explained and loss recovered (against zero ablation) on --eval (default: "
-        "the training prompts). Writes transcoder.json and transcoder.safetensors.",
-    )
+    p = subparsers.add_parser("transcoder", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--layer", type=int, help="an MoE layer (its block)")

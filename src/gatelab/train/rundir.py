@@ -8,10 +8,10 @@ nothing.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..io import ensure_writable_dir
 from .checkpoint import latest_checkpoint, remove_stale_temporaries
 from .config import TrainError
 from .metrics import JsonlLog, TensorBoardLog, read_jsonl, truncate_jsonl
@@ -26,15 +26,8 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path:
     already holds a run; remove what a killed save left behind. Returns the checkpoint
     directory."""
     checkpoint_dir = run_dir / "checkpoints"
-    try:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=checkpoint_dir):
-            pass
-    except OSError as e:
-        raise TrainError(
-            f"run directory {run_dir} is not writable ({e.strerror or e}); choose "
-            "another run_dir or fix its permissions"
-        ) from e
+    fix = "choose another run_dir or fix its permissions"
+    ensure_writable_dir(checkpoint_dir, "run directory", fix, error=TrainError)
     if not resume:
         existing = latest_checkpoint(checkpoint_dir)
         if existing is not None or read_jsonl(run_dir / "metrics.jsonl"):
