@@ -252,7 +252,7 @@ def digits_pool(scale: str, seed: int) -> tuple[MemberPool, dict[str, tuple[Tens
     settings = POOL_SCALES[scale]
     members = []
     with tempfile.TemporaryDirectory(prefix="gatelab-pool-") as tmp:
-        for i, (name, spec) in enumerate(specs.items()):
+        for name, spec in specs.items():
             model = _train_member(spec, data["train"], settings["steps"], seed, Path(tmp) / name)
             members.append(_profile(name, model, data["val"][0], settings["repeats"], spec))
     return MemberPool(members), data
