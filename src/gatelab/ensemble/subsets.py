@@ -163,12 +163,15 @@ def monotone_search(problem: SubsetProblem) -> SearchResult:
     )
 
 
-def monotonicity_violations(loss: Callable[[Subset], float], size: int, tol: float = 0.0):
+def monotonicity_violations(
+    loss: Callable[[Subset], float], size: int, tol: float = 0.0, include_empty: bool = True
+):
     """Every (S, i) with i ∉ S and L(S ∪ {i}) > L(S) + tol: returns (violations, pairs,
-    largest increase) over all 2^M subsets (small M only)."""
+    largest increase) over all 2^M subsets (small M only); ``include_empty=False`` leaves
+    out S = ∅ (whose loss is a convention, e.g. a uniform prediction)."""
     values = {
         frozenset(c): float(loss(frozenset(c)))
-        for r in range(size + 1)
+        for r in range(0 if include_empty else 1, size + 1)
         for c in itertools.combinations(range(size), r)
     }
     worst, bad, pairs = 0.0, 0, 0

@@ -64,9 +64,9 @@ SCALES = {
     },
     "full": {
         "pool": "full",
-        "gate_steps": 300,
-        "fractions": [0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],
-        "grid": [0.01, 0.03, 0.1, 0.2, 0.4, 0.7, 1.0],
+        "gate_steps": 1000,
+        "fractions": [0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0],
+        "grid": [0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0],
         "preserve": 10,
         "draws": 50,
         "synthetic": [12, 16],
@@ -96,7 +96,7 @@ def run(scale: str, seed: int, out_dir: Path) -> dict[str, Any]:
         name: dict(
             zip(
                 ("violations", "pairs", "max_increase"),
-                monotonicity_violations(ls["val"], len(pool), 1e-9),
+                monotonicity_violations(ls["val"], len(pool), 1e-9, include_empty=False),
                 strict=True,
             )
         )
@@ -341,97 +341,138 @@ def _table(result: dict[str, Any], pool) -> str:
     )
 
 
-def _members_table(rows) -> str:
-    lines = [
-        "| member | classes | params | multiply-adds | latency single (µs) | "
-        "per query in batches of 32 (µs) | val acc | test acc |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        acc = (
-            f"{r['val_accuracy']:.3f} | {r['test_accuracy']:.3f}"
-            if "val_accuracy" in r
-            else "- | -"
-        )
-        lines.append(
-            f"| {r['name']} | {r.get('classes', '-')} | {r['params']} | {r['flops']} | "
-            f"{r['latency_us']:.0f} | {r['batch_latency_us']:.1f} | {acc} |"
-        )
+def _markdown(header: list[str], align: str, rows: list[list[Any]]) -> str:
+    """A markdown table; ``align`` one character per column, "l" or "r"."""
+    rule = "|".join("---" if a == "l" else "---:" for a in align)
+    lines = ["| " + " | ".join(header) + " |", f"|{rule}|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _members_table(rows) -> str:
+    header = [
+        "member",
+        "classes",
+        "params",
+        "multiply-adds",
+        "latency single (µs)",
+        "per query in batches of 32 (µs)",
+        "val acc",
+        "test acc",
+    ]
+    cells = [
+        [
+            r["name"],
+            r.get("classes", "-"),
+            r["params"],
+            r["flops"],
+            f"{r['latency_us']:.0f}",
+            f"{r['batch_latency_us']:.1f}",
+            f"{r.get('val_accuracy', float('nan')):.3f}",
+            f"{r.get('test_accuracy', float('nan')):.3f}",
+        ]
+        for r in rows
+    ]
+    return _markdown(header, "llrrrrrr", cells).replace("nan", "-")
 
 
 def _monotone_table(monotone) -> str:
-    lines = [
-        "| gate | pairs (S, i) with L(S ∪ {i}) > L(S) | of | largest increase |",
-        "|---|---:|---:|---:|",
+    header = ["gate", "pairs (S ≠ ∅, i) with L(S ∪ {i}) > L(S)", "of", "largest increase"]
+    cells = [
+        [n, m["violations"], m["pairs"], f"{m['max_increase']:.4f}"] for n, m in monotone.items()
     ]
-    for name, m in monotone.items():
-        lines.append(f"| {name} | {m['violations']} | {m['pairs']} | {m['max_increase']:.4f} |")
-    return "\n".join(lines)
+    return _markdown(header, "lrrr", cells)
 
 
 def _sweep_table(rows) -> str:
-    lines = [
-        "| gate | budgets | B&B = exhaustive (loss) | same subset | largest gap | "
-        "subsets evaluated: exhaustive / B&B (mean) | seconds: exhaustive / B&B (total) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    header = [
+        "gate",
+        "budgets",
+        "B&B = exhaustive (loss)",
+        "same subset",
+        "largest gap",
+        "subsets evaluated: exhaustive / B&B (mean)",
+        "seconds: exhaustive / B&B (total)",
     ]
+    cells = []
     for gate in GATES:
         rs = [r for r in rows if r["gate"] == gate]
         same = sum(abs(r["bnb_loss"] - r["exhaustive_loss"]) < 1e-12 for r in rs)
         gap = max(r["bnb_loss"] - r["exhaustive_loss"] for r in rs)
         ev = [statistics.fmean(r[k] for r in rs) for k in ("exhaustive_evaluated", "bnb_evaluated")]
         sec = [sum(r[k] for r in rs) for k in ("exhaustive_s", "bnb_s")]
-        lines.append(
-            f"| {gate} | {len(rs)} | {same} | {sum(r['same_subset'] for r in rs)} | {gap:.4f} | "
-            f"{ev[0]:.1f} / {ev[1]:.1f} | {sec[0]:.2f} / {sec[1]:.2f} |"
+        cells.append(
+            [
+                gate,
+                len(rs),
+                same,
+                sum(r["same_subset"] for r in rs),
+                f"{gap:.4f}",
+                f"{ev[0]:.1f} / {ev[1]:.1f}",
+                f"{sec[0]:.2f} / {sec[1]:.2f}",
+            ]
         )
-    return "\n".join(lines)
+    return _markdown(header, "lrrrrrr", cells)
 
 
 def _synthetic_table(rows) -> str:
-    lines = [
-        "| random monotone instance, members | instances | B&B = exhaustive | "
-        "subsets evaluated: exhaustive / B&B (mean) | seconds: exhaustive / B&B (mean) |",
-        "|---:|---:|---:|---:|---:|",
+    header = [
+        "random monotone instance, members",
+        "instances",
+        "B&B = exhaustive",
+        "subsets evaluated: exhaustive / B&B (mean)",
+        "seconds: exhaustive / B&B (mean)",
     ]
+    cells = []
     for size in sorted({r["members"] for r in rows}):
         rs = [r for r in rows if r["members"] == size]
         mean = {
             k: statistics.fmean(r[k] for r in rs)
             for k in ("exhaustive_evaluated", "bnb_evaluated", "exhaustive_s", "bnb_s")
         }
-        lines.append(
-            f"| {size} | {len(rs)} | {sum(r['same'] for r in rs)} | "
-            f"{mean['exhaustive_evaluated']:.0f} / {mean['bnb_evaluated']:.0f} | "
-            f"{mean['exhaustive_s']:.3f} / {mean['bnb_s']:.3f} |"
+        cells.append(
+            [
+                size,
+                len(rs),
+                sum(r["same"] for r in rs),
+                f"{mean['exhaustive_evaluated']:.0f} / {mean['bnb_evaluated']:.0f}",
+                f"{mean['exhaustive_s']:.3f} / {mean['bnb_s']:.3f}",
+            ]
         )
-    return "\n".join(lines)
+    return _markdown(header, "rrrrr", cells)
 
 
 def _tradeoff_table(rows) -> str:
-    head = " | ".join(f"{label}: val loss, test acc" for label in METHODS.values())
-    lines = [
-        f"| budget | {head} | MoE² (dropout gate) subset | best single |",
-        "|---:|" + "---:|" * len(METHODS) + "---|---|",
+    header = [
+        "budget",
+        *(f"{label}: val loss, test loss, test acc" for label in METHODS.values()),
+        "MoE² (dropout gate) subset",
+        "best single",
     ]
-    for r in rows:
-        cells = " | ".join(f"{r[k]['val_loss']:.4f}, {r[k]['test_accuracy']:.3f}" for k in METHODS)
-        lines.append(
-            f"| {r['fraction']:g} | {cells} | {r['dropout']['subset']} | {r['single']['subset']} |"
-        )
-    return "\n".join(lines)
+    cells = [
+        [
+            f"{r['fraction']:g}",
+            *(
+                f"{r[k]['val_loss']:.4f}, {r[k]['test_loss']:.4f}, {r[k]['test_accuracy']:.3f}"
+                for k in METHODS
+            ),
+            r["dropout"]["subset"],
+            r["single"]["subset"],
+        ]
+        for r in rows
+    ]
+    return _markdown(header, "r" * (1 + len(METHODS)) + "ll", cells)
 
 
 def _preservation_table(rows) -> str:
-    lines = [
-        "| gate | S | val loss: full-set gate restricted to S | retrained on S | "
-        "test loss: restricted | retrained |",
-        "|---|---|---:|---:|---:|---:|",
+    header = [
+        "gate",
+        "S",
+        "val loss: full-set gate restricted to S",
+        "retrained on S",
+        "test loss: restricted",
+        "retrained",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['gate']} | {r['subset']} | {r['restricted_val']:.4f} | {r['retrained_val']:.4f} | "
-            f"{r['restricted_test']:.4f} | {r['retrained_test']:.4f} |"
-        )
-    return "\n".join(lines)
+    keys = ("restricted_val", "retrained_val", "restricted_test", "retrained_test")
+    cells = [[r["gate"], r["subset"], *(f"{r[k]:.4f}" for k in keys)] for r in rows]
+    return _markdown(header, "llrrrr", cells)
