@@ -398,6 +398,7 @@ def _sweep_table(rows) -> str:
     for gate in GATES:
         rs = [r for r in rows if r["gate"] == gate]
         same = sum(abs(r["bnb_loss"] - r["exhaustive_loss"]) < 1e-12 for r in rs)
+        near = sum(r["bnb_loss"] - r["exhaustive_loss"] < 1e-3 for r in rs)
         gap = max(r["bnb_loss"] - r["exhaustive_loss"] for r in rs)
         ev = [statistics.fmean(r[k] for r in rs) for k in ("exhaustive_evaluated", "bnb_evaluated")]
         sec = [sum(r[k] for r in rs) for k in ("exhaustive_s", "bnb_s")]
@@ -412,7 +413,7 @@ def _sweep_table(rows) -> str:
                 f"{sec[0]:.2f} / {sec[1]:.2f}",
             ]
         )
-    return _markdown(header, "lrrrrrr", cells)
+    return _markdown(header, "lrrrrrrr", cells)
 
 
 def _synthetic_table(rows) -> str:
