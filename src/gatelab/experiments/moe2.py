@@ -407,6 +407,7 @@ def _sweep_table(rows) -> str:
                 gate,
                 len(rs),
                 same,
+                near,
                 sum(r["same_subset"] for r in rs),
                 f"{gap:.4f}",
                 f"{ev[0]:.1f} / {ev[1]:.1f}",
