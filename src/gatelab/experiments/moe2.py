@@ -389,6 +389,7 @@ def _sweep_table(rows) -> str:
         "gate",
         "budgets",
         "B&B = exhaustive (loss)",
+        "within 0.001",
         "same subset",
         "largest gap",
         "subsets evaluated: exhaustive / B&B (mean)",
