@@ -293,3 +293,20 @@ def test_protocol_bad_input():
         NSED(object(), council=[0])
     with pytest.raises(ValueError, match="credits"):
         quadratic_votes(torch.zeros(2, 2, 1), credits=-1.0)
+
+
+# -- the experiment ----------------------------------------------------------------------
+
+
+def test_nsed_experiment_smoke(tmp_path):
+    from gatelab.experiments import get
+
+    result = get("nsed").run("smoke", seed=0, out_dir=tmp_path)
+    assert "| budget" in result["table"] and (tmp_path / "nsed.png").exists()
+    run = result["runs"][0]
+    assert run["knapsack"]["agree"] == run["knapsack"]["budgets"]
+    full = run["budgets"]["1.0"]
+    # the whole budget binds every member worth more than chance
+    assert set(full["council"]) == {n for n, m in run["pool"].items() if m["value"] > 0}
+    assert len(full["fixed"]) == len(full["learned"]) == 3
+    assert all(0.0 <= a <= 1.0 for a in full["fixed"] + full["learned"])
