@@ -303,7 +303,8 @@ def test_nsed_experiment_smoke(tmp_path):
 
     result = get("nsed").run("smoke", seed=0, out_dir=tmp_path)
     assert "| budget" in result["table"] and (tmp_path / "nsed.png").exists()
-    run = result["runs"][0]
+    assert "| rotated |" in result["table"]
+    run = result["runs"][0]["clean"]
     assert run["knapsack"]["agree"] == run["knapsack"]["budgets"]
     full = run["budgets"]["1.0"]
     # the whole budget binds every member worth more than chance
