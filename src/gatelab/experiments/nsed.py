@@ -23,8 +23,8 @@ Protocol (ours):
   rotation leaves room for the ensemble to matter. In each condition the broker's values
   and the learned gate come from that condition's validation split.
 - Compared on the test split, per budget: the council's member of the best validation
-  accuracy, its best member by test accuracy (an oracle), the council's majority (plurality) vote, the mean of the
-  council's distributions (a plain linear pool), NSED with a fixed gate (f = 0.5,
+  accuracy, its best member by test accuracy (an oracle), the council's majority
+  (plurality) vote, the mean of the council's distributions (a plain linear pool), NSED with a fixed gate (f = 0.5,
   β = 0.5) after 1..R rounds, NSED with (f, β) learned on the validation split for each
   round count, and one dense MLP 64-h-h-10 whose parameter count matches the council's
   total, trained through the ``digits-dense`` recipe (same steps as the pool's members).
