@@ -124,7 +124,9 @@ def test_edge_cases_and_bad_input():
     with pytest.raises(ValueError, match="family"):
         make_graph("tree", 8, np.random.default_rng(0))
     with pytest.raises(ValueError, match="graphs"):
-        algorithm_batch([er_graph(4, np.random.default_rng(0)), er_graph(5, np.random.default_rng(0))])
+        algorithm_batch(
+            [er_graph(4, np.random.default_rng(0)), er_graph(5, np.random.default_rng(0))]
+        )
 
 
 def test_grid_and_batch_shapes():
@@ -223,7 +225,9 @@ def test_minplus_layer_with_hand_set_weights_runs_bellman_ford(spec):
         expect = np.where(np.isfinite(dist_np), dist_np, big)
         np.testing.assert_allclose(h[0, :, 0].detach().numpy(), expect, rtol=1e-12)
     exact, _ = bellman_ford(g.adj, g.weight, g.source)
-    np.testing.assert_allclose(h[0, :, 0].detach().numpy(), np.where(np.isfinite(exact), exact, big))
+    np.testing.assert_allclose(
+        h[0, :, 0].detach().numpy(), np.where(np.isfinite(exact), exact, big)
+    )
 
 
 def test_processor_bad_input():

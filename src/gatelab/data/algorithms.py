@@ -77,7 +77,7 @@ def er_graph(
     source, sink = int(order[0]), int(order[1])
     k = max(0, min(n - 2, path_len if path_len is not None else n // 8))
     path = [source, *order[2 : 2 + k].tolist(), sink]
-    for u, v in zip(path[:-1], path[1:]):
+    for u, v in zip(path[:-1], path[1:], strict=True):
         adj[u, v] = True
     np.fill_diagonal(adj, False)
     return AlgoGraph(adj, _weights(adj, rng, low, high), source, sink)

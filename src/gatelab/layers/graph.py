@@ -50,9 +50,7 @@ def _check_inputs(h: Tensor, e: Tensor, adj: Tensor) -> None:
         raise ValueError(f"e must be [B, N, N, F] with B, N = {b}, {n}, got {tuple(e.shape)}")
 
 
-def aggregate(
-    messages: Tensor, mask: Tensor, how: str, temperature: float = 1.0
-) -> Tensor:
+def aggregate(messages: Tensor, mask: Tensor, how: str, temperature: float = 1.0) -> Tensor:
     """Aggregate messages [B, N(src), N(dst), D] over sources where ``mask [B, N, N]``.
 
     Returns [B, N(dst), D]; destinations with no source aggregate to 0.
