@@ -103,6 +103,32 @@ def _train_and_test(s: dict, cfg: NARConfig, seed: int, tests: dict) -> dict[str
         return {name: nar_metrics(model(b), b) for name, b in tests.items()}
 
 
+def _baselines(s: dict, seed: int, tests: dict, flow_tests: dict) -> dict[str, dict]:
+    """Trivial predictors on the same test graphs, as floors for the learned arms: the training
+    mean distance / flow value (from 256 training-distribution graphs), the flow bound
+    min(source out-capacity, sink in-capacity), and the cut {source} (every other node on the
+    sink side)."""
+    train = random_batch("er", s["train_n"], 256, np.random.default_rng(20_000 + seed), flow=True)
+    mean_dist = float(train["dist"].sum() / train["reach"].sum())
+    mean_flow = float(train["flow_value"].mean())
+    out: dict[str, dict] = {"dist: train mean": {}, "flow: train mean": {}, "flow: bound": {}}
+    out["cut: {source} only"] = {}
+    for name, b in tests.items():
+        out["dist: train mean"][name] = nar_metrics(
+            {"dist": torch.full_like(b["dist"], mean_dist)}, b
+        )
+    for name, b in flow_tests.items():
+        rows = torch.arange(len(b["source"]))
+        cap = b["weight"] * b["adj"]
+        bound = torch.minimum(cap[rows, b["source"]].sum(-1), cap[rows, :, b["sink"]].sum(-1))
+        out["flow: train mean"][name] = nar_metrics({"flow": torch.full_like(bound, mean_flow)}, b)
+        out["flow: bound"][name] = nar_metrics({"flow": bound}, b)
+        logits = torch.full_like(b["cut"], -1.0)
+        logits[rows, b["source"]] = 1.0
+        out["cut: {source} only"][name] = nar_metrics({"cut": logits}, b)
+    return out
+
+
 def _cell(vals: list[float]) -> str:
     mean = statistics.fmean(vals)
     return f"{mean:.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
@@ -130,6 +156,12 @@ def _processor_table(results: dict, tests: list[str], floors: dict) -> list[str]
                 + " | ".join(_cell(_collect(runs, metric, t)) for t in tests)
                 + " |"
             )
+    lines.insert(
+        2 + len(PROCESSORS),
+        "| shortest paths (rel. MAE, lower better) | baseline: train mean distance | "
+        + " | ".join(_cell(_collect(results["baselines"], "dist_rel_mae", t)) for t in tests)
+        + " |",
+    )
     lines.append(
         "| reachability (accuracy) | majority class | "
         + " | ".join(_cell(floors[t]) for t in tests)
@@ -143,12 +175,21 @@ def _flow_table(results: dict, tests: list[str]) -> list[str]:
     head = [f"{label} {t}" for key, label in cols for t in tests]
     lines = ["| arm | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for arm, runs in results.items():
+        if arm == "baselines":
+            continue
         cells = []
         for key, _ in cols:
             for t in tests:
                 vals = _collect(runs, key, t)
                 cells.append(_cell(vals) if vals else "—")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    for name in ("flow: train mean", "flow: bound", "cut: {source} only"):
+        cells = []
+        for key, _ in cols:
+            for t in tests:
+                vals = [b[name][t][key] for b in results["baselines"] if key in b[name][t]]
+                cells.append(_cell(vals) if vals else "—")
+        lines.append(f"| baseline {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -184,6 +225,7 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
     proc: dict = {"dist": {a: [] for a in PROCESSORS}, "reach": {a: [] for a in PROCESSORS}}
     flow: dict = {arm: [] for arm in FLOW_ARMS}
     floors: dict[str, list[float]] = {}
+    proc["baselines"], flow["baselines"] = [], []
     for sd in seeds:
         tests = _test_sets(s, sd, flow=False)
         for name, b in tests.items():
@@ -197,6 +239,9 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
         for arm, tasks in FLOW_ARMS.items():
             cfg = NARConfig(hidden=s["hidden"], aggregation=FLOW_PROCESSOR, tasks=tasks)
             flow[arm].append(_train_and_test(s, cfg, sd, flow_tests))
+        base = _baselines(s, sd, tests, flow_tests)
+        proc["baselines"].append(base["dist: train mean"])
+        flow["baselines"].append(base)
     names = list(tests)
     flow_names = list(flow_tests)
     table = "\n".join(
