@@ -19,7 +19,7 @@ the processor runs ``N`` steps on an ``N``-node graph. Test on fixed held-out gr
 16 (in distribution), 32 and 64 nodes, and 8x8 directed grids (64 nodes, another family).
 Shortest paths (metric: MAE of distances on reachable nodes / their mean distance) and
 reachability (node accuracy; the majority-class rate is listed as the floor) are trained
-separately for each aggregation. Max-flow / min-cut use the ``max`` processor (DAR's PGN is a
+separately for each aggregation (``softminplus`` at temperature 0.1 too). Max-flow / min-cut use the ``max`` processor (DAR's PGN is a
 max-aggregator) in three arms: flow alone, cut alone, both (joint). Metrics: flow value
 |error| / mean value, cut node accuracy, and the capacity of the predicted cut over the true
 min cut (1 is optimal).
@@ -40,7 +40,7 @@ from ._loop import train_loop, warmup_then_cosine
 
 NAME = "nar-tropical"
 DESCRIPTION = (
-    "NAR processors (sum/mean/max/min-plus) on shortest paths and reachability, 16 -> 32/64 "
+    "NAR processors (sum/mean/max/min-plus/soft min-plus) on shortest paths and reachability, 16 -> 32/64 "
     "nodes; max-flow and min-cut single vs joint"
 )
 
@@ -66,7 +66,7 @@ SETTINGS = {
         lr=3e-3,
     ),
 }
-PROCESSORS = ("sum", "mean", "max", "minplus")
+PROCESSORS = ("sum", "mean", "max", "minplus", "softminplus")
 FLOW_ARMS = {"flow alone": ("flow",), "cut alone": ("cut",), "joint flow + cut": ("flow", "cut")}
 FLOW_PROCESSOR = "max"
 
