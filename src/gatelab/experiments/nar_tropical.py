@@ -19,10 +19,11 @@ the processor runs ``N`` steps on an ``N``-node graph. Test on fixed held-out gr
 16 (in distribution), 32 and 64 nodes, and 8x8 directed grids (64 nodes, another family).
 Shortest paths (metric: MAE of distances on reachable nodes / their mean distance) and
 reachability (node accuracy; the majority-class rate is listed as the floor) are trained
-separately for each aggregation (``softminplus`` at temperature 0.1 too). Max-flow / min-cut use the ``max`` processor (DAR's PGN is a
-max-aggregator) in three arms: flow alone, cut alone, both (joint). Metrics: flow value
-|error| / mean value, cut node accuracy, and the capacity of the predicted cut over the true
-min cut (1 is optimal).
+separately for each aggregation (``softminplus`` at temperature 0.1 too). Max-flow /
+min-cut use the ``max`` processor (DAR's PGN is a max-aggregator) in three arms: flow alone,
+cut alone, both (joint). Metrics: flow value |error| / mean value, cut node accuracy, and the
+capacity of the predicted cut over the true min cut (1 is optimal). Trivial predictors on the
+same graphs (training mean, a capacity bound, the cut {source}) are listed as floors.
 """
 
 from __future__ import annotations
