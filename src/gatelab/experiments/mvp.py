@@ -28,11 +28,13 @@ Protocol (ours, a small analogue):
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..adapt.mvp import (
     AdversarialLoss,
@@ -166,14 +168,13 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path = "runs/experime
     test = snippets("val", cfg["test"], cfg["snippet_len"], seed + 1, seed)
     zero_shot = accuracy(build("MVP", lm.model), *test)
     runs: dict[str, list[dict]] = {}
-    for method in METHODS:
-        for adversarial in (False, True):
-            key = f"{method}{' + adv' if adversarial else ''}"
-            for s in range(seed, seed + cfg["seeds"]):
-                model, secs = fine_tune(method, lm.model, train, cfg, s, adversarial)
-                runs.setdefault(key, []).append(
-                    {"seed": s, "train_seconds": secs, **evaluate(model, test, cfg, s)}
-                )
+    jobs = list(itertools.product(METHODS, (False, True), range(seed, seed + cfg["seeds"])))
+    for method, adversarial, s in tqdm(jobs, desc="mvp", disable=scale == "smoke"):
+        key = f"{method}{' + adv' if adversarial else ''}"
+        model, secs = fine_tune(method, lm.model, train, cfg, s, adversarial)
+        runs.setdefault(key, []).append(
+            {"seed": s, "train_seconds": secs, **evaluate(model, test, cfg, s)}
+        )
     result = {
         "table": _table(runs, zero_shot),
         "settings": cfg,
