@@ -99,7 +99,7 @@ class PromptClassifier(nn.Module):
         self,
         lm: nn.Module,
         verbalisers: Sequence[str],
-        templates: Sequence[str] = (" This text is: ",),
+        templates: Sequence[str] = (" This is ",),
     ):
         super().__init__()
         if len(verbalisers) < 2 or len(set(verbalisers)) != len(verbalisers):
