@@ -24,6 +24,7 @@ FLOORS = [
     ("parallel",),
     ("train",),
     ("recipes",),
+    ("ensemble",),
     ("experiments",),
     ("bench",),
     ("commands",),

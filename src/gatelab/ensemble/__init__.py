@@ -1,0 +1,1 @@
+"""Mixtures and ensembles of whole models and solvers (issue 18)."""
