@@ -47,9 +47,11 @@ class ProgramSearch:
 
     ``max_depth`` primitives per program (default 3), at most ``max_nodes`` generated
     states (default 2000: every distinct program of depth 2 with the 41 primitives, then
-    depth 3 in order until the budget) and ``time_limit`` seconds (default 1.0) per task,
-    whichever ends first;
-    the node budget makes runs repeatable, the time limit is a safety net. The search stops
+    depth 3 in order until the budget) and ``time_limit`` seconds of this process's CPU
+    time (default 1.0; CPU rather than wall time, so other jobs on a shared machine do not
+    cut the search short) per task, whichever ends first. The node budget makes runs
+    repeatable; the time limit is a safety net for grids where every state is slow. The
+    search stops
     once the accepted programs give ATTEMPTS distinct answers; the attempts are the answers
     of the shortest accepted programs, in the primitives' order.
     """
@@ -82,8 +84,8 @@ class ProgramSearch:
         start = tuple(i for i, _ in task.train) + tuple(i for i, _ in task.test)
         queue, seen = deque([((), start)]), {_key(start)}
         found, answers, nodes = [], set(), 0
-        deadline = time.perf_counter() + self.time_limit
-        while queue and time.perf_counter() < deadline:
+        deadline = time.process_time() + self.time_limit
+        while queue and time.process_time() < deadline:
             program, states = queue.popleft()
             mapping = self._accept(states, targets, n_demo)
             if mapping is not False:
