@@ -162,15 +162,7 @@ def greedy_substitution_attack(
     """Attack ``score_fn`` (ids [n, L] int64 -> logits [n, C]) on ``ids`` [N, L] with true
     ``labels`` [N]; see the module docstring. The first clean scoring counts as one query
     per example."""
-    if ids.dim() != 2 or labels.shape != ids.shape[:1]:
-        raise ValueError(
-            f"need ids [N, L] and labels [N], got {tuple(ids.shape)}, {tuple(labels.shape)}"
-        )
-    if max_edits < 0:
-        raise ValueError(f"max_edits must be >= 0, got {max_edits}")
-    if queries_per_step is not None and queries_per_step < 1:
-        raise ValueError(f"queries_per_step must be >= 1 or None, got {queries_per_step}")
-    candidate_bytes(0, candidates)  # validates the name
+    _check_attack(ids, labels, max_edits, queries_per_step, candidates)
     ids, labels = ids.long(), labels.long()
     cur = ids.clone()
     n = ids.shape[0]
@@ -209,6 +201,18 @@ def greedy_substitution_attack(
                 stuck[i] = True  # every candidate was tried: none will help later either
             start += k
     return AttackResult(cur, edits, queries, margin, margin < 0)
+
+
+def _check_attack(ids, labels, max_edits, queries_per_step, candidates) -> None:
+    if ids.dim() != 2 or labels.shape != ids.shape[:1]:
+        raise ValueError(
+            f"need ids [N, L] and labels [N], got {tuple(ids.shape)}, {tuple(labels.shape)}"
+        )
+    if max_edits < 0:
+        raise ValueError(f"max_edits must be >= 0, got {max_edits}")
+    if queries_per_step is not None and queries_per_step < 1:
+        raise ValueError(f"queries_per_step must be >= 1 or None, got {queries_per_step}")
+    candidate_bytes(0, candidates)  # validates the name
 
 
 def _mix(*values: int) -> int:
