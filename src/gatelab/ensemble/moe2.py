@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..train.loop import train_loop
 from .pool import MemberPool
 from .subsets import Subset, SubsetProblem
 
@@ -142,17 +143,13 @@ def train_gate(
         raise ValueError("mask selects no member: a gate over the empty set has nothing to learn")
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    history = []
     gen = torch.Generator().manual_seed(seed)
-    gate.train()
-    for _ in range(steps):
-        rows = _dropped_masks(mask, len(y), subset_dropout, gen)  # [N, M]
-        loss = F.nll_loss(gate.mixture_log_probs(gate(x), member_log_probs, rows), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        decay.step()
-        history.append(loss.item())
+    masks = (_dropped_masks(mask, len(y), subset_dropout, gen) for _ in range(steps))  # [N, M]
+
+    def loss_fn(gate: SubsetGate, rows: Tensor) -> Tensor:
+        return F.nll_loss(gate.mixture_log_probs(gate(x), member_log_probs, rows), y)
+
+    history = train_loop(gate, loss_fn, masks, opt, steps=steps, schedule=decay)
     gate.eval()
     return history
 

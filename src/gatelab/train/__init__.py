@@ -7,7 +7,8 @@ Modules: ``trainer`` (the loop), ``config`` (TrainConfig, TrainResult), ``protoc
 model and its batches provide; AdamW groups), ``stopping`` (Ctrl-C, time budget), ``rundir``
 (run-directory checks and logs), ``metrics`` (JSONL, TensorBoard, the tqdm bar),
 ``checkpoint`` (files), ``state`` (RNG, config fingerprint, the tensors/JSON split),
-``sharded`` (expert banks of an expert-parallel run), ``schedule``, ``evaluate``.
+``sharded`` (expert banks of an expert-parallel run), ``schedule``, ``evaluate``, ``loop``
+(the small loop of fits that keep no checkpoints).
 """
 
 from .checkpoint import (
@@ -24,6 +25,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .loop import train_loop
 from .metrics import JsonlLog, Progress, TensorBoardLog, read_jsonl, truncate_jsonl
 from .schedule import WarmupCosine, warmup_cosine
 from .trainer import (
@@ -50,6 +52,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "WarmupCosine",
+    "train_loop",
     "config_diff",
     "config_fingerprint",
     "count_tokens",

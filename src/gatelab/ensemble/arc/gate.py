@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ...data.arc import ArcTask
-from .base import SolveResult, fit_steps
+from ...train.loop import train_loop
+from .base import SolveResult
 
 __all__ = ["SolverGate", "max_fit_choice", "task_features"]
 
@@ -100,7 +101,7 @@ class SolverGate:
         torch.manual_seed(self.seed)
         self.model = nn.Linear(x.shape[1], y.shape[1])
         opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        self.losses = fit_steps(
+        self.losses = train_loop(
             self.model,
             lambda m, _: nn.functional.binary_cross_entropy_with_logits(m(x), y),
             itertools.repeat(None),

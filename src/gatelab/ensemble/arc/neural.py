@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...data.arc import ArcTask
-from .base import SolveResult, fit_steps
+from ...train.loop import train_loop
+from .base import SolveResult
 
 __all__ = ["CellCNN", "TestTimeCNN", "dihedral", "same_shape_task"]
 
@@ -148,7 +149,7 @@ class TestTimeCNN:
             logits = m(_features(x, mask)).permute(0, 2, 3, 1)  # [n, s, s, 10]
             return F.cross_entropy(logits[mask], y[mask])
 
-        losses = fit_steps(
+        losses = train_loop(
             model, loss_fn, self._batches(x_ids, y_ids, inside, gen), opt, steps=self.steps
         )
         model.eval()
