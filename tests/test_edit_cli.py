@@ -34,10 +34,11 @@ def texts(tmp_path):
 def test_commands_on_a_gatelab_run(run_dir, texts, tmp_path, capsys):
     sets = ["--set", f"prose={texts / 'prose.txt'}", "--set", f"code={texts / 'code.txt'}"]
     common = ["--seq-len", "24", "--max-prompts", "4"]
-    out = tmp_path / "out"
+    out = tmp_path / "profile"
     assert main(["profile", str(run_dir), *sets, *common, "--out", str(out)]) == 0
     profile = json.loads((out / "profile.json").read_text())
     assert profile["sets"]["prose"]["prompts"] == 4 and (out / "profile.png").is_file()
+    out = tmp_path / "localize"
 
     assert (
         main(
@@ -59,6 +60,7 @@ def test_commands_on_a_gatelab_run(run_dir, texts, tmp_path, capsys):
     )
     neurons = json.loads((out / "neurons.json").read_text())
     assert neurons["threshold"] == 1.5 and neurons["experts"]
+    clamp, out = out / "neurons.json", tmp_path / "steer"
 
     assert (
         main(
@@ -72,7 +74,7 @@ def test_commands_on_a_gatelab_run(run_dir, texts, tmp_path, capsys):
                 "--on",
                 "1:2",
                 "--clamp",
-                str(out / "neurons.json"),
+                str(clamp),
                 "--out",
                 str(out),
             ]
@@ -81,6 +83,7 @@ def test_commands_on_a_gatelab_run(run_dir, texts, tmp_path, capsys):
     )
     steer = json.loads((out / "steer.json").read_text())
     assert set(steer["loss"]) == {"prose", "code"}
+    out = tmp_path / "prune"
 
     assert (
         main(
@@ -191,7 +194,7 @@ def test_bad_input_gives_clear_errors(run_dir, texts, tmp_path, capsys):
                 "--seq-len",
                 "24",
                 "--out",
-                out,
+                out + "-ok",
             ]
         )
         == 0

@@ -152,14 +152,16 @@ def test_skip_pregate_transcoder_commands(tmp_path, capsys):
     sets = ["--set", f"prose={tmp_path / 'prose.txt'}", "--set", f"code={tmp_path / 'code.txt'}"]
     common = [str(run_dir), *sets, "--seq-len", "24", "--max-prompts", "3"]
     out = tmp_path / "out"
-    assert main(["skip", *common, "--target", "0.5", "--grid", "4", "--out", str(out)]) == 0
-    skip = json.loads((out / "skip.json").read_text())
-    assert skip["curve"][0]["ratio"] == 0.0 and (out / "skip.png").is_file()
+    assert main(["skip", *common, "--target", "0.5", "--grid", "4", "--out", str(out / "s")]) == 0
+    skip = json.loads((out / "s" / "skip.json").read_text())
+    assert skip["curve"][0]["ratio"] == 0.0 and (out / "s" / "skip.png").is_file()
     assert {s["search"] for s in skip["searches"]} == {"1 threshold", "per set"}
-    assert main(["pregate", *common, "--steps", "3", "--capacity", "4", "--out", str(out)]) == 0
-    pregate = json.loads((out / "pregate.json").read_text())
+    assert (
+        main(["pregate", *common, "--steps", "3", "--capacity", "4", "--out", str(out / "p")]) == 0
+    )
+    pregate = json.loads((out / "p" / "pregate.json").read_text())
     assert [m["exact"] for m in pregate["modes"]] == [True, True, True]
-    assert (out / "pregates.safetensors").is_file()
+    assert (out / "p" / "pregates.safetensors").is_file()
     assert (
         main(
             [
@@ -172,17 +174,17 @@ def test_skip_pregate_transcoder_commands(tmp_path, capsys):
                 "--steps",
                 "5",
                 "--out",
-                str(out),
+                str(out / "t"),
             ]
         )
         == 0
     )
-    report = json.loads((out / "transcoder.json").read_text())
+    report = json.loads((out / "t" / "transcoder.json").read_text())
     assert report["hidden_dim"] == 32 and 0 <= report["l0"] <= 32
     capsys.readouterr()
-    assert main(["skip", str(run_dir), "--out", str(out)]) == 2  # no calibration set
+    assert main(["skip", str(run_dir), "--out", str(out / "bad")]) == 2  # no calibration set
     assert "--set" in capsys.readouterr().err
-    assert main(["transcoder", *common, "--layer", "9", "--out", str(out)]) == 2
+    assert main(["transcoder", *common, "--layer", "9", "--out", str(out / "bad")]) == 2
     assert "no MoE block" in capsys.readouterr().err
 
 

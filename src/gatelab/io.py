@@ -5,11 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
+PARTIAL_SUFFIX = ".partial"  # a folder being written by atomic_dir
+OLD_SUFFIX = ".replaced"  # an output atomic_dir is about to remove
 
 
 def _write_all(file, data: bytes) -> None:
@@ -76,3 +81,59 @@ def ensure_writable_dir(
     except OSError as e:
         raise error(f"{what} {directory} is not writable ({e.strerror or e}); {fix}") from e
     return directory
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_empty_dir(path: Path) -> bool:
+    """``path`` is a directory with nothing in it."""
+    return path.is_dir() and next(path.iterdir(), None) is None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole output folder at once: yields a temporary sibling of ``path`` (same
+    parent, so the final rename stays on one filesystem) to write into, and renames it to
+    ``path`` only when the ``with`` body ends without error. A failure removes the temporary
+    and leaves whatever was at ``path`` untouched. An existing non-empty ``path`` is replaced
+    only with ``overwrite``: it is moved aside, the new folder renamed into place, and only
+    then the old one removed (a crash in between leaves both, never neither). Callers check
+    the destination first (``commands._common.check_output``); the FileExistsError here
+    only guards a folder that appeared meanwhile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs are shareable
+        yield tmp
+        _move_into_place(tmp, path, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``path`` (see :func:`atomic_dir`)."""
+    if not path.exists() and not path.is_symlink() or is_empty_dir(path):
+        os.replace(tmp, path)  # POSIX replaces an empty directory in one step
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} appeared while the output was written; nothing replaced")
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=OLD_SUFFIX))
+    os.replace(path, aside / path.name)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(aside / path.name, path)  # put the old output back (kept aside if not)
+        os.rmdir(aside)
+        raise
+    try:
+        shutil.rmtree(aside)
+    except OSError as error:  # the new output is in place: a leftover is not a failure
+        warnings.warn(f"could not remove the replaced output {aside} ({error})", stacklevel=3)

@@ -23,6 +23,7 @@ directory needs its tokenizer files (otherwise give token ids in JSON).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io import ensure_writable_dir, is_empty_dir
 from ..train import TrainError
 from ..train.checkpoint import CheckpointError
 
@@ -85,6 +87,28 @@ def shape_arg(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def float_between(low: float = -math.inf, high: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a finite float in [``low``, ``high``], with a message naming them."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            bounds = [
+                f">= {low}" if low > -math.inf else "",
+                f"<= {high}" if high < math.inf else "",
+            ]
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {' and '.join(b for b in bounds if b)}, got {text}".strip()
+            )
+        return value
+
+    parse.__name__ = f"number in [{low}, {high}]"
+    return parse
+
+
 # -- the user-error funnel ------------------------------------------------------------------
 
 TRACEBACK_ENV = "GATELAB_TRACEBACK"
@@ -123,6 +147,116 @@ def run_guarded(run: Callable[[argparse.Namespace], int | None], args: argparse.
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a plain process: the one that prints the result."""
     return os.environ.get("RANK", "0") == "0"
+
+
+# -- outputs --------------------------------------------------------------------------------
+# One rule for every command that writes: its output is checked before any work (see
+# check_output) and written whole or not at all (gatelab.io.atomic_dir).
+
+FORCE_HELP = "replace an earlier output of this command at the output path (never an input)"
+
+NAMED_INPUTS = ("sets", "eval_sets", "demos", "target", "other")  # NAME=FILE arguments
+PLAIN_INPUTS = ("model", "checkpoint", "clamp")  # paths as given
+
+
+def add_force_argument(parser: argparse.ArgumentParser, help: str = FORCE_HELP) -> None:
+    """``--force``: the one flag of every command that writes."""
+    parser.add_argument("--force", action="store_true", help=help)
+
+
+def input_paths(args: argparse.Namespace) -> list[Path]:
+    """What a command reads: its model or checkpoint, its NAME=FILE prompt sets, --clamp."""
+    paths = []
+    for key in (*PLAIN_INPUTS, *NAMED_INPUTS):
+        value = getattr(args, key, None)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item:
+                named = key in NAMED_INPUTS and "=" in item
+                paths.append(Path(item.split("=", 1)[1] if named else item))
+    return paths
+
+
+def check_output(
+    args: argparse.Namespace, writes: tuple[str, ...], marker: str | None = None
+) -> Path:
+    """Check the output folder ``args.out`` before any work; return it resolved.
+
+    Refused always: a file at ``--out`` or above it, an ``--out`` that is or holds an input
+    (replacing it would destroy the input), an unwritable parent. Refused without
+    ``--force``: a non-empty ``--out``, or one inside an input folder. Even with ``--force``
+    only an earlier output of the same command is replaced: every entry must match one of
+    ``writes`` (glob patterns) and ``marker``, when given, must be there."""
+    where, flag, cmd = args.out, "--out", command_name(args)
+    out = Path(where).expanduser().resolve()
+    _check_no_file_above(out, where, flag)
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"{flag} {where} is a file; gatelab {cmd} writes a folder there: choose a folder path"
+        )
+    for source in input_paths(args):
+        _check_apart(out, source, args.force, flag, where)
+    if out.is_dir() and not is_empty_dir(out):
+        _check_replaceable(out, args.force, writes, marker, f"{flag} {where}", cmd)
+    ensure_writable_dir(out.parent, f"the folder of {flag}", f"choose another {flag}")
+    return out
+
+
+def check_output_file(where: str | Path, force: bool, flag: str) -> Path:
+    """:func:`check_output` for a command that writes one file (``bench --json``)."""
+    path = Path(where).expanduser().resolve()
+    _check_no_file_above(path, where, flag)
+    if path.is_dir():
+        raise ValueError(f"{flag} {where} is a folder; give the path of a file to write")
+    if path.exists() and not force:
+        raise ValueError(
+            f"{flag} {where} already exists; pass --force to replace it, or choose another {flag}"
+        )
+    ensure_writable_dir(path.parent, f"the folder of {flag}", f"choose another {flag}")
+    return path
+
+
+def _check_no_file_above(path: Path, where, flag: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a folder."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"{flag} {where}: {parent} is a file, not a folder; choose another {flag}"
+                )
+            return
+
+
+def _check_apart(out: Path, source: Path, force: bool, flag: str, where) -> None:
+    """``out`` must not be or hold ``source``; inside a source folder only with --force."""
+    source = source.expanduser().resolve()
+    if source == out or out in source.parents:
+        raise ValueError(
+            f"{flag} {where} is or holds the input {source}; writing there would replace "
+            f"it (even with --force): choose an {flag} outside it"
+        )
+    if source in out.parents and not force:
+        raise ValueError(
+            f"{flag} {where} is inside the input {source}; pass --force to write there "
+            f"anyway, or choose an {flag} outside it"
+        )
+
+
+def _check_replaceable(out: Path, force: bool, writes, marker, what: str, cmd: str) -> None:
+    """A non-empty output folder: replaced only with --force, and only if it holds nothing
+    but an earlier output of ``cmd`` (so ``--out . --force`` cannot wipe a folder)."""
+    names = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    foreign = [n for n in names if not any(fnmatch.fnmatch(n, w) for w in writes)]
+    if foreign or (marker and marker not in names):
+        raise ValueError(
+            f"{what} already holds {shown}, which is not an earlier `gatelab {cmd}` output "
+            "(the only thing --force replaces); choose another folder"
+        )
+    if not force:
+        raise ValueError(
+            f"{what} already holds an earlier `gatelab {cmd}` output ({shown}); pass --force "
+            "to replace it, or choose another folder"
+        )
 
 
 # -- checkpoints and models ------------------------------------------------------------------
@@ -233,9 +367,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, sets: bool = True) -> N
     """The arguments every model-editing command takes: the model, --out, the prompt sizes
     and (``sets``) the repeatable ``--set NAME=FILE``."""
     parser.add_argument("model", help="an HF model directory or a gatelab run dir / checkpoint")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seq-len", type=int, default=128, help="window length for text files")
-    parser.add_argument("--max-prompts", type=int, default=64, help="prompts per set at most")
+    parser.add_argument(
+        "--out", required=True, help="output folder (written whole, refused if it exists)"
+    )
+    add_force_argument(parser)
+    parser.add_argument(
+        "--seq-len", type=int_at_least(1), default=128, help="window length for text files"
+    )
+    parser.add_argument(
+        "--max-prompts", type=int_at_least(1), default=64, help="prompts per set at most"
+    )
     if sets:
         parser.add_argument(
             "--set",
@@ -261,13 +402,18 @@ def read_prompt_set(
         raise FileNotFoundError(f"prompt set {name!r}: {file} is not a file")
     limit = context_length(opened.model) or 512
     seq_len = min(seq_len or 128, limit)
+    try:
+        text = path.read_text(encoding="utf-8")
+        items = json.loads(text) if path.suffix == ".json" else text
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        kind = "JSON" if path.suffix == ".json" else "UTF-8 text"
+        raise ValueError(f"prompt set {name!r}: {file} is not {kind} ({error})") from None
     if path.suffix == ".json":
-        items = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(items, list):
             raise ValueError(f"prompt set {name!r}: {file} must hold a JSON list")
         prompts = [_as_ids(item, opened, name) for item in items[:max_prompts]]
         return name, prompts
-    ids = _as_ids(path.read_text(encoding="utf-8"), opened, name)
+    ids = _as_ids(text, opened, name)
     count = min(max_prompts, max(ids.numel() // seq_len, 1 if ids.numel() else 0))
     if count and ids.numel() >= seq_len:
         starts = torch.linspace(0, ids.numel() - seq_len, count).long()
@@ -285,7 +431,14 @@ def _as_ids(item, opened: OpenedModel, name: str) -> torch.Tensor:
                 "token ids (a JSON list of int lists) or save the tokenizer with the model"
             )
         return opened.tokenize(item).long()
-    return torch.as_tensor(item, dtype=torch.long)
+    if not isinstance(item, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in item
+    ):
+        raise ValueError(
+            f"prompt set {name!r}: each prompt must be a string or a list of integer token "
+            f"ids, got {json.dumps(item)[:60]}"
+        )
+    return torch.tensor(item, dtype=torch.long)
 
 
 def prompt_sets(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import int_at_least, shape_arg
+from ._common import add_force_argument, check_output_file, int_at_least, shape_arg
 
 BENCH_HELP = "benchmarks: ratios to dense and HF measured in one process, written as JSON"
 BENCH_DESCRIPTION = (
@@ -87,8 +87,9 @@ def run_moe(args: argparse.Namespace) -> int:
         settings = settings.resolved()
     except ValueError as error:
         _usage_error(args, error)
+    path = _json_path(args, f"moe-{settings.device}")
     result = run_moe_bench(args.shapes, settings, command=getattr(args, "command_line", None))
-    return _print_and_write(format_table(result), result, args.json, f"moe-{settings.device}")
+    return _print_and_write(format_table(result), result, path)
 
 
 # -- gatelab bench train ----------------------------------------------------------------------
@@ -176,8 +177,9 @@ def run_train(args: argparse.Namespace) -> int:
             check_corpus_fits(settings)
     except ValueError as error:
         _usage_error(args, error)
+    path = _json_path(args, f"train-{settings.device}")
     result = run_train_bench(settings, config, command=getattr(args, "command_line", None))
-    return _print_and_write(format_table(result), result, args.json, f"train-{settings.device}")
+    return _print_and_write(format_table(result), result, path)
 
 
 # -- shared by both ---------------------------------------------------------------------------
@@ -215,13 +217,21 @@ def _add_json_argument(parser: argparse.ArgumentParser, benchmark: str) -> None:
         metavar="PATH",
         help=f"where to write the results (default: bench-results/{benchmark}-<device>.json)",
     )
+    add_force_argument(parser, help="replace an existing --json file")
 
 
-def _print_and_write(table: str, result: dict, path: str | None, default_name: str) -> int:
-    """Print the table, write the result to ``path`` (default bench-results/NAME.json)."""
+def _json_path(args: argparse.Namespace, default_name: str):
+    """``--json`` (default bench-results/NAME.json), checked before anything is timed."""
+    return check_output_file(
+        args.json or f"bench-results/{default_name}.json", args.force, "--json"
+    )
+
+
+def _print_and_write(table: str, result: dict, path) -> int:
+    """Print the table, write the result to ``path``."""
     from ..io import write_json
 
     print(table)
-    written = write_json(path or f"bench-results/{default_name}.json", result)
+    written = write_json(path, result)
     print(f"\nwrote {written}")
     return 0

@@ -47,7 +47,7 @@ from ..io import ensure_writable_dir, write_json
 from ..recipes import Run, build_run, load_recipe
 from ..train import TrainResult, read_jsonl
 from ..train.evaluate import bits_per_byte
-from ._common import positive
+from ._common import add_force_argument, int_at_least, positive
 from .demo_report import LABELS, format_summary, write_report
 
 __all__ = ["add_parser", "plan_for", "run", "Plan"]
@@ -142,10 +142,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--minutes", type=positive(float), default=10.0, help=OPTION_HELP["--minutes"])
     add("--run-dir", default="runs/demo", help=OPTION_HELP["--run-dir"])
-    add("--seed", type=int, default=0, help=OPTION_HELP["--seed"])
+    add("--seed", type=int_at_least(0), default=0, help=OPTION_HELP["--seed"])
     add("--steps", type=positive(int), default=None, help=OPTION_HELP["--steps"])
     add("--eval-batches", type=positive(int), default=None, help=OPTION_HELP["--eval-batches"])
-    for flag in ("--force", "--tiny", "--no-plots"):
+    add_force_argument(parser, help=OPTION_HELP["--force"])
+    for flag in ("--tiny", "--no-plots"):
         add(flag, action="store_true", help=OPTION_HELP[flag])
     parser.set_defaults(func=run)
     return parser

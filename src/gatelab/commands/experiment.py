@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ._common import add_force_argument, check_output, int_at_least
 
 EXPERIMENT_HELP = "run an experiment that tests a paper's claim (see `gatelab experiment list`)"
 EXPERIMENT_DESCRIPTION = (
@@ -22,10 +25,13 @@ def add_parser(subparsers) -> None:
         default="full",
         help="full: the documented run (default); smoke: seconds, to check it runs",
     )
-    experiment.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    experiment.add_argument(
+        "--seed", type=int_at_least(0), default=0, help="random seed (default 0)"
+    )
     experiment.add_argument(
         "--out", default=None, help="output directory (default runs/experiments/NAME)"
     )
+    add_force_argument(experiment)
     experiment.set_defaults(parser=experiment)
 
 
@@ -33,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     """``list``: the experiments; a name: print its table and write OUT/result.json."""
     from .. import experiments
     from ..bench.common import environment, utc_now
-    from ..io import write_json
+    from ..io import atomic_dir, write_json
 
     if args.name == "list":
         for name in experiments.names():
@@ -43,13 +49,33 @@ def run(args: argparse.Namespace) -> int:
         experiment = experiments.get(args.name)
     except ValueError as error:
         args.parser.error(str(error))
-    out = args.out or f"runs/experiments/{experiment.name}"
+    args.out = args.out or f"runs/experiments/{experiment.name}"
+    out = check_output(args, writes=("*",), marker="result.json")
     started = utc_now()
-    result = experiment.run(scale=args.scale, seed=args.seed, out_dir=out)
-    result.update(
-        command=getattr(args, "command_line", None), started=started, environment=environment("cpu")
-    )
+    with atomic_dir(out, overwrite=args.force) as tmp:
+        result = experiment.run(scale=args.scale, seed=args.seed, out_dir=tmp)
+        result = relocated(result, tmp, out)
+        result.update(
+            command=getattr(args, "command_line", None),
+            started=started,
+            environment=environment("cpu"),
+        )
+        write_json(tmp / "result.json", result)
     print(result["table"])
-    path = write_json(f"{out}/result.json", result)
+    path = out / "result.json"
     print(f"\nwrote {path} ({result['seconds']} s)")
     return 0
+
+
+def relocated(value, old: Path, new: Path):
+    """``value`` with every string path under ``old`` (the temporary output folder) rewritten
+    to ``new``, where it lies once the folder is renamed into place."""
+    if isinstance(value, dict):
+        return {k: relocated(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(relocated(v, old, new) for v in value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str) and value.startswith(str(old)):
+        return str(new) + value[len(str(old)) :]
+    return value

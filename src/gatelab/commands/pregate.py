@@ -10,8 +10,16 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_json
-from ._common import add_model_arguments, all_prompts, open_model, prompt_sets, save_state
+from ..io import atomic_dir, write_json
+from ._common import (
+    add_model_arguments,
+    all_prompts,
+    check_output,
+    int_at_least,
+    open_model,
+    prompt_sets,
+    save_state,
+)
 
 HELP = "train pre-gates; offloaded inference: resident vs on demand vs prefetch"
 DESCRIPTION = (
@@ -24,13 +32,19 @@ DESCRIPTION = (
 )
 
 
+WRITES = ("experts", "pregates.safetensors", "pregate.json")
+"""What ``pregate`` writes in ``--out`` (what ``--force`` may replace)."""
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pregate", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
-    p.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
+    p.add_argument(
+        "--steps", type=int_at_least(1), default=200, help="distillation steps (default 200)"
+    )
     p.add_argument(
         "--capacity",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="experts in the cache (default: half of all routed experts)",
     )
@@ -40,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..edit.pregate import pregate_hit_rate, train_pregates
     from ..inspect.access import find_moe_blocks
 
+    out = check_output(args, writes=WRITES)
     opened = open_model(args.model)
     sets = prompt_sets(args, opened)
     prompts = all_prompts(sets)
@@ -50,15 +65,15 @@ def run(args: argparse.Namespace) -> int:
     capacity = args.capacity if args.capacity is not None else max(1, total // 2)
     gates = train_pregates(model, prompts, steps=args.steps)
     hits = pregate_hit_rate(model, gates, prompts)
-    out = Path(args.out)
-    rows = _compare_modes(model, gates, prompts, capacity, out / "experts")
-    out.mkdir(parents=True, exist_ok=True)
-    save_state(gates, out / "pregates.safetensors")
-    path = write_json(
-        out / "pregate.json",
-        {"sets": list(sets), "capacity": capacity, "hit_rate": hits, "modes": rows},
-        indent=1,
-    )
+    with atomic_dir(out, overwrite=args.force) as tmp:
+        rows = _compare_modes(model, gates, prompts, capacity, tmp / "experts")
+        save_state(gates, tmp / "pregates.safetensors")
+        write_json(
+            tmp / "pregate.json",
+            {"sets": list(sets), "capacity": capacity, "hit_rate": hits, "modes": rows},
+            indent=1,
+        )
+    path = out / "pregate.json"
     for layer, h in hits.items():
         print(
             f"pre-gate {layer} -> {gates.next_layer[layer]}: hit rate {h['hit_rate']:.3f} "

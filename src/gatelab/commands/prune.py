@@ -9,11 +9,13 @@ from pathlib import Path
 
 from torch import nn
 
-from ..io import write_json
+from ..io import atomic_dir, write_json
 from ._common import (
     OpenedModel,
     add_model_arguments,
+    check_output,
     count_parameters,
+    int_at_least,
     open_model,
     prompt_sets,
     read_prompt_set,
@@ -29,11 +31,15 @@ DESCRIPTION = (
 )
 
 
+WRITES = ("model", "prune.json")
+"""What ``prune`` writes in ``--out`` (what ``--force`` may replace)."""
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("prune", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     p.add_argument("--demos", required=True, metavar="NAME=FILE", help="in-domain demonstrations")
-    p.add_argument("--keep", type=int, required=True, help="experts to keep per layer")
+    p.add_argument("--keep", type=int_at_least(1), required=True, help="experts to keep per layer")
     p.add_argument("--method", choices=("easy_ep", "frequency"), default="easy_ep")
 
 
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ..edit.prune import expert_importance, prune_model, select_experts
     from ..inspect.prompts import next_token_loss
 
+    out = check_output(args, writes=WRITES)
     opened = open_model(args.model)
     _, demos = read_prompt_set(args.demos, opened, args.seq_len, args.max_prompts)
     importance = expert_importance(opened.model, demos, method=args.method)
@@ -50,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     pruned = prune_model(opened.model, keep)
     for n, p in sets.items():
         losses[n]["pruned"] = next_token_loss(pruned, p, n)
-    out = Path(args.out)
-    model_dir = save_pruned(opened, pruned, out / "model")
+    model_dir = out / "model"
     result = {
         "method": args.method,
         "keep": args.keep,
@@ -61,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
         "loss": losses,
         "model_dir": str(model_dir),
     }
-    path = write_json(out / "prune.json", result, indent=1)
+    with atomic_dir(out, overwrite=args.force) as tmp:
+        save_pruned(opened, pruned, tmp / "model")
+        write_json(tmp / "prune.json", result, indent=1)
+    path = out / "prune.json"
     print(
         f"kept {args.keep} experts per layer ({args.method}); parameters "
         f"{result['parameters']['full']:,} -> {result['parameters']['pruned']:,}"

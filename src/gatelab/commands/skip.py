@@ -9,8 +9,15 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_json
-from ._common import add_model_arguments, open_model, prompt_sets
+from ..io import atomic_dir, write_json
+from ._common import (
+    add_model_arguments,
+    check_output,
+    float_between,
+    int_at_least,
+    open_model,
+    prompt_sets,
+)
 
 HELP = "MoDES expert skipping: layer importance, skip ratio vs KL, thresholds"
 DESCRIPTION = (
@@ -21,22 +28,29 @@ DESCRIPTION = (
 )
 
 
+WRITES = ("skip.json", "skip.png")
+"""What ``skip`` writes in ``--out`` (what ``--force`` may replace)."""
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("skip", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     p.add_argument(
         "--target",
-        type=float,
+        type=float_between(0.0, 1.0),
         action="append",
         default=[],
         help="target skip ratio in [0, 1] (repeatable; default 0.5)",
     )
-    p.add_argument("--grid", type=int, default=12, help="thresholds per grid (default 12)")
+    p.add_argument(
+        "--grid", type=int_at_least(2), default=12, help="thresholds per grid (default 12)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from ..edit.skip import SkipEvaluator, layer_importance, slot_scores, threshold_grid
 
+    out = check_output(args, writes=WRITES)
     opened = open_model(args.model)
     sets = prompt_sets(args, opened)
     if not sets or len(sets) > 2:
@@ -57,13 +71,19 @@ def run(args: argparse.Namespace) -> int:
         grids = [threshold_grid(s, args.grid) for s in scores]
         per_set = (SkipEvaluator(model, prompts, alpha, kinds), grids)
     searches = _searches(args.target or [0.5], (one, [one_grid]), per_set)
-    out = Path(args.out)
-    path = write_json(
-        out / "skip.json",
-        {"sets": names, "alpha": alpha, "curve": [p.__dict__ for p in curve], "searches": searches},
-        indent=1,
-    )
-    _plot_curve(curve, out / "skip.png")
+    with atomic_dir(out, overwrite=args.force) as tmp:
+        write_json(
+            tmp / "skip.json",
+            {
+                "sets": names,
+                "alpha": alpha,
+                "curve": [p.__dict__ for p in curve],
+                "searches": searches,
+            },
+            indent=1,
+        )
+        _plot_curve(curve, tmp / "skip.png")
+    path = out / "skip.json"
     print("layer importance: " + ", ".join(f"{k}: {v:.3f}" for k, v in alpha.items()))
     for s in searches:
         print(f"target {s['target']:.2f} ({s['search']}): {_describe(s['best'])}")

@@ -7,13 +7,28 @@ import argparse
 import json
 from pathlib import Path
 
-from ..io import write_json
-from ._common import add_model_arguments, open_model, parse_experts, prompt_sets
+from ..io import atomic_dir, write_json
+from ._common import (
+    add_model_arguments,
+    check_output,
+    open_model,
+    parse_experts,
+    prompt_sets,
+)
 
 HELP = "switch experts off / force them on / clamp neurons; loss per prompt set"
 DESCRIPTION = (
     "MoTE's steering: apply the edits, measure next-token loss on each "
     "--set before and after, write steer.json. The model on disk is not changed."
+)
+
+
+WRITES = ("steer.json",)
+"""What ``steer`` writes in ``--out`` (what ``--force`` may replace)."""
+
+NEURONS_FORMAT = (
+    'neurons.json of `gatelab localize` ({"neurons": [{"layer": L, "expert": E, "neuron": N}, '
+    "...]}) or a JSON list of [layer, expert, neuron] triples"
 )
 
 
@@ -33,16 +48,14 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..inspect.prompts import next_token_loss
 
+    out = check_output(args, writes=WRITES)
+    off = parse_experts(args.off) if args.off else None
+    on = parse_experts(args.on) if args.on else None
+    neurons = read_neurons(args.clamp) if args.clamp else []
     opened = open_model(args.model)
     sets = prompt_sets(args, opened)
     if not sets:
         raise ValueError("give at least one prompt set with --set NAME=FILE to measure")
-    off = parse_experts(args.off) if args.off else None
-    on = parse_experts(args.on) if args.on else None
-    neurons = []
-    if args.clamp:
-        data = json.loads(Path(args.clamp).read_text())
-        neurons = data["neurons"] if isinstance(data, dict) else data
     base = {n: next_token_loss(opened.model, p, n) for n, p in sets.items()}
     steered = _steered_losses(opened.model, sets, off, on, neurons, args.renormalize)
     result = {
@@ -55,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
             for n in sets
         },
     }
-    path = write_json(Path(args.out) / "steer.json", result, indent=1)
+    with atomic_dir(out, overwrite=args.force) as tmp:
+        write_json(tmp / "steer.json", result, indent=1)
+    path = out / "steer.json"
     for n in sets:
         print(f"{n}: loss {base[n]:.4f} -> {steered[n]:.4f} nats/token")
     print(f"wrote {path}")
@@ -79,3 +94,36 @@ def _steered_losses(model, sets, off, on, neurons, renormalize: bool) -> dict[st
     finally:
         for handle in reversed(handles):
             handle.remove()
+
+
+def read_neurons(file: str) -> list[tuple[int, int, int]]:
+    """The (layer, expert, neuron) triples of a ``--clamp`` file (see :data:`NEURONS_FORMAT`);
+    a ValueError naming the file, the bad entry and the format otherwise."""
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--clamp {file} is not a file; expected {NEURONS_FORMAT}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"--clamp {file} is not JSON ({error}); expected {NEURONS_FORMAT}"
+        ) from None
+    if isinstance(data, dict):
+        if "neurons" not in data:
+            raise ValueError(f"--clamp {file} has no 'neurons' key; expected {NEURONS_FORMAT}")
+        data = data["neurons"]
+    if not isinstance(data, list):
+        raise ValueError(f"--clamp {file}: the neurons must be a list; expected {NEURONS_FORMAT}")
+    return [_neuron(entry, i, file) for i, entry in enumerate(data)]
+
+
+def _neuron(entry, index: int, file: str) -> tuple[int, int, int]:
+    keys = ("layer", "expert", "neuron")
+    values = [entry.get(k) for k in keys] if isinstance(entry, dict) else entry
+    ok = isinstance(values, list) and len(values) == 3
+    if ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return tuple(values)
+    raise ValueError(
+        f"--clamp {file}: neuron {index} is {json.dumps(entry)[:80]}, not three integers "
+        f">= 0 (layer, expert, neuron); expected {NEURONS_FORMAT}"
+    )

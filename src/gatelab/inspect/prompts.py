@@ -18,12 +18,23 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """How many token ids ``model`` embeds: ``config.vocab_size`` (gatelab and HF), else the
+    rows of its input embedding; None when neither says."""
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embed, "num_embeddings", None)
+
+
 def prompt_batches(model: nn.Module, prompts, name: str = "prompts") -> list[Tensor]:
     """A prompt set as a list of int64 [B, S] tensors, checked against ``model``.
 
     ``prompts`` is a tensor [S] or [B, S], or an iterable of those (or of lists of ints);
-    each row is one prompt. Raises ValueError for an empty set, an empty prompt, or a
-    prompt longer than the model's context (the message names the set and the fix).
+    each row is one prompt. Raises ValueError for an empty set, an empty prompt, a token id
+    outside the vocabulary or a prompt longer than the model's context (the message names
+    the set and the fix).
     """
     if isinstance(prompts, Tensor):
         prompts = [prompts]
@@ -44,6 +55,7 @@ def prompt_batches(model: nn.Module, prompts, name: str = "prompts") -> list[Ten
         batches.append(ids.long())
     if not batches:
         raise ValueError(f"the prompt set {name!r} is empty: give it at least one prompt")
+    _check_vocab(model, batches, name)
     limit = context_length(model)
     longest = max(b.shape[1] for b in batches)
     if limit is not None and longest > limit:
@@ -52,6 +64,17 @@ def prompt_batches(model: nn.Module, prompts, name: str = "prompts") -> list[Ten
             f"{limit}; cut prompts to at most {limit} tokens"
         )
     return batches
+
+
+def _check_vocab(model: nn.Module, batches: list[Tensor], name: str) -> None:
+    vocab = vocab_size(model)
+    low = min(int(b.min()) for b in batches)
+    high = max(int(b.max()) for b in batches)
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(
+            f"{name}: token ids must lie in [0, {vocab if vocab is not None else 'vocab'}), the "
+            f"model's vocabulary; got ids from {low} to {high}"
+        )
 
 
 def forward_ids(model: nn.Module, ids: Tensor):
@@ -79,4 +102,4 @@ def next_token_loss(model: nn.Module, prompts, name: str = "prompts") -> float:
     return total / count
 
 
-__all__ = ["context_length", "forward_ids", "next_token_loss", "prompt_batches"]
+__all__ = ["context_length", "forward_ids", "next_token_loss", "prompt_batches", "vocab_size"]

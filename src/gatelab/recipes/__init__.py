@@ -36,6 +36,10 @@ def recipe_path(name_or_path: str | Path) -> Path:
     """A shipped recipe's file by name (``moe-lm``), or the given path."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise RecipeError(
+                f"recipe {str(path)!r} is a directory; give a recipe .toml file or a shipped name"
+            )
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         return path
