@@ -411,9 +411,9 @@ def read_prompt_set(
     if path.suffix == ".json":
         if not isinstance(items, list):
             raise ValueError(f"prompt set {name!r}: {file} must hold a JSON list")
-        prompts = [_as_ids(item, opened, name) for item in items[:max_prompts]]
+        prompts = [_as_ids(item, opened, f"{name!r} ({file})") for item in items[:max_prompts]]
         return name, prompts
-    ids = _as_ids(text, opened, name)
+    ids = _as_ids(text, opened, f"{name!r} ({file})")
     count = min(max_prompts, max(ids.numel() // seq_len, 1 if ids.numel() else 0))
     if count and ids.numel() >= seq_len:
         starts = torch.linspace(0, ids.numel() - seq_len, count).long()
@@ -424,10 +424,11 @@ def read_prompt_set(
 
 
 def _as_ids(item, opened: OpenedModel, name: str) -> torch.Tensor:
+    """One prompt as token ids; ``name`` is the set's name and file, for the messages."""
     if isinstance(item, str):
         if opened.tokenize is None:
             raise ValueError(
-                f"prompt set {name!r} holds text but {opened.source} has no tokenizer; give "
+                f"prompt set {name} holds text but {opened.source} has no tokenizer; give "
                 "token ids (a JSON list of int lists) or save the tokenizer with the model"
             )
         return opened.tokenize(item).long()
@@ -435,7 +436,7 @@ def _as_ids(item, opened: OpenedModel, name: str) -> torch.Tensor:
         isinstance(v, int) and not isinstance(v, bool) for v in item
     ):
         raise ValueError(
-            f"prompt set {name!r}: each prompt must be a string or a list of integer token "
+            f"prompt set {name}: each prompt must be a string or a list of integer token "
             f"ids, got {json.dumps(item)[:60]}"
         )
     return torch.tensor(item, dtype=torch.long)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ._common import add_force_argument, check_output, int_at_least
@@ -76,6 +77,6 @@ def relocated(value, old: Path, new: Path):
         return type(value)(relocated(v, old, new) for v in value)
     if isinstance(value, Path):
         value = str(value)
-    if isinstance(value, str) and value.startswith(str(old)):
+    if isinstance(value, str) and (value == str(old) or value.startswith(f"{old}{os.sep}")):
         return str(new) + value[len(str(old)) :]
     return value
