@@ -305,6 +305,7 @@ def test_numeric_flags_are_bounded(command, flag, value, capsys):
 def test_steer_clamp_says_what_is_malformed(content, message, text, tmp_path, capsys, monkeypatch):
     clamp = tmp_path / "neurons.json"
     clamp.write_text(content)
+    (tmp_path / "model").mkdir()
     no_model(monkeypatch, "steer")
     argv = ["steer", str(tmp_path / "model"), "--set", f"t={text}", "--clamp", str(clamp)]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
@@ -360,3 +361,69 @@ def test_malformed_prompt_files_are_named(name, content, message, run_dir, tmp_p
     assert profile(run_dir, tmp_path / name, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert message in err and name in err
+
+
+# -- the rest of the class: careless arguments, each refused in one line --------------------
+
+
+def careless_cases(model: Path, text: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    (tmp / "hf").mkdir()
+    (tmp / "hf" / "config.json").write_text('{"model_type": "qwen3_moe"}')  # no weights
+    profile = ["profile", str(model), "--out", str(tmp / "out")]
+    return [
+        ([*profile, "--set", f"a={text}", "--set", f"a={text}"], "'a' is repeated"),
+        ([*profile, "--set", f"a={text}", "--seq-len", "4096"], "exceeds the model's context"),
+        ([*profile, "--set", f"a={tmp}"], "is a folder, not a file"),
+        ([*profile, "--set", "a="], "a prompt set is NAME=FILE"),
+        (["profile", str(text), "--set", f"a={text}", "--out", str(tmp / "o")], "is a .txt file"),
+        (["profile", str(tmp / "hf"), "--set", f"a={text}", "--out", str(tmp / "o")], "cannot"),
+        (["profile", str(model), "--set", f"a={text}", "--out", ""], "--out is empty"),
+        (
+            [
+                "transcoder",
+                str(model),
+                "--set",
+                f"a={text}",
+                "--module",
+                "",
+                "--out",
+                str(tmp / "o"),
+            ],
+            "is not a module",
+        ),
+        (
+            [
+                "transcoder",
+                str(model),
+                "--set",
+                f"a={text}",
+                "--module",
+                "embed",
+                "--out",
+                str(tmp / "o"),
+                "--steps",
+                "1",
+            ],
+            "does not map activations",
+        ),
+        (
+            [
+                "steer",
+                str(model),
+                "--set",
+                f"a={text}",
+                "--clamp",
+                str(tmp),
+                "--out",
+                str(tmp / "o"),
+            ],
+            "--clamp",
+        ),
+    ]
+
+
+def test_careless_arguments_end_in_one_line(run_dir, text, tmp_path, capsys):
+    for argv, message in careless_cases(run_dir, text, tmp_path):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)

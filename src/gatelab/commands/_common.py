@@ -23,7 +23,6 @@ directory needs its tokenizer files (otherwise give token ids in JSON).
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import os
@@ -36,7 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import ensure_writable_dir, is_empty_dir
 from ..train import TrainError
 from ..train.checkpoint import CheckpointError
 
@@ -150,113 +148,14 @@ def is_main_process() -> bool:
 
 
 # -- outputs --------------------------------------------------------------------------------
-# One rule for every command that writes: its output is checked before any work (see
-# check_output) and written whole or not at all (gatelab.io.atomic_dir).
+# The checks live in commands._outputs; the flag is defined here, once.
 
 FORCE_HELP = "replace an earlier output of this command at the output path (never an input)"
-
-NAMED_INPUTS = ("sets", "eval_sets", "demos", "target", "other")  # NAME=FILE arguments
-PLAIN_INPUTS = ("model", "checkpoint", "clamp")  # paths as given
 
 
 def add_force_argument(parser: argparse.ArgumentParser, help: str = FORCE_HELP) -> None:
     """``--force``: the one flag of every command that writes."""
     parser.add_argument("--force", action="store_true", help=help)
-
-
-def input_paths(args: argparse.Namespace) -> list[Path]:
-    """What a command reads: its model or checkpoint, its NAME=FILE prompt sets, --clamp."""
-    paths = []
-    for key in (*PLAIN_INPUTS, *NAMED_INPUTS):
-        value = getattr(args, key, None)
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and item:
-                named = key in NAMED_INPUTS and "=" in item
-                paths.append(Path(item.split("=", 1)[1] if named else item))
-    return paths
-
-
-def check_output(
-    args: argparse.Namespace, writes: tuple[str, ...], marker: str | None = None
-) -> Path:
-    """Check the output folder ``args.out`` before any work; return it resolved.
-
-    Refused always: a file at ``--out`` or above it, an ``--out`` that is or holds an input
-    (replacing it would destroy the input), an unwritable parent. Refused without
-    ``--force``: a non-empty ``--out``, or one inside an input folder. Even with ``--force``
-    only an earlier output of the same command is replaced: every entry must match one of
-    ``writes`` (glob patterns) and ``marker``, when given, must be there."""
-    where, flag, cmd = args.out, "--out", command_name(args)
-    out = Path(where).expanduser().resolve()
-    _check_no_file_above(out, where, flag)
-    if out.exists() and not out.is_dir():
-        raise ValueError(
-            f"{flag} {where} is a file; gatelab {cmd} writes a folder there: choose a folder path"
-        )
-    for source in input_paths(args):
-        _check_apart(out, source, args.force, flag, where)
-    if out.is_dir() and not is_empty_dir(out):
-        _check_replaceable(out, args.force, writes, marker, f"{flag} {where}", cmd)
-    ensure_writable_dir(out.parent, f"the folder of {flag}", f"choose another {flag}")
-    return out
-
-
-def check_output_file(where: str | Path, force: bool, flag: str) -> Path:
-    """:func:`check_output` for a command that writes one file (``bench --json``)."""
-    path = Path(where).expanduser().resolve()
-    _check_no_file_above(path, where, flag)
-    if path.is_dir():
-        raise ValueError(f"{flag} {where} is a folder; give the path of a file to write")
-    if path.exists() and not force:
-        raise ValueError(
-            f"{flag} {where} already exists; pass --force to replace it, or choose another {flag}"
-        )
-    ensure_writable_dir(path.parent, f"the folder of {flag}", f"choose another {flag}")
-    return path
-
-
-def _check_no_file_above(path: Path, where, flag: str) -> None:
-    """The nearest existing ancestor of ``path`` must be a folder."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(
-                    f"{flag} {where}: {parent} is a file, not a folder; choose another {flag}"
-                )
-            return
-
-
-def _check_apart(out: Path, source: Path, force: bool, flag: str, where) -> None:
-    """``out`` must not be or hold ``source``; inside a source folder only with --force."""
-    source = source.expanduser().resolve()
-    if source == out or out in source.parents:
-        raise ValueError(
-            f"{flag} {where} is or holds the input {source}; writing there would replace "
-            f"it (even with --force): choose an {flag} outside it"
-        )
-    if source in out.parents and not force:
-        raise ValueError(
-            f"{flag} {where} is inside the input {source}; pass --force to write there "
-            f"anyway, or choose an {flag} outside it"
-        )
-
-
-def _check_replaceable(out: Path, force: bool, writes, marker, what: str, cmd: str) -> None:
-    """A non-empty output folder: replaced only with --force, and only if it holds nothing
-    but an earlier output of ``cmd`` (so ``--out . --force`` cannot wipe a folder)."""
-    names = sorted(p.name for p in out.iterdir())
-    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    foreign = [n for n in names if not any(fnmatch.fnmatch(n, w) for w in writes)]
-    if foreign or (marker and marker not in names):
-        raise ValueError(
-            f"{what} already holds {shown}, which is not an earlier `gatelab {cmd}` output "
-            "(the only thing --force replaces); choose another folder"
-        )
-    if not force:
-        raise ValueError(
-            f"{what} already holds an earlier `gatelab {cmd}` output ({shown}); pass --force "
-            "to replace it, or choose another folder"
-        )
 
 
 # -- checkpoints and models ------------------------------------------------------------------
@@ -319,6 +218,11 @@ def open_model(source: str | Path | nn.Module) -> OpenedModel:
             f"{source} does not exist; give an HF model directory or a "
             "gatelab run directory / checkpoint"
         )
+    if path.is_file() and path.suffix != ".json":
+        raise ValueError(
+            f"{source} is a {path.suffix or 'suffix-less'} file; give an HF model directory, a "
+            "gatelab run directory or a checkpoint .json"
+        )
     if (path / "config.json").is_file():
         return _open_hf(path)
     return _open_gatelab(path)
@@ -328,7 +232,12 @@ def _open_hf(path: Path) -> OpenedModel:
     import importlib
 
     hf_access = importlib.import_module("gatelab.hf.access")
-    model = hf_access.load_pretrained(path)
+    try:
+        model = hf_access.load_pretrained(path)
+    except OSError as error:  # transformers: no weights, unreadable files
+        if isinstance(error, USER_ERRORS):
+            raise
+        raise ValueError(f"{path}: transformers cannot load it ({error})") from None
     tokenize = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
@@ -372,7 +281,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, sets: bool = True) -> N
     )
     add_force_argument(parser)
     parser.add_argument(
-        "--seq-len", type=int_at_least(1), default=128, help="window length for text files"
+        "--seq-len",
+        type=int_at_least(1),
+        default=None,
+        help="window length for text files (default: 128 or the model's context if shorter)",
     )
     parser.add_argument(
         "--max-prompts", type=int_at_least(1), default=64, help="prompts per set at most"
@@ -401,7 +313,9 @@ def read_prompt_set(
     if not path.is_file():
         raise FileNotFoundError(f"prompt set {name!r}: {file} is not a file")
     limit = context_length(opened.model) or 512
-    seq_len = min(seq_len or 128, limit)
+    if seq_len is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {limit}")
+    seq_len = seq_len or min(128, limit)
     try:
         text = path.read_text(encoding="utf-8")
         items = json.loads(text) if path.suffix == ".json" else text
@@ -447,6 +361,10 @@ def prompt_sets(
 ) -> dict[str, list[torch.Tensor]]:
     """``specs`` (default ``args.sets``) read with ``args.seq_len`` and ``args.max_prompts``."""
     specs = args.sets if specs is None else specs
+    names = [s.partition("=")[0] for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--set names must differ; {', '.join(map(repr, repeated))} is repeated")
     return dict(read_prompt_set(s, opened, args.seq_len, args.max_prompts) for s in specs)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_force_argument, check_output_file, int_at_least, shape_arg
+from ._common import add_force_argument, int_at_least, shape_arg
+from ._outputs import check_output_file
 
 BENCH_HELP = "benchmarks: ratios to dense and HF measured in one process, written as JSON"
 BENCH_DESCRIPTION = (

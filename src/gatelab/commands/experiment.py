@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from ._common import add_force_argument, check_output, int_at_least
+from ._common import add_force_argument, int_at_least
+from ._outputs import check_output
 
 EXPERIMENT_HELP = "run an experiment that tests a paper's claim (see `gatelab experiment list`)"
 EXPERIMENT_DESCRIPTION = (

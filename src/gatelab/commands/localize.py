@@ -8,13 +8,13 @@ import argparse
 from ..io import atomic_dir, write_json
 from ._common import (
     add_model_arguments,
-    check_output,
     float_between,
     int_at_least,
     open_model,
     parse_experts,
     read_prompt_set,
 )
+from ._outputs import check_output
 
 HELP = "neurons inside experts that fire for one prompt set (z-score)"
 DESCRIPTION = (

@@ -14,12 +14,12 @@ from ..io import atomic_dir, write_json
 from ._common import (
     add_model_arguments,
     all_prompts,
-    check_output,
     int_at_least,
     open_model,
     prompt_sets,
     save_state,
 )
+from ._outputs import check_output
 
 HELP = "train pre-gates; offloaded inference: resident vs on demand vs prefetch"
 DESCRIPTION = (

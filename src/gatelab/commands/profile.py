@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..io import atomic_dir
-from ._common import add_model_arguments, check_output, int_at_least, open_model, prompt_sets
+from ._common import add_model_arguments, int_at_least, open_model, prompt_sets
+from ._outputs import check_output
 
 HELP = "per layer x expert routing frequency and gate weight by prompt set"
 DESCRIPTION = (

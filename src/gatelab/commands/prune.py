@@ -13,13 +13,13 @@ from ..io import atomic_dir, write_json
 from ._common import (
     OpenedModel,
     add_model_arguments,
-    check_output,
     count_parameters,
     int_at_least,
     open_model,
     prompt_sets,
     read_prompt_set,
 )
+from ._outputs import check_output
 
 HELP = "keep N experts per layer chosen from demonstrations (EASY-EP)"
 DESCRIPTION = (

@@ -12,12 +12,12 @@ import torch
 from ..io import atomic_dir, write_json
 from ._common import (
     add_model_arguments,
-    check_output,
     float_between,
     int_at_least,
     open_model,
     prompt_sets,
 )
+from ._outputs import check_output
 
 HELP = "MoDES expert skipping: layer importance, skip ratio vs KL, thresholds"
 DESCRIPTION = (

@@ -10,11 +10,11 @@ from pathlib import Path
 from ..io import atomic_dir, write_json
 from ._common import (
     add_model_arguments,
-    check_output,
     open_model,
     parse_experts,
     prompt_sets,
 )
+from ._outputs import check_output
 
 HELP = "switch experts off / force them on / clamp neurons; loss per prompt set"
 DESCRIPTION = (

@@ -11,13 +11,13 @@ from torch import nn
 from ..io import atomic_dir, write_json
 from ._common import (
     add_model_arguments,
-    check_output,
     float_between,
     int_at_least,
     open_model,
     read_prompts,
     save_state,
 )
+from ._outputs import check_output
 
 HELP = "train a sparse transcoder replacing one MoE/MLP layer"
 DESCRIPTION = (
@@ -96,7 +96,7 @@ def _target_module(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     if args.module is None:
         return select_blocks(model, [args.layer])[0].module
     modules = dict(model.named_modules())
-    if args.module not in modules:
+    if args.module not in modules or not args.module:
         raise ValueError(
             f"--module {args.module!r} is not a module of the model; see gatelab info for the names"
         )

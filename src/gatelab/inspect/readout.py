@@ -113,6 +113,11 @@ def module_io(model: nn.Module, module: nn.Module, prompts) -> tuple[Tensor, Ten
     def hook(mod, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()))
         y = output[0] if isinstance(output, tuple) else output
+        if not all(isinstance(t, Tensor) and t.is_floating_point() for t in (x, y)):
+            raise ValueError(
+                f"{type(mod).__name__} does not map activations to activations (its input or "
+                "output is not a float tensor); choose an MLP or MoE block"
+            )
         xs.append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
         ys.append(y.detach().reshape(-1, y.shape[-1]).float().cpu())
 
