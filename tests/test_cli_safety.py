@@ -208,7 +208,7 @@ def test_a_read_only_output_fails_before_the_model_loads(text, tmp_path, capsys,
     finally:
         locked.chmod(0o755)
     err = capsys.readouterr().err
-    assert "is not writable" in err and len(err.strip().splitlines()) == 1
+    assert "cannot be written" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bench_json_is_checked_before_timing(tmp_path, capsys, monkeypatch):
@@ -368,6 +368,7 @@ def test_malformed_prompt_files_are_named(name, content, message, run_dir, tmp_p
 
 def careless_cases(model: Path, text: Path, tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "hf").mkdir()
+    (tmp / "loop").symlink_to(tmp / "loop")
     (tmp / "hf" / "config.json").write_text('{"model_type": "qwen3_moe"}')  # no weights
     profile = ["profile", str(model), "--out", str(tmp / "out")]
     return [
@@ -375,6 +376,9 @@ def careless_cases(model: Path, text: Path, tmp: Path) -> list[tuple[list[str], 
         ([*profile, "--set", f"a={text}", "--seq-len", "4096"], "exceeds the model's context"),
         ([*profile, "--set", f"a={tmp}"], "is a folder, not a file"),
         ([*profile, "--set", "a="], "a prompt set is NAME=FILE"),
+        ([*profile[:-1], str(tmp / ("x" * 250)), "--set", f"a={text}"], "File name too long"),
+        ([*profile[:-1], str(tmp / "loop"), "--set", f"a={text}"], "cannot be resolved"),
+        (["eval", str(tmp / "hf")], "is an HF model directory"),
         (["profile", str(text), "--set", f"a={text}", "--out", str(tmp / "o")], "is a .txt file"),
         (["profile", str(tmp / "hf"), "--set", f"a={text}", "--out", str(tmp / "o")], "cannot"),
         (["profile", str(model), "--set", f"a={text}", "--out", ""], "--out is empty"),

@@ -107,7 +107,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     only guards a folder that appeared meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX))
+    tmp = _partial_dir(path)
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs are shareable
         yield tmp
@@ -116,6 +116,19 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _partial_dir(path: Path) -> Path:
+    """A new empty temporary sibling of ``path`` (``.NAME.XXXXXXXX.partial``)."""
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX))
+
+
+def probe_atomic_dir(path: str | os.PathLike) -> None:
+    """Raise the OSError :func:`atomic_dir` would meet making its temporary (an unwritable
+    parent, a name too long for the filesystem), before any work; creates the parents."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.rmdir(_partial_dir(path))
 
 
 def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -169,6 +169,11 @@ def checkpoint_meta(where: str | Path, missing: str | None = None) -> tuple[Path
     path = Path(where)
     if path.is_dir():
         found = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        if found is None and (path / "config.json").is_file() and missing is None:
+            raise FileNotFoundError(
+                f"{where} is an HF model directory; this command reads a `gatelab train` "
+                "checkpoint (a run dir, its checkpoints/ dir or a checkpoint .json)"
+            )
         if found is None:
             raise FileNotFoundError(
                 missing or f"no checkpoint in {where}; give a checkpoint .json or a run dir"

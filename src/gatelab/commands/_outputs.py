@@ -10,7 +10,7 @@ import argparse
 import fnmatch
 from pathlib import Path
 
-from ..io import ensure_writable_dir, is_empty_dir
+from ..io import ensure_writable_dir, is_empty_dir, probe_atomic_dir
 from ._common import command_name
 
 NAMED_INPUTS = ("sets", "eval_sets", "demos", "target", "other")  # NAME=FILE arguments
@@ -43,7 +43,7 @@ def check_output(
     where, flag, cmd = args.out, "--out", command_name(args)
     if not str(where).strip():
         raise ValueError(f"{flag} is empty; give the folder to write")
-    out = Path(where).expanduser().resolve()
+    out = _resolved(where, flag)
     _check_no_file_above(out, where, flag)
     if out.exists() and not out.is_dir():
         raise ValueError(
@@ -53,7 +53,12 @@ def check_output(
         _check_apart(out, source, args.force, flag, where)
     if out.is_dir() and not is_empty_dir(out):
         _check_replaceable(out, args.force, writes, marker, f"{flag} {where}", cmd)
-    ensure_writable_dir(out.parent, f"the folder of {flag}", f"choose another {flag}")
+    try:
+        probe_atomic_dir(out)
+    except OSError as error:
+        raise ValueError(
+            f"{flag} {where} cannot be written ({error.strerror or error}); choose another {flag}"
+        ) from None
     return out
 
 
@@ -84,7 +89,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def check_output_file(where: str | Path, force: bool, flag: str) -> Path:
     """:func:`check_output` for a command that writes one file (``bench --json``)."""
-    path = Path(where).expanduser().resolve()
+    path = _resolved(where, flag)
     _check_no_file_above(path, where, flag)
     if path.is_dir():
         raise ValueError(f"{flag} {where} is a folder; give the path of a file to write")
@@ -94,6 +99,15 @@ def check_output_file(where: str | Path, force: bool, flag: str) -> Path:
         )
     ensure_writable_dir(path.parent, f"the folder of {flag}", f"choose another {flag}")
     return path
+
+
+def _resolved(where, flag: str) -> Path:
+    """The absolute path with every symlink followed (so an output reached through a link
+    is compared with the inputs by what it really is)."""
+    try:
+        return Path(where).expanduser().resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop
+        raise ValueError(f"{flag} {where} cannot be resolved ({error})") from None
 
 
 def _check_no_file_above(path: Path, where, flag: str) -> None:
