@@ -230,7 +230,7 @@ def test_experiment_output_is_checked_first_and_written_whole(tmp_path, capsys, 
     import types
 
     from gatelab import experiments
-    from gatelab.commands.experiment import relocated
+    from gatelab.commands.experiment import default_out, relocated
 
     def run(scale, seed, out_dir):
         (out_dir / "plot.png").write_bytes(b"png")
@@ -246,6 +246,8 @@ def test_experiment_output_is_checked_first_and_written_whole(tmp_path, capsys, 
     assert "--force" in capsys.readouterr().err
     assert main(["experiment", "fake", "--out", str(out), "--force"]) == 0
     assert leftovers(tmp_path) == []
+    assert default_out("x", "full", 0) == "runs/experiments/x"  # seeds and scales apart
+    assert default_out("x", "smoke", 1) == "runs/experiments/x-seed1-smoke"
     assert relocated({"a": [Path("/t/x")], "b": "/t2"}, Path("/t"), Path("/o")) == {
         "a": ["/o/x"],
         "b": "/t2",
@@ -431,3 +433,9 @@ def test_careless_arguments_end_in_one_line(run_dir, text, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_a_file_in_the_way_of_a_folder_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"is not writable: .*file is a file; fix it"):
+        io.ensure_writable_dir(tmp_path / "file" / "run", "--run-dir", "fix it")

@@ -79,6 +79,9 @@ def ensure_writable_dir(
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
+        blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise error(f"{what} {directory} is not writable: {blocker} is a file; {fix}") from e
         raise error(f"{what} {directory} is not writable ({e.strerror or e}); {fix}") from e
     return directory
 

@@ -31,7 +31,10 @@ def add_parser(subparsers) -> None:
         "--seed", type=int_at_least(0), default=0, help="random seed (default 0)"
     )
     experiment.add_argument(
-        "--out", default=None, help="output directory (default runs/experiments/NAME)"
+        "--out",
+        default=None,
+        help="output folder, written whole and never over an earlier one without --force "
+        "(default runs/experiments/NAME, plus -seedN for seed N > 0 and -smoke at smoke scale)",
     )
     add_force_argument(experiment)
     experiment.set_defaults(parser=experiment)
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         experiment = experiments.get(args.name)
     except ValueError as error:
         args.parser.error(str(error))
-    args.out = args.out or f"runs/experiments/{experiment.name}"
+    args.out = args.out or default_out(experiment.name, args.scale, args.seed)
     out = check_output(args, writes=("*",), marker="result.json")
     started = utc_now()
     with atomic_dir(out, overwrite=args.force) as tmp:
@@ -67,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
     path = out / "result.json"
     print(f"\nwrote {path} ({result['seconds']} s)")
     return 0
+
+
+def default_out(name: str, scale: str, seed: int) -> str:
+    """``runs/experiments/NAME[-seedN][-smoke]``: runs of other seeds or scales do not
+    collide with the documented one (seed 0, full)."""
+    suffix = (f"-seed{seed}" if seed else "") + ("-smoke" if scale == "smoke" else "")
+    return f"runs/experiments/{name}{suffix}"
 
 
 def relocated(value, old: Path, new: Path):
