@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from ..inspect.profile import profile_routing
 
     out = check_output(args, writes=WRITES)
+    if args.target.partition("=")[0] == args.other.partition("=")[0]:
+        raise ValueError(
+            "--target and --other need different names (NAME=FILE): they are contrasted"
+        )
     experts = parse_experts(args.experts) if args.experts else None
     opened = open_model(args.model)
     target_name, target = read_prompt_set(args.target, opened, args.seq_len, args.max_prompts)
