@@ -1,5 +1,6 @@
-"""What the command modules share: argument types, the one user-error funnel, checkpoint
-lookup, model opening and prompt sets.
+"""What the command modules share: argument types, the one user-error funnel, the
+``--force`` flag (its checks: :mod:`gatelab.commands._outputs`), checkpoint lookup, model
+opening and prompt sets.
 
 The user-error funnel (:func:`run_guarded`, called by ``cli.main``): a ``ValueError`` (which
 includes ``RecipeError`` and ``ConfigError``), a user-caused ``OSError`` (a missing file, a
