@@ -244,3 +244,18 @@ def test_compile_eager_backend_default_dispatcher(router, fresh_dynamo):
 def test_compile(dispatcher, backend, fresh_dynamo):
     moe = make_moe("topk", dispatcher=dispatcher, shared_hidden_dim=8, capacity_factor=1.0)
     check_compiled(moe, backend, torch.randn(2, 3, DIM))
+
+
+def test_layer_refuses_a_bank_or_router_it_would_misreport():
+    """A bank of another width, or a router of another top_k, was accepted and the layer
+    reported hidden_dim/top_k values it did not use."""
+    from gatelab import ExpertBank
+
+    with pytest.raises(ValueError, match="hidden_dim=16.*hidden_dim=32"):
+        MoE(8, 32, 4, experts=ExpertBank(4, 8, 16))
+    with pytest.raises(ValueError, match="top_k=1.*top_k=2"):
+        MoE(8, 32, 4, top_k=2, router=ROUTERS.get("topk")(8, 4, 1))
+    layer = MoE(
+        8, 16, 4, top_k=1, router=ROUTERS.get("topk")(8, 4, 1), experts=ExpertBank(4, 8, 16)
+    )
+    assert "hidden_dim=16" in repr(layer) and "top_k=1" in repr(layer)

@@ -111,10 +111,12 @@ class MoE(nn.Module):
             built = router
         else:
             built = ROUTERS.get(router)(self.dim, self.num_experts, self.top_k, **kwargs)
-        if (built.dim, built.num_experts) != (self.dim, self.num_experts):
+        # A given router's top_k is the one that routes: a layer reporting another is wrong.
+        got = (built.dim, built.num_experts, getattr(built, "top_k", self.top_k))
+        if got != (self.dim, self.num_experts, self.top_k):
             raise ValueError(
-                f"router is for dim={built.dim}, num_experts={built.num_experts}; "
-                f"the layer has dim={self.dim}, num_experts={self.num_experts}"
+                f"router is for dim={got[0]}, num_experts={got[1]}, top_k={got[2]}; the layer "
+                f"has dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}"
             )
         return built
 
@@ -126,10 +128,11 @@ class MoE(nn.Module):
                 self.num_experts, self.dim, self.hidden_dim, act=act, bias=bias
             )
         w = built.weights().check()
-        if (w.num_experts, w.dim) != (self.num_experts, self.dim):
+        if (w.num_experts, w.dim, w.hidden_dim) != (self.num_experts, self.dim, self.hidden_dim):
             raise ValueError(
-                f"expert bank has num_experts={w.num_experts}, dim={w.dim}; the layer has "
-                f"num_experts={self.num_experts}, dim={self.dim}"
+                f"expert bank has num_experts={w.num_experts}, dim={w.dim}, "
+                f"hidden_dim={w.hidden_dim}; the layer has num_experts={self.num_experts}, "
+                f"dim={self.dim}, hidden_dim={self.hidden_dim}"
             )
         return built
 
