@@ -371,3 +371,29 @@ def test_gradient_checkpointing_matches_plain_backward(name, reentrant):
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_gatelab_forward_refuses_bad_ids_and_dtypes():
+    """The HF path calls the dispatcher directly (no Routing checks): negative ids other
+    than -1 and a hidden-state dtype other than the experts' end in a one-line ValueError.
+    Ids >= num_experts stay HF's expert-parallel sentinel (empty slots)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = transformers.MixtralConfig(
+        hidden_size=16,
+        intermediate_size=8,
+        num_local_experts=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    module = MixtralExperts(config)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0.0, 0.5)
+    hidden, weights = torch.randn(3, 16), torch.rand(3, 2)
+    with pytest.raises(ValueError, match="valid ids are 0..3"):
+        gatelab.hf.gatelab_experts_forward(module, hidden, torch.tensor([[0, -5]] * 3), weights)
+    with pytest.raises(ValueError, match="torch.float16 but the expert weights are torch.float32"):
+        gatelab.hf.gatelab_experts_forward(
+            module, hidden.half(), torch.tensor([[0, 1]] * 3), weights
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -87,9 +88,10 @@ class MoE(nn.Module):
             if shared_hidden_dim
             else None
         )
-        if capacity_factor is not None and not capacity_factor > 0:
+        if capacity_factor is not None and not _positive_finite(capacity_factor):
             raise ValueError(
-                f"capacity_factor must be > 0, or None for dropless routing; got {capacity_factor}"
+                "capacity_factor must be a finite number > 0, or None for dropless routing; "
+                f"got {capacity_factor!r}"
             )
         self.capacity_factor = capacity_factor
         self.loss_weights = _check_loss_weights(loss_weights or {})
@@ -229,10 +231,16 @@ def _renamed_shared_experts(shared_experts: int, shared_hidden_dim: int) -> int:
     return shared_experts
 
 
+def _positive_finite(value) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
+
+
 def _check_loss_weights(weights: dict[str, float]) -> dict[str, float]:
     for name, value in weights.items():
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; valid names are: {', '.join(sorted(LOSSES))}")
-        if value < 0:
-            raise ValueError(f"loss weight {name}={value} must be >= 0")
+        # NaN compared False with 0 and was dropped silently; inf crashed mid-run.
+        if not (_positive_finite(value) or (value == 0 and not isinstance(value, (bool, str)))):
+            raise ValueError(f"loss weight {name}={value!r} must be a finite number >= 0")
     return {name: float(value) for name, value in weights.items() if value > 0}
