@@ -217,7 +217,7 @@ def test_unknown_loss_lists_valid_names():
         ValueError, match="unknown loss 'entropy'; valid names are: balance, importance, load, z"
     ):
         MoE(8, 16, 4, 2, loss_weights={"entropy": 0.1})
-    with pytest.raises(ValueError, match="loss weight balance=-1.0 must be >= 0"):
+    with pytest.raises(ValueError, match="loss weight balance=-1.0 must be a finite number >= 0"):
         MoE(8, 16, 4, 2, loss_weights={"balance": -1.0})
 
 
