@@ -264,9 +264,9 @@ def test_layer_refuses_a_bank_or_router_it_would_misreport():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"capacity_factor": float("inf")}, "capacity_factor must be a finite number"),
-        ({"capacity_factor": "2"}, "capacity_factor must be a finite number"),
-        ({"capacity_factor": True}, "capacity_factor must be a finite number"),
+        ({"capacity_factor": float("inf")}, "capacity_factor must be > 0 and a finite number"),
+        ({"capacity_factor": "2"}, "capacity_factor must be > 0 and a finite number"),
+        ({"capacity_factor": True}, "capacity_factor must be > 0 and a finite number"),
         ({"loss_weights": {"balance": float("nan")}}, "balance=nan must be a finite number"),
         ({"loss_weights": {"balance": float("inf")}}, "balance=inf must be a finite number"),
         ({"loss_weights": {"balance": "0.1"}}, "balance='0.1' must be a finite number"),
