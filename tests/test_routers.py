@@ -388,3 +388,13 @@ def test_hash_router_refuses_non_finite_input_like_learned_routers(bad):
 def test_hash_router_refuses_float_token_ids():
     with pytest.raises(ValueError, match="integer token ids"):
         ROUTERS.get("hash")(8, 4, 1)(torch.randn(3, 8), token_ids=torch.tensor([0.5, 1.2, 2.9]))
+
+
+def test_all_experts_router_refuses_non_finite_input():
+    from gatelab.routing.uoe import AllExpertsRouter
+
+    x = torch.randn(4, 8)
+    x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        AllExpertsRouter(8, 4)(x)
+    AllExpertsRouter(8, 4, nan_policy="ignore")(x)
