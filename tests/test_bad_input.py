@@ -128,7 +128,7 @@ def test_nan_policy_must_be_known():
 
 
 def test_bank_for_another_dim():
-    with pytest.raises(ValueError, match="expert bank has num_experts=4, dim=6; the layer has"):
+    with pytest.raises(ValueError, match="expert bank has num_experts=4, dim=6, hidden_dim=16; the layer has"):
         MoE(8, 16, 4, 2, experts=ExpertBank(4, 6, 16))
 
 
@@ -217,7 +217,7 @@ def test_unknown_loss_lists_valid_names():
         ValueError, match="unknown loss 'entropy'; valid names are: balance, importance, load, z"
     ):
         MoE(8, 16, 4, 2, loss_weights={"entropy": 0.1})
-    with pytest.raises(ValueError, match="loss weight balance=-1.0 must be >= 0"):
+    with pytest.raises(ValueError, match="loss weight balance=-1.0 must be a finite number >= 0"):
         MoE(8, 16, 4, 2, loss_weights={"balance": -1.0})
 
 

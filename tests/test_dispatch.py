@@ -184,3 +184,153 @@ def test_grouped_kernel_matches_loop(num_experts, rows_per_expert):
     loop = grouped_weight_grad(grad, x, counts, offsets, kernel=False)
     torch.testing.assert_close(kernel, loop, atol=1e-5, rtol=1e-5)
     assert torch.all(loop[0] == 0)
+
+
+# -- strict inputs (issue 15, items 5 and 6) -------------------------------------------------
+
+SAFE_DISPATCHERS = ["loop", "grouped"]
+
+
+@pytest.mark.parametrize("name", SAFE_DISPATCHERS)
+@pytest.mark.parametrize("bad", [4, 7, -2, 1 << 40])
+def test_out_of_range_expert_ids_raise(name, bad):
+    x, experts, weights, bank = DispatchCase(6, 4, 8, 4, 2, seed=3).build(torch.float64)
+    experts = experts.clone()
+    experts[2, 1] = bad
+    with pytest.raises(ValueError, match=r"valid ids are 0\.\.3 and -1") as info:
+        get_dispatcher(name)(x, experts, weights, bank)
+    assert "\n" not in str(info.value)
+
+
+def test_grouped_never_returns_rows_of_an_earlier_call():
+    """The reused scratch rows of a large call must not come back in a later one: the later
+    call with a bad id raises, and the same call made valid equals the loop oracle."""
+    big = DispatchCase(40, 4, 8, 4, 2, seed=1).build(torch.float64)
+    with torch.no_grad():
+        grouped_dispatch(*big)  # fills the scratch buffers with 80 rows
+        x, experts, weights, bank = DispatchCase(5, 4, 8, 4, 2, seed=2).build(torch.float64)
+        bad = experts.clone()
+        bad[0, 0] = 4  # one past the last expert
+        with pytest.raises(ValueError):
+            grouped_dispatch(x, bad, weights, bank)
+        valid = bad.masked_fill(bad == 4, EMPTY)
+        torch.testing.assert_close(
+            grouped_dispatch(x, valid, weights, bank), loop_dispatch(x, valid, weights, bank)
+        )
+
+
+def test_sort_slots_drops_every_id_outside_the_bank():
+    """Under torch.compile the id check is skipped: sort_slots itself routes only ids in
+    0..E-1, so the rows a dispatcher computes (counts.sum()) are exactly the rows it reads."""
+    from gatelab.dispatch.grouped import sort_slots
+
+    experts = torch.tensor([[0, 5], [-1, 2], [9, -7]])
+    slots, tokens, ids, counts, offsets = sort_slots(experts, 3)
+    assert ids.tolist() == [0, 2] and tokens.tolist() == [0, 1]
+    assert int(counts.sum()) == slots.numel() == int(offsets[-1])
+
+
+@pytest.mark.parametrize("name", SAFE_DISPATCHERS)
+def test_dtype_mismatch_raises_naming_both(name):
+    x, experts, weights, bank = DispatchCase(6, 4, 8, 4, 2).build(torch.float32)
+    with pytest.raises(ValueError, match=r"torch\.float64.*torch\.float32.*\.to\(") as info:
+        get_dispatcher(name)(x.double(), experts, weights, bank)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", SAFE_DISPATCHERS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_mismatch_is_allowed(name, x_dtype):
+    """Under autocast a bf16 activation meeting float32 experts is legitimate."""
+    x, experts, weights, bank = DispatchCase(12, 8, 8, 4, 2, seed=5).build(torch.float32)
+    ref = loop_dispatch(x, experts, weights, bank)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = get_dispatcher(name)(x.to(x_dtype), experts, weights, bank)
+    assert out.dtype == x_dtype
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert bank.w_in.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda x, e, w: (x[:, :3], e, w), "dim 3"),
+        (lambda x, e, w: (x[None], e, w), "2-D"),
+        (lambda x, e, w: (x, e[:, :1], w), "same"),
+        (lambda x, e, w: (x, e[:3], w[:3]), "tokens=6"),
+        (lambda x, e, w: (x, e.double(), w), "integer"),
+        (lambda x, e, w: (x, e, w.long()), "floating"),
+    ],
+)
+@pytest.mark.parametrize("name", SAFE_DISPATCHERS)
+def test_malformed_inputs_raise_one_line(name, change, match):
+    x, experts, weights, bank = DispatchCase(6, 4, 8, 4, 2).build(torch.float64)
+    with pytest.raises(ValueError, match=match) as info:
+        get_dispatcher(name)(*change(x.detach(), experts, weights.detach()), bank)
+    assert "\n" not in str(info.value)
+
+
+# -- autograd beyond one backward (issue 15, items 10 and 12) --------------------------------
+
+
+@pytest.mark.parametrize("name", SAFE_DISPATCHERS)
+@pytest.mark.parametrize("case", ["some_slots_empty", "all_to_one_expert", "zero_tokens"])
+def test_double_backward_matches_loop(name, case):
+    """autograd.grad(create_graph=True) then backward through it (a gradient penalty)."""
+    results = []
+    for fn in (loop_dispatch, get_dispatcher(name)):
+        x, experts, weights, bank = EDGE_CASES[case].build(torch.float64)
+        leaves = [x, weights, *bank_tensors(bank)]
+        out = fn(x, experts, weights, bank)
+        (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        penalty = gx.square().sum()
+        results.append(grads_of(penalty.reshape(1, 1), leaves))  # zeros if nothing routed
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_moe_layer(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    from gatelab.layers import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, top_k=2, dispatcher="grouped").double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for wrap in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        out = checkpoint(layer, x, use_reentrant=reentrant) if wrap else layer(x)
+        out.square().sum().backward()
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in layer.parameters())])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_lm(reentrant):
+    """gatelab's LM with every block checkpointed trains to the same gradients."""
+    from lm_tiny import tiny_moe_lm
+    from torch.utils.checkpoint import checkpoint
+
+    model = tiny_moe_lm().train()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for wrap in (False, True):
+        model.zero_grad()
+        originals = [block.forward for block in model.blocks]
+        if wrap:
+            for block, forward in zip(model.blocks, originals, strict=True):
+                block.forward = lambda *a, f=forward: checkpoint(f, *a, use_reentrant=reentrant)
+        try:
+            model(ids, targets=ids.roll(-1, 1)).loss.backward()
+        finally:
+            for block, forward in zip(model.blocks, originals, strict=True):
+                block.forward = forward
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)

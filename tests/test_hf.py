@@ -274,3 +274,126 @@ def test_activation_choice(name, expected):
             assert activate == module._apply_gate
         else:
             assert repr(activate) == expected
+
+
+def _experts_vs_eager(module, dim: int, num_experts: int):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, dim, generator=gen)
+    index = torch.argsort(torch.rand(9, num_experts, generator=gen), dim=1)[:, :2]
+    weights = torch.rand(9, 2, generator=gen)
+    outs = []
+    for impl in ("eager", "gatelab"):
+        module.config._experts_implementation = impl
+        outs.append(module(hidden, index, weights))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "AriaTextConfig"), reason="no Aria")
+def test_aria_experts_use_their_own_activation():
+    """Aria's routed experts are SiLU whatever config.hidden_act says (issue 15, item 11)."""
+    from transformers.models.aria.modeling_aria import AriaExperts
+
+    config = transformers.AriaTextConfig(
+        hidden_act="gelu",
+        hidden_size=16,
+        intermediate_size=8,
+        moe_num_experts=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    module = AriaExperts(config)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0.0, 0.5)
+    assert repr(gatelab.hf.expert_weights_from_hf(module).activate) == "GLU('silu')"
+    _experts_vs_eager(module, 16, 4)
+
+
+@pytest.mark.parametrize(
+    ("act_fn", "expected"),
+    [
+        (torch.nn.SiLU(), "silu"),
+        (transformers.activations.SiLUActivation(), "silu"),
+        (torch.nn.GELU(), "gelu"),
+        (torch.nn.GELU(approximate="tanh"), "gelu_tanh"),
+        (transformers.activations.GELUActivation(), "gelu"),
+        (transformers.activations.GELUTanh(), "gelu_tanh"),
+        (torch.nn.ReLU(), "relu"),
+        (torch.nn.functional.silu, "silu"),
+        (transformers.activations.GELUActivation(use_gelu_python=True), None),
+        (transformers.activations.NewGELUActivation(), None),
+        (torch.nn.Tanh(), None),
+    ],
+)
+def test_activation_read_from_act_fn(act_fn, expected):
+    assert hf_experts._act_name(act_fn) == expected
+
+
+def test_unknown_act_fn_runs_exactly_with_a_warning():
+    """An act_fn gatelab has no kernel for runs as the module's own callable (exact)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = transformers.MixtralConfig(
+        hidden_size=16,
+        intermediate_size=8,
+        num_local_experts=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    module = MixtralExperts(config)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0.0, 0.5)
+    module.act_fn = torch.nn.Tanh()
+    hf_experts._WARNED.clear()
+    with pytest.warns(UserWarning, match="Tanh has no gatelab kernel"):
+        _experts_vs_eager(module, 16, 4)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_matches_plain_backward(name, reentrant):
+    """transformers' activation checkpointing (both modes, with enable_input_require_grads as
+    PEFT uses it) through the gatelab experts gives the gradients of a plain backward
+    (issue 15, item 10: the non-reentrant mode raised CheckpointError)."""
+    model = _build(name).train()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert model.is_activation_checkpointing
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_gatelab_forward_refuses_bad_ids_and_dtypes():
+    """The HF path calls the dispatcher directly (no Routing checks): negative ids other
+    than -1 and a hidden-state dtype other than the experts' end in a one-line ValueError.
+    Ids >= num_experts stay HF's expert-parallel sentinel (empty slots)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = transformers.MixtralConfig(
+        hidden_size=16,
+        intermediate_size=8,
+        num_local_experts=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    module = MixtralExperts(config)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0.0, 0.5)
+    hidden, weights = torch.randn(3, 16), torch.rand(3, 2)
+    with pytest.raises(ValueError, match="valid ids are 0..3"):
+        gatelab.hf.gatelab_experts_forward(module, hidden, torch.tensor([[0, -5]] * 3), weights)
+    with pytest.raises(ValueError, match="torch.float16 but the expert weights are torch.float32"):
+        gatelab.hf.gatelab_experts_forward(
+            module, hidden.half(), torch.tensor([[0, 1]] * 3), weights
+        )

@@ -244,3 +244,41 @@ def test_compile_eager_backend_default_dispatcher(router, fresh_dynamo):
 def test_compile(dispatcher, backend, fresh_dynamo):
     moe = make_moe("topk", dispatcher=dispatcher, shared_hidden_dim=8, capacity_factor=1.0)
     check_compiled(moe, backend, torch.randn(2, 3, DIM))
+
+
+def test_layer_refuses_a_bank_or_router_it_would_misreport():
+    """A bank of another width, or a router of another top_k, was accepted and the layer
+    reported hidden_dim/top_k values it did not use."""
+    from gatelab import ExpertBank
+
+    with pytest.raises(ValueError, match="hidden_dim=16.*hidden_dim=32"):
+        MoE(8, 32, 4, experts=ExpertBank(4, 8, 16))
+    with pytest.raises(ValueError, match="top_k=1.*top_k=2"):
+        MoE(8, 32, 4, top_k=2, router=ROUTERS.get("topk")(8, 4, 1))
+    layer = MoE(
+        8, 16, 4, top_k=1, router=ROUTERS.get("topk")(8, 4, 1), experts=ExpertBank(4, 8, 16)
+    )
+    assert "hidden_dim=16" in repr(layer) and "top_k=1" in repr(layer)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"capacity_factor": float("inf")}, "capacity_factor must be > 0 and a finite number"),
+        ({"capacity_factor": "2"}, "capacity_factor must be > 0 and a finite number"),
+        ({"capacity_factor": True}, "capacity_factor must be > 0 and a finite number"),
+        ({"loss_weights": {"balance": float("nan")}}, "balance=nan must be a finite number"),
+        ({"loss_weights": {"balance": float("inf")}}, "balance=inf must be a finite number"),
+        ({"loss_weights": {"balance": "0.1"}}, "balance='0.1' must be a finite number"),
+        ({"loss_weights": {"balance": -1.0}}, "balance=-1.0 must be a finite number"),
+    ],
+)
+def test_layer_refuses_non_finite_or_non_numeric_settings(kwargs, match):
+    """NaN loss weights were dropped silently; inf ones and capacity_factor=inf crashed
+    mid-run; strings ended in a TypeError from a comparison."""
+    with pytest.raises(ValueError, match=match):
+        MoE(8, 16, 4, **kwargs)
+
+
+def test_layer_keeps_zero_loss_weights_out():
+    assert MoE(8, 16, 4, loss_weights={"balance": 0, "z": 0.5}).loss_weights == {"z": 0.5}

@@ -371,3 +371,30 @@ def test_hash_needs_token_ids():
 
 def test_hash_has_no_parameters():
     assert list(HashRouter(4, 3).parameters()) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_hash_router_refuses_non_finite_input_like_learned_routers(bad):
+    """A NaN input raised in every learned router but passed through the hash router."""
+    x = torch.randn(4, 8)
+    x[1, 2] = bad
+    ids = torch.arange(4)
+    for name in ("topk", "hash"):
+        with pytest.raises(FloatingPointError, match="NaN or inf"):
+            ROUTERS.get(name)(8, 4, 1)(x, token_ids=ids)
+    ROUTERS.get("hash")(8, 4, 1, nan_policy="ignore")(x, token_ids=ids)  # opted out
+
+
+def test_hash_router_refuses_float_token_ids():
+    with pytest.raises(ValueError, match="integer token ids"):
+        ROUTERS.get("hash")(8, 4, 1)(torch.randn(3, 8), token_ids=torch.tensor([0.5, 1.2, 2.9]))
+
+
+def test_all_experts_router_refuses_non_finite_input():
+    from gatelab.routing.uoe import AllExpertsRouter
+
+    x = torch.randn(4, 8)
+    x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        AllExpertsRouter(8, 4)(x)
+    AllExpertsRouter(8, 4, nan_policy="ignore")(x)

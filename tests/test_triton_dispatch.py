@@ -253,3 +253,23 @@ def test_gpu_launch_path_in_the_interpreter(monkeypatch, deterministic, table):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     for got, want in zip(out_grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_triton_entry_checks_ids_and_double_backward():
+    """The triton entry refuses ids outside the bank like every dispatcher, and double
+    backward differentiates the composite path (issue 15, items 5 and 12)."""
+    from gatelab.dispatch import loop_dispatch
+
+    case = EDGE_CASES["some_slots_empty"]
+    x, experts, weights, bank = build(case)
+    with pytest.raises(ValueError, match="valid ids are"):
+        triton_dispatch(x, experts.masked_fill(experts == 0, 99), weights, bank)
+    penalties = []
+    for fn in (loop_dispatch, triton_dispatch):
+        x, experts, weights, bank = build(case)
+        (gx,) = torch.autograd.grad(
+            fn(x, experts, weights, bank).square().sum(), x, create_graph=True
+        )
+        (g_w,) = torch.autograd.grad(gx.square().sum(), bank.w_in)
+        penalties.append(g_w)
+    torch.testing.assert_close(penalties[1], penalties[0], atol=1e-4, rtol=1e-3)

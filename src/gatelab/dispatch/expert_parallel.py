@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..experts.bank import ExpertWeights
+from .checks import check_dispatch_inputs
 from .grouped import combine, sort_slots
 
 COUNTER_KEYS = (
@@ -170,6 +171,7 @@ class ExpertParallel:
     ) -> Tensor:
         size, local_count = self.size, bank.num_experts
         num_experts = local_count * size
+        check_dispatch_inputs(x, experts, weights, bank, num_experts)  # global ids
         slots, tokens, _, counts, _ = sort_slots(experts, num_experts)
         send = counts.view(size, local_count).sum(dim=1).tolist()
         recv_counts = torch.empty_like(counts)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
+from .checks import check_dispatch_inputs
 from .workspace import saved_buffer, scratch
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -142,6 +142,11 @@ class GroupedExperts(torch.autograd.Function):
     buffers that return to the pool when this node is freed; temporaries live in scratch
     buffers (see ``workspace.py``). Backward only reads what forward saved, so a graph
     kept with ``retain_graph=True`` can be differentiated again.
+
+    Backward reads ``ctx.saved_tensors`` once (activation checkpointing with
+    ``use_reentrant=False`` allows one unpack per saved tensor). Under ``create_graph=True``
+    (grad mode on in backward) it differentiates :func:`composite_experts`, the same
+    function in differentiable torch ops, so double backward works.
     """
 
     @staticmethod
@@ -174,6 +179,7 @@ class GroupedExperts(torch.autograd.Function):
             y.addcmul_(scale, b_out[experts])
         ctx.save_for_backward(
             x,
+            b_in,
             xs,
             hidden,
             act,
@@ -193,10 +199,19 @@ class GroupedExperts(torch.autograd.Function):
         return combine(y, slots, tokens, shape, deterministic).to(x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        x, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out = ctx.saved_tensors[:9]
-        slots, tokens, experts, counts, offsets = ctx.saved_tensors[9:]
+        saved = ctx.saved_tensors  # once: a checkpointed graph unpacks each tensor once
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            x, b_in, _, _, _, _, slot_weights, w_in, w_out, b_out, *routed = saved
+            inputs = (x, slot_weights, w_in, w_out, b_in, b_out)
+            grads = composite_backward(ctx, inputs, ctx.activation, tuple(routed), grad_out)
+            return (*grads, None, None, None, None)
+        return GroupedExperts._backward(ctx, saved, grad_out)
+
+    @staticmethod
+    def _backward(ctx, saved, grad_out):
+        x, _, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out = saved[:10]
+        slots, tokens, experts, counts, offsets = saved[10:]
         need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
         rows, ffn = tokens.shape[0], w_out.shape[2]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
@@ -226,6 +241,37 @@ class GroupedExperts(torch.autograd.Function):
         return g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out, None, None, None, None
 
 
+def composite_experts(inputs, activation, routed, shape) -> Tensor:
+    """What GroupedExperts computes, in plain differentiable torch ops (slower): the path
+    double backward differentiates. ``inputs`` = (x, slot_weights, w_in, w_out, b_in, b_out)."""
+    x, slot_weights, w_in, w_out, b_in, b_out = inputs
+    slots, tokens, _, counts, _ = routed[:5]
+    xs = x[tokens].to(w_in.dtype)
+    outs, start = [], 0
+    for e, count in enumerate(counts.tolist()):
+        if count:
+            rows = xs[start : start + count]
+            hidden = F.linear(rows, w_in[e], None if b_in is None else b_in[e])
+            outs.append(F.linear(activation(hidden), w_out[e], None if b_out is None else b_out[e]))
+        start += count
+    y = torch.cat(outs) if outs else xs.new_zeros(0, w_out.shape[1])
+    y = y * slot_weights.to(y.dtype).unsqueeze(1)
+    return y.new_zeros(shape[0], y.shape[1]).index_add(0, tokens, y).to(x.dtype)
+
+
+def composite_backward(ctx, inputs, activation, routed, grad_out) -> list:
+    """Gradients of :func:`composite_experts` for the inputs ``ctx`` needs, with a graph."""
+    wanted = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t is not None]
+    out = composite_experts(inputs, activation, routed, ctx.shape)
+    found = torch.autograd.grad(
+        out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True
+    )
+    grads = [None] * len(inputs)
+    for i, g in zip(wanted, found, strict=True):
+        grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return grads
+
+
 def combine(
     y: Tensor, slots: Tensor, tokens: Tensor, shape: tuple[int, int], deterministic: bool
 ) -> Tensor:
@@ -251,7 +297,10 @@ def sort_slots(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tenso
     """
     num_slots = experts.shape[1]
     key = experts.reshape(-1)
-    key = torch.where(key < 0, num_experts, key)  # empty slots sort to the end
+    # Empty slots sort to the end and are dropped, and so does any id outside 0..E-1 that
+    # reached here unchecked (torch.compile): rows = counts.sum() by construction, so every
+    # row of a scratch buffer is written before it is read.
+    key = torch.where((key < 0) | (key >= num_experts), num_experts, key)
     slots = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=num_experts + 1)
     slots = slots[: key.numel() - int(counts[num_experts])]
@@ -264,6 +313,7 @@ def grouped_dispatch(
     x: Tensor, experts: Tensor, weights: Tensor, bank: ExpertWeights, deterministic: bool = True
 ) -> Tensor:
     """Sum over slots of weight * expert(x) for x [T, D], experts/weights [T, K]."""
+    check_dispatch_inputs(x, experts, weights, bank)
     routed = sort_slots(experts, bank.num_experts)
     slot_weights = weights.reshape(-1)[routed[0]]
     return GroupedExperts.apply(

@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..experts.bank import ExpertWeights
+from .checks import check_dispatch_inputs
 
 
 def loop_dispatch(
     x: Tensor, experts: Tensor, weights: Tensor, bank: ExpertWeights, deterministic: bool = True
 ) -> Tensor:
     """Sum over slots of weight * expert(x) for x [T, D], experts/weights [T, K]."""
+    check_dispatch_inputs(x, experts, weights, bank)
     # unbind once: indexing the [E, ...] parameter per expert would give each expert a
     # dense [E, ...] gradient (HF's eager path does, which is why its backward is slow).
     w_in, w_out = bank.w_in.unbind(0), bank.w_out.unbind(0)
@@ -26,7 +28,9 @@ def loop_dispatch(
             continue
         hidden = bank.activate(F.linear(x[tokens], w_in[e], b_in[e]))
         y = F.linear(hidden, w_out[e], b_out[e])
-        out = out.index_add(0, tokens, y * weights[tokens, slots].unsqueeze(1).to(y.dtype))
+        out = out.index_add(
+            0, tokens, (y * weights[tokens, slots].unsqueeze(1).to(y.dtype)).to(out.dtype)
+        )  # autocast: y may be bf16
         routed = True
     if not routed:
         # Keep the inputs in the graph so backward yields zero gradients, as grouped does.

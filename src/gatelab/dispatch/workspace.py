@@ -11,6 +11,11 @@ is a plain ``torch.empty``.
 What a layer saves for backward (gathered rows, pre-activation, activation) comes from a
 pool instead (``saved_buffer``): a buffer returns to it only when the autograd node that
 saved it is freed. ``release_workspace()`` frees the calling thread's scratch and the idle pool.
+
+Both hand out uninitialised memory (as ``torch.empty`` does on CUDA), so no reader may
+see a row it did not write: every dispatcher entry checks the expert ids
+(``checks.py``) and ``grouped.sort_slots`` routes only ids in 0..E-1, so the rows a
+dispatcher reads are exactly the ``counts.sum()`` rows its GEMMs and gathers write.
 """
 
 from __future__ import annotations

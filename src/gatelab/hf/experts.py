@@ -9,7 +9,13 @@ into a :class:`~gatelab.experts.ExpertWeights` without copying; the forward regi
 
 from __future__ import annotations
 
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import activations as hf_activations
 from transformers.integrations import moe as hf_moe
 from transformers.integrations.moe import ExpertsInterface
 
@@ -61,26 +67,65 @@ def expert_weights_from_hf(module: nn.Module) -> ExpertWeights:
     return ExpertWeights(w_in, w_out, b_in, b_out, _activation(module, has_gate)).check()
 
 
-# HF ``hidden_act`` names whose functions gatelab's activations compute exactly.
-_HF_ACTS = {
-    "silu": "silu",
-    "swish": "silu",
-    "gelu": "gelu",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "relu": "relu",
-}
+def _act_name(act_fn) -> str | None:
+    """gatelab's name for an activation module or function that computes exactly one of
+    gatelab's activations (same torch kernel); None for anything else.
+
+    Matched by exact type, not isinstance: a subclass may override ``forward``.
+    """
+    kind = type(act_fn)
+    if kind in (nn.SiLU, hf_activations.SiLUActivation) or act_fn is F.silu:
+        return "silu"
+    if kind is nn.ReLU or act_fn in (F.relu, torch.relu):
+        return "relu"
+    if kind is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act_fn.approximate)
+    if act_fn is F.gelu or (kind is hf_activations.GELUActivation and act_fn.act is F.gelu):
+        return "gelu"
+    inner = getattr(act_fn, "act", None) if kind is hf_activations.GELUTanh else None
+    if isinstance(inner, functools.partial) and inner.func is F.gelu:
+        return "gelu_tanh" if inner.keywords == {"approximate": "tanh"} else None
+    return None
+
+
+_WARNED: set[tuple[type, type]] = set()
 
 
 def _activation(module: nn.Module, has_gate: bool):
-    """gatelab's GLU/Plain (hand-written backward) when the module uses HF's default gate
-    with a known ``hidden_act``; the module's own callable (autograd) otherwise."""
-    name = _HF_ACTS.get(getattr(getattr(module, "config", None), "hidden_act", None))
+    """The activation the experts module really computes (its ``act_fn``, not
+    ``config.hidden_act``, which some families ignore: Aria's routed experts are always
+    SiLU).
+
+    gatelab's GLU/Plain (hand-written backward) when the module uses HF's default gate and
+    an ``act_fn`` that maps exactly to a gatelab activation. A custom gate (GPT-OSS) is used
+    as it is. An ``act_fn`` gatelab cannot map is not refused: the module's own callable
+    runs inside gatelab's dispatch (differentiated by autograd), which is exact and only
+    slower, with a one-time warning per experts class and activation class.
+    """
     default_gate = getattr(type(module), "_apply_gate", None) is getattr(
         hf_moe, "_default_apply_gate", 0
     )
-    if name is not None and (default_gate or not has_gate):
+    if has_gate and not default_gate:
+        return module._apply_gate
+    act_fn = getattr(module, "act_fn", None)
+    if not callable(act_fn):
+        raise ValueError(
+            f"experts_implementation='gatelab': {type(module).__name__} has no callable act_fn; "
+            "load the model with experts_implementation='eager'"
+        )
+    name = _act_name(act_fn)
+    if name is not None:
         return GLU(name) if has_gate else Plain(name)
-    return module._apply_gate if has_gate else module.act_fn
+    key = (type(module), type(act_fn))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"experts_implementation='gatelab': {type(module).__name__}.act_fn "
+            f"{type(act_fn).__name__} has no gatelab kernel; running it through autograd "
+            "(exact, slower)",
+            stacklevel=3,
+        )
+    return module._apply_gate if has_gate else act_fn
 
 
 def gatelab_experts_forward(

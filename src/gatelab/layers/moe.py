@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -87,9 +88,10 @@ class MoE(nn.Module):
             if shared_hidden_dim
             else None
         )
-        if capacity_factor is not None and not capacity_factor > 0:
+        if capacity_factor is not None and not _positive_finite(capacity_factor):
             raise ValueError(
-                f"capacity_factor must be > 0, or None for dropless routing; got {capacity_factor}"
+                "capacity_factor must be > 0 and a finite number, or None for dropless routing; "
+                f"got {capacity_factor!r}"
             )
         self.capacity_factor = capacity_factor
         self.loss_weights = _check_loss_weights(loss_weights or {})
@@ -111,10 +113,12 @@ class MoE(nn.Module):
             built = router
         else:
             built = ROUTERS.get(router)(self.dim, self.num_experts, self.top_k, **kwargs)
-        if (built.dim, built.num_experts) != (self.dim, self.num_experts):
+        # A given router's top_k is the one that routes: a layer reporting another is wrong.
+        got = (built.dim, built.num_experts, getattr(built, "top_k", self.top_k))
+        if got != (self.dim, self.num_experts, self.top_k):
             raise ValueError(
-                f"router is for dim={built.dim}, num_experts={built.num_experts}; "
-                f"the layer has dim={self.dim}, num_experts={self.num_experts}"
+                f"router is for dim={got[0]}, num_experts={got[1]}, top_k={got[2]}; the layer "
+                f"has dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}"
             )
         return built
 
@@ -126,10 +130,11 @@ class MoE(nn.Module):
                 self.num_experts, self.dim, self.hidden_dim, act=act, bias=bias
             )
         w = built.weights().check()
-        if (w.num_experts, w.dim) != (self.num_experts, self.dim):
+        if (w.num_experts, w.dim, w.hidden_dim) != (self.num_experts, self.dim, self.hidden_dim):
             raise ValueError(
-                f"expert bank has num_experts={w.num_experts}, dim={w.dim}; the layer has "
-                f"num_experts={self.num_experts}, dim={self.dim}"
+                f"expert bank has num_experts={w.num_experts}, dim={w.dim}, "
+                f"hidden_dim={w.hidden_dim}; the layer has num_experts={self.num_experts}, "
+                f"dim={self.dim}, hidden_dim={self.hidden_dim}"
             )
         return built
 
@@ -226,10 +231,16 @@ def _renamed_shared_experts(shared_experts: int, shared_hidden_dim: int) -> int:
     return shared_experts
 
 
+def _positive_finite(value) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
+
+
 def _check_loss_weights(weights: dict[str, float]) -> dict[str, float]:
     for name, value in weights.items():
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; valid names are: {', '.join(sorted(LOSSES))}")
-        if value < 0:
-            raise ValueError(f"loss weight {name}={value} must be >= 0")
+        # NaN compared False with 0 and was dropped silently; inf crashed mid-run.
+        if not (_positive_finite(value) or (value == 0 and not isinstance(value, (bool, str)))):
+            raise ValueError(f"loss weight {name}={value!r} must be a finite number >= 0")
     return {name: float(value) for name, value in weights.items() if value > 0}

@@ -92,14 +92,18 @@ class Router(nn.Module):
         return logits
 
     def _check_logits(self, logits: Tensor) -> None:
-        if self.nan_policy != "raise" or _compiling() or not logits.numel():
+        self._check_finite(logits, "produced NaN or inf logits")
+
+    def _check_finite(self, t: Tensor, what: str) -> None:
+        """Under nan_policy "raise": FloatingPointError on CPU, a device-side assert elsewhere."""
+        if self.nan_policy != "raise" or _compiling() or not t.numel():
             return
-        finite = torch.isfinite(logits).all()
+        finite = torch.isfinite(t).all()
         message = (
-            f"{type(self).__name__} produced NaN or inf logits; check the layer input "
+            f"{type(self).__name__} {what}; check the layer input "
             "(and the learning rate), or pass nan_policy='ignore' to route them anyway"
         )
-        if logits.device.type != "cpu":
+        if t.device.type != "cpu":
             torch._assert_async(finite, message)  # no host sync on accelerators
         elif not bool(finite):
             raise FloatingPointError(message)
@@ -354,7 +358,9 @@ class HashRouter(Router):
         return self.route(self.compute_logits(x), token_ids=token_ids, positions=positions)
 
     def compute_logits(self, x: Tensor) -> Tensor:
-        """Zeros [T, E]: a hash has no preference among experts."""
+        """Zeros [T, E]: a hash has no preference among experts. The input is still checked
+        for NaN/inf under nan_policy "raise", as every learned router checks its logits."""
+        self._check_finite(x, "got a NaN or inf input")
         return x.new_zeros(x.shape[0], self.num_experts, dtype=torch.float32)
 
     def route(self, logits: Tensor, token_ids=None, positions=None) -> Routing:
@@ -370,6 +376,11 @@ class HashRouter(Router):
             keys = token_ids
         else:
             keys = positions if positions is not None else torch.arange(num_tokens, device=device)
+        if not isinstance(keys, Tensor) or keys.is_floating_point() or keys.dtype == torch.bool:
+            raise ValueError(
+                f"HashRouter(key={self.key!r}) needs integer token ids / positions, got "
+                f"{getattr(keys, 'dtype', type(keys).__name__)}; pass a long tensor"
+            )
         keys = keys.reshape(-1).long()
         if keys.shape[0] != num_tokens:
             raise ValueError(f"got {keys.shape[0]} token ids / positions for {num_tokens} tokens")

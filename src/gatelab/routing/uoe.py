@@ -59,7 +59,9 @@ class AllExpertsRouter(Router):
         return self.route(self.compute_logits(x), dtype=x.dtype)
 
     def compute_logits(self, x: Tensor) -> Tensor:
-        """Zeros [T, E]: every expert is taken alike."""
+        """Zeros [T, E]: every expert is taken alike. The input is still checked for NaN/inf
+        under nan_policy "raise", as every learned router checks its logits."""
+        self._check_finite(x, "got a NaN or inf input")
         return torch.zeros(x.shape[0], self.num_experts, device=x.device)
 
     def route(self, logits: Tensor, dtype: torch.dtype | None = None) -> Routing:

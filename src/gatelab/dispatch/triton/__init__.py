@@ -69,6 +69,7 @@ def triton_dispatch(
     x: Tensor, experts: Tensor, weights: Tensor, bank: ExpertWeights, deterministic: bool = True
 ) -> Tensor:
     """Sum over slots of weight * expert(x) for x [T, D], experts/weights [T, K], in triton."""
+    from ..checks import check_dispatch_inputs
     from ..grouped import grouped_dispatch
 
     if not triton_available():
@@ -82,6 +83,7 @@ def triton_dispatch(
             "dispatcher='auto' (grouped off CUDA), or set TRITON_INTERPRET=1 before the first "
             "triton dispatch to run the kernels on CPU for testing"
         )
+    check_dispatch_inputs(x, experts, weights, bank)
     act = kernel_activation(bank.activate)
     if act is None or bank.w_in.dtype == torch.float64:
         return grouped_dispatch(x, experts, weights, bank, deterministic)

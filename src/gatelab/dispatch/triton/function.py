@@ -12,9 +12,9 @@ import os
 import torch
 import triton
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ..grouped import sort_slots
+from ...experts.activation import as_activation
+from ..grouped import composite_backward, sort_slots
 from . import configs, kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -321,6 +321,7 @@ class TritonExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, act, routed, shape, deterministic):
+        act, activation = act
         act_code, glu = act
         slots, tokens, experts, counts, _ = routed
         rows = tokens.shape[0]
@@ -333,7 +334,7 @@ class TritonExperts(torch.autograd.Function):
         blocks = RowBlocks(counts, rows, block_m, decode)
         kind = "decode" if decode else "gemm"
         ctx.x_dtype = x.dtype
-        x = x.to(w_in.dtype).contiguous()
+        x_in, x = x, x.to(w_in.dtype).contiguous()
         b_in = b_in.contiguous() if b_in is not None else None
         b_out = b_out.contiguous() if b_out is not None else None
         training = any(ctx.needs_input_grad)
@@ -360,6 +361,7 @@ class TritonExperts(torch.autograd.Function):
                 scale=scale,
             )
         ctx.save_for_backward(
+            x_in,
             x,
             hidden,
             act_rows,
@@ -374,14 +376,24 @@ class TritonExperts(torch.autograd.Function):
             counts,
         )
         ctx.blocks, ctx.kind, ctx.act, ctx.shape = blocks, kind, act, shape
+        ctx.activation = activation
         ctx.deterministic = deterministic
         return finish_combine(out, shape, deterministic, ctx.x_dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        x, hidden, act_rows, slot_weights, w_in, w_out, b_in, b_out = ctx.saved_tensors[:8]
-        slots, tokens, experts, counts = ctx.saved_tensors[8:]
+        saved = ctx.saved_tensors  # once: a checkpointed graph unpacks each tensor once
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite path
+            x_in, _, _, _, slot_weights, w_in, w_out, b_in, b_out, *routed = saved
+            inputs = (x_in, slot_weights, w_in, w_out, b_in, b_out)
+            grads = composite_backward(ctx, inputs, ctx.activation, (*routed, None), grad_out)
+            return (*grads, None, None, None, None)
+        return TritonExperts._backward(ctx, saved[1:], grad_out)
+
+    @staticmethod
+    def _backward(ctx, saved, grad_out):
+        x, hidden, act_rows, slot_weights, w_in, w_out, b_in, b_out = saved[:8]
+        slots, tokens, experts, counts = saved[8:]
         need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
         act_code, glu = ctx.act
         blocks, kind, rows = ctx.blocks, ctx.kind, tokens.shape[0]
@@ -438,7 +450,7 @@ def run(x, experts, weights, bank, act_code, glu, deterministic) -> Tensor:
         bank.w_out,
         bank.b_in,
         bank.b_out,
-        (act_code, glu),
+        ((act_code, glu), as_activation(bank.activate)),
         routed,
         tuple(experts.shape),
         deterministic,
