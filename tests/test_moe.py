@@ -282,3 +282,19 @@ def test_layer_refuses_non_finite_or_non_numeric_settings(kwargs, match):
 
 def test_layer_keeps_zero_loss_weights_out():
     assert MoE(8, 16, 4, loss_weights={"balance": 0, "z": 0.5}).loss_weights == {"z": 0.5}
+
+
+@pytest.mark.parametrize("experts", ["glu", "mlp"])
+def test_a_whole_layer_pickles(tmp_path, experts):
+    """torch.save(model) and multiprocessing pickle whole modules; the activation's kernel
+    table holds lambdas, so the activation pickles by name."""
+    import pickle
+
+    torch.manual_seed(0)
+    moe = MoE(dim=8, hidden_dim=16, num_experts=4, top_k=2, experts=experts, act="gelu")
+    copy = pickle.loads(pickle.dumps(moe))
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(copy(x), moe(x), rtol=0, atol=0)
+    torch.save(moe, tmp_path / "moe.pt")
+    loaded = torch.load(tmp_path / "moe.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), moe(x), rtol=0, atol=0)

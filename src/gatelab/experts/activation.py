@@ -88,6 +88,11 @@ class Plain(ExpertActivation):
     def __repr__(self) -> str:
         return f"Plain({self.name!r})"
 
+    def __reduce__(self):
+        # Rebuilt from the name: the kernel table holds lambdas, which pickle cannot name
+        # (torch.save(model) and multiprocessing pickle whole modules).
+        return (Plain, (self.name,))
+
     def __call__(self, hidden: Tensor) -> Tensor:
         return self.fn(hidden)
 
@@ -113,6 +118,11 @@ class GLU(ExpertActivation):
 
     def __repr__(self) -> str:
         return f"GLU({self.name!r})"
+
+    def __reduce__(self):
+        # Rebuilt from the name: the kernel table holds lambdas, which pickle cannot name
+        # (torch.save(model) and multiprocessing pickle whole modules).
+        return (GLU, (self.name,))
 
     def __call__(self, hidden: Tensor) -> Tensor:
         gate, up = hidden.chunk(2, dim=-1)
