@@ -353,6 +353,9 @@ def test_prune_bad_input():
         select_experts(model, importance, 7)
     with pytest.raises(ValueError, match="below top_k=2"):
         select_experts(model, importance, 1)
+    nan = {0: torch.tensor([float("nan"), 1, 2, 3, 4, 5.0]), 2: torch.rand(6)}
+    with pytest.raises(ValueError, match="layer 0 has non-finite values"):
+        select_experts(model, nan, 3)  # topk used to rank the NaN expert first
     with pytest.raises(ValueError, match="missing \\[2\\]"):
         prune_model(model, {0: [0, 1, 2]})
     with capture_routing(model), pytest.raises(ValueError, match="before prune_model"):

@@ -186,6 +186,13 @@ def test_bad_input():
         layer_importance(model, [])
     with pytest.raises(ValueError, match="kinds must lie"):
         skip_experts(model, alpha, [0.1, 0.2]).set_kinds(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="kinds must be integer labels"):
+        skip_experts(model, alpha, [0.1, 0.2]).set_kinds(torch.tensor([0.5, 0.9]))
+    for bad in (float("nan"), -0.1, float("inf")):  # NaN never skips, < 0 always: silently
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            skip_experts(model, {0: bad, 2: 0.5}, 0.1)
+    with pytest.raises(ValueError, match="must be finite"):
+        threshold_grid(torch.tensor([float("nan"), 0.1]), 4, mapping="quantile")
     with pytest.raises(ValueError, match="target"):
         search_thresholds(SkipEvaluator(model, prompts, alpha), [[0.0, 1.0]], 1.5)
     with pytest.raises(ValueError, match="no MoE blocks"):

@@ -172,6 +172,11 @@ def select_experts(model, importance: Mapping[int, Tensor], keep: int) -> dict[i
             raise ValueError(
                 f"importance for layer {block.layer} must have shape [{block.num_experts}]"
             )
+        if not bool(torch.isfinite(score).all()):  # topk would rank NaN first, silently
+            raise ValueError(
+                f"importance for layer {block.layer} has non-finite values "
+                f"{score[~torch.isfinite(score)].tolist()}; recompute it on finite model outputs"
+            )
         n_group, _ = _groups(block)
         size = block.num_experts // n_group
         ids = []

@@ -148,7 +148,10 @@ class SkipHandle:
         """Per-token kinds ([B, S] or [T] ints in 0..len(thresholds)-1) for the next
         forwards; None = every token is kind 0."""
         if kinds is not None:
-            kinds = torch.as_tensor(kinds).reshape(-1).long()
+            kinds = torch.as_tensor(kinds)
+            if kinds.is_floating_point() or kinds.is_complex() or kinds.dtype == torch.bool:
+                raise ValueError(f"kinds must be integer labels, got dtype {kinds.dtype}")
+            kinds = kinds.reshape(-1).long()
             if kinds.numel() and (kinds.min() < 0 or kinds.max() >= len(self.thresholds)):
                 raise ValueError(
                     f"kinds must lie in 0..{len(self.thresholds) - 1} (one per threshold), "
@@ -217,6 +220,11 @@ def skip_experts(
         raise ValueError(
             f"importance has no value for MoE layers {missing}; compute it with "
             "layer_importance(model, prompts)"
+        )
+    bad = {b.layer: importance[b.layer] for b in blocks if not float(importance[b.layer]) >= 0}
+    if bad or any(math.isinf(float(importance[b.layer])) for b in blocks):
+        raise ValueError(  # a NaN alpha would never skip and a negative one always, silently
+            f"importance must be finite and >= 0 for every MoE layer, got {bad or dict(importance)}"
         )
     state = SkipHandle(handle=None, thresholds=tau)  # type: ignore[arg-type]
     edits = {
@@ -335,6 +343,8 @@ def threshold_grid(
     if mapping == "quantile":
         if scores is None or scores.numel() == 0:
             raise ValueError("mapping='quantile' needs the calibration scores (scores=...)")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("scores for mapping='quantile' must be finite")
         q = torch.quantile(scores.double(), torch.linspace(0, 1, size - 1, dtype=torch.float64))
         top = float(scores.max()) * (1 + 1e-6) + 1e-12
         return [0.0] + [float(v) for v in q[1:]] + [top]
