@@ -42,7 +42,10 @@ module used before; it is kept as an option.
 
 Departures: the paper's two kinds are text and vision tokens; here a token's kind is
 whatever integer label the caller gives per token (:class:`SkipHandle.set_kinds`; the
-experiment uses the prompt's domain, prose or code). The skip ratio is measured during the
+experiment uses the prompt's domain, prose or code). The reference computes alpha per layer
+*and per modality* (``get_layer_importance_ddp.py`` skips a layer's experts for one
+modality's tokens at a time and normalises over layers within each modality); here alpha
+is one value per layer, from skipping the layer for every token. The skip ratio is measured during the
 edited forwards (slots emptied / slots the router chose), not predicted from the unedited
 routing, since skipping in one layer changes the routing of later ones (the reference
 counts during the edited forwards too). The reference's search minimises KL at
