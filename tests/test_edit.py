@@ -19,6 +19,7 @@ from gatelab.edit.prune import (  # noqa: E402
     select_experts,
 )
 from gatelab.edit.steer import clamp_neurons, force_on, steer_experts, switch_off  # noqa: E402
+from gatelab.inspect.access import has_hooks  # noqa: E402
 from gatelab.routing import EMPTY, Routing  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -246,20 +247,14 @@ def test_restrict_gatelab_router_without_patching(router, kwargs):
     assert torch.equal(_logits(model, ids), plain)
 
 
-def test_easy_ep_hand_computed():
-    """EASY-EP's score on one layer, against a direct per-token computation."""
-    model = _gatelab_lm()
-    ids = torch.randint(3, 50, (1, 7))
-    block = find_moe_blocks(model)[0]
-    with capture_routing(model, hidden=True) as cap:
-        _logits(model, ids)
-    x, r = cap.input(block.layer), cap.routing(block.layer)
+def _easy_ep_by_hand(block, x, h, r):
+    """EASY-EP's score, token by token: experts run on x, the weight compares h, h + moe."""
     w = block.expert_weights()
 
-    def expert(e, h):
-        return w.activate(h @ w.w_in[e].T) @ w.w_out[e].T
+    def expert(e, v):
+        return w.activate(v @ w.w_in[e].T) @ w.w_out[e].T
 
-    expected = torch.zeros(6, dtype=torch.float64)
+    expected = torch.zeros(block.num_experts, dtype=torch.float64)
     with torch.no_grad():
         for t in range(x.shape[0]):
             outs = [
@@ -267,13 +262,88 @@ def test_easy_ep_hand_computed():
                 for e, g in zip(r.experts[t], r.weights[t], strict=True)
             ]
             moe = sum(g * y for _, g, y in outs)
-            contrib = max(1 - float(torch.cosine_similarity(x[t], x[t] + moe, dim=0)), 0.0)
+            contrib = max(1 - float(torch.cosine_similarity(h[t], h[t] + moe, dim=0)), 0.0)
             for e, g, y in outs:
                 expected[e] += contrib * g * float(y.norm())
+    return expected
+
+
+def _loud_experts(model):
+    """Scale the experts up so the routed output turns the stream by a measurable angle
+    (the tiny LM's initial experts barely move it, and every score would be ~1e-10)."""
+    with torch.no_grad():
+        for block in find_moe_blocks(model):
+            block.expert_weights().w_out.mul_(30.0)
+    return model
+
+
+def test_easy_ep_hand_computed():
+    """EASY-EP's score on one layer, against a direct per-token computation; the token
+    weight compares the residual stream (RUCAIBox/EASYEP Block.forward), not the normalised
+    block input: the stream is what the FFN norm received, and the two scores differ."""
+    model = _loud_experts(_gatelab_lm())
+    ids = torch.randint(3, 50, (1, 7))
+    block = find_moe_blocks(model)[0]
+    seen = {}
+    norm = model.blocks[block.layer].ffn_norm
+    spy = norm.register_forward_hook(lambda m, a, out: seen.update(h=a[0], x=out))
+    with capture_routing(model, hidden=True, stream=True) as cap:
+        _logits(model, ids)
+    spy.remove()
+    x, h, r = cap.input(block.layer), cap.stream(block.layer), cap.routing(block.layer)
+    assert torch.equal(h, seen["h"].reshape(h.shape)) and torch.equal(x, seen["x"].reshape(x.shape))
+    expected = _easy_ep_by_hand(block, x, h, r)
     got = expert_importance(model, ids, "easy_ep", layers=[block.layer])[block.layer]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert expected.max() > 1e-3  # a test that can tell the formulas apart
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0.0)
+    old = expert_importance(model, ids, "easy_ep", [block.layer], contribution="ffn_input")
+    torch.testing.assert_close(
+        old[block.layer], _easy_ep_by_hand(block, x, x, r), rtol=1e-4, atol=0.0
+    )
+    assert not torch.allclose(old[block.layer], got, rtol=1e-2)
     freq = expert_importance(model, ids, "frequency", layers=[block.layer])[block.layer]
     assert freq.tolist() == r.tokens_per_expert().double().tolist()
+
+
+@pytest.mark.parametrize("name", hf_tiny.FAMILIES)
+def test_residual_stream_of_hf_blocks(name):
+    """The stream captured for an HF block is the input of the norm that feeds it."""
+    model = hf_tiny.build(name)
+    blocks = find_moe_blocks(model)
+    layer = model.model.layers[blocks[-1].layer]
+    seen = {}
+    spy = layer.post_attention_layernorm.register_forward_hook(
+        lambda m, a, out: seen.update(h=a[0], x=out)
+    )
+    with capture_routing(model, layers=[blocks[-1].layer], hidden=True, stream=True) as cap:
+        _logits(model, hf_tiny.ids())
+    spy.remove()
+    h, x = cap.stream(blocks[-1].layer), cap.input(blocks[-1].layer)
+    assert torch.equal(h, seen["h"].reshape(h.shape)) and torch.equal(x, seen["x"].reshape(x.shape))
+    assert not torch.allclose(h, x)
+
+
+def test_residual_stream_refusals():
+    """A bare MoE block has no stream; a block fed by a non-norm module names none, and
+    nothing is left installed after a refusal."""
+    from gatelab.layers import MoE
+
+    moe = MoE(8, 16, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match="whole model.*hidden=True"):
+        capture_routing(moe, stream=True)
+    assert not has_hooks(find_moe_blocks(moe)[0])
+
+    class Projected(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.moe = torch.nn.Linear(8, 8), MoE(8, 16, num_experts=4, top_k=2)
+
+        def forward(self, x):
+            return x + self.moe(self.proj(x))
+
+    model = Projected()
+    with capture_routing(model, stream=True), pytest.raises(ValueError, match="residual stream"):
+        model(torch.randn(1, 3, 8))
 
 
 def test_prune_bad_input():
@@ -283,6 +353,9 @@ def test_prune_bad_input():
         select_experts(model, importance, 7)
     with pytest.raises(ValueError, match="below top_k=2"):
         select_experts(model, importance, 1)
+    nan = {0: torch.tensor([float("nan"), 1, 2, 3, 4, 5.0]), 2: torch.rand(6)}
+    with pytest.raises(ValueError, match="layer 0 has non-finite values"):
+        select_experts(model, nan, 3)  # topk used to rank the NaN expert first
     with pytest.raises(ValueError, match="missing \\[2\\]"):
         prune_model(model, {0: [0, 1, 2]})
     with capture_routing(model), pytest.raises(ValueError, match="before prune_model"):

@@ -104,18 +104,28 @@ def test_hourglass_ffn_returns_the_update_of_its_stacked_blocks():
 @pytest.mark.parametrize("cls", [BottleneckMLP, HourglassMLP])
 def test_classifiers(cls):
     hidden = 8 if cls is HourglassMLP else None
-    model = cls(64, 16, num_blocks=2, num_classes=10, hidden_dim=hidden)
-    x = torch.randn(5, 1, 8, 8)
+    model = cls(16, 32, num_blocks=2, num_classes=10, hidden_dim=hidden)
+    x = torch.randn(5, 1, 4, 4)
     assert model(x).shape == (5, 10)
     h = model.blocks[0].hidden_dim
-    per_block = 2 * 16 + 2 * 16 * h + h + 16
-    assert count(model) == (64 * 16 + 16) + 2 * per_block + (16 * 10 + 10)
+    per_block = 2 * 32 + 2 * 32 * h + h + 32
+    assert count(model) == (16 * 32 + 32) + 2 * per_block + (32 * 10 + 10)
+
+
+def test_hourglass_refuses_a_lift_that_narrows():
+    """The hourglass lifts the input to a wider residual stream (arXiv 2510.01796)."""
+    with pytest.raises(ValueError, match="dim=33 is narrower than input_dim=64"):
+        HourglassMLP(64, 33, num_blocks=1, num_classes=10, hidden_dim=8)
+    with pytest.raises(ValueError, match="BottleneckMLP"):
+        HourglassMLP(64, 45, 1, 10, hidden_dim=11, fixed_lift=True)
+    assert HourglassMLP(64, 64, 1, 10, hidden_dim=16).dim == 64  # equal width is no shrink
+    assert BottleneckMLP(64, 33, 1, 10).dim == 33  # the narrow stream is the bottleneck's
 
 
 def test_fixed_lift_is_a_saved_buffer_that_does_not_train():
-    model = HourglassMLP(64, 16, num_blocks=1, num_classes=10, hidden_dim=8, fixed_lift=True)
+    model = HourglassMLP(64, 80, num_blocks=1, num_classes=10, hidden_dim=8, fixed_lift=True)
     assert "lift_weight" in model.state_dict() and model.lift is None
-    assert count(model) == count(HourglassMLP(64, 16, 1, 10, hidden_dim=8)) - (64 * 16 + 16)
+    assert count(model) == count(HourglassMLP(64, 80, 1, 10, hidden_dim=8)) - (64 * 80 + 80)
     before = model.lift_weight.clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     F.cross_entropy(model(torch.randn(4, 64)), torch.tensor([0, 1, 2, 3])).backward()
@@ -219,12 +229,12 @@ def test_experiment_smoke(name, tmp_path):
 def test_classifier_block_kind_builds_the_paper_model(block, cls, hidden):
     from gatelab.models import build_model
 
-    table = {"hidden_dims": [32, 32, 32], "block": block, "block_hidden_dim": hidden}
+    table = {"hidden_dims": [80, 80, 80], "block": block, "block_hidden_dim": hidden}
     _, model = build_model("mlp", table)
-    reference = cls(64, 32, 2, 10, hidden_dim=hidden or None)
+    reference = cls(64, 80, 2, 10, hidden_dim=hidden or None)
     assert count(model) == count(reference)
     torch.manual_seed(0)
-    reference = cls(64, 32, 2, 10, hidden_dim=hidden or None)
+    reference = cls(64, 80, 2, 10, hidden_dim=hidden or None)
     model.layers[0].load_state_dict(reference.lift.state_dict())
     for i in (1, 2):
         model.layers[i].load_state_dict(reference.blocks[i - 1].state_dict())
@@ -236,7 +246,10 @@ def test_classifier_block_kind_builds_the_paper_model(block, cls, hidden):
 def test_classifier_block_errors():
     from gatelab.models import MLPConfig
 
-    with pytest.raises(ConfigError, match="block_hidden_dim=32: hourglass blocks are narrow"):
-        MLPConfig(hidden_dims=[32, 32], block="hourglass", block_hidden_dim=32)
+    with pytest.raises(ConfigError, match="block_hidden_dim=80: hourglass blocks are narrow"):
+        MLPConfig(hidden_dims=[80, 80], block="hourglass", block_hidden_dim=80)
+    with pytest.raises(ConfigError, match=r"hidden_dims\[0\]=32 is narrower than input_dim=64"):
+        MLPConfig(hidden_dims=[32, 32], block="hourglass")
+    assert MLPConfig(hidden_dims=[32, 32], block="bottleneck").block == "bottleneck"
     with pytest.raises(ConfigError, match="block"):
         MLPConfig(block="gmlp")

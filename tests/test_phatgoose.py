@@ -242,3 +242,14 @@ def test_experiment_smoke(tmp_path):
         assert len(row["top1_expert_per_layer"]) == 3
     for row in result["runs"][0]["held_in"].values():
         assert all(0 <= share <= 1 for share in row["routed_to_own"])
+
+
+def test_table_labels_break_ties_by_seed_order():
+    """The most-routed / oracle label of a table cell: the majority over the seeds; a tie
+    goes to the label of the earliest seed and says so (not to set iteration order)."""
+    from gatelab.experiments.phatgoose import _common
+
+    assert _common(["rot90", "invert", "rot90"]) == "rot90"
+    assert _common(["invert", "rot90", "rot90", "invert"]) == "invert (tie)"
+    assert _common(["rot90", "invert", "invert", "rot90"]) == "rot90 (tie)"
+    assert _common(["flip_ud", "invert", "rot90"]) == "flip_ud (tie)"

@@ -8,6 +8,7 @@ from lm_tiny import tiny_moe_lm
 
 from gatelab.edit import find_moe_blocks
 from gatelab.edit.skip import (
+    SCORES,
     SkipEvaluator,
     layer_importance,
     search_thresholds,
@@ -81,21 +82,76 @@ def test_skip_ratio_grows_with_threshold_and_matches_manual_mask():
     assert all(a <= b + 1e-9 for a, b in zip(ratios, ratios[1:], strict=False))
     # the edit is the documented rule: slots with alpha * pi < tau emptied, weights kept
     tau = grid[3]
-    seen = {}
+    for score in ("topk", "router"):
+        expected = _manual_skip(model, prompts[0], alpha, tau, score)
+        with skip_experts(model, alpha, tau, score=score):
+            torch.testing.assert_close(_logits(model, prompts[0]), expected, rtol=0, atol=0)
+
+
+def _manual_skip(model, ids, alpha, tau, score):
+    """Logits with the skip rule written out: pi is the router's score of each chosen
+    expert, renormalised over the token's chosen experts for "topk" (ModelTC/MoDES)."""
 
     def manual(layer):
         def edit(r):
             pi = r.scores.gather(1, r.experts.clamp_min(0))
-            out = r.keep_slots(~(alpha[layer] * pi < tau))
-            seen[layer] = out
-            return out
+            if score == "topk":
+                pi = pi / pi.sum(1, keepdim=True)
+            return r.keep_slots(~(alpha[layer] * pi < tau))
 
         return edit
 
     with edit_routing(model, {layer: manual(layer) for layer in alpha}):
-        expected = _logits(model, prompts[0])
-    with skip_experts(model, alpha, tau):
-        torch.testing.assert_close(_logits(model, prompts[0]), expected, rtol=0, atol=0)
+        return _logits(model, ids)
+
+
+def test_default_score_is_the_renormalised_top_k_weight():
+    """MoDES weighs the layer importance by the renormalised top-k weight, not the full
+    softmax: at a threshold between the two, the default skips like the former."""
+    model, prompts = _gatelab_lm(), _prompts()
+    alpha = layer_importance(model, prompts)
+    topk, router = (torch.cat(slot_scores(model, prompts, alpha, score=s)) for s in SCORES)
+    assert (topk >= router - 1e-7).all() and (topk > router + 1e-3).any()
+    tau = float(torch.quantile(topk, 0.5))
+    with skip_experts(model, alpha, tau) as default:
+        got = _logits(model, prompts[0])
+    torch.testing.assert_close(got, _manual_skip(model, prompts[0], alpha, tau, "topk"))
+    with skip_experts(model, alpha, tau, score="router") as old:
+        _logits(model, prompts[0])
+    assert default.ratio < old.ratio  # the full softmax is smaller: it skips more
+    with pytest.raises(ValueError, match="score must be one of"):
+        skip_experts(model, alpha, tau, score="softmax")
+
+
+def test_threshold_grid_follows_the_reference():
+    """grid_search_tau_ddp.py: linspace(tau_min, tau_max, D), exp map 2/(1+e^(-(x-1)c)),
+    D = 100 and c = 10 by default; quantiles only on request."""
+    import math
+
+    grid = threshold_grid()
+    assert len(grid) == 100
+    assert grid[0] == pytest.approx(2 / (1 + math.exp(10))) and grid[-1] == pytest.approx(1.0)
+    x = 50 / 99
+    assert grid[50] == pytest.approx(2 / (1 + math.exp(-(x - 1) * 10)))
+    assert all(a < b for a, b in zip(grid, grid[1:], strict=False))
+    ref = threshold_grid(None, 100, 0.0, 0.71)
+    assert ref[-1] == pytest.approx(2 / (1 + math.exp(0.29 * 10)))  # the reference's text max
+    linear = threshold_grid(size=5, tau_min=0.1, tau_max=0.5, mapping="linear")
+    assert linear == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    quantile = threshold_grid(scores, 4, mapping="quantile")
+    assert quantile[0] == 0.0 and quantile[-1] > 0.4
+    for bad, match in (
+        (dict(size=1), "grid size"),
+        (dict(size=True), "grid size"),
+        (dict(mapping="log"), "mapping must be"),
+        (dict(mapping="quantile"), "needs the calibration scores"),
+        (dict(tau_min=0.5, tau_max=0.5), "tau_min < tau_max"),
+        (dict(tau_max=float("nan")), "finite"),
+        (dict(exp_coeff=0.0), "exp_coeff"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            threshold_grid(**bad)
 
 
 def test_frontier_search_one_and_two_kinds():
@@ -109,7 +165,9 @@ def test_frontier_search_one_and_two_kinds():
     best, frontier = search_thresholds(evaluate, grids, target=0.5)
     assert best is not None and best.ratio >= 0.5 and frontier
     assert best.kl == min(p.kl for p in frontier)
-    assert len(evaluate.points) <= 2 * 5 + 1  # the staircase, not the whole grid
+    # the staircase, not the whole 5 x 5 grid: per column at most one failing step and one
+    # frontier point, plus at most one step down per row
+    assert len(evaluate.points) <= 2 * 5 + 5 < 5 * 5
     one = SkipEvaluator(model, prompts, alpha)
     best1, _ = search_thresholds(one, [threshold_grid(torch.cat(scores), 8)], target=0.5)
     assert best1 is not None and best1.ratio >= 0.5
@@ -128,6 +186,13 @@ def test_bad_input():
         layer_importance(model, [])
     with pytest.raises(ValueError, match="kinds must lie"):
         skip_experts(model, alpha, [0.1, 0.2]).set_kinds(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="kinds must be integer labels"):
+        skip_experts(model, alpha, [0.1, 0.2]).set_kinds(torch.tensor([0.5, 0.9]))
+    for bad in (float("nan"), -0.1, float("inf")):  # NaN never skips, < 0 always: silently
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            skip_experts(model, {0: bad, 2: 0.5}, 0.1)
+    with pytest.raises(ValueError, match="must be finite"):
+        threshold_grid(torch.tensor([float("nan"), 0.1]), 4, mapping="quantile")
     with pytest.raises(ValueError, match="target"):
         search_thresholds(SkipEvaluator(model, prompts, alpha), [[0.0, 1.0]], 1.5)
     with pytest.raises(ValueError, match="no MoE blocks"):

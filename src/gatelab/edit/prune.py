@@ -7,14 +7,21 @@ of each layer by
 
 - output-aware importance c_{i,t} = g_{i,t} * ||E_i(h_t)||_2 (gate weight times the norm
   of the expert's own output), counted for the experts a token is routed to,
-- weighted by the token's contribution w_t = max(1 - cos(h_t, h_t + RoutedMoE(h_t)), 0),
-  the change the routed experts (not the shared expert) make to the block's input,
+- weighted by the token's contribution w_t = max(1 - cos(h_t, h_t + RoutedMoE(x_t)), 0),
+  the change the routed experts (not the shared expert) make to the residual stream,
 
 S_i = sum over demonstrations and tokens of w_t * c_{i,t}; keep the top N per layer. The
 ``frequency`` baseline counts routed slots instead (the usual count-based pruning).
 
-Reading of the notes: h_t is the MoE block's input (the formula applies RoutedMoE to it);
-EASY-EP uses the 25 longest demonstrations: pass the demonstrations you want scored.
+Which hidden state: the reference (``pruning/model_new.py``, ``Block.forward``, whose
+``simibr`` ``pruning/expert_selection.py`` reads) compares the **un-normalised residual
+stream** h_t entering the MoE sublayer with h_t plus the routed output; the experts
+themselves run on x_t = ffn_norm(h_t). That is the default (``contribution="residual"``;
+the access layer captures h_t with ``capture_routing(..., stream=True)``). Departure kept
+as an option: ``contribution="ffn_input"`` compares x_t with x_t + RoutedMoE(x_t), the
+reading of the notes this module followed before (issue 15); it needs no residual stream,
+so it also works on a bare MoE block. EASY-EP uses the 25 longest demonstrations: pass the
+demonstrations you want scored.
 
 Grouped routers (DeepSeek-V3's ``n_group``): each group keeps N / n_group experts, so the
 pruned router's groups are the original groups restricted to their kept experts and its
@@ -46,34 +53,58 @@ from ..inspect.access import (
 from ..inspect.prompts import forward_ids, prompt_batches
 
 METHODS = ("easy_ep", "frequency")
+CONTRIBUTIONS = ("residual", "ffn_input")
 
 
 def expert_importance(
-    model, prompts: Iterable, method: str = "easy_ep", layers: Iterable[int] | None = None
+    model,
+    prompts: Iterable,
+    method: str = "easy_ep",
+    layers: Iterable[int] | None = None,
+    contribution: str = "residual",
 ) -> dict[int, Tensor]:
-    """Per MoE layer, an [E] float64 importance of each expert on ``prompts`` (token ids)."""
+    """Per MoE layer, an [E] float64 importance of each expert on ``prompts`` (token ids).
+
+    ``contribution`` (EASY-EP only): which hidden state the token weight compares with
+    itself plus the routed output, the residual stream (the reference) or the normalised
+    block input (see the module doc).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if contribution not in CONTRIBUTIONS:
+        raise ValueError(f"contribution must be one of {CONTRIBUTIONS}, got {contribution!r}")
     blocks = select_blocks(model, layers)
     batches = prompt_batches(model, prompts, "demonstrations")
     scores = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
-    with capture_routing(blocks, hidden=method == "easy_ep") as cap:
+    easy = method == "easy_ep"
+    stream = easy and contribution == "residual"
+    with capture_routing(blocks, hidden=easy, stream=stream) as cap:
         for ids in batches:
             cap.clear()
             forward_ids(model, ids)
             for block in blocks:
                 routing = cap.routing(block.layer)
-                if method == "frequency":
+                if not easy:
                     scores[block.layer] += routing.tokens_per_expert().double().cpu()
-                else:
-                    scores[block.layer] += _easy_ep(block, cap.input(block.layer), routing)
+                    continue
+                x = cap.input(block.layer)
+                h = cap.stream(block.layer) if stream else x
+                scores[block.layer] += _easy_ep(block, x, h, routing)
     return scores
 
 
 @torch.no_grad()
-def _easy_ep(block: MoEBlock, x: Tensor, routing) -> Tensor:
+def _easy_ep(block: MoEBlock, x: Tensor, h: Tensor, routing) -> Tensor:
+    """Scores of one batch: the experts run on ``x``; the token weight compares ``h`` with
+    ``h`` + the routed output."""
     weights = block.expert_weights()
     x = x.to(weights.w_in.dtype)
+    if h.shape != x.shape:
+        raise ValueError(
+            f"layer {block.layer}: the residual stream has shape {tuple(h.shape)} but the "
+            f"block input {tuple(x.shape)}; this block does not read the stream token by token"
+        )
+    h = h.to(weights.w_in.dtype)
     routed = torch.zeros_like(x)
     per_slot = torch.zeros(routing.experts.shape, dtype=torch.float64)  # c_{i,t} per slot
     for e in range(block.num_experts):
@@ -89,7 +120,7 @@ def _easy_ep(block: MoEBlock, x: Tensor, routing) -> Tensor:
         gate = routing.weights[tokens, slots].to(out.dtype)
         routed.index_add_(0, tokens, out * gate[:, None])
         per_slot[tokens.cpu(), slots.cpu()] = (gate * out.norm(dim=1)).double().cpu()
-    contribution = (1 - F.cosine_similarity(x, x + routed, dim=1)).clamp_min(0).double().cpu()
+    contribution = (1 - F.cosine_similarity(h, h + routed, dim=1)).clamp_min(0).double().cpu()
     weighted = per_slot * contribution[:, None]
     index = routing.experts.cpu().clamp_min(0)
     return torch.zeros(block.num_experts + 1, dtype=torch.float64).index_add_(
@@ -141,6 +172,11 @@ def select_experts(model, importance: Mapping[int, Tensor], keep: int) -> dict[i
             raise ValueError(
                 f"importance for layer {block.layer} must have shape [{block.num_experts}]"
             )
+        if not bool(torch.isfinite(score).all()):  # topk would rank NaN first, silently
+            raise ValueError(
+                f"importance for layer {block.layer} has non-finite values "
+                f"{score[~torch.isfinite(score)].tolist()}; recompute it on finite model outputs"
+            )
         n_group, _ = _groups(block)
         size = block.num_experts // n_group
         ids = []
@@ -191,6 +227,7 @@ def prune_model(model: nn.Module, keep: Mapping[int, Sequence[int]]) -> nn.Modul
 
 
 __all__ = [
+    "CONTRIBUTIONS",
     "METHODS",
     "check_keep",
     "expert_importance",

@@ -9,32 +9,52 @@ Multimodal Large Language Models via Dynamic Expert Skipping" (Huang et al., arX
    distribution at calibration token j and ``p_j^(l)`` the same with *all of layer l's
    routed experts skipped* (every slot emptied; a shared expert still runs, as in the
    paper, which skips routed experts only). Normalised: ``alpha~_l = alpha_l / sum alpha``.
-2. **Globally-modulated score** (online): ``s_i = alpha~_l * pi_i`` for every selected slot i,
-   where ``pi_i`` is the router's probability of that slot's expert. We take ``pi`` from
-   ``Routing.scores`` (the router's own normalised scores: softmax for most routers,
-   DeepSeek-V3's sigmoid): MoDES's models rank by softmax, and for a sigmoid router the
-   sigmoid score is what its top-k ranks by, so it plays the same role.
+2. **Globally-modulated score** (online): ``s_i = alpha~_l * pi_i`` for every selected slot
+   i. By default (``score="topk"``) ``pi_i`` is the slot's **renormalised top-k weight**: the
+   router's scores (``Routing.scores``: softmax for most routers, DeepSeek-V3's sigmoid) of
+   the token's chosen experts divided by their sum, as the reference does (``ModelTC/MoDES``
+   ``models/qwen3.py``: softmax, top-k, divide by the top-k sum, scatter, then scale by the
+   layer importance). ``score="router"`` takes the router's full score of the expert
+   instead (the softmax over all experts, not renormalised): the reading of the paper's
+   "router probability" this module followed before (issue 15).
 3. **Dual-modality thresholding** (DMT): a slot is skipped (emptied: no compute, weight 0)
    when ``s_i < tau_kind`` for its token's kind; one kind -> one threshold. The remaining
    weights are left as the router gave them (``renormalize=False``), which is what skipping
-   an expert's computation means; ``renormalize=True`` rescales them to the old sum.
-   Threshold 0 skips nothing (``s >= 0``) and the Routing passes through untouched.
-4. **Frontier search** for a target skip ratio rho: on a D x D grid (thresholds at quantiles
-   of the calibration scores of each kind), walk the staircase where the skip ratio g
-   crosses rho (both g and f = KL to the full model are non-decreasing in each threshold),
-   then take the argmin of f on it: O(D) evaluations instead of D^2. With one kind the
-   frontier is one point: the smallest threshold reaching rho (bisection).
+   an expert's computation means (the reference zeroes the skipped weights and leaves the
+   rest); ``renormalize=True`` rescales them to the old sum. Threshold 0 skips nothing
+   (``s >= 0``) and the Routing passes through untouched.
+4. **Frontier search** for a target skip ratio rho: on a D x D grid of thresholds, walk the
+   staircase where the skip ratio g crosses rho (both g and f = KL to the full model are
+   non-decreasing in each threshold), then take the argmin of f on it: O(D) evaluations
+   instead of D^2 (the reference's ``minimize_g_subject_to_f``). With one kind the frontier
+   is one point: the smallest threshold reaching rho (bisection).
+
+**The grid** (:func:`threshold_grid`), as the reference's ``grid_search_tau_ddp.py`` builds
+it: D points x_j evenly spaced over [tau_min, tau_max], used as they are
+(``mapping="linear"``) or mapped by tau = 2 / (1 + exp(-(x - 1) * c)) (``mapping="exp"``,
+c = ``exp_coeff``), which packs the thresholds densely near 0, where most scores lie.
+Defaults are the reference's: D = 100, ``mapping="exp"``, c = 10, tau_min = 0. Departure:
+tau_max defaults to 1.0, which maps to tau = 1 and so covers every possible score
+(s = alpha~ * pi <= 1); the reference's defaults (0.71 for text, 0.6 for vision tokens,
+thresholds up to 0.104 and 0.037) are tuned to its VLMs' score ranges. ``mapping="quantile"``
+(thresholds at quantiles of calibration scores, ``scores=`` required) is the grid this
+module used before; it is kept as an option.
 
 Departures: the paper's two kinds are text and vision tokens; here a token's kind is
 whatever integer label the caller gives per token (:class:`SkipHandle.set_kinds`; the
-experiment uses the prompt's domain, prose or code). The grid is D = 16 by default (the
-paper's D = 100 costs ~200 passes over the calibration set). The skip ratio is measured
-during the edited forwards (slots emptied / slots the router chose), not predicted from
-the unedited routing, since skipping in one layer changes the routing of later ones.
+experiment uses the prompt's domain, prose or code). The reference computes alpha per layer
+*and per modality* (``get_layer_importance_ddp.py`` skips a layer's experts for one
+modality's tokens at a time and normalises over layers within each modality); here alpha
+is one value per layer, from skipping the layer for every token. The skip ratio is measured during the
+edited forwards (slots emptied / slots the router chose), not predicted from the unedited
+routing, since skipping in one layer changes the routing of later ones (the reference
+counts during the edited forwards too). The reference's search minimises KL at
+temperature 1 on answer tokens; here KL is over every token of the calibration windows.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +65,22 @@ from torch import Tensor
 from ..inspect.access import EditHandle, capture_routing, edit_routing, find_moe_blocks
 from ..inspect.prompts import forward_ids, prompt_batches
 from ..routing import Routing
+
+SCORES = ("topk", "router")
+MAPPINGS = ("exp", "linear", "quantile")
+
+
+def slot_pi(routing: Routing, score: str = "topk") -> Tensor:
+    """pi per slot [T, K] float32: the renormalised top-k weight (``"topk"``, the
+    reference's) or the router's own score of the slot's expert (``"router"``); 0 in empty
+    slots."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    valid = routing.valid
+    pi = routing.scores.gather(1, routing.experts.clamp_min(0)).to(torch.float32) * valid
+    if score == "topk":
+        pi = pi / pi.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return pi
 
 
 def skip_all(routing: Routing) -> Routing:
@@ -115,7 +151,10 @@ class SkipHandle:
         """Per-token kinds ([B, S] or [T] ints in 0..len(thresholds)-1) for the next
         forwards; None = every token is kind 0."""
         if kinds is not None:
-            kinds = torch.as_tensor(kinds).reshape(-1).long()
+            kinds = torch.as_tensor(kinds)
+            if kinds.is_floating_point() or kinds.is_complex() or kinds.dtype == torch.bool:
+                raise ValueError(f"kinds must be integer labels, got dtype {kinds.dtype}")
+            kinds = kinds.reshape(-1).long()
             if kinds.numel() and (kinds.min() < 0 or kinds.max() >= len(self.thresholds)):
                 raise ValueError(
                     f"kinds must lie in 0..{len(self.thresholds) - 1} (one per threshold), "
@@ -133,10 +172,10 @@ class SkipHandle:
         self.remove()
 
 
-def _skip_edit(state: SkipHandle, layer: int, importance: float, renormalize: bool):
+def _skip_edit(state: SkipHandle, layer: int, importance: float, renormalize: bool, score: str):
     def edit(routing: Routing) -> Routing:
         valid = routing.valid
-        pi = routing.scores.gather(1, routing.experts.clamp_min(0)).to(torch.float32)
+        pi = slot_pi(routing, score)
         tau = state.thresholds.to(pi.device)
         if state.kinds is None:
             limit = tau[0].expand(routing.num_tokens)
@@ -165,12 +204,16 @@ def skip_experts(
     importance: Mapping[int, float],
     thresholds: float | Sequence[float],
     renormalize: bool = False,
+    score: str = "topk",
 ) -> SkipHandle:
     """Skip every routed slot whose score ``importance[layer] * pi`` is under the threshold
-    of its token's kind (one threshold, or one per kind with :meth:`SkipHandle.set_kinds`).
+    of its token's kind (one threshold, or one per kind with :meth:`SkipHandle.set_kinds`);
+    ``pi`` as :func:`slot_pi` computes it for ``score``.
 
     Returns a :class:`SkipHandle` counting skipped and chosen slots.
     """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     tau = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
     if tau.numel() == 0 or bool((tau < 0).any()) or not bool(torch.isfinite(tau).all()):
         raise ValueError(f"thresholds must be one or more finite values >= 0, got {tau.tolist()}")
@@ -181,15 +224,23 @@ def skip_experts(
             f"importance has no value for MoE layers {missing}; compute it with "
             "layer_importance(model, prompts)"
         )
+    bad = {b.layer: importance[b.layer] for b in blocks if not float(importance[b.layer]) >= 0}
+    if bad or any(math.isinf(float(importance[b.layer])) for b in blocks):
+        raise ValueError(  # a NaN alpha would never skip and a negative one always, silently
+            f"importance must be finite and >= 0 for every MoE layer, got {bad or dict(importance)}"
+        )
     state = SkipHandle(handle=None, thresholds=tau)  # type: ignore[arg-type]
     edits = {
-        b.layer: _skip_edit(state, b.layer, float(importance[b.layer]), renormalize) for b in blocks
+        b.layer: _skip_edit(state, b.layer, float(importance[b.layer]), renormalize, score)
+        for b in blocks
     }
     state.handle = edit_routing(model, edits)
     return state
 
 
-def slot_scores(model, prompts, importance: Mapping[int, float], kinds=None) -> list[Tensor]:
+def slot_scores(
+    model, prompts, importance: Mapping[int, float], kinds=None, score: str = "topk"
+) -> list[Tensor]:
     """The calibration scores s = alpha~ * pi of every chosen slot, one tensor per kind."""
     batches = prompt_batches(model, prompts, "calibration prompts")
     kind_list = _kind_batches(batches, kinds)
@@ -200,8 +251,7 @@ def slot_scores(model, prompts, importance: Mapping[int, float], kinds=None) -> 
         flat = kind.reshape(-1)
         for layer in cap.layers:
             r = cap.routing(layer)
-            pi = r.scores.gather(1, r.experts.clamp_min(0))
-            s = float(importance[layer]) * pi
+            s = float(importance[layer]) * slot_pi(r, score)
             for k in flat.unique().tolist():
                 chosen = r.valid & (flat == k)[:, None]
                 per_kind.setdefault(int(k), []).append(s[chosen])
@@ -243,9 +293,16 @@ class SkipEvaluator:
     calibration set; caches every point it evaluated."""
 
     def __init__(
-        self, model, prompts, importance: Mapping[int, float], kinds=None, renormalize: bool = False
+        self,
+        model,
+        prompts,
+        importance: Mapping[int, float],
+        kinds=None,
+        renormalize: bool = False,
+        score: str = "topk",
     ):
         self.model, self.importance, self.renormalize = model, dict(importance), renormalize
+        self.score = score
         self.batches = prompt_batches(model, prompts, "calibration prompts")
         self.kinds = _kind_batches(self.batches, kinds)
         self.reference = _log_probs(model, self.batches)
@@ -254,7 +311,7 @@ class SkipEvaluator:
     def __call__(self, thresholds: Sequence[float]) -> SkipPoint:
         key = tuple(float(t) for t in thresholds)
         if key not in self.points:
-            handle = skip_experts(self.model, self.importance, key, self.renormalize)
+            handle = skip_experts(self.model, self.importance, key, self.renormalize, self.score)
             kl_sum = loss_sum = 0.0
             try:
                 for ids, kind, ref in zip(self.batches, self.kinds, self.reference, strict=True):
@@ -268,14 +325,43 @@ class SkipEvaluator:
         return self.points[key]
 
 
-def threshold_grid(scores: Tensor, size: int) -> list[float]:
-    """``size`` thresholds from 0 to just above the largest score, at score quantiles (so
-    each step skips about the same share of slots)."""
-    if size < 2:
-        raise ValueError(f"grid size must be >= 2, got {size}")
-    q = torch.quantile(scores.double(), torch.linspace(0, 1, size - 1, dtype=torch.float64))
-    top = float(scores.max()) * (1 + 1e-6) + 1e-12
-    return [0.0] + [float(v) for v in q[1:]] + [top]
+def threshold_grid(
+    scores: Tensor | None = None,
+    size: int = 100,
+    tau_min: float = 0.0,
+    tau_max: float = 1.0,
+    mapping: str = "exp",
+    exp_coeff: float = 10.0,
+) -> list[float]:
+    """``size`` increasing thresholds (see the module doc): x evenly spaced over
+    [tau_min, tau_max], used as they are (``"linear"``) or mapped by
+    2 / (1 + exp(-(x - 1) * exp_coeff)) (``"exp"``, the reference's default); or, with
+    ``"quantile"``, 0, the quantiles of the calibration ``scores`` and just above the
+    largest. ``scores`` is read by ``"quantile"`` only (the reference's grids do not depend
+    on the scores)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise ValueError(f"grid size must be an int >= 2, got {size!r}")
+    if mapping not in MAPPINGS:
+        raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
+    if mapping == "quantile":
+        if scores is None or scores.numel() == 0:
+            raise ValueError("mapping='quantile' needs the calibration scores (scores=...)")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("scores for mapping='quantile' must be finite")
+        q = torch.quantile(scores.double(), torch.linspace(0, 1, size - 1, dtype=torch.float64))
+        top = float(scores.max()) * (1 + 1e-6) + 1e-12
+        return [0.0] + [float(v) for v in q[1:]] + [top]
+    bounds = (tau_min, tau_max, exp_coeff)
+    if not all(math.isfinite(v) for v in bounds) or not 0.0 <= tau_min < tau_max:
+        raise ValueError(
+            f"need finite 0 <= tau_min < tau_max (and a finite exp_coeff), got {bounds}"
+        )
+    xs = [tau_min + (tau_max - tau_min) * j / (size - 1) for j in range(size)]
+    if mapping == "linear":
+        return xs
+    if exp_coeff <= 0:
+        raise ValueError(f"exp_coeff must be > 0 (the grid must increase), got {exp_coeff}")
+    return [2.0 / (1.0 + math.exp(-(x - 1.0) * exp_coeff)) for x in xs]
 
 
 def search_thresholds(
@@ -311,6 +397,8 @@ def search_thresholds(
 
 
 __all__ = [
+    "MAPPINGS",
+    "SCORES",
     "SkipEvaluator",
     "SkipHandle",
     "SkipPoint",
@@ -318,6 +406,7 @@ __all__ = [
     "search_thresholds",
     "skip_all",
     "skip_experts",
+    "slot_pi",
     "slot_scores",
     "threshold_grid",
 ]

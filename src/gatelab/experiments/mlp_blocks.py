@@ -18,7 +18,8 @@ class), inputs flattened to 64. Every model is lift -> ``num_blocks`` blocks -> 
 budget the width is searched so the trainable parameter count is the closest to it (a
 fixed lift is a buffer, so the fixed-lift hourglass spends its budget on wider blocks).
 Widths: GLU blocks hidden = 4 * dim * 2/3 (Shazeer's matched width); bottleneck hidden =
-4 * dim; hourglass hidden = dim / 4. AdamW (lr 3e-3, weight decay 0.01), batch 64, cosine
+4 * dim; hourglass hidden = dim / 4, with dim >= 64 (the lift must widen the input: a
+budget too small for that skips the hourglass rows, and the table says so). AdamW (lr 3e-3, weight decay 0.01), batch 64, cosine
 schedule with warm-up, the same steps for every model; test accuracy at the end (no early
 stopping), mean and standard deviation over seeds.
 
@@ -54,8 +55,8 @@ NAME = "mlp-blocks"
 DESCRIPTION = "digits at matched params: plain MLP vs GLU variants vs bottleneck vs hourglass"
 
 SETTINGS = {
-    "smoke": dict(budgets=[3000], num_blocks=2, steps=20, seeds=[0]),
-    "full": dict(budgets=[5000, 40000], num_blocks=4, steps=500, seeds=[0, 1, 2]),
+    "smoke": dict(budgets=[3000, 10000], num_blocks=2, steps=20, seeds=[0]),
+    "full": dict(budgets=[5000, 15000, 40000], num_blocks=4, steps=500, seeds=[0, 1, 2]),
 }
 LM_SETTINGS = {
     "smoke": dict(
@@ -134,24 +135,36 @@ MODELS: dict[str, tuple[str, Callable[[int, int], nn.Module]]] = {
 }
 
 
+# The hourglass lifts the 64 inputs to a wider residual stream (its premise; HourglassMLP
+# refuses a narrower one), so its width search starts at the input width, and a budget too
+# small for it skips the hourglass rows instead of shrinking the stream (issue 15).
+MIN_WIDTH = {"hourglass": INPUT, "hourglass_fixed": INPUT}
+OVER_BUDGET = 1.05  # the smallest allowed model may exceed the budget by this much
+
+
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def matched_width(build: Callable[[int, int], nn.Module], num_blocks: int, budget: int) -> int:
-    """The width (>= 4) whose model's trainable parameter count is closest to ``budget``."""
+def matched_width(
+    build: Callable[[int, int], nn.Module], num_blocks: int, budget: int, min_width: int = 4
+) -> int | None:
+    """The width (>= ``min_width``) whose model's trainable parameter count is closest to
+    ``budget``; None when even ``min_width`` exceeds the budget by more than 5%."""
     count = lambda w: _count(build(w, num_blocks))  # noqa: E731
-    hi = 8
+    if count(min_width) > OVER_BUDGET * budget:
+        return None
+    hi = max(8, min_width)
     while count(hi) < budget:  # grow first: building a needlessly wide model is slow
         hi *= 2
-    lo = max(4, hi // 2)
+    lo = max(min_width, hi // 2)
     while lo < hi:  # smallest width with count >= budget (counts grow with width)
         mid = (lo + hi) // 2
         if count(mid) >= budget:
             hi = mid
         else:
             lo = mid + 1
-    return min((max(4, lo - 1), lo), key=lambda w: abs(count(w) - budget))
+    return min((max(min_width, lo - 1), lo), key=lambda w: abs(count(w) - budget))
 
 
 def _train_eval(model: nn.Module, data: dict, steps: int, seed: int) -> float:
@@ -169,11 +182,27 @@ def _train_eval(model: nn.Module, data: dict, steps: int, seed: int) -> float:
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:
     s = SETTINGS[scale]
+    rows, skipped = digit_rows(s, seed)
+    lm_rows = _lm_rows(LM_SETTINGS[scale], seed)
+    table = _table(rows, skipped) + "\n\n" + _lm_table(lm_rows)
+    return {"table": table, "rows": rows, "skipped": skipped, "lm_rows": lm_rows, "settings": s}
+
+
+def digit_rows(s: dict, seed: int) -> tuple[list[dict], list[dict]]:
+    """The digits comparison: one row per budget and model, and the (budget, model) pairs
+    skipped because the model's smallest allowed width exceeds the budget."""
     data = load_digits(seed=0)
-    rows = []
+    rows, skipped = [], []
     for budget in s["budgets"]:
         for name, (what, build) in MODELS.items():
-            width = matched_width(build, s["num_blocks"], budget)
+            least = MIN_WIDTH.get(name, 4)
+            width = matched_width(build, s["num_blocks"], budget, least)
+            if width is None:
+                smallest = _count(build(least, s["num_blocks"]))
+                skipped.append(
+                    {"budget": budget, "model": name, "least": least, "params": smallest}
+                )
+                continue
             accs, start = [], time.perf_counter()
             for k in s["seeds"]:
                 torch.manual_seed(seed + k)
@@ -192,9 +221,7 @@ def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -
                     "seconds": round(time.perf_counter() - start, 1),
                 }
             )
-    lm_rows = _lm_rows(LM_SETTINGS[scale], seed)
-    table = _table(rows) + "\n\n" + _lm_table(lm_rows)
-    return {"table": table, "rows": rows, "lm_rows": lm_rows, "settings": s}
+    return rows, skipped
 
 
 # -- LM: hourglass FFN vs SwiGLU FFN ------------------------------------------------------
@@ -281,14 +308,23 @@ def _lm_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], skipped: list[dict]) -> str:
     lines = [
         "| budget | model | width d | trainable params | test accuracy (mean ± sd) | block |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['budget']:,} | {r['model']} | {r['width']} | {r['params']:,} | "
-            f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} % | {r['what']} |"
-        )
+    for budget in dict.fromkeys(r["budget"] for r in [*rows, *skipped]):
+        for r in rows:
+            if r["budget"] == budget:
+                lines.append(
+                    f"| {budget:,} | {r['model']} | {r['width']} | {r['params']:,} | "
+                    f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} % | {r['what']} |"
+                )
+        for r in skipped:
+            if r["budget"] == budget:
+                lines.append(
+                    f"| {budget:,} | {r['model']} | - | - | skipped: its narrowest residual "
+                    f"stream (d = {r['least']}, the input width) has {r['params']:,} "
+                    "parameters | - |"
+                )
     return "\n".join(lines)

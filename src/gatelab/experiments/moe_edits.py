@@ -13,9 +13,11 @@ models:
    experts in one layer), and measure bits per byte on held-out prose and code; the mirror
    (top prose experts off) and the reroute mode (tokens take their next choice) too;
 3. prune (EASY-EP): from ``demos`` code windows of the training split, keep half (and
-   three quarters) of the experts in every layer by EASY-EP's importance and by
-   routed-slot frequency; the pruned models are built physically and checked against the
-   masked original.
+   three quarters) of the experts in every layer by EASY-EP's importance (token weight
+   from the residual stream, as the reference computes it), by the same importance with
+   the token weight from the normalised FFN input (``easy_ep_ffn_input``, the reading
+   gatelab used before issue 15) and by routed-slot frequency; the pruned models are
+   built physically and checked against the masked original.
 
 Claims tested (direction, not the papers' numbers, which are for 600B-parameter models):
 MoTE's switching off the top behaviour experts changes the behaviour far more than random
@@ -138,16 +140,24 @@ def _steer(model, evals, profile, cfg: dict, num_experts: int, seed: int) -> dic
     return {"base": base, "top": top, "steered": steered, "random_off": random_off, "rand": rand}
 
 
+# the selection methods compared: name -> expert_importance keyword arguments
+PRUNE_METHODS = {
+    "easy_ep": {"method": "easy_ep"},
+    "easy_ep_ffn_input": {"method": "easy_ep", "contribution": "ffn_input"},
+    "frequency": {"method": "frequency"},
+}
+
+
 def _prune(model, evals, cfg: dict, seq: int, seed: int, num_experts: int) -> dict:
     """Prune with code demonstrations: half the experts (and 3/4 as a second point)."""
     # disjoint demonstration sets, interleaved from one pool; the first one fills the table
     pool = domain_windows("code", seq - 1, cfg["demos"] * cfg["demo_sets"], "train", seed + 1)
     demo_sets = [pool[i :: cfg["demo_sets"]] for i in range(cfg["demo_sets"])]
     demos = demo_sets[0]
-    importance = {m: expert_importance(model, demos, m) for m in ("easy_ep", "frequency")}
+    importance = {m: expert_importance(model, demos, **kw) for m, kw in PRUNE_METHODS.items()}
     pruned_losses, kept, check, params = {}, {}, {}, {"full": _count(model)}
     for keep_n in (num_experts // 2, 3 * num_experts // 4):
-        for method in ("easy_ep", "frequency"):
+        for method in PRUNE_METHODS:
             keep = select_experts(model, importance[method], keep_n)
             pruned = prune_model(model, keep)
             pruned_losses[(method, keep_n)] = _losses(pruned, evals)
@@ -159,10 +169,10 @@ def _prune(model, evals, cfg: dict, seq: int, seed: int, num_experts: int) -> di
             with torch.no_grad():
                 check[f"{method}-{keep_n}"] = float((pruned(probe).logits - masked).abs().max())
     # the half-pruned comparison again on every demonstration set (code bits per byte)
-    per_set = {m: [] for m in ("easy_ep", "frequency")}
+    per_set = {m: [] for m in PRUNE_METHODS}
     for demo in demo_sets:
-        for method in per_set:
-            keep = select_experts(model, expert_importance(model, demo, method), num_experts // 2)
+        for method, kw in PRUNE_METHODS.items():
+            keep = select_experts(model, expert_importance(model, demo, **kw), num_experts // 2)
             per_set[method].append(_bpb(prune_model(model, keep), evals["code"]))
     return {
         "losses": pruned_losses,
@@ -213,8 +223,9 @@ def _table(steer: dict, prune: dict, cfg: dict, blocks, separation, floor) -> st
         f"{params['full']:,}, pruned to {num_experts // 2}: {params[num_experts // 2]:,}; "
         f"max |pruned - masked| logit over the pruned models: {max(prune['check'].values()):.2e}. "
         f"top_k={top_k}. Half-pruned code bits per byte over {sets} disjoint "
-        f"demonstration sets: EASY-EP {_span(per_set['easy_ep'])}, frequency "
-        f"{_span(per_set['frequency'])}; EASY-EP lower in {wins} of {sets}."
+        f"demonstration sets: EASY-EP {_span(per_set['easy_ep'])}, EASY-EP with the "
+        f"FFN-input weight {_span(per_set['easy_ep_ffn_input'])}, frequency "
+        f"{_span(per_set['frequency'])}; EASY-EP lower than frequency in {wins} of {sets}."
     )
 
 

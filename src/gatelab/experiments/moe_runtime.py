@@ -44,7 +44,6 @@ from ..edit.skip import (
     SkipEvaluator,
     layer_importance,
     search_thresholds,
-    slot_scores,
     threshold_grid,
 )
 from ..inspect.access import find_moe_blocks
@@ -62,7 +61,7 @@ SCALES = {
     "smoke": {
         "calib": 2,
         "eval": 2,
-        "grid": 4,
+        "grid": 6,
         "targets": [0.5],
         "pregate_steps": 5,
         "chunk": 8,
@@ -77,7 +76,7 @@ SCALES = {
     "full": {
         "calib": 16,
         "eval": 32,
-        "grid": 12,
+        "grid": 100,  # ModelTC/MoDES grid_search_tau_ddp.py: --grid_num 100
         "targets": [0.25, 0.5, 0.75],
         "pregate_steps": 300,
         "chunk": 16,
@@ -134,9 +133,9 @@ def _skip(model, calib, evals, cfg, out: Path) -> dict:
     eval_prompts = [evals["prose"], evals["code"]]
     report = {"alpha": alpha, "curve": {}, "targets": []}
     for label, importance in (("modes", alpha), ("uniform", uniform)):
-        scores = slot_scores(model, prompts, importance, kinds)
-        one_grid = threshold_grid(torch.cat(scores), cfg["grid"])
-        two_grids = [threshold_grid(s, cfg["grid"]) for s in scores]
+        # the reference's grid (exp map of linspace(0, 1, D)), the same for every kind
+        one_grid = threshold_grid(size=cfg["grid"])
+        two_grids = [one_grid, one_grid]
         one = SkipEvaluator(model, prompts, importance)
         two = SkipEvaluator(model, prompts, importance, kinds)
         held_one = SkipEvaluator(model, eval_prompts, importance)

@@ -32,6 +32,7 @@ Protocol (ours):
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -125,7 +126,13 @@ def _fmt(values: list[float]) -> str:
 
 
 def _common(values: list[str]) -> str:
-    return max(set(values), key=values.count)
+    """The most frequent label over the seeds. Ties go to the label seen first in seed order
+    (``Counter.most_common`` keeps first-seen order among equal counts), and are marked
+    "(tie)", so the cell neither depends on set ordering nor hides a split vote."""
+    ranked = Counter(values).most_common()
+    label, count = ranked[0]
+    tied = len(ranked) > 1 and ranked[1][1] == count
+    return f"{label} (tie)" if tied else label
 
 
 def run(scale: str = "full", seed: int = 0, out_dir: str | Path | None = None) -> dict:

@@ -452,6 +452,18 @@ class HourglassMLP(BottleneckMLP):
     ``fixed_lift=True`` (see :class:`BottleneckMLP`). Departure: the paper's norm and
     biases are not given in the notes; LayerNorm and biases here, as in the Scaling-MLPs
     block, so the two differ only in their widths.
+
+    The premise is a lift: ``dim < input_dim`` (a residual stream narrower than the input)
+    raises a ValueError; a narrow residual stream is :class:`BottleneckMLP`'s shape.
     """
 
     block_cls = HourglassBlock
+
+    def __init__(self, input_dim: int, dim: int, *args, **kwargs):
+        if isinstance(input_dim, int) and isinstance(dim, int) and 0 < dim < input_dim:
+            raise ValueError(
+                f"HourglassMLP: dim={dim} is narrower than input_dim={input_dim}; the hourglass "
+                f"lifts the input to a wider residual stream: give dim >= {input_dim}, or use "
+                "BottleneckMLP for a narrow one"
+            )
+        super().__init__(input_dim, dim, *args, **kwargs)

@@ -94,6 +94,14 @@ class MLPConfig(Config):
                 )
             width = self.hidden_dims[i]
         check_positive(self, "block_hidden_dim", allow_zero=True)
+        narrow = [i for i, w in enumerate(self.hidden_dims) if w < self.input_dim]
+        if self.block == "hourglass" and narrow:  # the paper's premise, as HourglassMLP's
+            i = narrow[0]
+            raise ConfigError(
+                f"{self._key('hidden_dims')}[{i}]={self.hidden_dims[i]} is narrower than "
+                f"input_dim={self.input_dim}: an hourglass lifts the input to a wider residual "
+                f'stream; give widths >= {self.input_dim}, or block = "bottleneck"'
+            )
         if self.block == "hourglass" and self.block_hidden_dim:
             for i, width in enumerate(self.hidden_dims):
                 if self.block_hidden_dim >= width:

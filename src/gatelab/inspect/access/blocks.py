@@ -41,6 +41,8 @@ class MoEBlock:
         has_shared: whether the block also runs a shared expert (not routed).
         family: "gatelab" or the HF ``model_type`` ("mixtral", "deepseek_v3", ...).
         adapter: the adapter that found it (reads weights, installs hooks).
+        parent: the module that holds the block (the decoder layer: the residual stream
+            passes through it), or None when the block is the model itself.
     """
 
     index: int
@@ -54,6 +56,7 @@ class MoEBlock:
     has_shared: bool
     family: str
     adapter: BlockAdapter = field(repr=False)
+    parent: nn.Module | None = field(default=None, repr=False)
 
     def expert_weights(self) -> ExpertWeights:
         """The routed experts as gatelab ``ExpertWeights`` ([E, ...] views of the parameters)."""
@@ -107,9 +110,23 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         )
     layers = _layer_numbers([name for name, _, _ in found])
     return [
-        MoEBlock(index=i, layer=layer, name=name, adapter=adapter, **fields)
+        MoEBlock(
+            index=i,
+            layer=layer,
+            name=name,
+            adapter=adapter,
+            parent=_parent(model, name, fields["module"]),
+            **fields,
+        )
         for i, ((name, fields, adapter), layer) in enumerate(zip(found, layers, strict=True))
     ]
+
+
+def _parent(model: nn.Module, name: str, module: nn.Module) -> nn.Module | None:
+    if module is model:
+        return None
+    path, _, _ = name.rpartition(".")
+    return model.get_submodule(path) if path else model
 
 
 def _layer_numbers(names: Sequence[str]) -> list[int]:

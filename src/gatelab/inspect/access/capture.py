@@ -18,12 +18,20 @@ class RoutingCapture(HookHandle):
 
     ``routings[layer]`` is a list with one Routing per forward call; :meth:`routing` joins
     them along the token axis. With ``hidden=True``, ``inputs[layer]`` / ``outputs[layer]``
-    hold the block's input and output (the output includes any shared expert). Everything
-    is detached; ``to_cpu`` moves it to the CPU as it is recorded.
+    hold the block's input and output (the output includes any shared expert). With
+    ``stream=True``, ``streams[layer]`` holds the residual stream entering the block: in a
+    pre-norm layer the input of the norm that feeds the block, not the normalised block
+    input (see :mod:`.hooks` for how it is found). Everything is detached; ``to_cpu``
+    moves it to the CPU as it is recorded.
     """
 
     def __init__(
-        self, model, layers: Iterable[int] | None = None, hidden: bool = False, to_cpu: bool = False
+        self,
+        model,
+        layers: Iterable[int] | None = None,
+        hidden: bool = False,
+        to_cpu: bool = False,
+        stream: bool = False,
     ):
         super().__init__()
         self.blocks = select_blocks(model, layers)
@@ -31,10 +39,15 @@ class RoutingCapture(HookHandle):
         self.routings: dict[int, list[Routing]] = {b.layer: [] for b in self.blocks}
         self.inputs: dict[int, list[Tensor]] = {b.layer: [] for b in self.blocks}
         self.outputs: dict[int, list[Tensor]] = {b.layer: [] for b in self.blocks}
+        self.streams: dict[int, list[Tensor]] = {b.layer: [] for b in self.blocks}
+        if stream:
+            _check_streams(self.blocks)
         for block in self.blocks:
             self._add(block, "recorders", self._routing_recorder(block.layer))
             if hidden:
                 self._add(block, "io_recorders", self._io_recorder(block.layer))
+            if stream:
+                self._add(block, "stream_recorders", self._stream_recorder(block.layer))
 
     def _move(self, t: Tensor) -> Tensor:
         return t.detach().cpu() if self.to_cpu else t.detach()
@@ -59,6 +72,12 @@ class RoutingCapture(HookHandle):
         def record(x: Tensor, y: Tensor) -> None:
             self.inputs[layer].append(self._move(x))
             self.outputs[layer].append(self._move(y))
+
+        return record
+
+    def _stream_recorder(self, layer: int):
+        def record(h: Tensor) -> None:
+            self.streams[layer].append(self._move(h))
 
         return record
 
@@ -88,9 +107,15 @@ class RoutingCapture(HookHandle):
         """The block's recorded outputs [T, D] (needs ``hidden=True``)."""
         return torch.cat(self._get(self.outputs, layer, "output (capture with hidden=True)"))
 
+    def stream(self, layer: int) -> Tensor:
+        """The residual stream entering the block [T, D] (needs ``stream=True``)."""
+        return torch.cat(
+            self._get(self.streams, layer, "residual stream (capture with stream=True)")
+        )
+
     def clear(self) -> None:
         """Forget what was recorded; keep recording."""
-        for store in (self.routings, self.inputs, self.outputs):
+        for store in (self.routings, self.inputs, self.outputs, self.streams):
             for values in store.values():
                 values.clear()
 
@@ -102,6 +127,15 @@ class RoutingCapture(HookHandle):
         return store[layer]
 
 
+def _check_streams(blocks) -> None:
+    whole = [b.layer for b in blocks if b.parent is None]
+    if whole:
+        raise ValueError(
+            f"the MoE block of layer {whole[0]} is the whole model: there is no residual "
+            "stream around it to capture (stream=True); capture its input with hidden=True"
+        )
+
+
 def _pad(t: Tensor, width: int, value) -> Tensor:
     if t.shape[1] == width:
         return t
@@ -109,10 +143,14 @@ def _pad(t: Tensor, width: int, value) -> Tensor:
 
 
 def capture_routing(
-    model, layers: Iterable[int] | None = None, hidden: bool = False, to_cpu: bool = False
+    model,
+    layers: Iterable[int] | None = None,
+    hidden: bool = False,
+    to_cpu: bool = False,
+    stream: bool = False,
 ) -> RoutingCapture:
     """Start recording every MoE layer's Routing (see :class:`RoutingCapture`).
 
     Use as a context manager, or call ``remove()`` when done.
     """
-    return RoutingCapture(model, layers, hidden=hidden, to_cpu=to_cpu)
+    return RoutingCapture(model, layers, hidden=hidden, to_cpu=to_cpu, stream=stream)
