@@ -221,6 +221,12 @@ def test_skip_pregate_transcoder_commands(tmp_path, capsys):
     skip = json.loads((out / "s" / "skip.json").read_text())
     assert skip["curve"][0]["ratio"] == 0.0 and (out / "s" / "skip.png").is_file()
     assert {s["search"] for s in skip["searches"]} == {"1 threshold", "per set"}
+    assert skip["grid"] == {"size": 4, "tau_max": 1.0, "mapping": "exp"}
+    linear = ["--grid", "4", "--mapping", "linear", "--tau-max", "0.6", "--out", str(out / "l")]
+    assert main(["skip", *common, *linear]) == 0
+    curve = json.loads((out / "l" / "skip.json").read_text())["curve"]
+    thresholds = [p["thresholds"][0] for p in curve]
+    assert thresholds == pytest.approx([0.0, 0.2, 0.4, 0.6])
     assert (
         main(["pregate", *common, "--steps", "3", "--capacity", "4", "--out", str(out / "p")]) == 0
     )

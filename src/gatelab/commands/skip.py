@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
+from ..edit.skip import MAPPINGS
 from ..io import atomic_dir, write_json
 from ._common import (
     add_model_arguments,
     float_between,
     int_at_least,
     open_model,
+    positive,
     prompt_sets,
 )
 from ._outputs import check_output
@@ -43,7 +45,23 @@ def add_parser(subparsers) -> None:
         help="target skip ratio in [0, 1] (repeatable; default 0.5)",
     )
     p.add_argument(
-        "--grid", type=int_at_least(2), default=12, help="thresholds per grid (default 12)"
+        "--grid",
+        type=int_at_least(2),
+        default=100,
+        help="thresholds per grid (default 100, the reference's D)",
+    )
+    p.add_argument(
+        "--mapping",
+        choices=MAPPINGS,
+        default="exp",
+        help="how grid points become thresholds: exp (the reference's 2/(1+e^(-10(x-1))), "
+        "the default), linear, or quantile (of the calibration scores)",
+    )
+    p.add_argument(
+        "--tau-max",
+        type=positive(float),
+        default=1.0,
+        help="upper end of the grid before the mapping (default 1: every score is reachable)",
     )
 
 
@@ -63,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
     model = opened.model
     alpha = layer_importance(model, prompts)
     scores = slot_scores(model, prompts, alpha, kinds)
-    one_grid = threshold_grid(torch.cat(scores), args.grid)
+    grid = {"size": args.grid, "tau_max": args.tau_max, "mapping": args.mapping}
+    one_grid = threshold_grid(torch.cat(scores), **grid)
     one = SkipEvaluator(model, prompts, alpha)
     curve = [one([t]) for t in one_grid]
     per_set = None
     if len(names) == 2:
-        grids = [threshold_grid(s, args.grid) for s in scores]
+        grids = [threshold_grid(s, **grid) for s in scores]
         per_set = (SkipEvaluator(model, prompts, alpha, kinds), grids)
     searches = _searches(args.target or [0.5], (one, [one_grid]), per_set)
     with atomic_dir(out, overwrite=args.force) as tmp:
@@ -77,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "sets": names,
                 "alpha": alpha,
+                "grid": grid,
                 "curve": [p.__dict__ for p in curve],
                 "searches": searches,
             },
