@@ -60,6 +60,11 @@ def test_two_steps_of_each_recipe_then_eval_and_info(recipe, tmp_path, capsys):
     assert "active per token" in info and recipe in info
     if "moe" in recipe:
         assert "load share" in info
+    if recipe.startswith("digits"):  # the editing commands read token prompts: LMs only
+        (tmp_path / "ids.json").write_text("[[1, 2, 3]]")
+        prompts = ["--set", f"p={tmp_path / 'ids.json'}", "--out", str(tmp_path / "p")]
+        assert main(["profile", str(run_dir), *prompts]) == 2
+        assert "needs a language model" in capsys.readouterr().err
 
 
 def test_resume_continues(tmp_path, capsys):

@@ -267,7 +267,13 @@ def _open_gatelab(path: Path) -> OpenedModel:
         "directory, a gatelab run directory or a checkpoint .json",
     )
     table = dict(meta["config"]["run"].get("model", {}))
-    _, model = build_model(table.pop("kind", "lm"), table)
+    kind = table.pop("kind", "lm")
+    if kind != "lm":  # the editing commands feed token prompts and read next-token logits
+        raise ValueError(
+            f"{path} holds a {kind!r} model; this command reads token prompts and needs a "
+            "language model (kind 'lm'): use `gatelab eval` or `gatelab info` for this one"
+        )
+    _, model = build_model(kind, table)
     load_checkpoint(path, model, rng=False)
     model.eval()
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
