@@ -216,27 +216,49 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints, and tensors files no JSON points to.
+    """Delete all but the newest ``keep`` checkpoints, each JSON and then the tensors file it
+    names; and tensors files of a step whose JSON names another one (an earlier save of the
+    same step, superseded).
 
-    The JSON goes first, so an interrupted prune leaves an orphan tensors file (ignored, removed
-    next time), never a JSON without its tensors.
+    Only files a JSON accounts for are deleted: a tensors file of a step that has no
+    readable JSON is never touched (it may be all that is left of a run whose JSON files
+    were lost). The JSON goes first, so an interrupted prune leaves an orphan tensors file,
+    never a JSON without its tensors.
     """
     directory = Path(directory)
     jsons = find_checkpoints(directory)
     for path in jsons[: max(0, len(jsons) - max(1, keep))]:
+        name = _named_tensors(path)
         with contextlib.suppress(OSError):
             path.unlink()
-    referenced, unreadable_steps = set(), set()
+            if name is not None:
+                (directory / name).unlink()
+    named = {}  # step -> the tensors file its JSON names
     for path in find_checkpoints(directory):
-        try:
-            referenced.add(json.loads(path.read_text())["tensors_file"])
-        except (OSError, ValueError, KeyError, TypeError):
-            unreadable_steps.add(int(_JSON_NAME.match(path.name).group(1)))
+        name = _named_tensors(path)
+        if name is not None:
+            named[_step_of(path)] = name
     for path in directory.iterdir():
         m = _TENSORS_NAME.match(path.name)
-        if m and path.name not in referenced and int(m.group(1)) not in unreadable_steps:
+        step = int(m.group(1)) if m else None
+        if step in named and path.name != named[step]:
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _step_of(json_path: Path) -> int:
+    return int(_JSON_NAME.match(json_path.name).group(1))
+
+
+def _named_tensors(json_path: Path) -> str | None:
+    """The tensors file a checkpoint JSON names, when it is readable and names a file of its
+    own step (a JSON edited to name another step's file accounts for nothing)."""
+    try:
+        name = json.loads(json_path.read_text())["tensors_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    m = _TENSORS_NAME.match(name) if isinstance(name, str) else None
+    return name if m and int(m.group(1)) == _step_of(json_path) else None
 
 
 # -- load --------------------------------------------------------------------------------------
