@@ -116,7 +116,9 @@ def run_guarded(run: Callable[[argparse.Namespace], int | None], args: argparse.
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"gatelab {command_name(args)}: error: {message}", file=sys.stderr)
+        # A config error (ValueError) is the same on every torchrun rank: said once.
+        if is_main_process() or not isinstance(error, ValueError):
+            print(f"gatelab {command_name(args)}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -87,9 +88,10 @@ class MoE(nn.Module):
             if shared_hidden_dim
             else None
         )
-        if capacity_factor is not None and not capacity_factor > 0:
+        if capacity_factor is not None and not 0 < capacity_factor < math.inf:
             raise ValueError(
-                f"capacity_factor must be > 0, or None for dropless routing; got {capacity_factor}"
+                "capacity_factor must be a finite number > 0, or None for dropless routing; "
+                f"got {capacity_factor}"
             )
         self.capacity_factor = capacity_factor
         self.loss_weights = _check_loss_weights(loss_weights or {})
@@ -230,6 +232,6 @@ def _check_loss_weights(weights: dict[str, float]) -> dict[str, float]:
     for name, value in weights.items():
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; valid names are: {', '.join(sorted(LOSSES))}")
-        if value < 0:
-            raise ValueError(f"loss weight {name}={value} must be >= 0")
+        if not 0 <= value < math.inf:  # NaN fails here too (it used to be dropped silently)
+            raise ValueError(f"loss weight {name}={value} must be a finite number >= 0")
     return {name: float(value) for name, value in weights.items() if value > 0}
