@@ -37,6 +37,8 @@ def check(name: str, *overrides: str):
         ("model.moe.capacity_factor=inf", "LMConfig.moe.capacity_factor: expected a finite"),
         ("model.moe.loss_weights={balance=nan}", "LMConfig.moe.loss_weights: expected a table"),
         ("model.moe.router_kwargs={normalize=inf}", "LMConfig.moe.router_kwargs"),
+        ('model.moe.router_kwargs={normalize="x"}', "router_kwargs.normalize: expected true or"),
+        ("description=3", "description: expected a string, got 3"),
         ("data.eval_batches=0", "data.eval_batches must be > 0, got 0"),
         ("data.eval_batches=-1", "data.eval_batches must be > 0, got -1"),
         ("data.eval_batches=2.0", "data.eval_batches: expected an int, got float 2.0"),

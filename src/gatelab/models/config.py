@@ -487,6 +487,15 @@ class MoEConfig(Config):
             if name not in accepted:
                 where = f"{self._key('router_kwargs')} ({self.router!r})"
                 raise ConfigError(unknown_key_message(name, accepted, where))
+        # Each value against the router's own annotation (normalize = "x" is refused here,
+        # not taken as true); annotations that are not plain TOML types are left to the router.
+        try:
+            hints = typing.get_type_hints(ROUTERS.get(self.router).__init__)
+        except (NameError, TypeError):
+            hints = {}
+        for name, value in self.router_kwargs.items():
+            with contextlib.suppress(TypeError):
+                check_value(value, hints.get(name, Any), f"{self._key('router_kwargs')}.{name}")
 
     def build(self, dim: int, top_k: int | None = None, **kwargs: Any):
         """A gatelab ``MoE`` of width ``dim``; ``top_k`` overrides the config's (a layer's

@@ -120,6 +120,8 @@ def check_recipe(recipe: dict[str, Any]) -> RunSpec:
     name = recipe.get("name", "run")
     if not isinstance(name, str) or not name.strip():
         raise RecipeError(f"name: expected a non-empty string, got {name!r}")
+    if not isinstance(recipe.get("description", ""), str):
+        raise RecipeError(f"description: expected a string, got {recipe['description']!r}")
     model_table = dict(_table(recipe, "model"))
     model_kind = _kind(model_table, "model", "lm", MODELS.names())
     model_config = MODELS.get(model_kind)[0].from_dict(model_table)
