@@ -233,5 +233,5 @@ def _check_loss_weights(weights: dict[str, float]) -> dict[str, float]:
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; valid names are: {', '.join(sorted(LOSSES))}")
         if not 0 <= value < math.inf:  # NaN fails here too (it used to be dropped silently)
-            raise ValueError(f"loss weight {name}={value} must be a finite number >= 0")
+            raise ValueError(f"loss weight {name}={value} must be >= 0 and finite")
     return {name: float(value) for name, value in weights.items() if value > 0}
