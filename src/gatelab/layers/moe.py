@@ -90,7 +90,7 @@ class MoE(nn.Module):
         )
         if capacity_factor is not None and not 0 < capacity_factor < math.inf:
             raise ValueError(
-                "capacity_factor must be a finite number > 0, or None for dropless routing; "
+                "capacity_factor must be > 0 and finite, or None for dropless routing; "
                 f"got {capacity_factor}"
             )
         self.capacity_factor = capacity_factor
