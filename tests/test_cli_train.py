@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -105,3 +106,105 @@ def test_unwritable_run_dir(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["train", "digits-dense", *small("digits-dense", blocker / "run")]) == 2
     assert "run" in capsys.readouterr().err
+
+
+# -- checkpoints read by eval / info: checked before anything is built (issue 15, 8 and 9) --
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    args = [
+        a.replace("model.expert_hidden_dim", "model.moe.hidden_dim")
+        for a in small("moe-lm", run_dir)
+    ]
+    assert main(["train", "moe-lm", *args]) == 0
+    return run_dir
+
+
+def _edited(tiny_run, tmp_path, edit):
+    import shutil
+
+    run_dir = tmp_path / "edited"
+    shutil.copytree(tiny_run, run_dir)
+    path = sorted((run_dir / "checkpoints").glob("step_*.json"))[-1]
+    text = path.read_text()
+    path.write_text(edit(text) if isinstance(edit(text), str) else json.dumps(edit(text)))
+    return run_dir
+
+
+def _meta_edit(change):
+    def edit(text):
+        meta = json.loads(text)
+        change(meta)
+        return json.dumps(meta)
+
+    return edit
+
+
+@pytest.mark.parametrize("command", ["info", "eval"])
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        # 2**20 wide: building it would need terabytes; the header check fails first.
+        (
+            _meta_edit(lambda m: m["config"]["run"]["model"].update(dim=2**20)),
+            r"does not fit the model: shape mismatch: embed.weight: checkpoint \(257, 32\), "
+            r"model \(257, 1048576\)",
+        ),
+        (
+            _meta_edit(lambda m: m["config"]["run"]["model"]["moe"].update(num_experts=4)),
+            r"shape mismatch: blocks.0.ffn.router.weight: checkpoint \(8, 32\), model \(4, 32\)",
+        ),
+        (_meta_edit(lambda m: m.update(step="2")), "field 'step' should be an int >= 0"),
+        (_meta_edit(lambda m: m.update(step=True)), "field 'step' should be an int >= 0"),
+        (_meta_edit(lambda m: m.pop("tensors_sha256")), r"missing fields \['tensors_sha256'\]"),
+        (_meta_edit(lambda m: m.update(tensors_sha256=[1])), "field 'tensors_sha256' should be"),
+        (_meta_edit(lambda m: m.update(config=[1])), "field 'config' should be a table"),
+        (_meta_edit(lambda m: m["config"].update(run="x")), "field 'config.run' should be a table"),
+        (
+            _meta_edit(lambda m: m["config"]["run"]["model"].update(dim="32")),
+            r"the recipe stored in it \(config.run\) is not valid: LMConfig.dim: expected an int",
+        ),
+        (_meta_edit(lambda m: m.update(version=2)), "format version 2; this gatelab reads"),
+        (lambda text: '{"a": ' * 100_000 + "1" + "}" * 100_000, "JSON nested too deeply"),
+    ],
+)
+def test_checkpoint_metadata_is_checked_before_building(
+    tiny_run, tmp_path, capsys, command, edit, expected
+):
+    run_dir = _edited(tiny_run, tmp_path, edit)
+    assert main([command, str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(expected, err) and len(err.splitlines()) == 1, err
+
+
+def test_info_counts_come_from_the_tensors_header(tiny_run, capsys):
+    assert main(["info", str(tiny_run)]) == 0
+    assert "24,960 total, 15,744 active per token" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["info", "eval", "profile"])
+def test_a_file_of_another_kind_is_named_not_called_corrupt(tiny_run, tmp_path, capsys, command):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "mixtral"}')
+    tensors = next((tiny_run / "checkpoints").glob("*.safetensors"))
+    (hf / "model.safetensors").write_bytes(tensors.read_bytes())
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    (tmp_path / "empty").mkdir()
+    cases = {
+        hf / "model.safetensors": "is an HF model folder's weights.*give the folder",
+        tiny_run / "metrics.jsonl": "is a JSONL log.*give the run directory",
+        tensors: "is the tensors file of a gatelab checkpoint.*give its step_",
+        tmp_path / "other.json": "is a JSON file but not a gatelab training checkpoint",
+        tmp_path / "empty": "holds no gatelab checkpoint",
+    }
+    if command != "profile":  # profile opens an HF folder itself
+        cases[hf] = "is an HF model folder.*not a gatelab run"
+    extra = ["--out", str(tmp_path / "out"), "--set", f"a={tmp_path / 'other.json'}"]
+    for path, expected in cases.items():
+        args = [command, str(path), *(extra if command == "profile" else [])]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert re.search(expected, err) and "corrupt" not in err and "delete" not in err, err

@@ -324,15 +324,19 @@ def test_unknown_keys_name_the_nearest_valid_one():
     [
         ("dim", "256", "LMConfig.dim: expected an int, got str '256'"),
         ("dim", True, "LMConfig.dim: expected an int, got bool True"),
-        ("dropout", "0.1", "LMConfig.dropout: expected a number"),
+        ("dropout", "0.1", "LMConfig.dropout: expected a finite number"),
         ("moe_layers", [1, "2"], "LMConfig.moe_layers: expected one of 'all', 'none', "),
         ("moe_layers", "evry_other", "expected one of 'all', 'none', 'every_other' or a list"),
         (
             "moe.loss_weights",
             {"balance": "high"},
-            "LMConfig.moe.loss_weights: expected a table of a number",
+            "LMConfig.moe.loss_weights: expected a table of finite numbers",
         ),
-        ("moe.capacity_factor", "1.0", "LMConfig.moe.capacity_factor: expected a number or "),
+        (
+            "moe.capacity_factor",
+            "1.0",
+            "LMConfig.moe.capacity_factor: expected a finite number or ",
+        ),
         ("moe", 3, "LMConfig.moe: expected a table (MoEConfig), got int 3"),
     ],
 )

@@ -613,6 +613,36 @@ def test_a_fresh_run_refuses_to_overwrite_an_existing_one(tmp_path):
         run_tiny(tmp_path, steps=1)
 
 
+def test_resume_without_checkpoint_json_refuses_and_deletes_nothing(tmp_path):
+    run_tiny(tmp_path, steps=2, save_every=1, routing_every=1)
+    for path in (tmp_path / "checkpoints").glob("*.json"):
+        path.unlink()
+    before = file_bytes(tmp_path)
+    assert sum(name.endswith(".safetensors") for name in before) == 2
+    expected = "2 .safetensors files and metrics.jsonl and routing.jsonl but no checkpoint JSON"
+    for resume in (True, False):
+        with pytest.raises(TrainError, match=expected + ".*move these files away"):
+            run_tiny(tmp_path, resume=resume, steps=2, save_every=1)
+        assert file_bytes(tmp_path) == before
+
+
+def test_prune_deletes_only_what_a_checkpoint_json_accounts_for(tmp_path):
+    from gatelab.train import prune_checkpoints
+
+    run_tiny(tmp_path, steps=3, save_every=1, keep_checkpoints=3)
+    directory = tmp_path / "checkpoints"
+    orphan = directory / "step_00000007-0123456789ab.safetensors"  # no JSON names step 7
+    orphan.write_bytes(b"someone's tensors")
+    superseded = directory / "step_00000003-0123456789ab.safetensors"  # step 3's JSON names another
+    superseded.write_bytes(b"an earlier save of step 3")
+    step1 = json.loads((directory / "step_00000001.json").read_text())["tensors_file"]
+    prune_checkpoints(directory, keep=2)
+    names = {p.name for p in directory.iterdir()}
+    assert orphan.name in names and superseded.name not in names
+    assert "step_00000001.json" not in names and step1 not in names
+    assert {"step_00000002.json", "step_00000003.json"} <= names
+
+
 def test_bad_inputs_are_clear(tmp_path):
     with pytest.raises(TypeError, match="state_dict"):
         Trainer(TinyNet(), iter([1, 2]), tiny_cfg(tmp_path))

@@ -139,7 +139,9 @@ def run_guarded(run: Callable[[argparse.Namespace], int | None], args: argparse.
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"gatelab {command_name(args)}: error: {message}", file=sys.stderr)
+        # A config error (ValueError) is the same on every torchrun rank: said once.
+        if is_main_process() or not isinstance(error, ValueError):
+            print(f"gatelab {command_name(args)}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -164,8 +166,14 @@ def add_force_argument(parser: argparse.ArgumentParser, help: str = FORCE_HELP) 
 
 def checkpoint_meta(where: str | Path, missing: str | None = None) -> tuple[Path, dict]:
     """(path, metadata) of a ``gatelab train`` checkpoint given as its JSON, its directory or
-    its run directory. ``missing``: the message when a directory holds no checkpoint."""
-    from ..train.checkpoint import latest_checkpoint, read_checkpoint
+    its run directory. ``missing``: the message when a directory holds no checkpoint.
+
+    Checked before anything is built: every field of the JSON, the tensors file's hash,
+    and the model its recipe describes (built on the meta device: no memory) against the
+    names and shapes in the tensors file's header, so a JSON edited to another model size
+    fails here, and a file of another kind is named as what it is."""
+    from ..train.checkpoint import check_model_fits, latest_checkpoint, read_checkpoint_header
+    from ..train.checkpoint_meta import describe_directory
 
     path = Path(where)
     if path.is_dir():
@@ -176,14 +184,39 @@ def checkpoint_meta(where: str | Path, missing: str | None = None) -> tuple[Path
                 "checkpoint (a run dir, its checkpoints/ dir or a checkpoint .json)"
             )
         if found is None:
-            raise FileNotFoundError(
-                missing or f"no checkpoint in {where}; give a checkpoint .json or a run dir"
-            )
+            raise FileNotFoundError(missing or describe_directory(path))
         path = found
-    meta, _ = read_checkpoint(path)
+    meta, header = read_checkpoint_header(path)
     if not (meta.get("config") or {}).get("run"):
         raise FileNotFoundError(f"{path} was not written by `gatelab train` (it holds no recipe)")
+    model = checkpoint_model(meta, device="meta")
+    if model is not None:
+        check_model_fits(meta, header, model)
     return Path(meta["_path"]), meta
+
+
+def checkpoint_model(meta: dict, device: str | None = None) -> nn.Module | None:
+    """The model the recipe stored in a checkpoint describes (weights not loaded); on
+    ``device="meta"`` it takes no memory (None when a model cannot be built there)."""
+    from ..models import MODELS
+    from ..recipes.run import check_recipe
+    from ..train.checkpoint import CheckpointError
+
+    try:
+        spec = check_recipe(dict(meta["config"]["run"]))
+    except ValueError as error:
+        raise CheckpointError(
+            f"checkpoint {meta['_path']}: the recipe stored in it (config.run) is not valid: "
+            f"{error}"
+        ) from None
+    build = MODELS.get(spec.model_kind)[1]
+    if device != "meta":
+        return build(spec.model)
+    try:
+        with torch.device("meta"):
+            return build(spec.model)
+    except (RuntimeError, NotImplementedError):  # a model whose init needs real tensors
+        return None
 
 
 def add_checkpoint_parser(subparsers, name: str, help: str, description: str) -> None:
@@ -258,7 +291,6 @@ def _open_hf(path: Path) -> OpenedModel:
 
 def _open_gatelab(path: Path) -> OpenedModel:
     from ..data.text import ByteTokenizer
-    from ..models import build_model
     from ..train.checkpoint import load_checkpoint
 
     path, meta = checkpoint_meta(
@@ -266,14 +298,13 @@ def _open_gatelab(path: Path) -> OpenedModel:
         missing=f"{path} holds no gatelab checkpoint and no HF config.json; give an HF model "
         "directory, a gatelab run directory or a checkpoint .json",
     )
-    table = dict(meta["config"]["run"].get("model", {}))
-    kind = table.pop("kind", "lm")
+    kind = meta["config"]["run"].get("model", {}).get("kind", "lm")
     if kind != "lm":  # the editing commands feed token prompts and read next-token logits
         raise ValueError(
             f"{path} holds a {kind!r} model; this command reads token prompts and needs a "
             "language model (kind 'lm'): use `gatelab eval` or `gatelab info` for this one"
         )
-    _, model = build_model(kind, table)
+    model = checkpoint_model(meta)
     load_checkpoint(path, model, rng=False)
     model.eval()
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0)

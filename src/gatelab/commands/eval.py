@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from ._common import add_checkpoint_parser, checkpoint_meta
 
@@ -30,5 +31,10 @@ def run(args: argparse.Namespace) -> int:
     run.model.eval()
     with torch.no_grad():
         metrics = run.eval_fn(run.model)
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:  # never a NaN metric with exit status 0
+        raise ValueError(
+            f"evaluating {path} gave non-finite {', '.join(bad)}: its weights hold NaN"
+        )
     print(json.dumps({"checkpoint": str(path), "step": meta["step"], **metrics}))
     return 0

@@ -391,6 +391,8 @@ class EvalBatches:
     ):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        if max_batches is not None and max_batches < 1:  # no batch: NaN bits per byte
+            raise ValueError(f"max_batches must be >= 1 (None: all), got {max_batches}")
         self.ids, self.doms = corpus.stream(split, domain)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.num_windows = math.ceil((self.ids.numel() - 1) / seq_len)

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import difflib
 import inspect
+import math
 import sys
 import types
 import typing
@@ -58,15 +59,17 @@ class Config(metaclass=_ConfigMeta):
     # Old key -> "section.key" of a nested config field (see the module docstring).
     _moved: typing.ClassVar[dict[str, str]] = {}
 
+    # What error messages call this config's keys ("data" -> "data.seq_len"); None: the
+    # class name ("LMConfig.dim").
+    _where: typing.ClassVar[str | None] = None
+
     def __post_init__(self) -> None:
         hints = _type_hints(type(self))
         for f in dataclasses.fields(self):
-            value, tp = getattr(self, f.name), hints[f.name]
+            tp = hints[f.name]
             if _is_config_type(tp):
-                value = self._nested(f, tp, value)
-            else:
-                value = check_value(value, tp, self._key(f.name))
-            object.__setattr__(self, f.name, value)
+                object.__setattr__(self, f.name, self._nested(f, tp, getattr(self, f.name)))
+        check_fields(self, type(self)._where or type(self).__name__)
         self.validate()
 
     def validate(self) -> None:
@@ -74,7 +77,7 @@ class Config(metaclass=_ConfigMeta):
 
     @classmethod
     def _key(cls, name: str) -> str:
-        return f"{cls.__name__}.{name}"
+        return f"{cls._where or cls.__name__}.{name}"
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -211,6 +214,19 @@ def unknown_key_message(key: object, valid: list[str], where: str) -> str:
     return f"unknown key {key!r} in {where}; {hint}"
 
 
+def check_fields(obj: Any, where: str) -> None:
+    """Check every field of the dataclass ``obj`` against its annotation and store the
+    normalised value (an int where a float is expected becomes a float, a list where a
+    tuple is expected a tuple); ConfigError naming ``where.field`` and the value given.
+    Nested config fields are their own config's job and are skipped. The one type check of
+    every config: the model configs, ``MoEConfig``, the data configs and ``TrainConfig``."""
+    hints = _type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if not _is_config_type(hints[f.name]):
+            value = check_value(getattr(obj, f.name), hints[f.name], f"{where}.{f.name}")
+            object.__setattr__(obj, f.name, value)
+
+
 def check_value(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp`` (and normalised), or ConfigError."""
     ok, out = _match(value, tp)
@@ -238,8 +254,9 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
+    if tp is float:  # finite: inf and NaN pass every "> 0" check and fail mid-run instead
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
         return ok, float(value) if ok else None
     if tp is str:
         return isinstance(value, str), value
@@ -254,6 +271,8 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
                 return False, None
             out.append(checked)
         return True, out
+    if origin is tuple:
+        return _match_tuple(value, args)
     if origin is dict:
         if not isinstance(value, Mapping):
             return False, None
@@ -269,8 +288,27 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
     raise TypeError(f"config annotation {tp!r} is not a plain TOML type")
 
 
+def _match_tuple(value: Any, args: tuple) -> tuple[bool, Any]:
+    """``tuple[int, ...]`` (any length) or ``tuple[float, float]`` (that length); a list is
+    accepted (TOML has no tuples) and stored as a tuple."""
+    if not isinstance(value, list | tuple):
+        return False, None
+    items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if len(items) != len(value):
+        return False, None
+    out = []
+    for v, item in zip(value, items, strict=True):
+        ok, checked = _match(v, item)
+        if not ok:
+            return False, None
+        out.append(checked)
+    return True, tuple(out)
+
+
 def _is_plain(value: Any) -> bool:
-    if isinstance(value, bool | int | float | str):
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, bool | int | str):
         return True
     if isinstance(value, list | tuple):
         return all(_is_plain(v) for v in value)
@@ -293,10 +331,22 @@ def type_name(tp: Any) -> str:
     if origin is list:
         return f"a list of {type_name(args[0]) if args else 'values'}"
     if origin is dict:
-        return f"a table of {type_name(args[1]) if args else 'values'}"
-    return {int: "an int", float: "a number", str: "a string", bool: "true or false"}.get(
+        return f"a table of {_plural(type_name(args[1])) if args else 'values'}"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {type_name(args[0])}"
+        return f"a list of {len(args)}: " + ", ".join(type_name(a) for a in args)
+    return {int: "an int", float: "a finite number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", repr(tp))
     )
+
+
+def _plural(name: str) -> str:
+    """'an int' -> 'ints', 'a finite number' -> 'finite numbers' (for 'a table of ...')."""
+    for article in ("a ", "an "):
+        if name.startswith(article) and " or " not in name and " of " not in name:
+            return name[len(article) :] + "s"
+    return name
 
 
 def _describe(value: Any) -> str:
@@ -437,6 +487,15 @@ class MoEConfig(Config):
             if name not in accepted:
                 where = f"{self._key('router_kwargs')} ({self.router!r})"
                 raise ConfigError(unknown_key_message(name, accepted, where))
+        # Each value against the router's own annotation (normalize = "x" is refused here,
+        # not taken as true); annotations that are not plain TOML types are left to the router.
+        try:
+            hints = typing.get_type_hints(ROUTERS.get(self.router).__init__)
+        except (NameError, TypeError):
+            hints = {}
+        for name, value in self.router_kwargs.items():
+            with contextlib.suppress(TypeError):
+                check_value(value, hints.get(name, Any), f"{self._key('router_kwargs')}.{name}")
 
     def build(self, dim: int, top_k: int | None = None, **kwargs: Any):
         """A gatelab ``MoE`` of width ``dim``; ``top_k`` overrides the config's (a layer's

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +24,50 @@ from torch import nn
 
 from ..data import DOMAINS, EvalBatches, LMBatches, TensorBatches, load_corpus, load_digits
 from ..data.text import ByteTokenizer
-from ..models import build_model
+from ..models import MODELS
+from ..models.config import Config, ConfigError, check_positive
 from ..train import TrainConfig, Trainer, TrainResult
 from ..train.evaluate import bits_per_byte
-from . import RecipeError, apply_override, check_keys, load_recipe
+from . import RecipeError, apply_override, check_keys, load_recipe, nearest
 
 RECIPE_KEYS = ["name", "description", "model", "data", "train"]
 
+
+@dataclass(frozen=True)
+class CorpusData(Config):
+    """``[data] kind = "corpus"``: the prose/code byte corpus, windows of ``seq_len``."""
+
+    _where = "data"
+    seq_len: int = 256
+    batch_size: int = 16
+    seed: int = 0
+    val_fraction: float = 0.1  # > 0: the evaluation reads this held-out part
+    eval_batches: int = 8  # validation batches per domain the evaluation scores
+
+    def validate(self) -> None:
+        check_positive(self, "seq_len", "batch_size", "val_fraction", "eval_batches")
+        check_positive(self, "seed", allow_zero=True)
+        if self.val_fraction >= 1:
+            raise ConfigError(f"data.val_fraction must be < 1, got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class DigitsData(Config):
+    """``[data] kind = "digits"``: scikit-learn's 8x8 digits, rotated by ``rotation`` degrees."""
+
+    _where = "data"
+    batch_size: int = 64
+    seed: int = 0
+    rotation: float = 0.0
+
+    def validate(self) -> None:
+        check_positive(self, "batch_size")
+        check_positive(self, "seed", allow_zero=True)
+
+
+DATA_CONFIGS: dict[str, type[Config]] = {"corpus": CorpusData, "digits": DigitsData}
 # Data keys and their defaults, per data kind.
-DATA_KEYS: dict[str, dict[str, Any]] = {
-    "corpus": {"seq_len": 256, "batch_size": 16, "seed": 0, "val_fraction": 0.1, "eval_batches": 8},
-    "digits": {"batch_size": 64, "seed": 0, "rotation": 0.0},
-}
+DATA_KEYS: dict[str, dict[str, Any]] = {k: c().to_dict() for k, c in DATA_CONFIGS.items()}
 
 
 @dataclass
@@ -67,12 +100,57 @@ class Run:
         )
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """A recipe checked in full (every key, type and value) with nothing built yet."""
+
+    name: str
+    model_kind: str
+    model: Config
+    data_kind: str
+    data: Config
+    train: TrainConfig
+
+
+def check_recipe(recipe: dict[str, Any]) -> RunSpec:
+    """Every config of ``recipe`` built and validated ([model] and its nested tables,
+    [data], [train]) without building the model or loading data: the cheap check a run
+    passes before anything is allocated."""
+    check_keys(recipe, RECIPE_KEYS, "the recipe")
+    name = recipe.get("name", "run")
+    if not isinstance(name, str) or not name.strip():
+        raise RecipeError(f"name: expected a non-empty string, got {name!r}")
+    if not isinstance(recipe.get("description", ""), str):
+        raise RecipeError(f"description: expected a string, got {recipe['description']!r}")
+    model_table = dict(_table(recipe, "model"))
+    model_kind = _kind(model_table, "model", "lm", MODELS.names())
+    model_config = MODELS.get(model_kind)[0].from_dict(model_table)
+    data_table = dict(_table(recipe, "data"))
+    data_kind = _kind(data_table, "data", "corpus", list(DATA_CONFIGS))
+    check_keys(data_table, list(DATA_KEYS[data_kind]), f"[data] (kind {data_kind!r})")
+    data_config = DATA_CONFIGS[data_kind](**data_table)
+    train = _train_config(recipe, name)
+    return RunSpec(name, model_kind, model_config, data_kind, data_config, train)
+
+
+def _kind(table: dict[str, Any], section: str, default: str, kinds: list[str]) -> str:
+    """``table``'s ``kind`` (removed from it), checked against ``kinds``."""
+    kind = table.pop("kind", default)
+    if not isinstance(kind, str) or kind not in kinds:
+        raise RecipeError(
+            f"{section}.kind: unknown kind {kind!r}{nearest(str(kind), kinds)}; "
+            f"valid kinds: {', '.join(kinds)}"
+        )
+    return kind
+
+
 def build_run(recipe: dict[str, Any] | str | Path, overrides: Sequence[str] | None = None) -> Run:
     """Build the model, data and evaluation a recipe describes (nothing is trained).
 
     ``recipe``: a loaded recipe (dict, left unchanged: the overrides apply to a copy), a
     shipped recipe's name (``"moe-lm"``) or a path to a TOML file. ``overrides``:
-    ``section.key=value`` strings, as ``gatelab train --set`` takes them.
+    ``section.key=value`` strings, as ``gatelab train --set`` takes them. Every config is
+    checked (:func:`check_recipe`) before anything is built.
     """
     if isinstance(recipe, dict):
         recipe = copy.deepcopy(recipe)
@@ -80,22 +158,11 @@ def build_run(recipe: dict[str, Any] | str | Path, overrides: Sequence[str] | No
             apply_override(recipe, override)
     else:
         recipe = load_recipe(recipe, list(overrides or []))
-    check_keys(recipe, RECIPE_KEYS, "the recipe")
-    name = str(recipe.get("name", "run"))
-    model_table = dict(_table(recipe, "model"))
-    model_kind = model_table.pop("kind", "lm")
-    _, model = build_model(model_kind, model_table)
-    data_table = dict(_table(recipe, "data"))
-    data_kind = data_table.pop("kind", "corpus")
-    if data_kind not in DATA_KEYS:
-        raise RecipeError(
-            f"unknown data kind {data_kind!r} in [data]; valid kinds: {', '.join(DATA_KEYS)}"
-        )
-    check_keys(data_table, ["kind", *DATA_KEYS[data_kind]], f"[data] (kind {data_kind!r})")
-    data_options = {**DATA_KEYS[data_kind], **data_table}
-    build = _corpus_data if data_kind == "corpus" else _digits_data
-    data, eval_fn, forward, eval_sets = build(model, data_options)
-    return Run(recipe, model, data, eval_fn, forward, _train_config(recipe, name), eval_sets)
+    spec = check_recipe(recipe)
+    model = MODELS.get(spec.model_kind)[1](spec.model)
+    build = _corpus_data if spec.data_kind == "corpus" else _digits_data
+    data, eval_fn, forward, eval_sets = build(model, spec.data.to_dict())
+    return Run(recipe, model, data, eval_fn, forward, spec.train, eval_sets)
 
 
 def _table(recipe: dict[str, Any], name: str) -> dict[str, Any]:
@@ -106,12 +173,15 @@ def _table(recipe: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _train_config(recipe: dict[str, Any], name: str) -> TrainConfig:
+    """[train] as a TrainConfig; ``run_dir`` defaults to ``runs/<name>``."""
     table = dict(_table(recipe, "train"))
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     check_keys(table, fields, "[train]")
     table.setdefault("run_dir", f"runs/{name}")
     try:
         return TrainConfig(**table)
+    except ConfigError as error:  # names the key: "train.steps: expected an int, ..."
+        raise RecipeError(str(error)) from None
     except (TypeError, ValueError) as error:
         raise RecipeError(f"[train]: {error}") from None
 
@@ -146,6 +216,12 @@ def _corpus_data(model: nn.Module, options: dict[str, Any]):
         )
         for domain in DOMAINS
     }
+    empty = [domain for domain, batches in eval_sets.items() if not batches]
+    if empty:  # an evaluation over nothing reports NaN bits per byte
+        raise RecipeError(
+            f"[data] leaves no validation text for {', '.join(empty)} "
+            f"(val_fraction={options['val_fraction']}): raise data.val_fraction"
+        )
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
         batches = (batch for domain in DOMAINS for batch in eval_sets[domain])
@@ -199,6 +275,8 @@ def run_recipe(
     from ..parallel import init_distributed, parallelize
 
     recipe = load_recipe(name_or_path, overrides)
+    spec = check_recipe(recipe)  # every config, before a process group or a model exists
+    _check_batch_split(spec.data.batch_size)
     ours = not dist.is_initialized()  # a group the caller made is the caller's to destroy
     distributed = init_distributed()
     if not distributed and ep not in (None, 1):
@@ -222,3 +300,23 @@ def run_recipe(
     finally:
         if distributed and ours:
             dist.destroy_process_group()
+
+
+def _check_batch_split(batch_size: int) -> None:
+    """Under torchrun each rank trains on 1/W of every batch: refuse a batch_size W does
+    not divide before any rank starts work (every rank raises the same error; the CLI
+    prints it once, on rank 0)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+        except ValueError:
+            world = 1  # not torchrun's variable: init_distributed reports it
+    if world > 1 and batch_size % world:
+        raise RecipeError(
+            f"data.batch_size={batch_size} cannot be split evenly over {world} processes; "
+            f"make it a multiple of {world} (e.g. {-(-batch_size // world) * world})"
+        )

@@ -25,7 +25,6 @@ import copy
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,16 @@ from torch import Tensor, nn
 
 from ..io import TMP_SUFFIX, atomic_write
 from ..legacy import upgrade_state_dict
+from .checkpoint_meta import (
+    FORMAT,
+    JSON_NAME,
+    TENSORS_NAME,
+    VERSION,
+    check_sha256,
+    describe_directory,
+    read_header,
+    read_meta,
+)
 from .state import (
     CheckpointError,
     _canonical,
@@ -60,16 +69,15 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
+    "check_model_fits",
     "read_checkpoint",
+    "read_checkpoint_header",
     "remove_stale_temporaries",
     "save_checkpoint",
     "set_rng_state",
 ]
 
-FORMAT = "gatelab.train.checkpoint"
-VERSION = 1
-_JSON_NAME = re.compile(r"^step_(\d+)\.json$")
-_TENSORS_NAME = re.compile(r"^step_(\d+)-[0-9a-f]{12}\.safetensors$")
+_JSON_NAME, _TENSORS_NAME = JSON_NAME, TENSORS_NAME
 
 
 @dataclass
@@ -216,73 +224,63 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints, and tensors files no JSON points to.
+    """Delete all but the newest ``keep`` checkpoints, each JSON and then the tensors file it
+    names; and tensors files of a step whose JSON names another one (an earlier save of the
+    same step, superseded).
 
-    The JSON goes first, so an interrupted prune leaves an orphan tensors file (ignored, removed
-    next time), never a JSON without its tensors.
+    Only files a JSON accounts for are deleted: a tensors file of a step that has no
+    readable JSON is never touched (it may be all that is left of a run whose JSON files
+    were lost). The JSON goes first, so an interrupted prune leaves an orphan tensors file,
+    never a JSON without its tensors.
     """
     directory = Path(directory)
     jsons = find_checkpoints(directory)
     for path in jsons[: max(0, len(jsons) - max(1, keep))]:
+        name = _named_tensors(path)
         with contextlib.suppress(OSError):
             path.unlink()
-    referenced, unreadable_steps = set(), set()
+            if name is not None:
+                (directory / name).unlink()
+    named = {}  # step -> the tensors file its JSON names
     for path in find_checkpoints(directory):
-        try:
-            referenced.add(json.loads(path.read_text())["tensors_file"])
-        except (OSError, ValueError, KeyError, TypeError):
-            unreadable_steps.add(int(_JSON_NAME.match(path.name).group(1)))
+        name = _named_tensors(path)
+        if name is not None:
+            named[_step_of(path)] = name
     for path in directory.iterdir():
         m = _TENSORS_NAME.match(path.name)
-        if m and path.name not in referenced and int(m.group(1)) not in unreadable_steps:
+        step = int(m.group(1)) if m else None
+        if step in named and path.name != named[step]:
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _step_of(json_path: Path) -> int:
+    return int(_JSON_NAME.match(json_path.name).group(1))
+
+
+def _named_tensors(json_path: Path) -> str | None:
+    """The tensors file a checkpoint JSON names, when it is readable and names a file of its
+    own step (a JSON edited to name another step's file accounts for nothing)."""
+    try:
+        name = json.loads(json_path.read_text())["tensors_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    m = _TENSORS_NAME.match(name) if isinstance(name, str) else None
+    return name if m and int(m.group(1)) == _step_of(json_path) else None
 
 
 # -- load --------------------------------------------------------------------------------------
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """The checkpoint's JSON and its tensors, checked (format, hash) but applied to nothing.
+    """The checkpoint's JSON and its tensors, checked (format, fields, hash) but applied to
+    nothing.
 
     ``path`` is a checkpoint JSON, or a directory whose latest checkpoint is read. Safe on
     untrusted files: JSON and safetensors only.
     """
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint (step_*.json) in {path}")
-        path = found
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
-    try:
-        meta = json.loads(raw.decode())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt: not valid JSON ({e}); delete it (and its "
-            ".safetensors) to fall back to an earlier checkpoint"
-        ) from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a gatelab training checkpoint (format {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {meta.get('version')!r}; this gatelab reads "
-            f"version {VERSION}"
-        )
-    missing = [
-        k for k in ("step", "tensors_file", "tensors_sha256", "config_fingerprint") if k not in meta
-    ]
-    name = meta.get("tensors_file")
-    if missing or not isinstance(name, str) or not _TENSORS_NAME.match(name):
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt: missing or bad fields {missing or ['tensors_file']}"
-        )
-    tensors_path = path.parent / name  # a bare file name (checked above): no path traversal
+    meta, tensors_path = read_meta(_checkpoint_json(Path(path)))
+    path = Path(meta["_path"])
     try:
         blob = tensors_path.read_bytes()
     except FileNotFoundError:
@@ -298,8 +296,33 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         tensors = st_load(blob)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{tensors_path} is not a readable safetensors file: {e}") from e
-    meta["_path"] = str(path)
     return meta, tensors
+
+
+def read_checkpoint_header(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """Like :func:`read_checkpoint`, with the tensors as meta tensors read from the file's
+    header (names, shapes, dtypes; the hash is checked in chunks): nothing is loaded, so a
+    checkpoint can be checked against a model built on the meta device before either is
+    allocated."""
+    meta, tensors_path = read_meta(_checkpoint_json(Path(path)))
+    check_sha256(tensors_path, meta, Path(meta["_path"]))
+    return meta, read_header(tensors_path)
+
+
+def check_model_fits(meta: dict, tensors: dict[str, Tensor], model: nn.Module) -> None:
+    """CheckpointError naming the parameters whose names or shapes differ between the
+    checkpoint and ``model`` (either may be on the meta device)."""
+    _check_model(Path(meta["_path"]), meta, tensors, model)
+
+
+def _checkpoint_json(path: Path) -> Path:
+    """``path``, or the latest checkpoint JSON of the directory ``path``."""
+    if not path.is_dir():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(describe_directory(path))
+    return found
 
 
 def _check_model(path: Path, meta: dict, tensors: dict[str, Tensor], model: nn.Module) -> dict:

@@ -74,30 +74,37 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
+        from ..models.config import ConfigError, check_fields
+
+        check_fields(self, "train")  # types: steps=2.5, steps=true, lr=inf are refused here
         checks = [
             (self.steps >= 0, "steps must be >= 0"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (
-                len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                "betas must be two values in [0, 1)",
-            ),
+            (self.eps > 0, "eps must be > 0"),
+            (all(0 <= b < 1 for b in self.betas), "betas must be two values in [0, 1)"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must lie in [0, 1]"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0: off)"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.log_every >= 1, "log_every must be >= 1"),
+            (self.eval_every >= 0, "eval_every must be >= 0 (0: only at the end)"),
+            (self.save_every >= 0, "save_every must be >= 0 (0: only at the end)"),
+            (self.routing_every >= 0, "routing_every must be >= 0 (0: off)"),
             (
-                min(self.eval_every, self.save_every, self.routing_every) >= 0,
-                "*_every must be >= 0",
+                self.time_budget_s is None or self.time_budget_s > 0,
+                "time_budget_s must be > 0 (leave it out for no budget)",
             ),
-            (self.time_budget_s is None or self.time_budget_s >= 0, "time_budget_s must be >= 0"),
+            (self.run_dir.strip() != "", "run_dir must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"TrainConfig: {message}")
+                raise ConfigError(f"train.{message}, got {self._given(message)}")
+
+    def _given(self, message: str) -> str:
+        """The value of the key a check message starts with, for the error."""
+        return repr(getattr(self, message.split()[0]))
 
     def fingerprinted(self) -> dict[str, Any]:
         """The fields that shape the trajectory (all but :attr:`RUN_ONLY`)."""

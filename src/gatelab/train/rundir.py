@@ -8,13 +8,14 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from ..io import ensure_writable_dir
 from .checkpoint import latest_checkpoint, remove_stale_temporaries
 from .config import TrainError
-from .metrics import JsonlLog, TensorBoardLog, read_jsonl, truncate_jsonl
+from .metrics import JsonlLog, TensorBoardLog, truncate_jsonl
 
 __all__ = ["RunLogs", "prepare_run_dir", "truncate_logs"]
 
@@ -22,22 +23,40 @@ LOG_NAMES = ("metrics.jsonl", "routing.jsonl")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path:
-    """Fail before any training when ``run_dir`` cannot be written or (without ``resume``)
-    already holds a run; remove what a killed save left behind. Returns the checkpoint
-    directory."""
+    """Fail before any training when ``run_dir`` cannot be written, (without ``resume``)
+    already holds a run, or holds a run's files that no checkpoint JSON accounts for (a
+    resume would start from step 0 and overwrite them); remove what a killed save left
+    behind. Returns the checkpoint directory."""
     checkpoint_dir = run_dir / "checkpoints"
     fix = "choose another run_dir or fix its permissions"
     ensure_writable_dir(checkpoint_dir, "run directory", fix, error=TrainError)
-    if not resume:
-        existing = latest_checkpoint(checkpoint_dir)
-        if existing is not None or read_jsonl(run_dir / "metrics.jsonl"):
-            raise TrainError(
-                f"run directory {run_dir} already holds a run"
-                + (f" (checkpoint {existing.name})" if existing else "")
-                + "; pass resume=True to continue it, or choose another run_dir"
-            )
+    existing = latest_checkpoint(checkpoint_dir)
+    leftovers = _run_files(run_dir, checkpoint_dir)
+    if existing is None and leftovers:
+        raise TrainError(
+            f"run directory {run_dir} holds {' and '.join(leftovers)} but no checkpoint JSON "
+            f"(checkpoints/step_*.json), so there is nothing to resume from and a new run would "
+            "overwrite them; restore the checkpoint JSON files to resume, or move these files "
+            "away (or choose another run_dir) to start afresh"
+        )
+    if not resume and existing is not None:
+        raise TrainError(
+            f"run directory {run_dir} already holds a run (checkpoint {existing.name}); "
+            "pass resume=True to continue it, or choose another run_dir"
+        )
     remove_stale_temporaries(checkpoint_dir)
     return checkpoint_dir
+
+
+def _run_files(run_dir: Path, checkpoint_dir: Path) -> list[str]:
+    """What an earlier run left: tensors files and non-empty logs, described for a message."""
+    tensors = list(checkpoint_dir.glob("*.safetensors"))
+    found = [f"{len(tensors)} .safetensors file{'s' * (len(tensors) != 1)}"] if tensors else []
+    for name in LOG_NAMES:
+        with contextlib.suppress(OSError):
+            if (run_dir / name).stat().st_size > 0:
+                found.append(name)
+    return found
 
 
 def truncate_logs(run_dir: Path, step: int) -> None:
