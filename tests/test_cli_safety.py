@@ -380,7 +380,7 @@ def careless_cases(model: Path, text: Path, tmp: Path) -> list[tuple[list[str], 
         ([*profile, "--set", "a="], "a prompt set is NAME=FILE"),
         ([*profile[:-1], str(tmp / ("x" * 250)), "--set", f"a={text}"], "File name too long"),
         ([*profile[:-1], str(tmp / "loop"), "--set", f"a={text}"], "cannot be resolved"),
-        (["eval", str(tmp / "hf")], "is an HF model directory"),
+        (["eval", str(tmp / "hf")], "is an HF model folder"),
         (
             [
                 "localize",

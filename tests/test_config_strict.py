@@ -80,9 +80,9 @@ def test_train_config_checks_types_when_built_directly():
 
 
 def test_nan_loss_weight_is_refused_not_dropped():
-    with pytest.raises(ValueError, match="loss weight balance=nan must be >= 0 and finite"):
+    with pytest.raises(ValueError, match="loss weight balance=nan must be a finite number >= 0"):
         MoE(8, 16, 4, 2, loss_weights={"balance": math.nan})
-    with pytest.raises(ValueError, match="capacity_factor must be > 0 and finite"):
+    with pytest.raises(ValueError, match="capacity_factor must be > 0 and a finite number"):
         MoE(8, 16, 4, 2, capacity_factor=math.inf)
     assert MoE(8, 16, 4, 2, loss_weights={"balance": 0.0}).loss_weights == {}
 

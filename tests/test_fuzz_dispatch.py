@@ -111,7 +111,7 @@ def _outcome(fn, x, experts, weights, bank):
     ]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(fuzz_cases())
 def test_grouped_equals_loop_or_both_raise_one_line(case):
     x, experts, weights, bank = _build(case)
@@ -125,8 +125,10 @@ def test_grouped_equals_loop_or_both_raise_one_line(case):
         return
     assert not isinstance(got, ValueError), f"{case}: {got}"
     tight = case["bank_dtype"] == torch.float64  # routing weights are float64 in every case
-    tol = dict(atol=1e-10, rtol=1e-8) if tight else dict(atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(got[0], ref[0], **tol)
-    for a, b in zip(got[1], ref[1], strict=True):
+    for a, b in zip([got[0], *got[1]], [ref[0], *ref[1]], strict=True):
+        # float32 sums of up to k terms in another order: an absolute error relative to the
+        # tensor's scale, since one element may be a cancellation far below it.
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        tol = dict(atol=1e-10 * scale, rtol=1e-8) if tight else dict(atol=1e-5 * scale, rtol=1e-4)
         torch.testing.assert_close(a, b, **tol)
     CASES["equal_to_oracle"] += 1

@@ -178,11 +178,6 @@ def checkpoint_meta(where: str | Path, missing: str | None = None) -> tuple[Path
     path = Path(where)
     if path.is_dir():
         found = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-        if found is None and (path / "config.json").is_file() and missing is None:
-            raise FileNotFoundError(
-                f"{where} is an HF model directory; this command reads a `gatelab train` "
-                "checkpoint (a run dir, its checkpoints/ dir or a checkpoint .json)"
-            )
         if found is None:
             raise FileNotFoundError(missing or describe_directory(path))
         path = found
@@ -258,9 +253,15 @@ def open_model(source: str | Path | nn.Module) -> OpenedModel:
             "gatelab run directory / checkpoint"
         )
     if path.is_file() and path.suffix != ".json":
+        from ..train.checkpoint_meta import identify
+
         raise ValueError(
-            f"{source} is a {path.suffix or 'suffix-less'} file; give an HF model directory, a "
-            "gatelab run directory or a checkpoint .json"
+            f"{source} is "
+            + (
+                identify(path)
+                or f"a {path.suffix or 'suffix-less'} file; give an HF model directory, a "
+                "gatelab run directory or a checkpoint .json"
+            )
         )
     if (path / "config.json").is_file():
         return _open_hf(path)
