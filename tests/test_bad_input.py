@@ -128,7 +128,9 @@ def test_nan_policy_must_be_known():
 
 
 def test_bank_for_another_dim():
-    with pytest.raises(ValueError, match="expert bank has num_experts=4, dim=6, hidden_dim=16; the layer has"):
+    with pytest.raises(
+        ValueError, match="expert bank has num_experts=4, dim=6, hidden_dim=16; the layer has"
+    ):
         MoE(8, 16, 4, 2, experts=ExpertBank(4, 6, 16))
 
 
