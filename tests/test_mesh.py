@@ -1,0 +1,154 @@
+"""FSDP2 + expert parallelism on a device mesh (Gloo, 2 and 4 processes, fp32).
+
+Every worker trains a tiny MoE LM a few AdamW steps under ``parallelize(model, mesh=...)``
+and compares itself with one process on the full batch it computes from the same weights:
+losses to 1e-6 and the same routing. One spawn per world size runs every mesh.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_distributed import _fork, _free_port, _init  # noqa: E402
+
+from gatelab.models import LM, LMConfig, MoEConfig
+from gatelab.parallel import parallel_state, parallelize
+from gatelab.parallel.mesh import MeshSpec
+
+STEPS, BATCH, SEQ = 3, 4, 8
+CONFIG = LMConfig(
+    vocab_size=32,
+    dim=16,
+    num_layers=2,
+    num_heads=2,
+    max_seq_len=SEQ,
+    ffn_hidden_dim=16,
+    moe=MoEConfig(num_experts=4, top_k=2, hidden_dim=8, loss_weights={"balance": 0.01}),
+)
+
+
+def tiny_lm() -> LM:
+    torch.manual_seed(0)
+    return LM(CONFIG)
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, CONFIG.vocab_size, (STEPS, BATCH, SEQ + 1), generator=gen)
+    return [(b[:, :-1], b[:, 1:]) for b in ids]
+
+
+def _routing(model) -> list[torch.Tensor]:
+    return [b.ffn.last_routing.experts for b in model.blocks]
+
+
+def _step(model, ids, targets, state=None) -> tuple[float, float]:
+    """(loss, gradient norm) of one step; clipped at 0.5, so a wrong norm changes the step."""
+    out = model(ids, targets)
+    (out.loss + out.aux_loss).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if state is None:
+        return float(out.loss + out.aux_loss), float(torch.nn.utils.clip_grad_norm_(params, 0.5))
+    state.finish_backward(model)
+    norm = float(state.clip_grad_norm_(model, params, 0.5))
+    return state.mean([float(out.loss + out.aux_loss)])[0], norm
+
+
+def _optimizer(model):
+    # SGD, not AdamW: Adam's update hardly changes when a gradient is scaled by a constant,
+    # so it would hide a wrong gradient divide factor.
+    return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+def reference() -> tuple[list[tuple[float, float]], list[list[torch.Tensor]]]:
+    """One process on the full batch: (loss, gradient norm) and the routing of each step."""
+    model = tiny_lm()
+    opt = _optimizer(model)
+    losses, routings = [], []
+    for ids, targets in batches():
+        losses.append(_step(model, ids, targets))
+        routings.append(_routing(model))
+        opt.step()
+        opt.zero_grad()
+    return losses, routings
+
+
+def check_mesh(spec: str, ref, **kwargs) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = parallelize(tiny_lm(), mesh=spec, **kwargs)
+    state = parallel_state(model)
+    opt = _optimizer(model)
+    rows = slice(rank * BATCH * SEQ // world, (rank + 1) * BATCH * SEQ // world)
+    for step, (ids, targets) in enumerate(batches()):
+        got = _step(model, state.shard_batch(ids), state.shard_batch(targets), state)
+        where = f"mesh {spec}, rank {rank}, step {step}"
+        (loss, norm), (ref_loss, ref_norm) = got, ref[0][step]
+        assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-6), (where, loss, ref_loss)
+        # The norm sums squares in another order (per shard, then over ranks): 1e-5.
+        assert norm == pytest.approx(ref_norm, rel=1e-5), (where, norm, ref_norm)
+        for mine, full in zip(_routing(model), ref[1][step], strict=True):
+            assert torch.equal(mine, full[rows]), f"routing, {where}"
+        opt.step()
+        opt.zero_grad()
+
+
+def _worker(rank: int, port: int, world: int, specs: list[tuple[str, dict]]) -> None:
+    _init(rank, port, world)
+    try:
+        if world == 2:
+            with pytest.raises(ValueError, match="either mesh"):
+                parallelize(tiny_lm(), ep=2, mesh="ep=2")
+        ref = reference()
+        for spec, kwargs in specs:
+            check_mesh(spec, ref, **kwargs)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_fsdp_ep_and_both_equal_one_process():
+    """W=2: FSDP2 alone (dp_shard=2, also without resharding after forward), EP with the
+    rest FSDP-sharded over both ranks (ep=2), HSDP replicas (dp_replicate=2)."""
+    specs = [
+        ("dp_shard=2", {}),
+        ("dp_shard=2", {"reshard_after_forward": False}),
+        ("ep=2", {}),
+        ("dp_replicate=2", {}),
+    ]
+    _fork(_worker, (_free_port(), 2, specs), 2)
+
+
+def test_four_processes_fsdp_with_ep_equal_one_process():
+    """W=4: experts sharded over ep=2 and fully sharded over dp_shard=2; HSDP with EP."""
+    specs = [("dp_shard=2,ep=2", {}), ("dp_replicate=2,ep=2", {})]
+    _fork(_worker, (_free_port(), 4, specs), 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "world", "message"),
+    [
+        ("dp_shard=2,tp=2", 4, "unknown dimension 'tp'"),
+        ("dp_shard=2,ep=2", 2, "has 4 ranks but the job has 2 processes"),
+        ("dp_shard=0", 1, "positive size"),
+        ("dp_shard=two", 2, "positive size"),
+        ("ep=2,ep=2", 4, "given twice"),
+        ("dp_shard=-1,ep=-1", 4, "only one dimension may be -1"),
+        ("dp_shard=-1,ep=3", 4, "do not divide by 3"),
+        ("", 1, "NAME=SIZE"),
+    ],
+)
+def test_mesh_spec_errors_name_the_problem(text, world, message):
+    with pytest.raises(ValueError, match=message):
+        MeshSpec.parse(text, world).check(world)
+
+
+def test_mesh_spec_fills_minus_one_and_checks_experts():
+    assert MeshSpec.parse("dp_shard=-1,ep=2", 8) == MeshSpec(1, 4, 2)
+    assert MeshSpec.parse(" dp_replicate = 2 , dp_shard=2 ").world == 4
+    with pytest.raises(ValueError, match="num_experts=6, not divisible by ep=4"):
+        MeshSpec(ep=4).check(4, {"blocks.0.ffn": 6})
