@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..data import DOMAINS, EvalBatches, LMBatches, TensorBatches, load_corpus, load_digits
+from ..data.shard import shard_data
 from ..data.text import ByteTokenizer
 from ..models import build_model
 from ..train import TrainConfig, Trainer, TrainResult
@@ -218,6 +219,8 @@ def run_recipe(
                 run.model = parallelize(run.model, ep=ep or 1)
             except ValueError as error:
                 raise RecipeError(f"--ep {ep}: {error}") from None
+            # Each rank reads only its rows of every batch (gatelab.data.shard).
+            run.data = shard_data(run.data, dist.get_rank(), dist.get_world_size())
         return run.trainer().fit(resume=resume)
     finally:
         if distributed and ours:

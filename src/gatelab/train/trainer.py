@@ -380,9 +380,12 @@ class Trainer:
         tokens = 0
         for _ in range(accum):
             batch = self._next_batch()
-            tokens += self.tokens_in(batch)
-            if self.parallel is not None:  # every rank reads the global batch, keeps its rows
-                batch = self.parallel.shard_batch(batch)
+            if getattr(self.data, "sharded", False):  # this rank's rows only (equal shares)
+                tokens += self.tokens_in(batch) * self.parallel.world
+            else:
+                tokens += self.tokens_in(batch)
+                if self.parallel is not None:  # every rank reads the global batch, keeps its rows
+                    batch = self.parallel.shard_batch(batch)
             loss, aux = losses(self.forward(self.model, to_device(batch, self._device)))
             total = loss if aux is None else loss + aux
             (total / accum).backward()
