@@ -63,17 +63,19 @@ def _optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
 
 
-def reference() -> tuple[list[tuple[float, float]], list[list[torch.Tensor]]]:
-    """One process on the full batch: (loss, gradient norm) and the routing of each step."""
+def reference() -> tuple[list[tuple[float, float]], list[list[torch.Tensor]], dict]:
+    """One process on the full batch: (loss, gradient norm) and the routing of each step,
+    and the first step's gradients."""
     model = tiny_lm()
     opt = _optimizer(model)
-    losses, routings = [], []
+    losses, routings, grads = [], [], {}
     for ids, targets in batches():
         losses.append(_step(model, ids, targets))
         routings.append(_routing(model))
+        grads = grads or {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
-    return losses, routings
+    return losses, routings, grads
 
 
 def check_mesh(spec: str, ref, **kwargs) -> None:
@@ -91,8 +93,22 @@ def check_mesh(spec: str, ref, **kwargs) -> None:
         assert norm == pytest.approx(ref_norm, rel=1e-5), (where, norm, ref_norm)
         for mine, full in zip(_routing(model), ref[1][step], strict=True):
             assert torch.equal(mine, full[rows]), f"routing, {where}"
+        if step == 0:
+            _check_grads(model, state, ref[2], where)
         opt.step()
         opt.zero_grad()
+
+
+def _check_grads(model, state, ref_grads: dict, where: str) -> None:
+    """Every gradient (made whole; this EP rank's experts) equals one process's: the loss
+    alone would hide a wrong scale on small gradients such as the experts'."""
+    for name, p in model.named_parameters():
+        grad, want = p.grad, ref_grads[name]
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        if name in state.expert_params:
+            per = want.shape[0] // state.ep
+            want = want[state.ep_rank * per : (state.ep_rank + 1) * per]
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7, msg=f"grad {name}, {where}")
 
 
 def _worker(rank: int, port: int, world: int, specs: list[tuple[str, dict]]) -> None:

@@ -37,13 +37,21 @@ def add_parser(subparsers) -> None:
         help="expert-parallel size under torchrun (experts sharded over N ranks; the rest "
         "data parallel), e.g. torchrun --nproc_per_node=2 -m gatelab train moe-lm --ep 2",
     )
+    train.add_argument(
+        "--mesh",
+        default=None,
+        metavar="SPEC",
+        help="FSDP2 + expert parallelism on a device mesh under torchrun, e.g. "
+        "torchrun --nproc_per_node=4 -m gatelab train moe-lm --mesh dp_shard=2,ep=2 "
+        "(dimensions dp_replicate, dp_shard, ep; one may be -1; checkpoints are DCP)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; rank 0 prints the result as one JSON line. 1 when training stopped early."""
     from ..recipes.run import run_recipe
 
-    result = run_recipe(args.recipe, args.overrides, resume=args.resume, ep=args.ep)
+    result = run_recipe(args.recipe, args.overrides, resume=args.resume, ep=args.ep, mesh=args.mesh)
     if is_main_process():
         print(
             json.dumps(

@@ -52,7 +52,10 @@ def _full(tensor: Tensor) -> Tensor:
 class MeshState(ParallelState):
     """:class:`ParallelState` of a model parallelized on a mesh: gradients are synced by
     FSDP2, so :meth:`finish_backward` has nothing to do, and the clipping norm reads
-    sharded (DTensor) gradients. ``layout`` holds the meshes."""
+    sharded (DTensor) gradients. ``layout`` holds the meshes. The trainer writes its
+    checkpoints with DCP, each rank its shards (:mod:`gatelab.train.dcp`)."""
+
+    sharded_checkpoints = True
 
     def __init__(self, layout: MeshLayout, expert_params: dict[str, int]):
         super().__init__(layout.spec.ep, expert_params)
@@ -172,7 +175,9 @@ def parallelize_mesh(
         )
         register_fsdp_forward_method(moe.experts, "weights")
         moe.experts.set_gradient_divide_factor(float(spec.world))
-        if dist.get_backend() == "gloo":  # Gloo has no PREMUL_SUM: sum, then divide
+        # Gloo has no PREMUL_SUM: sum, then divide. Not with one shard: torch 2.13 then
+        # divides twice (by the factor in place of the reduce-scatter, and again after).
+        if dist.get_backend() == "gloo" and layout.spec.dp_shard > 1:
             moe.experts.set_force_sum_reduction_for_comms(True)
     for block in _blocks(model):
         fully_shard(

@@ -188,12 +188,14 @@ def run_recipe(
     overrides: list[str] | None = None,
     resume: bool = False,
     ep: int | None = None,
+    mesh: str | None = None,
 ) -> TrainResult:
     """``gatelab train``: load a recipe, build its run and train it.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) the run is distributed: the model goes
     through ``gatelab.parallelize`` with expert-parallel size ``ep`` (None: 1, data
-    parallel only). ``ep`` > 1 without torchrun is an error that says how to launch.
+    parallel only), or, with ``mesh`` (``"dp_shard=2,ep=2"``), FSDP2 + expert parallelism
+    on that device mesh. Either without torchrun is an error that says how to launch.
     """
     import torch.distributed as dist
 
@@ -202,6 +204,13 @@ def run_recipe(
     recipe = load_recipe(name_or_path, overrides)
     ours = not dist.is_initialized()  # a group the caller made is the caller's to destroy
     distributed = init_distributed()
+    if mesh is not None and ep is not None:
+        raise RecipeError("--mesh and --ep together: put the expert-parallel size in the mesh")
+    if not distributed and mesh is not None:
+        raise RecipeError(
+            f"--mesh {mesh} needs torchrun: launch with torchrun --nproc_per_node=N "
+            f"-m gatelab train {name_or_path} --mesh {mesh}"
+        )
     if not distributed and ep not in (None, 1):
         raise RecipeError(
             f"--ep {ep} needs {ep} or a multiple of {ep} processes: launch with "
@@ -216,9 +225,14 @@ def run_recipe(
             if dist.get_backend() == "nccl":  # NCCL moves device tensors: one GPU per rank
                 run.model.to(torch.device("cuda", torch.cuda.current_device()))
             try:
-                run.model = parallelize(run.model, ep=ep or 1)
+                if mesh is not None:
+                    run.model = parallelize(run.model, mesh=mesh)
+                else:
+                    run.model = parallelize(run.model, ep=ep or 1)
             except ValueError as error:
-                raise RecipeError(f"--ep {ep}: {error}") from None
+                raise RecipeError(
+                    f"--mesh {mesh}: {error}" if mesh else f"--ep {ep}: {error}"
+                ) from None
             # Each rank reads only its rows of every batch (gatelab.data.shard).
             run.data = shard_data(run.data, dist.get_rank(), dist.get_world_size())
         return run.trainer().fit(resume=resume)

@@ -1,0 +1,126 @@
+"""Training on a device mesh through the recipes, with DCP checkpoints (Gloo, CPU, fp32).
+
+One run of 4 steps on 2 ranks (``ep=2``: experts over both, the rest FSDP-sharded) is the
+reference; runs resumed from its step-2 checkpoint on other meshes and world sizes
+(EP 2 -> EP 1, 2 -> 4, 4 -> 2) must log the same losses, and a run whose rank 1 is
+SIGKILLed resumes to the reference's exact numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from test_distributed import SMALL, _fork, _free_port, _init  # noqa: E402
+
+from gatelab.train.metrics import read_jsonl
+
+STEPS = [
+    *(s for s in SMALL if not s.startswith(("train.steps", "train.save_every"))),
+    "train.steps=4",
+    "train.save_every=2",
+    "train.keep_checkpoints=4",
+]
+
+
+def _args(run_dir: Path) -> list[str]:
+    return [*STEPS, f'train.run_dir="{run_dir}"']
+
+
+def _train(rank, port, world, jobs) -> None:
+    """Run each (run_dir, mesh, resume, kill_after) job on every rank."""
+    from gatelab.recipes.run import run_recipe
+
+    _init(rank, port, world)
+    try:
+        for run_dir, mesh, resume, kill_after in jobs:
+            if kill_after and rank == 1:
+                _kill_when_saved(Path(run_dir), kill_after)
+            run_recipe("moe-lm", _args(Path(run_dir)), resume=resume, mesh=mesh)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _kill_when_saved(run_dir: Path, step: int) -> None:
+    """SIGKILL this process once the step's checkpoint is complete (a crash, no cleanup)."""
+    done = run_dir / "checkpoints" / f"step_{step:08d}.dcp" / "gatelab.json"
+
+    def watch():
+        while not done.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {
+        r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"
+    }
+
+
+def _from_step_2(source: Path, target: Path) -> Path:
+    (target / "checkpoints").mkdir(parents=True)
+    name = "step_00000002.dcp"
+    shutil.copytree(source / "checkpoints" / name, target / "checkpoints" / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mesh_runs")
+    ref, ep1, four, back = base / "ref", base / "ep1", base / "four", base / "back"
+    # W=2: the reference, then EP 2 -> EP 1 from its step 2.
+    _fork(_train, (_free_port(), 2, [(str(ref), "ep=2", False, 0)]), 2)
+    _from_step_2(ref, ep1)
+    _from_step_2(ref, four)
+    # W=4: 2 -> 4 from the reference's step 2; and a 4-rank run to step 2 for 4 -> 2.
+    fresh = base / "fresh4"
+    jobs = [(str(four), "dp_shard=2,ep=2", True, 0), (str(fresh), "dp_shard=4", False, 0)]
+    _fork(_train, (_free_port(), 4, jobs), 4)
+    _from_step_2(fresh, back)
+    jobs = [(str(ep1), "dp_shard=2", True, 0), (str(back), "ep=2", True, 0)]
+    _fork(_train, (_free_port(), 2, jobs), 2)
+    return {"ref": ref, "ep1": ep1, "four": four, "back": back, "fresh": fresh}
+
+
+def test_mesh_run_equals_one_process(runs, tmp_path):
+    from gatelab.recipes.run import run_recipe
+
+    run_recipe("moe-lm", _args(tmp_path / "single"))
+    single, ours = _losses(tmp_path / "single"), _losses(runs["ref"])
+    assert list(ours) == [1, 2, 3, 4]
+    assert ours == pytest.approx(single, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ep1", "four", "back"])
+def test_resume_on_another_mesh_keeps_the_loss_curve(runs, name):
+    """EP 2 -> EP 1 (ep1), 2 -> 4 ranks (four), 4 -> 2 ranks (back), from step 2."""
+    ref, resumed = _losses(runs["ref"]), _losses(runs[name])
+    assert list(resumed) == [3, 4]
+    assert [resumed[s] for s in (3, 4)] == pytest.approx([ref[s] for s in (3, 4)], rel=1e-6)
+
+
+def test_resume_after_sigkill_of_one_rank_is_bitwise(runs, tmp_path):
+    """Rank 1 is SIGKILLed once the step-2 checkpoint is complete; the run resumed on the
+    same mesh logs exactly the reference's numbers."""
+    import torch.multiprocessing as mp
+
+    run_dir = tmp_path / "killed"
+    with pytest.raises(mp.ProcessExitedException):
+        _fork(_train, (_free_port(), 2, [(str(run_dir), "ep=2", False, 2)]), 2)
+    _fork(_train, (_free_port(), 2, [(str(run_dir), "ep=2", True, 0)]), 2)
+    ref, resumed = read_jsonl(runs["ref"] / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
+    drop = ("elapsed_s", "time", "tokens_per_s", "step_s")
+    strip = [[{k: v for k, v in r.items() if k not in drop} for r in log] for log in (ref, resumed)]
+    assert strip[1] == strip[0]
