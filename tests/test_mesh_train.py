@@ -8,6 +8,7 @@ SIGKILLed resumes to the reference's exact numbers.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -94,11 +95,18 @@ def runs(tmp_path_factory):
     return {"ref": ref, "ep1": ep1, "four": four, "back": back, "fresh": fresh}
 
 
-def test_mesh_run_equals_one_process(runs, tmp_path):
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The same recipe in one process (the reference of the reference)."""
     from gatelab.recipes.run import run_recipe
 
-    run_recipe("moe-lm", _args(tmp_path / "single"))
-    single, ours = _losses(tmp_path / "single"), _losses(runs["ref"])
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    run_recipe("moe-lm", _args(run_dir))
+    return run_dir
+
+
+def test_mesh_run_equals_one_process(runs, single):
+    single, ours = _losses(single), _losses(runs["ref"])
     assert list(ours) == [1, 2, 3, 4]
     assert ours == pytest.approx(single, rel=1e-6)
 
@@ -124,3 +132,40 @@ def test_resume_after_sigkill_of_one_rank_is_bitwise(runs, tmp_path):
     drop = ("elapsed_s", "time", "tokens_per_s", "step_s")
     strip = [[{k: v for k, v in r.items() if k not in drop} for r in log] for log in (ref, resumed)]
     assert strip[1] == strip[0]
+
+
+def test_convert_dcp_to_a_single_file_and_back(runs, single, tmp_path, capsys):
+    """``gatelab convert RUN_DIR OUT``: the mesh run's step-4 DCP checkpoint becomes a
+    single-file checkpoint holding the single-process run's weights, which ``gatelab info``
+    reads; converted back to DCP it holds the same tensors bit for bit."""
+    import torch
+
+    from gatelab.cli import main
+    from gatelab.train.checkpoint import read_checkpoint
+    from gatelab.train.dcp import read_dcp_tensors
+
+    out = tmp_path / "file"
+    assert main(["convert", str(runs["ref"]), str(out)]) == 0
+    written = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"])
+    meta, tensors = read_checkpoint(written)
+    assert meta["step"] == 4
+    _, reference = read_checkpoint(single / "checkpoints" / "step_00000004.json")
+    for key, value in reference.items():
+        if key.startswith("model/"):
+            torch.testing.assert_close(tensors[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert main(["info", str(written)]) == 0
+    assert "parameters" in capsys.readouterr().out
+
+    back = tmp_path / "dcp"
+    assert main(["convert", str(written), str(back)]) == 0
+    _, original = read_dcp_tensors(runs["ref"] / "checkpoints" / "step_00000004.dcp")
+    _, again = read_dcp_tensors(back / "step_00000004.dcp")
+    assert original.keys() == again.keys()
+    for key in original:
+        assert torch.equal(original[key], again[key]), key
+
+
+def test_convert_errors_name_the_fix(tmp_path):
+    from gatelab.cli import main
+
+    assert main(["convert", str(tmp_path)]) == 2

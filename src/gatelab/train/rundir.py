@@ -14,6 +14,7 @@ from typing import Any
 from ..io import ensure_writable_dir
 from .checkpoint import latest_checkpoint, remove_stale_temporaries
 from .config import TrainError
+from .dcp import latest_dcp_checkpoint
 from .metrics import JsonlLog, TensorBoardLog, read_jsonl, truncate_jsonl
 
 __all__ = ["RunLogs", "prepare_run_dir", "truncate_logs"]
@@ -29,7 +30,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path:
     fix = "choose another run_dir or fix its permissions"
     ensure_writable_dir(checkpoint_dir, "run directory", fix, error=TrainError)
     if not resume:
-        existing = latest_checkpoint(checkpoint_dir)
+        existing = latest_checkpoint(checkpoint_dir) or latest_dcp_checkpoint(checkpoint_dir)
         if existing is not None or read_jsonl(run_dir / "metrics.jsonl"):
             raise TrainError(
                 f"run directory {run_dir} already holds a run"
