@@ -169,3 +169,24 @@ def test_convert_errors_name_the_fix(tmp_path):
     from gatelab.cli import main
 
     assert main(["convert", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_cli_with_a_mesh(single, tmp_path):
+    """``torchrun --nproc_per_node=2 -m gatelab train moe-lm --mesh ep=2`` logs the
+    single-process run's losses and writes DCP checkpoints."""
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    run_dir = tmp_path / "run"
+    sets = [arg for o in _args(run_dir) for arg in ("--set", o)]
+    command = [torchrun, "--nproc_per_node=2", "--master_port", str(_free_port())]
+    command += ["-m", "gatelab", "train", "moe-lm", "--mesh", "ep=2", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["checkpoint"].endswith(".dcp")
+    assert _losses(run_dir) == pytest.approx(_losses(single), rel=1e-6)
