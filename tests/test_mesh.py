@@ -117,6 +117,10 @@ def _worker(rank: int, port: int, world: int, specs: list[tuple[str, dict]]) -> 
         if world == 2:
             with pytest.raises(ValueError, match="either mesh"):
                 parallelize(tiny_lm(), ep=2, mesh="ep=2")
+            with pytest.raises(ValueError, match="needs GPUs"):
+                parallelize(tiny_lm(), mesh="dp_shard=2", mp_policy="bf16")
+            with pytest.raises(ValueError, match="use 'bf16'"):
+                parallelize(tiny_lm(), mesh="dp_shard=2", mp_policy="fp8")
         ref = reference()
         for spec, kwargs in specs:
             check_mesh(spec, ref, **kwargs)

@@ -45,13 +45,27 @@ def add_parser(subparsers) -> None:
         "torchrun --nproc_per_node=4 -m gatelab train moe-lm --mesh dp_shard=2,ep=2 "
         "(dimensions dp_replicate, dp_shard, ep; one may be -1; checkpoints are DCP)",
     )
+    train.add_argument(
+        "--mixed-precision",
+        choices=("bf16",),
+        default=None,
+        help="with --mesh on GPUs: bf16 parameters and gradient reductions, fp32 master "
+        "weights (FSDP2 MixedPrecisionPolicy); CPU runs stay fp32",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; rank 0 prints the result as one JSON line. 1 when training stopped early."""
     from ..recipes.run import run_recipe
 
-    result = run_recipe(args.recipe, args.overrides, resume=args.resume, ep=args.ep, mesh=args.mesh)
+    result = run_recipe(
+        args.recipe,
+        args.overrides,
+        resume=args.resume,
+        ep=args.ep,
+        mesh=args.mesh,
+        mixed_precision=args.mixed_precision,
+    )
     if is_main_process():
         print(
             json.dumps(

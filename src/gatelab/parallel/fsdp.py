@@ -125,6 +125,25 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def _mixed_precision(policy):
+    """An FSDP2 ``MixedPrecisionPolicy`` from ``policy``: None (fp32: parameters and
+    reductions in the parameters' dtype), "bf16" (bf16 parameters in forward and backward
+    and bf16 gradient reductions; the sharded fp32 parameters stay the master copy the
+    optimizer steps) or a policy as it is. bf16 needs CUDA: on CPU runs stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if policy is None or isinstance(policy, MixedPrecisionPolicy):
+        return policy or MixedPrecisionPolicy()
+    if policy != "bf16":
+        raise ValueError(f"mixed precision {policy!r}: use 'bf16' or a MixedPrecisionPolicy")
+    if dist.get_backend() != "nccl":
+        raise ValueError(
+            "mixed precision 'bf16' needs GPUs (NCCL); on CPU (Gloo) train in fp32: leave "
+            "the mixed precision out"
+        )
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+
+
 def parallelize_mesh(
     model: nn.Module,
     mesh,
@@ -135,17 +154,17 @@ def parallelize_mesh(
     """See the module docstring; called by ``gatelab.parallelize(model, mesh=...)``.
 
     ``mesh``: a spec string (``"dp_shard=2,ep=2"``), a :class:`MeshSpec` or a
-    :class:`MeshLayout` from :func:`build_mesh`. ``mp_policy``: an FSDP2
-    ``MixedPrecisionPolicy`` (None: parameters and reductions in the parameters' dtype).
+    :class:`MeshLayout` from :func:`build_mesh`. ``mp_policy``: "bf16", an FSDP2
+    ``MixedPrecisionPolicy`` or None (fp32), see :func:`_mixed_precision`.
     """
     from torch.distributed.fsdp import (
-        MixedPrecisionPolicy,
         fully_shard,
         register_fsdp_forward_method,
     )
 
     from ..layers import MoE
 
+    mp_policy = _mixed_precision(mp_policy)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
     layout = mesh if isinstance(mesh, MeshLayout) else None
     if layout is None:
@@ -168,7 +187,6 @@ def parallelize_mesh(
             moe.dispatcher = ExpertParallel(state.ep_group, local or _local_name(moe.dispatcher))
         if spec.world > 1 and moe.loss_weights:
             moe.aux_loss_routing = GlobalRouting(state.world_group)
-    mp_policy = mp_policy or MixedPrecisionPolicy()
     for moe in layers.values() if spec.ep > 1 else ():
         fully_shard(
             moe.experts, mesh=layout.expert_mesh, reshard_after_forward=False, mp_policy=mp_policy

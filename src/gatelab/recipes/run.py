@@ -189,13 +189,15 @@ def run_recipe(
     resume: bool = False,
     ep: int | None = None,
     mesh: str | None = None,
+    mixed_precision: str | None = None,
 ) -> TrainResult:
     """``gatelab train``: load a recipe, build its run and train it.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) the run is distributed: the model goes
     through ``gatelab.parallelize`` with expert-parallel size ``ep`` (None: 1, data
     parallel only), or, with ``mesh`` (``"dp_shard=2,ep=2"``), FSDP2 + expert parallelism
-    on that device mesh. Either without torchrun is an error that says how to launch.
+    on that device mesh (``mixed_precision="bf16"``: FSDP2 bf16 parameters and reductions,
+    GPUs only). Either without torchrun is an error that says how to launch.
     """
     import torch.distributed as dist
 
@@ -206,6 +208,8 @@ def run_recipe(
     distributed = init_distributed()
     if mesh is not None and ep is not None:
         raise RecipeError("--mesh and --ep together: put the expert-parallel size in the mesh")
+    if mixed_precision is not None and mesh is None:
+        raise RecipeError("--mixed-precision needs --mesh (FSDP2's mixed precision)")
     if not distributed and mesh is not None:
         raise RecipeError(
             f"--mesh {mesh} needs torchrun: launch with torchrun --nproc_per_node=N "
@@ -226,7 +230,7 @@ def run_recipe(
                 run.model.to(torch.device("cuda", torch.cuda.current_device()))
             try:
                 if mesh is not None:
-                    run.model = parallelize(run.model, mesh=mesh)
+                    run.model = parallelize(run.model, mesh=mesh, mp_policy=mixed_precision)
                 else:
                     run.model = parallelize(run.model, ep=ep or 1)
             except ValueError as error:
