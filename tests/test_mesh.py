@@ -7,6 +7,8 @@ losses to 1e-6 and the same routing. One spawn per world size runs every mesh.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import traceback
 
 import pytest
@@ -15,7 +17,7 @@ import torch.distributed as dist
 from test_distributed import _fork, _free_port, _init  # noqa: E402
 
 from gatelab.models import LM, LMConfig, MoEConfig
-from gatelab.parallel import parallel_state, parallelize
+from gatelab.parallel import parallel_state, parallelize, unwrap
 from gatelab.parallel.mesh import MeshSpec
 
 STEPS, BATCH, SEQ = 3, 4, 8
@@ -30,9 +32,21 @@ CONFIG = LMConfig(
 )
 
 
-def tiny_lm() -> LM:
+# Rules where tokens compete for experts: capacity drops and expert choice.
+CONFIGS = {
+    "base": CONFIG,
+    "capacity": dataclasses.replace(
+        CONFIG, moe=dataclasses.replace(CONFIG.moe, capacity_factor=0.5)
+    ),
+    "expert_choice": dataclasses.replace(
+        CONFIG, moe=dataclasses.replace(CONFIG.moe, router="expert_choice")
+    ),
+}
+
+
+def tiny_lm(config: str = "base") -> LM:
     torch.manual_seed(0)
-    return LM(CONFIG)
+    return LM(CONFIGS[config])
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,10 +77,11 @@ def _optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
 
 
-def reference() -> tuple[list[tuple[float, float]], list[list[torch.Tensor]], dict]:
+@functools.cache
+def reference(config: str = "base") -> tuple[list, list[list[torch.Tensor]], dict]:
     """One process on the full batch: (loss, gradient norm) and the routing of each step,
     and the first step's gradients."""
-    model = tiny_lm()
+    model = tiny_lm(config)
     opt = _optimizer(model)
     losses, routings, grads = [], [], {}
     for ids, targets in batches():
@@ -78,20 +93,23 @@ def reference() -> tuple[list[tuple[float, float]], list[list[torch.Tensor]], di
     return losses, routings, grads
 
 
-def check_mesh(spec: str, ref, **kwargs) -> None:
+def check_mesh(spec: str | None, config: str = "base", **kwargs) -> None:
+    """``parallelize(mesh=spec, **kwargs)`` (spec None: the DDP path, ``ep=`` in kwargs)
+    trains as one process on the full batch does."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = parallelize(tiny_lm(), mesh=spec, **kwargs)
+    ref = reference(config)
+    model = parallelize(tiny_lm(config), mesh=spec, **kwargs)
     state = parallel_state(model)
     opt = _optimizer(model)
     rows = slice(rank * BATCH * SEQ // world, (rank + 1) * BATCH * SEQ // world)
     for step, (ids, targets) in enumerate(batches()):
         got = _step(model, state.shard_batch(ids), state.shard_batch(targets), state)
-        where = f"mesh {spec}, rank {rank}, step {step}"
+        where = f"mesh {spec}, {config}, {kwargs}, rank {rank}, step {step}"
         (loss, norm), (ref_loss, ref_norm) = got, ref[0][step]
         assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-6), (where, loss, ref_loss)
         # The norm sums squares in another order (per shard, then over ranks): 1e-5.
         assert norm == pytest.approx(ref_norm, rel=1e-5), (where, norm, ref_norm)
-        for mine, full in zip(_routing(model), ref[1][step], strict=True):
+        for mine, full in zip(_routing(unwrap(model)), ref[1][step], strict=True):
             assert torch.equal(mine, full[rows]), f"routing, {where}"
         if step == 0:
             _check_grads(model, state, ref[2], where)
@@ -102,13 +120,28 @@ def check_mesh(spec: str, ref, **kwargs) -> None:
 def _check_grads(model, state, ref_grads: dict, where: str) -> None:
     """Every gradient (made whole; this EP rank's experts) equals one process's: the loss
     alone would hide a wrong scale on small gradients such as the experts'."""
-    for name, p in model.named_parameters():
+    for name, p in unwrap(model).named_parameters():
         grad, want = p.grad, ref_grads[name]
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         if name in state.expert_params:
             per = want.shape[0] // state.ep
             want = want[state.ep_rank * per : (state.ep_rank + 1) * per]
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7, msg=f"grad {name}, {where}")
+
+
+def _check_local_capacity_differs() -> None:
+    """Without global_routing, capacity decides per rank: the routing is not the single
+    process's (what makes the global option worth having, and the test above meaningful)."""
+    model = parallelize(tiny_lm("capacity"), mesh="dp_shard=2")
+    state, (ids, targets) = parallel_state(model), batches()[0]
+    model(state.shard_batch(ids), state.shard_batch(targets))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = slice(rank * BATCH * SEQ // world, (rank + 1) * BATCH * SEQ // world)
+    ref = reference("capacity")[1][0]
+    same = [torch.equal(a, b[rows]) for a, b in zip(_routing(model), ref, strict=True)]
+    mismatch = torch.tensor([float(not all(same))])
+    dist.all_reduce(mismatch)
+    assert mismatch.item() > 0
 
 
 def _worker(rank: int, port: int, world: int, specs: list[tuple[str, dict]]) -> None:
@@ -121,9 +154,9 @@ def _worker(rank: int, port: int, world: int, specs: list[tuple[str, dict]]) -> 
                 parallelize(tiny_lm(), mesh="dp_shard=2", mp_policy="bf16")
             with pytest.raises(ValueError, match="use 'bf16'"):
                 parallelize(tiny_lm(), mesh="dp_shard=2", mp_policy="fp8")
-        ref = reference()
+            _check_local_capacity_differs()
         for spec, kwargs in specs:
-            check_mesh(spec, ref, **kwargs)
+            check_mesh(spec, **kwargs)
     except BaseException:
         traceback.print_exc()
         raise
@@ -139,6 +172,10 @@ def test_two_processes_fsdp_ep_and_both_equal_one_process():
         ("dp_shard=2", {"reshard_after_forward": False}),
         ("ep=2", {}),
         ("dp_replicate=2", {}),
+        ("ep=2", {"config": "capacity", "global_routing": True}),
+        ("dp_shard=2", {"config": "expert_choice", "global_routing": True}),
+        (None, {"config": "capacity", "global_routing": True, "ep": 2}),
+        (None, {"config": "expert_choice", "global_routing": True, "ep": 1}),
     ]
     _fork(_worker, (_free_port(), 2, specs), 2)
 

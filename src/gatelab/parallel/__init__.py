@@ -324,6 +324,7 @@ def parallelize(
     mesh=None,
     reshard_after_forward: bool = True,
     mp_policy=None,
+    global_routing: bool = False,
 ) -> nn.Module:
     """Expert parallelism for the MoE layers, data parallelism for the rest; see the module
     docstring. Call on every rank after ``torch.distributed.init_process_group``.
@@ -332,7 +333,8 @@ def parallelize(
     built :class:`~gatelab.parallel.mesh.MeshLayout`): FSDP2 with expert parallelism on a
     device mesh instead of DDP (:mod:`gatelab.parallel.fsdp`); ``ep`` and ``data_parallel``
     must then be left out, ``reshard_after_forward`` and ``mp_policy`` go to
-    ``fully_shard``.
+    ``fully_shard``. ``global_routing``: capacity and expert choice decide on the global
+    batch instead of each rank's tokens (:mod:`gatelab.parallel.decisions`).
 
     Args:
         model: a model with gatelab ``MoE`` layers (or none: then data parallelism only).
@@ -361,7 +363,9 @@ def parallelize(
             )
         from .fsdp import parallelize_mesh
 
-        return parallelize_mesh(model, mesh, reshard_after_forward, mp_policy, local)
+        return parallelize_mesh(
+            model, mesh, reshard_after_forward, mp_policy, local, global_routing
+        )
     world = dist.get_world_size()
     ep = world if ep is None else ep
     if not isinstance(ep, int) or ep < 1 or world % ep:
@@ -387,6 +391,10 @@ def parallelize(
         if world > 1 and moe.loss_weights:
             moe.aux_loss_routing = GlobalRouting(state.world_group)
     setattr(model, _STATE_ATTR, state)
+    if global_routing and world > 1:
+        from .decisions import make_decisions_global
+
+        make_decisions_global(model, state.world_group)
     if not data_parallel or world == 1:
         return model
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(

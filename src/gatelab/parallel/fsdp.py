@@ -150,6 +150,7 @@ def parallelize_mesh(
     reshard_after_forward: bool = True,
     mp_policy=None,
     local: str | None = None,
+    global_routing: bool = False,
 ) -> nn.Module:
     """See the module docstring; called by ``gatelab.parallelize(model, mesh=...)``.
 
@@ -187,6 +188,10 @@ def parallelize_mesh(
             moe.dispatcher = ExpertParallel(state.ep_group, local or _local_name(moe.dispatcher))
         if spec.world > 1 and moe.loss_weights:
             moe.aux_loss_routing = GlobalRouting(state.world_group)
+    if global_routing and spec.world > 1:
+        from .decisions import make_decisions_global
+
+        make_decisions_global(model, state.world_group)
     for moe in layers.values() if spec.ep > 1 else ():
         fully_shard(
             moe.experts, mesh=layout.expert_mesh, reshard_after_forward=False, mp_policy=mp_policy
