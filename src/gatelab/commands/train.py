@@ -52,6 +52,12 @@ def add_parser(subparsers) -> None:
         help="with --mesh on GPUs: bf16 parameters and gradient reductions, fp32 master "
         "weights (FSDP2 MixedPrecisionPolicy); CPU runs stay fp32",
     )
+    train.add_argument(
+        "--global-routing",
+        action="store_true",
+        help="under torchrun: capacity drops and expert choice decide on the global batch "
+        "(one all-gather per MoE layer) instead of each rank's tokens",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         ep=args.ep,
         mesh=args.mesh,
         mixed_precision=args.mixed_precision,
+        global_routing=args.global_routing,
     )
     if is_main_process():
         print(

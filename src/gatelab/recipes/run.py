@@ -190,6 +190,7 @@ def run_recipe(
     ep: int | None = None,
     mesh: str | None = None,
     mixed_precision: str | None = None,
+    global_routing: bool = False,
 ) -> TrainResult:
     """``gatelab train``: load a recipe, build its run and train it.
 
@@ -197,7 +198,8 @@ def run_recipe(
     through ``gatelab.parallelize`` with expert-parallel size ``ep`` (None: 1, data
     parallel only), or, with ``mesh`` (``"dp_shard=2,ep=2"``), FSDP2 + expert parallelism
     on that device mesh (``mixed_precision="bf16"``: FSDP2 bf16 parameters and reductions,
-    GPUs only). Either without torchrun is an error that says how to launch.
+    GPUs only). ``global_routing``: capacity and expert choice decide on the global batch.
+    Either without torchrun is an error that says how to launch.
     """
     import torch.distributed as dist
 
@@ -230,9 +232,14 @@ def run_recipe(
                 run.model.to(torch.device("cuda", torch.cuda.current_device()))
             try:
                 if mesh is not None:
-                    run.model = parallelize(run.model, mesh=mesh, mp_policy=mixed_precision)
+                    run.model = parallelize(
+                        run.model,
+                        mesh=mesh,
+                        mp_policy=mixed_precision,
+                        global_routing=global_routing,
+                    )
                 else:
-                    run.model = parallelize(run.model, ep=ep or 1)
+                    run.model = parallelize(run.model, ep=ep or 1, global_routing=global_routing)
             except ValueError as error:
                 raise RecipeError(
                     f"--mesh {mesh}: {error}" if mesh else f"--ep {ep}: {error}"
