@@ -190,3 +190,23 @@ def test_torchrun_cli_with_a_mesh(single, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["checkpoint"].endswith(".dcp")
     assert _losses(run_dir) == pytest.approx(_losses(single), rel=1e-6)
+
+
+def test_dcp_directories_are_checked(tmp_path):
+    """An interrupted save (no gatelab.json) is not a checkpoint; a foreign JSON is refused;
+    a fresh run refuses a run dir that holds DCP checkpoints."""
+    from gatelab.train.config import TrainError
+    from gatelab.train.dcp import CheckpointError, latest_dcp_checkpoint, read_dcp_meta
+    from gatelab.train.rundir import prepare_run_dir
+
+    step = tmp_path / "checkpoints" / "step_00000003.dcp"
+    step.mkdir(parents=True)
+    assert latest_dcp_checkpoint(tmp_path / "checkpoints") is None
+    with pytest.raises(CheckpointError, match="no gatelab.json"):
+        read_dcp_meta(step)
+    (step / "gatelab.json").write_text('{"format": "something else"}')
+    with pytest.raises(CheckpointError, match="not a gatelab DCP"):
+        read_dcp_meta(step)
+    assert latest_dcp_checkpoint(tmp_path / "checkpoints") == step
+    with pytest.raises(TrainError, match="already holds a run"):
+        prepare_run_dir(tmp_path, resume=False)

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..io import write_json
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, _same_config
 from .state import (
     CheckpointError,
     _canonical,
@@ -287,7 +287,7 @@ def load_dcp(
 
     path = Path(path)
     meta = read_dcp_meta(path)
-    if config is not None and meta.get("config_fingerprint") != config_fingerprint(config):
+    if config is not None and not _same_config(meta, config):
         diff = config_diff(upgrade_config(meta.get("config")), config)
         raise CheckpointError(
             f"checkpoint {path} was written by a run with another config; differing keys: "
