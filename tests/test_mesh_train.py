@@ -210,3 +210,23 @@ def test_dcp_directories_are_checked(tmp_path):
     assert latest_dcp_checkpoint(tmp_path / "checkpoints") == step
     with pytest.raises(TrainError, match="already holds a run"):
         prepare_run_dir(tmp_path, resume=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mesh", "dp_shard=2"], "torchrun --nproc_per_node=N"),
+        (["--mesh", "ep=2", "--ep", "2"], "--mesh and --ep together"),
+        (["--mixed-precision", "bf16"], "--mixed-precision needs --mesh"),
+    ],
+)
+def test_mesh_flags_without_torchrun_are_clear_errors(
+    flags, message, tmp_path, monkeypatch, capsys
+):
+    from gatelab.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = ["train", "moe-lm", *flags, "--set", f'train.run_dir="{tmp_path}"']
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
