@@ -8,12 +8,11 @@ SIGKILLed resumes to the reference's exact numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
-import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch.distributed as dist
 from test_distributed import SMALL, _fork, _free_port, _init  # noqa: E402
 
+from gatelab.train.dcp import latest_dcp_checkpoint
 from gatelab.train.metrics import read_jsonl
 
 STEPS = [
@@ -53,15 +53,19 @@ def _train(rank, port, world, jobs) -> None:
 
 
 def _kill_when_saved(run_dir: Path, step: int) -> None:
-    """SIGKILL this process once the step's checkpoint is complete (a crash, no cleanup)."""
-    done = run_dir / "checkpoints" / f"step_{step:08d}.dcp" / "gatelab.json"
+    """SIGKILL this process as soon as the step's checkpoint is complete (a crash: no
+    cleanup, the other rank left waiting in a collective)."""
+    from gatelab.train import trainer
 
-    def watch():
-        while not done.exists():
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGKILL)
+    save = trainer.save_dcp
 
-    threading.Thread(target=watch, daemon=True).start()
+    def save_then_die(*args, **kwargs):
+        path = save(*args, **kwargs)
+        if args[1] == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    trainer.save_dcp = save_then_die
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -127,6 +131,7 @@ def test_resume_after_sigkill_of_one_rank_is_bitwise(runs, tmp_path):
     run_dir = tmp_path / "killed"
     with pytest.raises(mp.ProcessExitedException):
         _fork(_train, (_free_port(), 2, [(str(run_dir), "ep=2", False, 2)]), 2)
+    assert latest_dcp_checkpoint(run_dir / "checkpoints").name == "step_00000002.dcp"
     _fork(_train, (_free_port(), 2, [(str(run_dir), "ep=2", True, 0)]), 2)
     ref, resumed = read_jsonl(runs["ref"] / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
     drop = ("elapsed_s", "time", "tokens_per_s", "step_s")
@@ -230,3 +235,39 @@ def test_mesh_flags_without_torchrun_are_clear_errors(
     args = ["train", "moe-lm", *flags, "--set", f'train.run_dir="{tmp_path}"']
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_dcp_in_one_process_round_trip_and_refusals(tmp_path, capsys):
+    """save_dcp / load_dcp without a process group: the model and AdamW state come back
+    bit for bit; another config, or a model with other parameters, is refused before
+    anything changes; ``gatelab eval`` on a run dir with only DCP checkpoints says to
+    convert."""
+    import torch
+    from test_mesh import CONFIG, batches, tiny_lm  # noqa: E402
+
+    from gatelab.cli import main
+    from gatelab.train.dcp import CheckpointError, load_dcp, save_dcp
+
+    model = tiny_lm()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, targets = batches()[0]
+    model(ids, targets).loss.backward()
+    opt.step()
+    config = {"run": {"model": "tiny"}, "train": {}}
+    path = save_dcp(tmp_path / "run" / "checkpoints", 1, model, opt, config=config)
+    fresh = tiny_lm()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    load_dcp(path, fresh, fresh_opt, config=config)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(opt.state.values(), fresh_opt.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    with pytest.raises(CheckpointError, match="another config"):
+        load_dcp(path, tiny_lm(), config={"run": {"model": "other"}, "train": {}})
+    from gatelab.models import LM
+
+    wider = LM(dataclasses.replace(CONFIG, num_layers=3))
+    with pytest.raises(CheckpointError, match="lacks"):
+        load_dcp(path, wider)
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    assert "gatelab convert" in capsys.readouterr().err

@@ -132,10 +132,17 @@ def checkpoint_meta(where: str | Path, missing: str | None = None) -> tuple[Path
     """(path, metadata) of a ``gatelab train`` checkpoint given as its JSON, its directory or
     its run directory. ``missing``: the message when a directory holds no checkpoint."""
     from ..train.checkpoint import latest_checkpoint, read_checkpoint
+    from ..train.dcp import latest_dcp_checkpoint
 
     path = Path(where)
     if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = latest_checkpoint(directory)
+        if found is None and latest_dcp_checkpoint(directory) is not None:
+            raise FileNotFoundError(
+                f"{where} holds only distributed (DCP) checkpoints of a --mesh run; "
+                f"convert the latest first: gatelab convert {where}"
+            )
         if found is None:
             raise FileNotFoundError(
                 missing or f"no checkpoint in {where}; give a checkpoint .json or a run dir"

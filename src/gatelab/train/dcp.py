@@ -281,8 +281,9 @@ def load_dcp(
     parallel=None,
 ) -> Checkpoint:
     """Restore a DCP checkpoint written under any mesh into this rank's pieces of ``model``
-    (and ``optimizer``, ``scheduler``, ``data``, the RNG); every rank calls it. Names and
-    the config are checked before anything changes."""
+    (and ``optimizer``, ``scheduler``, ``data``, the RNG); every rank calls it. The config
+    and the tensor names are checked before the model changes (a fresh optimizer gets its
+    zero state first: DCP reads the moments into it)."""
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
