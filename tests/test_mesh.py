@@ -181,8 +181,14 @@ def test_two_processes_fsdp_ep_and_both_equal_one_process():
 
 
 def test_four_processes_fsdp_with_ep_equal_one_process():
-    """W=4: experts sharded over ep=2 and fully sharded over dp_shard=2; HSDP with EP."""
-    specs = [("dp_shard=2,ep=2", {}), ("dp_replicate=2,ep=2", {})]
+    """W=4: experts sharded over ep=2 and fully sharded over dp_shard=2; HSDP with EP and
+    with FSDP; EP over all 4 ranks with global capacity."""
+    specs = [
+        ("dp_shard=2,ep=2", {}),
+        ("dp_replicate=2,ep=2", {}),
+        ("dp_replicate=2,dp_shard=2", {}),
+        ("ep=4", {"config": "capacity", "global_routing": True}),
+    ]
     _fork(_worker, (_free_port(), 4, specs), 4)
 
 
