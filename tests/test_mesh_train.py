@@ -271,3 +271,19 @@ def test_dcp_in_one_process_round_trip_and_refusals(tmp_path, capsys):
         load_dcp(path, wider)
     assert main(["eval", str(tmp_path / "run")]) == 2
     assert "gatelab convert" in capsys.readouterr().err
+
+
+def test_resume_in_the_other_format_is_refused(single, tmp_path, capsys):
+    """Resuming a --mesh run without --mesh (or a single-file run under --mesh) would
+    start over at step 0 in silence; it stops with the fix instead."""
+    from gatelab.cli import main
+    from gatelab.train.dcp import CheckpointError, resume_point
+
+    with pytest.raises(CheckpointError, match="only single-file checkpoints; convert it"):
+        resume_point(single / "checkpoints", sharded=True)
+    step = tmp_path / "checkpoints" / "step_00000002.dcp"
+    step.mkdir(parents=True)
+    (step / "gatelab.json").write_text('{"format": "gatelab-dcp"}')
+    args = ["train", "moe-lm", "--resume", *(a for o in _args(tmp_path) for a in ("--set", o))]
+    assert main(args) == 2
+    assert "resume under --mesh, or convert it first" in capsys.readouterr().err

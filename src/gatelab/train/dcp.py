@@ -60,6 +60,7 @@ __all__ = [
     "load_dcp",
     "prune_dcp_checkpoints",
     "read_dcp_tensors",
+    "resume_point",
     "save_dcp",
 ]
 
@@ -93,6 +94,27 @@ def find_dcp_checkpoints(directory: str | os.PathLike) -> list[Path]:
 def latest_dcp_checkpoint(directory: str | os.PathLike) -> Path | None:
     found = find_dcp_checkpoints(directory)
     return found[-1] if found else None
+
+
+def resume_point(directory: str | os.PathLike, sharded: bool) -> Path | None:
+    """The checkpoint a run resumes from: the latest DCP one for a mesh run (``sharded``),
+    else the latest single-file one. A run dir holding only the other format is refused
+    (resuming would silently start over at step 0)."""
+    from .checkpoint import latest_checkpoint
+
+    mine, other = (latest_dcp_checkpoint, latest_checkpoint)
+    if not sharded:
+        mine, other = other, mine
+    found = mine(directory)
+    if found is None and other(directory) is not None:
+        fix = (
+            f"convert it first: gatelab convert {other(directory)} {directory}"
+            if sharded
+            else f"resume under --mesh, or convert it first: gatelab convert {directory}"
+        )
+        kind = "single-file" if sharded else "distributed (DCP)"
+        raise CheckpointError(f"{directory} holds only {kind} checkpoints; {fix}")
+    return found
 
 
 def prune_dcp_checkpoints(directory: str | os.PathLike, keep: int) -> None:

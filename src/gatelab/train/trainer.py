@@ -45,7 +45,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ResumableIterator, TrainConfig, TrainError, TrainResult
-from .dcp import latest_dcp_checkpoint, load_dcp, save_dcp
+from .dcp import load_dcp, resume_point, save_dcp
 from .metrics import Progress
 from .protocols import call_model, count_tokens, losses, moe_aux_loss, param_groups, to_device
 from .rundir import RunLogs, prepare_run_dir, truncate_logs
@@ -282,7 +282,7 @@ class Trainer:
 
     def _resume(self) -> None:
         sharded = getattr(self.parallel, "sharded_checkpoints", False)
-        path = (latest_dcp_checkpoint if sharded else latest_checkpoint)(self.checkpoint_dir)
+        path = resume_point(self.checkpoint_dir, sharded)
         if path is None:
             self._say(f"no checkpoint in {self.checkpoint_dir}: starting from step 0")
             self._seed()
