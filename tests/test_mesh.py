@@ -38,6 +38,9 @@ CONFIGS = {
     "capacity": dataclasses.replace(
         CONFIG, moe=dataclasses.replace(CONFIG.moe, capacity_factor=0.5)
     ),
+    "two_experts": dataclasses.replace(
+        CONFIG, moe=dataclasses.replace(CONFIG.moe, num_experts=2, top_k=1)
+    ),
     "expert_choice": dataclasses.replace(
         CONFIG, moe=dataclasses.replace(CONFIG.moe, router="expert_choice")
     ),
@@ -100,6 +103,9 @@ def check_mesh(spec: str | None, config: str = "base", **kwargs) -> None:
     ref = reference(config)
     model = parallelize(tiny_lm(config), mesh=spec, **kwargs)
     state = parallel_state(model)
+    if config == "two_experts":  # one expert per EP rank, 2 dp_shard ranks: split dim 1
+        bank = dict(unwrap(model).named_parameters())["blocks.0.ffn.experts.down_proj"]
+        assert [p.dim for p in bank.placements] == [1]
     opt = _optimizer(model)
     rows = slice(rank * BATCH * SEQ // world, (rank + 1) * BATCH * SEQ // world)
     for step, (ids, targets) in enumerate(batches()):
@@ -188,6 +194,7 @@ def test_four_processes_fsdp_with_ep_equal_one_process():
         ("dp_replicate=2,ep=2", {}),
         ("dp_replicate=2,dp_shard=2", {}),
         ("ep=4", {"config": "capacity", "global_routing": True}),
+        ("dp_shard=2,ep=2", {"config": "two_experts"}),  # 1 expert per EP rank: dim-1 shards
     ]
     _fork(_worker, (_free_port(), 4, specs), 4)
 

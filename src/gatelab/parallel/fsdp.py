@@ -125,6 +125,20 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def _expert_placement(per_rank: int, dp_shard: int):
+    """FSDP2's placement of an EP slice [E/ep, ...] over ``dp_shard`` ranks: dim 0 when the
+    slice's experts divide evenly, else dim 1 when that divides (no padding; torchtitan
+    does the same when ``dp_shard * ep > E``), else dim 0 padded."""
+    from torch.distributed.tensor import Shard
+
+    def place(param):
+        if per_rank % dp_shard and param.dim() > 1 and param.shape[1] % dp_shard == 0:
+            return Shard(1)
+        return None
+
+    return place
+
+
 def _mixed_precision(policy):
     """An FSDP2 ``MixedPrecisionPolicy`` from ``policy``: None (fp32: parameters and
     reductions in the parameters' dtype), "bf16" (bf16 parameters in forward and backward
@@ -194,7 +208,11 @@ def parallelize_mesh(
         make_decisions_global(model, state.world_group)
     for moe in layers.values() if spec.ep > 1 else ():
         fully_shard(
-            moe.experts, mesh=layout.expert_mesh, reshard_after_forward=False, mp_policy=mp_policy
+            moe.experts,
+            mesh=layout.expert_mesh,
+            reshard_after_forward=False,
+            mp_policy=mp_policy,
+            shard_placement_fn=_expert_placement(moe.num_experts // spec.ep, spec.dp_shard),
         )
         register_fsdp_forward_method(moe.experts, "weights")
         moe.experts.set_gradient_divide_factor(float(spec.world))
