@@ -17,6 +17,7 @@ from types import ModuleType
 COMMANDS = (
     "demo",
     "train",
+    "convert",
     "eval",
     "info",
     "bench",

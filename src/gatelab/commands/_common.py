@@ -174,10 +174,17 @@ def checkpoint_meta(where: str | Path, missing: str | None = None) -> tuple[Path
     fails here, and a file of another kind is named as what it is."""
     from ..train.checkpoint import check_model_fits, latest_checkpoint, read_checkpoint_header
     from ..train.checkpoint_meta import describe_directory
+    from ..train.dcp import latest_dcp_checkpoint
 
     path = Path(where)
     if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = latest_checkpoint(directory)
+        if found is None and latest_dcp_checkpoint(directory) is not None:
+            raise FileNotFoundError(
+                f"{where} holds only distributed (DCP) checkpoints of a --mesh run; "
+                f"convert the latest first: gatelab convert {where}"
+            )
         if found is None:
             raise FileNotFoundError(missing or describe_directory(path))
         path = found

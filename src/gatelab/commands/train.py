@@ -37,13 +37,42 @@ def add_parser(subparsers) -> None:
         help="expert-parallel size under torchrun (experts sharded over N ranks; the rest "
         "data parallel), e.g. torchrun --nproc_per_node=2 -m gatelab train moe-lm --ep 2",
     )
+    train.add_argument(
+        "--mesh",
+        default=None,
+        metavar="SPEC",
+        help="FSDP2 + expert parallelism on a device mesh under torchrun, e.g. "
+        "torchrun --nproc_per_node=4 -m gatelab train moe-lm --mesh dp_shard=2,ep=2 "
+        "(dimensions dp_replicate, dp_shard, ep; one may be -1; checkpoints are DCP)",
+    )
+    train.add_argument(
+        "--mixed-precision",
+        choices=("bf16",),
+        default=None,
+        help="with --mesh on GPUs: bf16 parameters and gradient reductions, fp32 master "
+        "weights (FSDP2 MixedPrecisionPolicy); CPU runs stay fp32",
+    )
+    train.add_argument(
+        "--global-routing",
+        action="store_true",
+        help="under torchrun: capacity drops and expert choice decide on the global batch "
+        "(one all-gather per MoE layer) instead of each rank's tokens",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; rank 0 prints the result as one JSON line. 1 when training stopped early."""
     from ..recipes.run import run_recipe
 
-    result = run_recipe(args.recipe, args.overrides, resume=args.resume, ep=args.ep)
+    result = run_recipe(
+        args.recipe,
+        args.overrides,
+        resume=args.resume,
+        ep=args.ep,
+        mesh=args.mesh,
+        mixed_precision=args.mixed_precision,
+        global_routing=args.global_routing,
+    )
     if is_main_process():
         print(
             json.dumps(

@@ -45,6 +45,7 @@ from .loaders import (
     read_idx,
 )
 from .series import SERIES_NAMES, ForecastData, ForecastSet, forecast_windows, load_series
+from .shard import ShardedBatches, shard_data, shard_rows
 from .synthetic import (
     GaussianMoEData,
     GaussianMoEParams,
@@ -85,6 +86,9 @@ __all__ = [
     "load_criteo",
     "synthetic_ctr",
     "TensorBatches",
+    "ShardedBatches",
+    "shard_data",
+    "shard_rows",
     "CIFAR10_CLASSES",
     "DIGIT_TRANSFORMS",
     "HandwritingStyle",

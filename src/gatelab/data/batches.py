@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .shard import shard_rows
+
 
 class TensorBatches:
     """Endless shuffled minibatches of rows of equally long tensors, e.g. (images, labels).
@@ -39,6 +41,16 @@ class TensorBatches:
         return self
 
     def __next__(self) -> tuple[Tensor, ...]:
+        return tuple(t[rows] for rows in [self._take()] for t in self.tensors)
+
+    def next_shard(self, rank: int, world: int) -> tuple[Tensor, ...]:
+        """Rows ``[rank B/W, (rank+1) B/W)`` of the next batch; the position moves by the
+        whole batch (:class:`~gatelab.data.ShardedBatches`)."""
+        rows = shard_rows(self._take(), rank, world)
+        return tuple(t[rows] for t in self.tensors)
+
+    def _take(self) -> Tensor:
+        """The next batch's row indices; moves the position."""
         parts, need = [], self.batch_size
         while need:
             order = self._order(self.epoch)
@@ -48,8 +60,7 @@ class TensorBatches:
             self.index += len(take)
             if self.index >= len(order):
                 self.epoch, self.index = self.epoch + 1, 0
-        rows = torch.cat(parts)
-        return tuple(t[rows] for t in self.tensors)
+        return torch.cat(parts)
 
     def state_dict(self) -> dict:
         return {

@@ -41,6 +41,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .shard import shard_rows
+
 DOMAINS = ("prose", "code")
 EOS = 256
 IGNORE_INDEX = -100
@@ -335,6 +337,15 @@ class LMBatches:
         return self
 
     def __next__(self) -> LMBatch:
+        return self._rows(self._take())
+
+    def next_shard(self, rank: int, world: int) -> LMBatch:
+        """Rows ``[rank B/W, (rank+1) B/W)`` of the next batch, reading only those windows;
+        the position moves by the whole batch (:class:`~gatelab.data.ShardedBatches`)."""
+        return self._rows(shard_rows(self._take(), rank, world))
+
+    def _take(self) -> torch.Tensor:
+        """The next batch's window starts; moves the position."""
         parts, need = [], self.batch_size
         while need:
             starts = self._starts(self.epoch)
@@ -344,7 +355,10 @@ class LMBatches:
             self.index += len(take)
             if self.index >= len(starts):
                 self.epoch, self.index = self.epoch + 1, 0
-        idx = torch.cat(parts)[:, None] + self._span
+        return torch.cat(parts)
+
+    def _rows(self, starts: torch.Tensor) -> LMBatch:
+        idx = starts[:, None] + self._span
         tokens = self.ids[idx].long()
         return LMBatch(tokens[:, :-1], tokens[:, 1:], self.doms[idx[:, 1:]].long())
 

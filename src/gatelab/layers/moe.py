@@ -45,7 +45,9 @@ class MoE(nn.Module):
     ``aux_loss_routing`` (None by default) may be set to a function ``(routing, token_mask)
     -> (routing, token_mask)`` that the aux losses are computed on instead: under data
     parallelism ``gatelab.parallelize`` sets it to gather every rank's routing, so the
-    losses are those of the global batch.
+    losses are those of the global batch. ``capacity_rule`` (``apply_capacity`` by default)
+    empties the slots beyond capacity; ``gatelab.parallelize(global_routing=True)``
+    replaces it by one that decides on the global batch.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class MoE(nn.Module):
             get_dispatcher(dispatcher)  # fail early on an unknown name
         self.dispatcher = dispatcher
         self.aux_loss_routing = None
+        self.capacity_rule = apply_capacity  # gatelab.parallel may make it global
         self.shared_experts = (
             SharedExpert(dim, shared_hidden_dim, act=act, gated=shared_gate)
             if shared_hidden_dim
@@ -189,7 +192,7 @@ class MoE(nn.Module):
         else:
             self.aux_losses = {}
         if self.capacity_factor is not None:
-            routing = apply_capacity(routing, self.capacity_factor)
+            routing = self.capacity_rule(routing, self.capacity_factor)
         if routing_edit is not None:
             routing = routing_edit(routing)
         self.last_routing = routing.detach()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data import DOMAINS, EvalBatches, LMBatches, TensorBatches, load_corpus, load_digits
+from ..data.shard import shard_data
 from ..data.text import ByteTokenizer
 from ..models import MODELS
 from ..models.config import Config, ConfigError, check_positive
@@ -263,12 +264,18 @@ def run_recipe(
     overrides: list[str] | None = None,
     resume: bool = False,
     ep: int | None = None,
+    mesh: str | None = None,
+    mixed_precision: str | None = None,
+    global_routing: bool = False,
 ) -> TrainResult:
     """``gatelab train``: load a recipe, build its run and train it.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) the run is distributed: the model goes
     through ``gatelab.parallelize`` with expert-parallel size ``ep`` (None: 1, data
-    parallel only). ``ep`` > 1 without torchrun is an error that says how to launch.
+    parallel only), or, with ``mesh`` (``"dp_shard=2,ep=2"``), FSDP2 + expert parallelism
+    on that device mesh (``mixed_precision="bf16"``: FSDP2 bf16 parameters and reductions,
+    GPUs only). ``global_routing``: capacity and expert choice decide on the global batch.
+    Either without torchrun is an error that says how to launch.
     """
     import torch.distributed as dist
 
@@ -279,6 +286,15 @@ def run_recipe(
     _check_batch_split(spec.data.batch_size)
     ours = not dist.is_initialized()  # a group the caller made is the caller's to destroy
     distributed = init_distributed()
+    if mesh is not None and ep is not None:
+        raise RecipeError("--mesh and --ep together: put the expert-parallel size in the mesh")
+    if mixed_precision is not None and mesh is None:
+        raise RecipeError("--mixed-precision needs --mesh (FSDP2's mixed precision)")
+    if not distributed and mesh is not None:
+        raise RecipeError(
+            f"--mesh {mesh} needs torchrun: launch with torchrun --nproc_per_node=N "
+            f"-m gatelab train {name_or_path} --mesh {mesh}"
+        )
     if not distributed and ep not in (None, 1):
         raise RecipeError(
             f"--ep {ep} needs {ep} or a multiple of {ep} processes: launch with "
@@ -293,9 +309,21 @@ def run_recipe(
             if dist.get_backend() == "nccl":  # NCCL moves device tensors: one GPU per rank
                 run.model.to(torch.device("cuda", torch.cuda.current_device()))
             try:
-                run.model = parallelize(run.model, ep=ep or 1)
+                if mesh is not None:
+                    run.model = parallelize(
+                        run.model,
+                        mesh=mesh,
+                        mp_policy=mixed_precision,
+                        global_routing=global_routing,
+                    )
+                else:
+                    run.model = parallelize(run.model, ep=ep or 1, global_routing=global_routing)
             except ValueError as error:
-                raise RecipeError(f"--ep {ep}: {error}") from None
+                raise RecipeError(
+                    f"--mesh {mesh}: {error}" if mesh else f"--ep {ep}: {error}"
+                ) from None
+            # Each rank reads only its rows of every batch (gatelab.data.shard).
+            run.data = shard_data(run.data, dist.get_rank(), dist.get_world_size())
         return run.trainer().fit(resume=resume)
     finally:
         if distributed and ours:

@@ -27,19 +27,34 @@ def apply_capacity(routing: Routing, capacity_factor: float) -> Routing:
     choice, and within one slot rank earlier tokens come first. The Routing returned
     records ``aux["dropped"]`` (slots emptied) and ``aux["capacity"]``.
     """
-    num_tokens, num_slots = routing.experts.shape
-    capacity = expert_capacity(num_tokens, num_slots, routing.num_experts, capacity_factor)
+    keep, capacity = capacity_keep(routing.experts, routing.num_experts, capacity_factor)
+    return keep_within_capacity(routing, keep, capacity)
+
+
+def capacity_keep(
+    experts: torch.Tensor, num_experts: int, capacity_factor: float
+) -> tuple[torch.Tensor, int]:
+    """(keep [T, K] bool, C): which slots of ``experts`` [T, K] fit their expert's capacity,
+    in :func:`apply_capacity`'s priority order. A distributed run computes it on the
+    experts of the global batch (``gatelab.parallel.global_capacity``)."""
+    num_tokens, num_slots = experts.shape
+    capacity = expert_capacity(num_tokens, num_slots, num_experts, capacity_factor)
     # Slot-major order: rank 0 of all tokens, then rank 1, ...
-    by_priority = routing.experts.t().reshape(-1)
-    key = torch.where(by_priority == EMPTY, routing.num_experts, by_priority)
+    by_priority = experts.t().reshape(-1)
+    key = torch.where(by_priority == EMPTY, num_experts, by_priority)
     order = torch.argsort(key, stable=True)
     sorted_key = key[order]
-    counts = torch.bincount(sorted_key, minlength=routing.num_experts + 1)
+    counts = torch.bincount(sorted_key, minlength=num_experts + 1)
     starts = counts.cumsum(0) - counts
     rank = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
     keep_sorted = rank < capacity
     keep = torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted)
-    keep = keep.view(num_slots, num_tokens).t()
+    return keep.view(num_slots, num_tokens).t(), capacity
+
+
+def keep_within_capacity(routing: Routing, keep: torch.Tensor, capacity: int) -> Routing:
+    """``routing`` with the slots outside ``keep`` emptied; records ``aux["dropped"]`` and
+    ``aux["capacity"]``."""
     before = routing.valid.sum()
     out = routing.keep_slots(keep)
     aux = dict(out.aux)

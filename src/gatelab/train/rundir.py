@@ -15,6 +15,7 @@ from typing import Any
 from ..io import ensure_writable_dir
 from .checkpoint import latest_checkpoint, remove_stale_temporaries
 from .config import TrainError
+from .dcp import latest_dcp_checkpoint
 from .metrics import JsonlLog, TensorBoardLog, truncate_jsonl
 
 __all__ = ["RunLogs", "prepare_run_dir", "truncate_logs"]
@@ -30,7 +31,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path:
     checkpoint_dir = run_dir / "checkpoints"
     fix = "choose another run_dir or fix its permissions"
     ensure_writable_dir(checkpoint_dir, "run directory", fix, error=TrainError)
-    existing = latest_checkpoint(checkpoint_dir)
+    existing = latest_checkpoint(checkpoint_dir) or latest_dcp_checkpoint(checkpoint_dir)
     leftovers = _run_files(run_dir, checkpoint_dir)
     if existing is None and leftovers:
         raise TrainError(
@@ -42,7 +43,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path:
     if not resume and existing is not None:
         raise TrainError(
             f"run directory {run_dir} already holds a run (checkpoint {existing.name}); "
-            "pass resume=True to continue it, or choose another run_dir"
+            "continue it with --resume (resume=True from Python), or choose another run_dir"
         )
     remove_stale_temporaries(checkpoint_dir)
     return checkpoint_dir

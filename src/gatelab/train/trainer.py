@@ -45,6 +45,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ResumableIterator, TrainConfig, TrainError, TrainResult
+from .dcp import load_dcp, resume_point, save_dcp
 from .metrics import Progress
 from .protocols import call_model, count_tokens, losses, moe_aux_loss, param_groups, to_device
 from .rundir import RunLogs, prepare_run_dir, truncate_logs
@@ -280,19 +281,21 @@ class Trainer:
     # -- resume --------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.checkpoint_dir)
+        sharded = getattr(self.parallel, "sharded_checkpoints", False)
+        path = resume_point(self.checkpoint_dir, sharded)
         if path is None:
             self._say(f"no checkpoint in {self.checkpoint_dir}: starting from step 0")
             self._seed()
         else:
-            ckpt = load_checkpoint(
+            load = partial(load_dcp, parallel=self.parallel) if sharded else load_checkpoint
+            ckpt = load(
                 path,
                 self._core,
                 self.optimizer,
                 self.scheduler,
                 config=self.config,
                 data=self.data,
-                transform=partial(shard_expert_banks, self.parallel) if self.parallel else None,
+                **({} if sharded else {"transform": self._reshard()}),
             )
             _clear_router_counts(self.model)
             self.step = ckpt.step
@@ -302,6 +305,9 @@ class Trainer:
             self._say(f"resumed from {path} at step {ckpt.step}")
         if self._is_main:
             truncate_logs(self.run_dir, self.step)
+
+    def _reshard(self):
+        return partial(shard_expert_banks, self.parallel) if self.parallel else None
 
     def _seed(self) -> None:
         seed = self.cfg.seed
@@ -380,9 +386,12 @@ class Trainer:
         tokens = 0
         for _ in range(accum):
             batch = self._next_batch()
-            tokens += self.tokens_in(batch)
-            if self.parallel is not None:  # every rank reads the global batch, keeps its rows
-                batch = self.parallel.shard_batch(batch)
+            if getattr(self.data, "sharded", False):  # this rank's rows only (equal shares)
+                tokens += self.tokens_in(batch) * self.parallel.world
+            else:
+                tokens += self.tokens_in(batch)
+                if self.parallel is not None:  # every rank reads the global batch, keeps its rows
+                    batch = self.parallel.shard_batch(batch)
             loss, aux = losses(self.forward(self.model, to_device(batch, self._device)))
             total = loss if aux is None else loss + aux
             (total / accum).backward()
@@ -447,6 +456,19 @@ class Trainer:
         """
         if self._logs is not None:
             self._logs.sync()
+        if getattr(self.parallel, "sharded_checkpoints", False):  # each rank its shards (DCP)
+            extra = {"tokens": self.tokens, "elapsed_s": self._elapsed()}
+            args = (self.optimizer, self.scheduler, self.data.state_dict(), self.config, extra)
+            path = save_dcp(
+                self.checkpoint_dir,
+                self.step,
+                self._core,
+                *args,
+                self.parallel,
+                self.cfg.keep_checkpoints,
+            )
+            self._last_saved, self._last_path = self.step, path
+            return path
         whole = (None, None)
         if self.parallel is not None:
             whole = gather_expert_banks(self.parallel, self._core, self.optimizer)

@@ -19,8 +19,8 @@ the data iterator yields the same global batch on every rank, rank r takes rows
 ``[r * B/W, (r + 1) * B/W)``. With equal token counts per shard, mean-of-rank-means is the
 global mean, so losses and gradients equal one process on the full batch.
 
-FSDP2 (``fully_shard``) is not used: it needs ``reduce_scatter_tensor``, which Gloo lacks,
-and the models here fit one device once the experts are sharded. The aux-loss-free bias
+``parallelize(model, mesh="dp_shard=2,ep=2")`` shards instead with FSDP2 on a device mesh
+(:mod:`gatelab.parallel.fsdp`, :mod:`gatelab.parallel.mesh`). The aux-loss-free bias
 counts and the routing telemetry are summed over all ranks before use.
 """
 
@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .dispatch.expert_parallel import ExpertParallel
-from .routing import Routing
-from .routing.aux_free import biased_routers
+from ..dispatch.expert_parallel import ExpertParallel
+from ..routing import Routing
+from ..routing.aux_free import biased_routers
 
 __all__ = [
     "GlobalRouting",
@@ -316,10 +316,25 @@ def _shard_bank(bank: nn.Module, num_experts: int, ep: int, ep_rank: int, where:
 
 
 def parallelize(
-    model: nn.Module, ep: int | None = None, data_parallel: bool = True, local: str | None = None
+    model: nn.Module,
+    ep: int | None = None,
+    data_parallel: bool = True,
+    local: str | None = None,
+    *,
+    mesh=None,
+    reshard_after_forward: bool = True,
+    mp_policy=None,
+    global_routing: bool = False,
 ) -> nn.Module:
     """Expert parallelism for the MoE layers, data parallelism for the rest; see the module
     docstring. Call on every rank after ``torch.distributed.init_process_group``.
+
+    With ``mesh`` (``"dp_shard=2,ep=2"``, a :class:`~gatelab.parallel.mesh.MeshSpec` or a
+    built :class:`~gatelab.parallel.mesh.MeshLayout`): FSDP2 with expert parallelism on a
+    device mesh instead of DDP (:mod:`gatelab.parallel.fsdp`); ``ep`` and ``data_parallel``
+    must then be left out, ``reshard_after_forward`` and ``mp_policy`` go to
+    ``fully_shard``. ``global_routing``: capacity and expert choice decide on the global
+    batch instead of each rank's tokens (:mod:`gatelab.parallel.decisions`).
 
     Args:
         model: a model with gatelab ``MoE`` layers (or none: then data parallelism only).
@@ -331,7 +346,7 @@ def parallelize(
     Returns the model to train (a DDP wrapper when ``data_parallel``); ``unwrap`` gives the
     module itself, whose ``state_dict`` names are those of the single-device model.
     """
-    from .layers import MoE
+    from ..layers import MoE
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -340,6 +355,17 @@ def parallelize(
         )
     if parallel_state(model) is not None:
         raise ValueError("this model is already parallelized")
+    if mesh is not None:
+        if ep is not None or not data_parallel:
+            raise ValueError(
+                "parallelize: give either mesh=... or ep=/data_parallel=, not both; "
+                "put the expert-parallel size in the mesh ('dp_shard=2,ep=2')"
+            )
+        from .fsdp import parallelize_mesh
+
+        return parallelize_mesh(
+            model, mesh, reshard_after_forward, mp_policy, local, global_routing
+        )
     world = dist.get_world_size()
     ep = world if ep is None else ep
     if not isinstance(ep, int) or ep < 1 or world % ep:
@@ -365,6 +391,10 @@ def parallelize(
         if world > 1 and moe.loss_weights:
             moe.aux_loss_routing = GlobalRouting(state.world_group)
     setattr(model, _STATE_ATTR, state)
+    if global_routing and world > 1:
+        from .decisions import make_decisions_global
+
+        make_decisions_global(model, state.world_group)
     if not data_parallel or world == 1:
         return model
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
