@@ -137,6 +137,12 @@ class GLU(ExpertActivation):
 
     def backward_into(self, hidden, scale, grad, grad_hidden, kept):
         gate, up = hidden.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():
+            # Dynamo refuses out= into the non-contiguous halves: whole tensors, one write.
+            grad_up = grad * kept
+            grad_gate = self._backward(grad * scale * up, gate, _empty_like(gate))
+            torch.cat([grad_gate, grad_up * scale], dim=1, out=grad_hidden)
+            return (grad_up * up).sum(dim=1)
         grad_gate, grad_up = grad_hidden.chunk(2, dim=-1)
         torch.mul(grad, kept, out=grad_up)  # grad * act(gate), scaled below
         # d loss / d scale = sum_f grad * act(gate) * up (grad_gate is free scratch until the end).

@@ -14,7 +14,7 @@ import triton
 from torch import Tensor
 
 from ...experts.activation import as_activation
-from ..grouped import composite_backward, sort_slots
+from ..grouped import compact_slots, composite_backward, sort_slots
 from . import configs, kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -441,7 +441,7 @@ def _zero_grads(ctx, x, slot_weights, w_in, w_out, b_in, b_out):
 
 def run(x, experts, weights, bank, act_code, glu, deterministic) -> Tensor:
     """Sort the slots and run :class:`TritonExperts` (arguments checked by the caller)."""
-    routed = sort_slots(experts, bank.num_experts)
+    routed = compact_slots(sort_slots(experts, bank.num_experts))
     slot_weights = weights.reshape(-1)[routed[0]]
     return TritonExperts.apply(
         x,
