@@ -227,10 +227,11 @@ def composite_experts(inputs, activation, routed, shape) -> Tensor:
     """What GroupedExperts computes, in plain differentiable torch ops (slower): the path
     double backward differentiates. ``inputs`` = (x, slot_weights, w_in, w_out, b_in, b_out)."""
     x, slot_weights, w_in, w_out, b_in, b_out = inputs
-    if len(routed) == 6:  # sort_slots' fixed-size rows: this slow path takes the routed ones
-        routed = compact_slots(routed)
-        slot_weights = slot_weights[: routed[0].shape[0]]
-    slots, tokens, _, counts, _ = routed[:5]
+    # The routed rows come first (sort_slots' padding rows follow): this slow path reads
+    # their number on the host.
+    counts = routed[3]
+    routed_rows = int(counts.sum())
+    tokens, slot_weights = routed[1][:routed_rows], slot_weights[:routed_rows]
     xs = x[tokens].to(w_in.dtype)
     outs, start = [], 0
     for e, count in enumerate(counts.tolist()):
