@@ -133,12 +133,15 @@ def test_lm_compiles_fullgraph(fresh_dynamo):
     _check_fullgraph(lm, lambda m: m(ids).logits, lambda m: list(m.parameters()))
 
 
-def test_hf_moe_model_compiles_fullgraph(fresh_dynamo):
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_hf_moe_model_compiles_fullgraph(family, fresh_dynamo):
+    """Mixtral: the named GLU activation; GPT-OSS: HF's own gate function (gatelab
+    differentiates it with torch.func.vjp under compile) and expert biases."""
     pytest.importorskip("transformers")
     from hf_tiny import build
     from hf_tiny import ids as tiny_ids
 
-    model = build("mixtral", "gatelab")
+    model = build(family, "gatelab").train()
     ids = tiny_ids()
     # AOT autograd decomposes HF's attention and norms into other float32 reductions: a
     # few gradient entries move by ~2e-5 of values ~3.

@@ -166,9 +166,19 @@ class AutogradActivation(ExpertActivation):
 
     def forward_into(self, hidden, scale, out, keep=None):
         act = self.fn(hidden)
-        return act * scale if act.data_ptr() == hidden.data_ptr() else act.mul_(scale)
+        # Scale in place only a fresh result, never hidden itself (backward reads it).
+        # Under torch.compile there are no addresses to compare (a graph break), and
+        # in-place buys nothing: the functional product.
+        if torch.compiler.is_compiling() or act.data_ptr() == hidden.data_ptr():
+            return act * scale
+        return act.mul_(scale)
 
     def backward_into(self, hidden, scale, grad, grad_hidden, kept):
+        if torch.compiler.is_compiling():  # dynamo does not trace autograd.grad; func.vjp
+            act, vjp = torch.func.vjp(self.fn, hidden)
+            (result,) = vjp(grad * scale)
+            grad_hidden.copy_(result)
+            return (grad * act).sum(dim=1)
         with torch.enable_grad():
             leaf = hidden.detach().requires_grad_()
             act = self.fn(leaf)
