@@ -147,3 +147,24 @@ def test_hf_moe_model_compiles_fullgraph(family, fresh_dynamo):
     # few gradient entries move by ~2e-5 of values ~3.
     run = lambda m: m(ids, use_cache=False).logits  # noqa: E731
     _check_fullgraph(model, run, lambda m: list(m.parameters()), tol=1e-4)
+
+
+def _router_names() -> list:
+    from gatelab.routing import ROUTERS
+
+    # dense_to_sparse draws Gumbel noise from a torch.Generator seeded per forward (an
+    # object dynamo cannot put in a graph): it compiles with graph breaks, not fullgraph.
+    return [name for name in ROUTERS.names() if name != "dense_to_sparse"]
+
+
+@pytest.mark.parametrize("router", _router_names())
+def test_every_router_traces_without_graph_breaks_in_training(router, fresh_dynamo):
+    """Forward of a training MoE layer per router with no graph break (dynamo's explain:
+    fullgraph=True instead let dynamo specialise on the counter's value). Before issue 19
+    the dynamic_k router read its batch count with int(tensor): a break, and a host sync
+    on a GPU."""
+    moe = MoE(16, 24, 4, 1 if router == "hash" else 2, router=router).train()
+    x = torch.randn(2, 5, 16)
+    kwargs = {"token_ids": torch.randint(0, 50, (2, 5))} if router == "hash" else {}
+    for _ in range(2):  # a second step: the routers' counters moved
+        assert torch._dynamo.explain(moe)(x, **kwargs).graph_break_count == 0
