@@ -12,7 +12,7 @@ import pytest
 
 from gatelab.bench import BenchSettings, Shape, format_table, parse_shape, run_moe_bench
 from gatelab.bench.common import timeit
-from gatelab.bench.moe import MOE_VARIANTS, VARIANTS, hf_available, skip_reason
+from gatelab.bench.moe import COMPILED_VARIANTS, MOE_VARIANTS, VARIANTS, hf_available, skip_reason
 from gatelab.cli import build_parser, main
 from gatelab.io import write_json
 
@@ -200,6 +200,23 @@ def test_quick_skips_per_expert_loops_on_many_experts():
         assert skip_reason(name, TINY, BenchSettings(quick=True)) is None
     assert skip_reason("gatelab_grouped", many, BenchSettings(quick=True)) is None
     assert skip_reason("hf_eager", TINY, BenchSettings(hf=False)) == "--no-hf"
+
+
+def test_compiled_variants_time_beside_eager_ones():
+    """--compile adds the compiled variants (here through aot_eager: inductor's C++ build
+    takes ~25 s a graph), with their compile time, sharing the eager ones' parameters."""
+    settings = BenchSettings(
+        device="cpu", warmup=0, repeats=1, hf=False, compile=True, compile_backend="aot_eager"
+    )
+    result = run_moe_bench([TINY], settings, log=None)
+    variants = result["shapes"][0]["variants"]
+    assert set(variants) == set(VARIANTS) | set(COMPILED_VARIANTS)
+    for name in ("dense_compiled", "gatelab_grouped_compiled"):
+        assert _positive(variants[name]["fwd_bwd_s"]) and _positive(variants[name]["compile_s"])
+    assert variants["hf_grouped_mm_compiled"]["skipped"] == "--no-hf"
+    assert "grouped compiled" in format_table(result)
+    assert build_parser().parse_args(["bench", "moe", "--compile"]).compile is True
+    assert skip_reason("gatelab_grouped_compiled", TINY, BenchSettings()) == "needs --compile"
 
 
 def test_cli_main_writes_json(tmp_path, capsys):

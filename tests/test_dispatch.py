@@ -220,14 +220,22 @@ def test_grouped_never_returns_rows_of_an_earlier_call():
 
 
 def test_sort_slots_drops_every_id_outside_the_bank():
-    """Under torch.compile the id check is skipped: sort_slots itself routes only ids in
-    0..E-1, so the rows a dispatcher computes (counts.sum()) are exactly the rows it reads."""
-    from gatelab.dispatch.grouped import sort_slots
+    """Under torch.compile the id check is skipped: sort_slots routes only ids in 0..E-1
+    (the rows before offsets[-1]); every other slot is a padding row whose output
+    padded_targets sends to the dropped row, so no dispatcher reads a row it did not write."""
+    from gatelab.dispatch.grouped import compact_slots, padded_targets, sort_slots
 
     experts = torch.tensor([[0, 5], [-1, 2], [9, -7]])
-    slots, tokens, ids, counts, offsets = sort_slots(experts, 3)
-    assert ids.tolist() == [0, 2] and tokens.tolist() == [0, 1]
-    assert int(counts.sum()) == slots.numel() == int(offsets[-1])
+    routed = sort_slots(experts, 3)
+    slots, tokens, ids, counts, offsets, valid = routed
+    assert slots.numel() == 6 and sorted(slots.tolist()) == list(range(6))  # fixed size
+    assert ids[:2].tolist() == [0, 2] and tokens[:2].tolist() == [0, 1]
+    assert valid.tolist() == [True, True] + [False] * 4 and int(offsets[-1]) == 2
+    assert int(ids.max()) <= 2  # padding rows name a real expert: bias gathers stay in range
+    dest_slots, dest_tokens = padded_targets(routed, (3, 2))
+    assert dest_slots[2:].tolist() == [6] * 4 and dest_tokens[2:].tolist() == [3] * 4
+    slots, tokens, ids, counts, offsets = compact_slots(routed)
+    assert int(counts.sum()) == slots.numel() == int(offsets[-1]) == 2
 
 
 @pytest.mark.parametrize("name", SAFE_DISPATCHERS)

@@ -53,10 +53,12 @@ from .common import (
 from .shapes import DECODE_TOKENS, SHAPE_FORMAT, Shape, default_shapes, parse_shape
 from .tables import format_moe_table as format_table
 from .variants import (
+    COMPILED_VARIANTS,
     MOE_VARIANTS,
     VARIANTS,
     Variant,
     build_gatelab_moe,
+    compiled,
     dense_mlp,
     gatelab_grouped,
     gatelab_loop,
@@ -93,7 +95,8 @@ DTYPES = {
 @dataclass
 class BenchSettings:
     """How to run: device, dtype (None: fp32 on CPU, bf16 on CUDA), warm-up and repeats
-    (None: defaults by device and --quick), whether to run HF, and the copy-probe size."""
+    (None: defaults by device and --quick), whether to run HF and the compiled variants,
+    and the copy-probe size."""
 
     device: str = "cpu"
     dtype: str | None = None
@@ -101,6 +104,8 @@ class BenchSettings:
     repeats: int | None = None
     quick: bool = False
     hf: bool = True
+    compile: bool = False
+    compile_backend: str = "inductor"
     copy_bytes: int = 256 * 2**20
     seed: int = 0
 
@@ -228,6 +233,10 @@ def skip_reason(name: str, shape: Shape, settings: BenchSettings) -> str | None:
     dense [E, ...] gradient per expert) are left out of --quick runs on many-expert shapes,
     and of any run with more experts than a loop can get through in reasonable time.
     """
+    if name in COMPILED_VARIANTS:
+        if not settings.compile:
+            return "needs --compile"
+        name = name.removesuffix("_compiled")
     if name in ("hf_eager", "hf_grouped_mm"):
         if not settings.hf:
             return "--no-hf"
@@ -259,12 +268,15 @@ def bench_shape(
     if settings.hf and hf_available():
         hf_check = check_against_hf(moe, hf_eager(moe), x)
     variants, skipped = build_variants(shape, settings, moe, log)
+    compile_s = compile_variants(variants, x, grad_out, device_sync(device), log)
     log(f"  {shape.name}: timing {', '.join(variants)} round-robin")
     timed = measure(variants, x, grad_out, settings.warmup, settings.repeats, device_sync(device))
     results = {
         name: {"skipped": skipped[name]} if name in skipped else {"skipped": None, **timed[name]}
-        for name in VARIANTS
+        for name in variant_names(settings)
     }
+    for name, seconds in compile_s.items():
+        results[name]["compile_s"] = seconds
     roofline = decode_roofline(moe, x, bandwidth) if shape.decode else None
     add_ratios(results, roofline)
     return {
@@ -279,12 +291,38 @@ def bench_shape(
     }
 
 
+def variant_names(settings: BenchSettings) -> tuple[str, ...]:
+    """The variants a run reports: the compiled ones only with ``--compile``."""
+    return VARIANTS + (COMPILED_VARIANTS if settings.compile else ())
+
+
+def compile_variants(
+    variants: dict[str, Variant],
+    x: Tensor,
+    grad_out: Tensor,
+    sync: Callable[[], None] | None,
+    log: Callable[[str], None],
+) -> dict[str, float]:
+    """Compile each compiled variant (forward without grad, then forward+backward) outside
+    the clock; returns the seconds each took."""
+    seconds = {}
+    for name, variant in variants.items():
+        if name in COMPILED_VARIANTS:
+            log(f"  compiling {name}")
+            forward, forward_backward, clear_grads = _timed_calls(variant, x, grad_out)
+            seconds[name] = sum(
+                timeit(call, 0, 1, sync=sync)[0] for call in (forward, forward_backward)
+            )
+            clear_grads()
+    return seconds
+
+
 def build_variants(
     shape: Shape, settings: BenchSettings, moe: MoE, log: Callable[[str], None]
 ) -> tuple[dict[str, Variant], dict[str, str]]:
     """The variants to time on ``shape`` (built in ``VARIANTS`` order, so the dense MLP's
-    initialisation draws from the seeded generator as it always has) and why the others
-    are skipped."""
+    initialisation draws from the seeded generator as it always has; a compiled variant
+    shares its eager variant's parameters) and why the others are skipped."""
     builders: dict[str, Callable[[], Variant]] = {
         "dense": lambda: dense_mlp(shape, settings.device, settings.torch_dtype),
         "gatelab_grouped": lambda: gatelab_grouped(moe),
@@ -292,10 +330,18 @@ def build_variants(
         "gatelab_loop": lambda: gatelab_loop(moe),
         "hf_eager": lambda: hf_eager(moe),
         "hf_grouped_mm": lambda: hf_grouped_mm(moe),
+        **{
+            name: (
+                lambda name=name: compiled(
+                    variants[name.removesuffix("_compiled")], settings.compile_backend
+                )
+            )
+            for name in COMPILED_VARIANTS
+        },
     }
     skipped: dict[str, str] = {}
     variants: dict[str, Variant] = {}
-    for name in VARIANTS:
+    for name in variant_names(settings):
         reason = skip_reason(name, shape, settings)
         if reason is None:
             variants[name] = builders[name]()
@@ -315,9 +361,8 @@ def add_ratios(results: dict[str, dict], roofline: dict | None) -> None:
             entry["ratio_fwd_bwd"] = dense["fwd_bwd_s"] / entry["fwd_bwd_s"]
     if roofline is None:
         return
-    for name in MOE_VARIANTS:
-        entry = results[name]
-        if entry["skipped"] is None:
+    for name, entry in results.items():
+        if name != "dense" and name != "dense_compiled" and entry["skipped"] is None:
             entry["roofline_fwd"] = roofline["seconds"] / entry["fwd_s"]
 
 
@@ -370,6 +415,7 @@ def run_moe_bench(
 
 
 __all__ = [
+    "COMPILED_VARIANTS",
     "DECODE_TOKENS",
     "DTYPES",
     "LOOP_MAX_EXPERTS",

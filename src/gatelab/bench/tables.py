@@ -3,8 +3,6 @@ print these next to the JSON they write, from the result dicts alone."""
 
 from __future__ import annotations
 
-from .variants import VARIANTS
-
 _LABELS = {
     "dense": "dense (k*F)",
     "gatelab_grouped": "gatelab grouped",
@@ -12,6 +10,9 @@ _LABELS = {
     "gatelab_loop": "gatelab loop",
     "hf_eager": "HF eager",
     "hf_grouped_mm": "HF grouped_mm",
+    "dense_compiled": "dense compiled",
+    "gatelab_grouped_compiled": "grouped compiled",
+    "hf_grouped_mm_compiled": "HF gmm compiled",
 }
 
 
@@ -49,8 +50,7 @@ def format_moe_table(result: dict) -> str:
             f"E={shape['num_experts']} k={shape['top_k']}{note}"
         )
         lines += ["", title, header]
-        for name in VARIANTS:
-            entry = shape["variants"][name]
+        for name, entry in shape["variants"].items():
             if entry["skipped"] is not None:
                 lines.append(f"  {_LABELS[name]:<17}  skipped: {entry['skipped']}")
                 continue

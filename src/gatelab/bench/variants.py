@@ -24,6 +24,9 @@ VARIANTS = (
     "hf_grouped_mm",
 )
 MOE_VARIANTS = VARIANTS[1:]
+COMPILED_VARIANTS = ("dense_compiled", "gatelab_grouped_compiled", "hf_grouped_mm_compiled")
+"""Timed with ``--compile``: the eager variant of the name without ``_compiled``, through
+``torch.compile`` (inductor, ``fullgraph=True``: a graph break fails the run)."""
 
 
 @dataclass
@@ -148,3 +151,10 @@ def hf_grouped_mm(moe: MoE) -> Variant:
     """HF's default experts implementation: argsort + ``grouped_mm``."""
     block = hf_block(moe, "grouped_mm")
     return Variant(lambda x: block(x.unsqueeze(0)).squeeze(0), list(block.parameters()))
+
+
+def compiled(variant: Variant, backend: str = "inductor") -> Variant:
+    """``variant`` through ``torch.compile`` with the same parameters; one static graph per
+    shape (``dynamic=False``), compiled on its first call."""
+    forward = torch.compile(variant.forward, fullgraph=True, dynamic=False, backend=backend)
+    return Variant(forward, variant.params)

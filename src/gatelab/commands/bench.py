@@ -69,6 +69,12 @@ def _add_moe_parser(benchmarks) -> None:
     moe.add_argument(
         "--no-hf", action="store_true", help="skip the Hugging Face transformers variants"
     )
+    moe.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time dense, gatelab grouped and HF grouped_mm through torch.compile "
+        "(inductor, fullgraph; compiled once per shape outside the clock)",
+    )
     moe.set_defaults(parser=moe)
 
 
@@ -83,6 +89,7 @@ def run_moe(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         quick=args.quick,
         hf=not args.no_hf,
+        compile=args.compile,
     )
     try:
         settings = settings.resolved()

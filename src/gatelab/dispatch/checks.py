@@ -9,7 +9,8 @@ ids are checked against ``EMPTY .. num_experts - 1`` as ``Routing`` checks them:
   waits for the device, and a bad id stops the stream with the message instead of reading
   rows no expert wrote (the error surfaces at the next synchronisation, as a RuntimeError);
 - not at all under ``torch.compile`` (a data-dependent branch would break the graph);
-  ``sort_slots`` still drops any id outside the range, so no scratch row is read unwritten.
+  ``sort_slots`` still treats any id outside the range as an empty slot (a padding row
+  whose output is dropped), so no unwritten scratch row reaches an output.
 
 The dtype rule: the input ``x`` must have the experts' dtype, because a dispatcher either
 computes in one of the two dtypes silently or fails deep inside a matmul. Under

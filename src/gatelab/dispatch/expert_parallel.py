@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..experts.bank import ExpertWeights
 from .checks import check_dispatch_inputs
-from .grouped import combine, sort_slots
+from .grouped import combine, compact_slots, sort_slots
 
 COUNTER_KEYS = (
     "calls",
@@ -172,7 +172,7 @@ class ExpertParallel:
         size, local_count = self.size, bank.num_experts
         num_experts = local_count * size
         check_dispatch_inputs(x, experts, weights, bank, num_experts)  # global ids
-        slots, tokens, _, counts, _ = sort_slots(experts, num_experts)
+        slots, tokens, _, counts, _ = compact_slots(sort_slots(experts, num_experts))
         send = counts.view(size, local_count).sum(dim=1).tolist()
         recv_counts = torch.empty_like(counts)
         # First the counts, so every receiver can size its buffers and label its rows.

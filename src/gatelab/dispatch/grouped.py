@@ -24,41 +24,15 @@ from torch import Tensor
 from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
 from .checks import check_dispatch_inputs
+from .grouped_mm import _GROUPED_MM, grouped_mm_op, grouped_mm_supported
 from .workspace import saved_buffer, scratch
-
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _aligned(t: Tensor) -> bool:
-    """The kernel's layout rule: 16-byte aligned data, one unit stride among the last two
-    dims and every other stride a multiple of 16 bytes."""
-    size = t.element_size()
-    *batch, row, col = t.stride()
-    inner = (col == 1 and row * size % 16 == 0) or (row == 1 and col * size % 16 == 0)
-    return t.data_ptr() % 16 == 0 and inner and all(s * size % 16 == 0 for s in batch)
-
-
-def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
-    """Whether torch's grouped GEMM kernel takes operands ``a`` and ``b`` as they are."""
-    if _GROUPED_MM is None or a.dtype not in _GROUPED_DTYPES or b.dtype != a.dtype:
-        return False
-    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (8, 0):
-        return False
-    if a.device.type == "cpu" and not hasattr(F, "grouped_mm"):
-        return False  # torch._grouped_mm of torch <= 2.9 has no CPU kernel
-    if a.device.type not in ("cpu", "cuda"):
-        return False
-    return _aligned(a) and _aligned(b)
 
 
 def _use_kernel(a: Tensor, b: Tensor) -> bool:
     # On CPU torch's kernel is itself a loop of GEMMs but cannot write into a reused
-    # buffer, so the loop below is as fast and allocates less; under torch.compile the
-    # kernel avoids the loop's data-dependent Python.
-    if not grouped_mm_supported(a, b):
-        return False
-    return a.device.type != "cpu" or torch.compiler.is_compiling()
+    # buffer, so the loop below is as fast and allocates less (under torch.compile the
+    # callers take grouped_mm_op instead, which has no data-dependent Python).
+    return grouped_mm_supported(a, b) and a.device.type != "cpu"
 
 
 def grouped_linear(
@@ -75,6 +49,8 @@ def grouped_linear(
     torch's grouped GEMM (True) or the loop (False); None picks as described above.
     """
     w_t = w.transpose(1, 2)
+    if kernel is None and torch.compiler.is_compiling():
+        return grouped_mm_op(x, w_t, offsets)
     if _use_kernel(x, w_t) if kernel is None else kernel:
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
@@ -109,6 +85,8 @@ def grouped_weight_grad(
 ) -> Tensor:
     """Per-expert grad[e].T @ inp[e] for rows sorted by expert -> [E, out, in]."""
     grad_t = grad.t()
+    if kernel is None and torch.compiler.is_compiling():
+        return grouped_mm_op(grad_t, inp, offsets)
     if _use_kernel(grad_t, inp) if kernel is None else kernel:
         return _GROUPED_MM(grad_t, inp, offs=offsets)
     out = grad.new_empty(counts.shape[0], grad.shape[1], inp.shape[1])
@@ -153,7 +131,7 @@ class GroupedExperts(torch.autograd.Function):
     def forward(
         ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed, shape, deterministic
     ):
-        slots, tokens, experts, counts, offsets = routed
+        slots, tokens, experts, counts, offsets, valid = routed
         rows, ffn = tokens.shape[0], w_out.shape[2]
         need_w_in, need_w_out = ctx.needs_input_grad[2:4]
         training = any(ctx.needs_input_grad)
@@ -193,10 +171,11 @@ class GroupedExperts(torch.autograd.Function):
             experts,
             counts,
             offsets,
+            valid,
         )
         ctx.activation, ctx.has_b_in = activation, b_in is not None
         ctx.shape, ctx.deterministic = shape, deterministic
-        return combine(y, slots, tokens, shape, deterministic).to(x.dtype)
+        return combine(y, *padded_targets(routed, shape), shape, deterministic).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -211,7 +190,8 @@ class GroupedExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, saved, grad_out):
         x, _, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out = saved[:10]
-        slots, tokens, experts, counts, offsets = saved[10:]
+        routed = saved[10:]
+        _, tokens, experts, counts, offsets, valid = routed
         need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
         rows, ffn = tokens.shape[0], w_out.shape[2]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
@@ -236,8 +216,10 @@ class GroupedExperts(torch.autograd.Function):
         if need_x:
             g_xs = scratch("rows_out", gy.shape, gy)  # gy is no longer needed
             g_xs = grouped_linear(g_hidden, w_in.transpose(1, 2), counts, offsets, out=g_xs)
-            g_x = combine(g_xs, slots, tokens, ctx.shape, ctx.deterministic).to(x.dtype)
-        g_scale = g_scale.to(slot_weights.dtype) if need_scale else None
+            g_x = combine(g_xs, *padded_targets(routed, ctx.shape), ctx.shape, ctx.deterministic)
+            g_x = g_x.to(x.dtype)
+        # Padding rows computed on unwritten rows: their weights get no gradient.
+        g_scale = torch.where(valid, g_scale, 0).to(slot_weights.dtype) if need_scale else None
         return g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out, None, None, None, None
 
 
@@ -245,7 +227,11 @@ def composite_experts(inputs, activation, routed, shape) -> Tensor:
     """What GroupedExperts computes, in plain differentiable torch ops (slower): the path
     double backward differentiates. ``inputs`` = (x, slot_weights, w_in, w_out, b_in, b_out)."""
     x, slot_weights, w_in, w_out, b_in, b_out = inputs
-    slots, tokens, _, counts, _ = routed[:5]
+    # The routed rows come first (sort_slots' padding rows follow): this slow path reads
+    # their number on the host.
+    counts = routed[3]
+    routed_rows = int(counts.sum())
+    tokens, slot_weights = routed[1][:routed_rows], slot_weights[:routed_rows]
     xs = x[tokens].to(w_in.dtype)
     outs, start = [], 0
     for e, count in enumerate(counts.tolist()):
@@ -278,35 +264,67 @@ def combine(
     """Sum each routed slot's weighted expert output into its token's row of [T, D].
 
     ``slots`` are the routed slots' flat ids in the [T, K] routing, ``shape`` is (T, K).
+    A slot id T*K (token id T) is a padding row: it lands in a spare row that is dropped,
+    so the fixed-size rows of :func:`sort_slots` need no mask and no host-sized slice.
     """
     num_tokens, num_slots = shape
     if deterministic and y.device.type != "cpu":
         # CUDA's index_add_ accumulates with atomics; put the rows back in slot order and
         # sum over k instead, which gives the same bits every run.
-        by_slot = y.new_zeros(num_tokens * num_slots, y.shape[1]).index_copy_(0, slots, y)
-        return by_slot.view(num_tokens, num_slots, -1).sum(dim=1)
+        by_slot = y.new_zeros(num_tokens * num_slots + 1, y.shape[1]).index_copy_(0, slots, y)
+        return by_slot[:-1].view(num_tokens, num_slots, -1).sum(dim=1)
     # On CPU index_add_ walks the rows in order, so it is deterministic already.
-    return y.new_zeros(num_tokens, y.shape[1]).index_add_(0, tokens, y)
+    return y.new_zeros(num_tokens + 1, y.shape[1]).index_add_(0, tokens, y)[:-1]
 
 
-def sort_slots(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The routed slots of [T, K] ``experts`` in expert order (stable).
+def sort_slots(
+    experts: Tensor, num_experts: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """All T*K slots of [T, K] ``experts`` in expert order (stable), routed slots first.
 
-    Returns (slots, tokens, experts, counts, offsets): flat slot ids, their tokens and
-    experts [N], slots per expert [E], and the int32 end offsets grouped GEMMs take.
+    Returns (slots, tokens, experts, counts, offsets, valid): flat slot ids, their tokens
+    and experts [T*K], slots per expert [E], the int32 end offsets grouped GEMMs take and
+    which rows are routed [T*K]. Every shape is fixed by (T, K, E) and nothing is read on
+    the host, so the device path never synchronises and ``torch.compile`` traces one
+    graph: the rows past ``offsets[-1]`` (empty slots, and any id outside 0..E-1 that
+    reached here unchecked under torch.compile) are padding. Their ``experts`` are
+    clamped to a real expert (so bias gathers stay in range) and :func:`padded_targets`
+    sends their outputs to a dropped row.
     """
     num_slots = experts.shape[1]
     key = experts.reshape(-1)
-    # Empty slots sort to the end and are dropped, and so does any id outside 0..E-1 that
-    # reached here unchecked (torch.compile): rows = counts.sum() by construction, so every
-    # row of a scratch buffer is written before it is read.
     key = torch.where((key < 0) | (key >= num_experts), num_experts, key)
     slots = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)
-    slots = slots[: key.numel() - int(counts[num_experts])]
-    counts = counts[:num_experts]
+    # scatter_add_ into E+1 bins: bincount's output size would depend on the data.
+    counts = torch.zeros(num_experts + 1, dtype=key.dtype, device=key.device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
+    sorted_key = key[slots]
     tokens = torch.div(slots, num_slots, rounding_mode="floor")
-    return slots, tokens, key[slots], counts, counts.cumsum(0).to(torch.int32)
+    valid = sorted_key < num_experts
+    experts = sorted_key.clamp(max=max(num_experts - 1, 0))
+    return slots, tokens, experts, counts, counts.cumsum(0).to(torch.int32), valid
+
+
+def padded_targets(routed, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(slots, tokens) for :func:`combine` with the padding rows sent to the dropped row."""
+    slots, tokens, valid = routed[0], routed[1], routed[5]
+    num_tokens, num_slots = shape
+    return (
+        torch.where(valid, slots, num_tokens * num_slots),
+        torch.where(valid, tokens, num_tokens),
+    )
+
+
+def compact_slots(routed) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The routed rows of :func:`sort_slots` alone (slots, tokens, experts, counts, offsets).
+
+    Reads the routed count on the host, a synchronisation on accelerators: for the callers
+    that size buffers on the host anyway (expert parallelism's all-to-all splits, the
+    triton dispatcher's launch grid) and the double-backward path.
+    """
+    slots, tokens, experts, counts, offsets, _ = routed
+    rows = int(offsets[-1]) if offsets.numel() else 0
+    return slots[:rows], tokens[:rows], experts[:rows], counts, offsets
 
 
 def grouped_dispatch(

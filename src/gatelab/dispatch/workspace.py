@@ -12,10 +12,12 @@ What a layer saves for backward (gathered rows, pre-activation, activation) come
 pool instead (``saved_buffer``): a buffer returns to it only when the autograd node that
 saved it is freed. ``release_workspace()`` frees the calling thread's scratch and the idle pool.
 
-Both hand out uninitialised memory (as ``torch.empty`` does on CUDA), so no reader may
-see a row it did not write: every dispatcher entry checks the expert ids
-(``checks.py``) and ``grouped.sort_slots`` routes only ids in 0..E-1, so the rows a
-dispatcher reads are exactly the ``counts.sum()`` rows its GEMMs and gathers write.
+Both hand out uninitialised memory (as ``torch.empty`` does on CUDA), so no output may
+depend on a row nobody wrote: every dispatcher entry checks the expert ids (``checks.py``)
+and ``grouped.sort_slots`` routes only ids in 0..E-1 to the first ``counts.sum()`` rows,
+which the GEMMs write. The rows after them (empty slots: ``sort_slots`` keeps all T*K
+so that shapes never depend on the data) may hold anything; their outputs go to a row
+the combine drops and their routing-weight gradients are masked to zero.
 """
 
 from __future__ import annotations

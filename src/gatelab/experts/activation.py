@@ -137,6 +137,12 @@ class GLU(ExpertActivation):
 
     def backward_into(self, hidden, scale, grad, grad_hidden, kept):
         gate, up = hidden.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():
+            # Dynamo refuses out= into the non-contiguous halves: whole tensors, one write.
+            grad_up = grad * kept
+            grad_gate = self._backward(grad * scale * up, gate, _empty_like(gate))
+            torch.cat([grad_gate, grad_up * scale], dim=1, out=grad_hidden)
+            return (grad_up * up).sum(dim=1)
         grad_gate, grad_up = grad_hidden.chunk(2, dim=-1)
         torch.mul(grad, kept, out=grad_up)  # grad * act(gate), scaled below
         # d loss / d scale = sum_f grad * act(gate) * up (grad_gate is free scratch until the end).
@@ -160,9 +166,19 @@ class AutogradActivation(ExpertActivation):
 
     def forward_into(self, hidden, scale, out, keep=None):
         act = self.fn(hidden)
-        return act * scale if act.data_ptr() == hidden.data_ptr() else act.mul_(scale)
+        # Scale in place only a fresh result, never hidden itself (backward reads it).
+        # Under torch.compile there are no addresses to compare (a graph break), and
+        # in-place buys nothing: the functional product.
+        if torch.compiler.is_compiling() or act.data_ptr() == hidden.data_ptr():
+            return act * scale
+        return act.mul_(scale)
 
     def backward_into(self, hidden, scale, grad, grad_hidden, kept):
+        if torch.compiler.is_compiling():  # dynamo does not trace autograd.grad; func.vjp
+            act, vjp = torch.func.vjp(self.fn, hidden)
+            (result,) = vjp(grad * scale)
+            grad_hidden.copy_(result)
+            return (grad * act).sum(dim=1)
         with torch.enable_grad():
             leaf = hidden.detach().requires_grad_()
             act = self.fn(leaf)

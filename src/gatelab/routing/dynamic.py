@@ -244,16 +244,17 @@ class DynamicKRouter(_PrefixRouter):
         return flat.kthvalue(rank).values
 
     def threshold(self, scores: Tensor) -> Tensor:
-        use_running = self.track_running and not self.training
-        if use_running and int(self.num_batches_tracked) > 0:
-            return self.running_threshold.clone()
+        # The buffer counts are read on the device (torch.where), never on the host: a
+        # GPU step does not wait, and torch.compile keeps one graph.
         if scores.numel() == 0:
             return self.running_threshold.clone()
         tau = self.batch_threshold(scores)
+        tracked = self.num_batches_tracked > 0
+        if self.track_running and not self.training:
+            return torch.where(tracked, self.running_threshold, tau.to(self.running_threshold))
         if self.training and self.track_running:
             with torch.no_grad():
-                first = int(self.num_batches_tracked) == 0
-                m = 1.0 if first else self.momentum
+                m = torch.where(tracked, self.momentum, 1.0).to(self.running_threshold)
                 self.running_threshold.mul_(1.0 - m).add_(m * tau.to(self.running_threshold))
                 self.num_batches_tracked += 1
         return tau

@@ -323,7 +323,9 @@ class TritonExperts(torch.autograd.Function):
     def forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, act, routed, shape, deterministic):
         act, activation = act
         act_code, glu = act
-        slots, tokens, experts, counts, _ = routed
+        # All T*K slots (sort_slots' fixed shapes, no host read): the blocks cover only the
+        # routed rows, so no kernel reads or writes a padding row; backward masks g_scale.
+        slots, tokens, experts, counts, _, valid = routed
         rows = tokens.shape[0]
         decode = rows <= DECODE_SLOTS
         block_m = (
@@ -374,6 +376,7 @@ class TritonExperts(torch.autograd.Function):
             tokens,
             experts,
             counts,
+            valid,
         )
         ctx.blocks, ctx.kind, ctx.act, ctx.shape = blocks, kind, act, shape
         ctx.activation = activation
@@ -386,14 +389,15 @@ class TritonExperts(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite path
             x_in, _, _, _, slot_weights, w_in, w_out, b_in, b_out, *routed = saved
             inputs = (x_in, slot_weights, w_in, w_out, b_in, b_out)
-            grads = composite_backward(ctx, inputs, ctx.activation, (*routed, None), grad_out)
+            routed = (*routed[:4], None)  # composite_experts reads the first counts.sum() rows
+            grads = composite_backward(ctx, inputs, ctx.activation, routed, grad_out)
             return (*grads, None, None, None, None)
         return TritonExperts._backward(ctx, saved[1:], grad_out)
 
     @staticmethod
     def _backward(ctx, saved, grad_out):
         x, hidden, act_rows, slot_weights, w_in, w_out, b_in, b_out = saved[:8]
-        slots, tokens, experts, counts = saved[8:]
+        slots, tokens, experts, counts, valid = saved[8:]
         need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
         act_code, glu = ctx.act
         blocks, kind, rows = ctx.blocks, ctx.kind, tokens.shape[0]
@@ -423,7 +427,8 @@ class TritonExperts(torch.autograd.Function):
             mode = 1 if ctx.deterministic else 2
             gather_gemm(g_hidden, None, w_in, True, blocks, out, index, mode, kind)
             g_x = finish_combine(out, ctx.shape, ctx.deterministic, ctx.x_dtype)
-        g_scale = g_scale.to(slot_weights.dtype) if need_scale else None
+        # Padding rows computed on unwritten rows: their weights get no gradient.
+        g_scale = torch.where(valid, g_scale, 0).to(slot_weights.dtype) if need_scale else None
         return g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out, None, None, None, None
 
 
