@@ -307,7 +307,7 @@ def test_aria_experts_use_their_own_activation():
         for param in module.parameters():
             param.normal_(0.0, 0.5)
     assert repr(gatelab.hf.expert_weights_from_hf(module).activate) == "GLU('silu')"
-    _experts_vs_eager(module, 16, 4)
+    _experts_vs_eager(module, module.config.hidden_size, 4)
 
 
 @pytest.mark.parametrize(
@@ -332,23 +332,11 @@ def test_activation_read_from_act_fn(act_fn, expected):
 
 def test_unknown_act_fn_runs_exactly_with_a_warning():
     """An act_fn gatelab has no kernel for runs as the module's own callable (exact)."""
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-    config = transformers.MixtralConfig(
-        hidden_size=16,
-        intermediate_size=8,
-        num_local_experts=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    module = MixtralExperts(config)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.normal_(0.0, 0.5)
+    module = _mixtral_experts()
     module.act_fn = torch.nn.Tanh()
     hf_experts._WARNED.clear()
     with pytest.warns(UserWarning, match="Tanh has no gatelab kernel"):
-        _experts_vs_eager(module, 16, 4)
+        _experts_vs_eager(module, module.config.hidden_size, 4)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
@@ -377,20 +365,8 @@ def test_gatelab_forward_refuses_bad_ids_and_dtypes():
     """The HF path calls the dispatcher directly (no Routing checks): negative ids other
     than -1 and a hidden-state dtype other than the experts' end in a one-line ValueError.
     Ids >= num_experts stay HF's expert-parallel sentinel (empty slots)."""
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-    config = transformers.MixtralConfig(
-        hidden_size=16,
-        intermediate_size=8,
-        num_local_experts=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    module = MixtralExperts(config)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.normal_(0.0, 0.5)
-    hidden, weights = torch.randn(3, 16), torch.rand(3, 2)
+    module = _mixtral_experts()
+    hidden, weights = torch.randn(3, module.config.hidden_size), torch.rand(3, 2)
     with pytest.raises(ValueError, match="valid ids are 0..3"):
         gatelab.hf.gatelab_experts_forward(module, hidden, torch.tensor([[0, -5]] * 3), weights)
     with pytest.raises(ValueError, match="torch.float16 but the expert weights are torch.float32"):
