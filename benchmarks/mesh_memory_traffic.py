@@ -142,13 +142,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         state.finish_backward(model)
         opt.step()
         counted = dict(counter.bytes)
-        params = sum(_local_bytes(p) for p in model.parameters())
-        moments = sum(
-            _local_bytes(v)
-            for s in opt.state.values()
-            for v in s.values()
-            if torch.is_tensor(v) and v.dim() >= 1
-        )
+        params, moments = _held_bytes(model, opt)
         row = {"layout": name, "rank": rank, "params": params, "moments": moments}
         if kind == "mesh":
             row.update(counted=counted, formula=fsdp_formula(model, state))
@@ -156,6 +150,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.barrier()
     Path(out, f"{world}_{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _held_bytes(model, opt) -> tuple[int, int]:
+    """(parameter bytes, AdamW moment bytes) this rank holds (local shards of DTensors)."""
+    params = sum(_local_bytes(p) for p in model.parameters())
+    moments = sum(
+        _local_bytes(v)
+        for s in opt.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() >= 1
+    )
+    return params, moments
 
 
 def _port() -> int:
@@ -172,13 +178,7 @@ def _single(out: str) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(ids[:, :-1], ids[:, 1:]).loss.backward()
     opt.step()
-    params = sum(_local_bytes(p) for p in model.parameters())
-    moments = sum(
-        _local_bytes(v)
-        for s in opt.state.values()
-        for v in s.values()
-        if torch.is_tensor(v) and v.dim() >= 1
-    )
+    params, moments = _held_bytes(model, opt)
     row = {"layout": "one process", "rank": 0, "params": params, "moments": moments}
     Path(out, "1_0.json").write_text(json.dumps([row]))
 
