@@ -24,6 +24,7 @@ from torch import Tensor
 from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
 from .checks import check_dispatch_inputs
+from .cpu_threads import cpu_strategy, run_split
 from .grouped_mm import _GROUPED_MM, grouped_mm_op, grouped_mm_supported
 from .workspace import saved_buffer, scratch
 
@@ -54,30 +55,27 @@ def grouped_linear(
     if _use_kernel(x, w_t) if kernel is None else kernel:
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
-    few_rows_ok = w.stride(2) == 1
     start = 0
     for e, count in enumerate(counts.tolist()):
-        rows = slice(start, start + count)
-        if few_rows_ok and 0 < count <= _FEW_ROWS:
-            out[rows] = _few_rows_linear(x[rows], w[e])
-        elif count:
-            torch.mm(x[rows], w_t[e], out=out[rows])
+        if count:
+            rows = slice(start, start + count)
+            _rows_linear(x[rows], w[e], out[rows])
         start += count
     return out
 
 
-# Below this many rows per expert, MKL reads a row-major weight W several times faster as
-# W @ x.T than as x @ W.T (0.79 vs 4.89 ms for 7 experts of 2048 x 512 with 2 rows each,
-# benchmarks/cpu_notes.py); with the copy back into row order the two meet at 32 rows.
-_FEW_ROWS = 16
+# With 2 to 4 rows, MKL reads a row-major weight W up to 2.5x faster as W @ x.T than as
+# x @ W.T; from 6 rows the two are equal or x @ W.T wins, and one row is a GEMV either way
+# (benchmarks/cpu_notes.py, "few rows"). W @ x.T must see x as a transposed row-major
+# matrix: a column-major x (x.T made contiguous, or an expanded row) runs 3-5x slower.
+_FEW_ROWS = (2, 4)
 
 
-def _few_rows_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x [c, in] @ w.T for a row-major w [out, in] and small c."""
-    if x.shape[0] == 1:
-        # One row would take MKL's GEMV path, which reads at a quarter of the GEMM's speed.
-        return torch.mm(w, x.expand(2, -1).t())[:, :1].t()
-    return torch.mm(w, x.t()).t()
+def _rows_linear(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
+    """out [c, out] = x [c, in] @ w.T for one expert's w [out, in]."""
+    if _FEW_ROWS[0] <= x.shape[0] <= _FEW_ROWS[1] and w.stride(1) == 1:
+        return out.copy_(torch.mm(w, x.t()).t())
+    return torch.mm(x, w.t(), out=out)
 
 
 def grouped_weight_grad(
@@ -121,6 +119,10 @@ class GroupedExperts(torch.autograd.Function):
     buffers (see ``workspace.py``). Backward only reads what forward saved, so a graph
     kept with ``retain_graph=True`` can be differentiated again.
 
+    On CPU each pass runs one of two strategies (``cpu_threads.cpu_strategy``): phase by
+    phase over all experts with multi-threaded ops, or split, each expert's whole pass on
+    one single-threaded worker. Both write the same buffers.
+
     Backward reads ``ctx.saved_tensors`` once (activation checkpointing with
     ``use_reentrant=False`` allows one unpack per saved tensor). Under ``create_graph=True``
     (grad mode on in backward) it differentiates :func:`composite_experts`, the same
@@ -131,51 +133,11 @@ class GroupedExperts(torch.autograd.Function):
     def forward(
         ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed, shape, deterministic
     ):
-        slots, tokens, experts, counts, offsets, valid = routed
-        rows, ffn = tokens.shape[0], w_out.shape[2]
-        need_w_in, need_w_out = ctx.needs_input_grad[2:4]
-        training = any(ctx.needs_input_grad)
-        ctx.leases = []
-
-        def buffer(name: str, shape: tuple[int, ...], keep: bool) -> Tensor:
-            if not keep:
-                return scratch(name, shape, w_in)
-            tensor, lease = saved_buffer(shape, w_in)
-            ctx.leases.append(lease)
-            return tensor
-
-        xs = _gather(x, tokens, buffer("rows_in", (rows, x.shape[1]), need_w_in))
-        hidden = buffer("hidden", (rows, w_in.shape[1]), training)
-        hidden = grouped_linear(xs, w_in, counts, offsets, out=hidden)
-        if b_in is not None:
-            hidden += b_in[experts]
-        scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-        kept = buffer("kept", (rows, ffn), training)
-        act = activation.forward_into(hidden, scale, buffer("act", (rows, ffn), need_w_out), kept)
-        y = grouped_linear(act, w_out, counts, offsets, out=scratch("rows_out", xs.shape, hidden))
-        if b_out is not None:
-            y.addcmul_(scale, b_out[experts])
-        ctx.save_for_backward(
-            x,
-            b_in,
-            xs,
-            hidden,
-            act,
-            kept,
-            slot_weights,
-            w_in,
-            w_out,
-            b_out,
-            slots,
-            tokens,
-            experts,
-            counts,
-            offsets,
-            valid,
-        )
+        out, saved = _forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed)
+        ctx.save_for_backward(*saved)
         ctx.activation, ctx.has_b_in = activation, b_in is not None
         ctx.shape, ctx.deterministic = shape, deterministic
-        return combine(y, *padded_targets(routed, shape), shape, deterministic).to(x.dtype)
+        return combine(out, *padded_targets(routed, shape), shape, deterministic).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -195,32 +157,161 @@ class GroupedExperts(torch.autograd.Function):
         need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
         rows, ffn = tokens.shape[0], w_out.shape[2]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-        gy = _gather(grad_out, tokens, scratch("rows_out", (rows, x.shape[1]), w_out))
-
-        g_w_out = g_b_out = g_w_in = g_b_in = g_x = None
-        if need_w_out:
-            g_w_out = grouped_weight_grad(gy, act, counts, offsets)
-        if need_b_out:
-            g_b_out = _segment_sum(gy * scale, counts)
-        g_act = grouped_linear(
-            gy, w_out.transpose(1, 2), counts, offsets, out=scratch("act", (rows, ffn), hidden)
-        )
+        gy = scratch("rows_out", (rows, x.shape[1]), w_out)
+        g_act = scratch("act", (rows, ffn), hidden)
         g_hidden = scratch("g_hidden", hidden.shape, hidden)
-        g_scale = ctx.activation.backward_into(hidden, scale, g_act, g_hidden, kept)
-        if b_out is not None:
-            g_scale += (gy * b_out[experts]).sum(dim=1)
-        if need_w_in:
-            g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets)
-        if need_b_in:
-            g_b_in = _segment_sum(g_hidden, counts)
+        if _strategy(x, counts) == "split":
+            grads = _split_backward(
+                ctx, (x, xs, hidden, act, kept, scale, w_in, w_out, b_out), routed,
+                grad_out, (gy, g_act, g_hidden),
+            )
+            g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out = grads
+        else:
+            _gather(grad_out, tokens, gy)
+            g_w_out = g_b_out = g_w_in = g_b_in = g_x = None
+            if need_w_out:
+                g_w_out = grouped_weight_grad(gy, act, counts, offsets)
+            if need_b_out:
+                g_b_out = _segment_sum(gy * scale, counts)
+            g_act = grouped_linear(gy, w_out.transpose(1, 2), counts, offsets, out=g_act)
+            g_scale = ctx.activation.backward_into(hidden, scale, g_act, g_hidden, kept)
+            if b_out is not None:
+                g_scale += (gy * b_out[experts]).sum(dim=1)
+            if need_w_in:
+                g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets)
+            if need_b_in:
+                g_b_in = _segment_sum(g_hidden, counts)
+            if need_x:  # into gy's buffer: gy is no longer needed
+                g_x = grouped_linear(g_hidden, w_in.transpose(1, 2), counts, offsets, out=gy)
         if need_x:
-            g_xs = scratch("rows_out", gy.shape, gy)  # gy is no longer needed
-            g_xs = grouped_linear(g_hidden, w_in.transpose(1, 2), counts, offsets, out=g_xs)
-            g_x = combine(g_xs, *padded_targets(routed, ctx.shape), ctx.shape, ctx.deterministic)
+            g_x = combine(g_x, *padded_targets(routed, ctx.shape), ctx.shape, ctx.deterministic)
             g_x = g_x.to(x.dtype)
         # Padding rows computed on unwritten rows: their weights get no gradient.
         g_scale = torch.where(valid, g_scale, 0).to(slot_weights.dtype) if need_scale else None
         return g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out, None, None, None, None
+
+
+class _NoGrad:
+    """The ``ctx`` of an inference call: nothing needs a gradient, nothing is saved."""
+
+    needs_input_grad = (False,) * 10
+
+    def __init__(self):
+        self.leases = []
+
+
+def _strategy(x: Tensor, counts: Tensor) -> str:
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return "phases"
+    return cpu_strategy(counts.tolist())
+
+
+def _forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed):
+    """The experts' weighted outputs [N, D] in sorted-row order, and what backward needs."""
+    slots, tokens, experts, counts, offsets, valid = routed
+    rows, ffn = tokens.shape[0], w_out.shape[2]
+    need_w_in, need_w_out = ctx.needs_input_grad[2:4]
+    training = any(ctx.needs_input_grad)
+    ctx.leases = []
+
+    def buffer(name: str, shape: tuple[int, ...], keep: bool) -> Tensor:
+        if not keep:
+            return scratch(name, shape, w_in)
+        tensor, lease = saved_buffer(shape, w_in)
+        ctx.leases.append(lease)
+        return tensor
+
+    xs = buffer("rows_in", (rows, x.shape[1]), need_w_in)
+    hidden = buffer("hidden", (rows, w_in.shape[1]), training)
+    kept = buffer("kept", (rows, ffn), training)
+    act = buffer("act", (rows, ffn), need_w_out)
+    y = scratch("rows_out", xs.shape, w_in)
+    scale = slot_weights.to(hidden.dtype).unsqueeze(1)
+    if _strategy(x, counts) == "split":
+        work = (x.to(w_in.dtype), w_in, w_out, b_in, b_out, activation, tokens, scale)
+        _split_forward(work, (xs, hidden, act, kept, y), counts.tolist())
+    else:
+        _gather(x, tokens, xs)
+        hidden = grouped_linear(xs, w_in, counts, offsets, out=hidden)
+        if b_in is not None:
+            hidden += b_in[experts]
+        act = activation.forward_into(hidden, scale, act, kept)
+        y = grouped_linear(act, w_out, counts, offsets, out=y)
+        if b_out is not None:
+            y.addcmul_(scale, b_out[experts])
+    saved = (x, b_in, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out, *routed)
+    return y, saved
+
+
+def _split_forward(work, buffers, counts: list[int]) -> None:
+    """Each expert's whole forward on one single-threaded worker, into ``buffers``."""
+    x, w_in, w_out, b_in, b_out, activation, tokens, scale = work
+    xs, hidden, act, kept, y = buffers
+
+    def expert(e: int, start: int, count: int) -> None:
+        r = slice(start, start + count)
+        torch.index_select(x, 0, tokens[r], out=xs[r])
+        _rows_linear(xs[r], w_in[e], hidden[r])
+        if b_in is not None:
+            hidden[r] += b_in[e]
+        act_r = activation.forward_into(hidden[r], scale[r], act[r], kept[r])
+        if act_r.data_ptr() != act[r].data_ptr():  # an activation that returns a new tensor
+            act[r] = act_r
+        _rows_linear(act[r], w_out[e], y[r])
+        if b_out is not None:
+            y[r].addcmul_(scale[r], b_out[e])
+
+    run_split(expert, counts)
+
+
+def _split_backward(ctx, saved, routed, grad_out, buffers):
+    """Each expert's whole backward on one single-threaded worker.
+
+    Returns (g_xs [N, D] in sorted-row order, g_scale [N], g_w_in, g_w_out, g_b_in,
+    g_b_out), None where ``ctx`` needs no gradient; rows of idle experts' weight and bias
+    gradients are zero.
+    """
+    x, xs, hidden, act, kept, scale, w_in, w_out, b_out = saved
+    _, tokens, _, counts, _, _ = routed
+    gy, g_act, g_hidden = buffers
+    need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
+    host_counts = counts.tolist()
+    idle = [e for e, c in enumerate(host_counts) if not c]
+
+    def weight_grad(need: bool, like: Tensor | None) -> Tensor | None:
+        if not need:
+            return None
+        grad = like.new_empty(like.shape)
+        grad[idle] = 0
+        return grad
+
+    g_w_in, g_w_out = weight_grad(need_w_in, w_in), weight_grad(need_w_out, w_out)
+    g_b_in = weight_grad(need_b_in, hidden.new_empty(len(host_counts), hidden.shape[1]))
+    g_b_out = weight_grad(need_b_out, b_out)
+    g_scale = scale.new_empty(scale.shape[0])
+    grad_out = grad_out.to(gy.dtype)
+    activation = ctx.activation
+
+    def expert(e: int, start: int, count: int) -> None:
+        r = slice(start, start + count)
+        gy_r = torch.index_select(grad_out, 0, tokens[r], out=gy[r])
+        if g_w_out is not None:
+            torch.mm(gy_r.t(), act[r], out=g_w_out[e])
+        if g_b_out is not None:
+            torch.sum(gy_r * scale[r], dim=0, out=g_b_out[e])
+        _rows_linear(gy_r, w_out[e].t(), g_act[r])
+        g_scale[r] = activation.backward_into(hidden[r], scale[r], g_act[r], g_hidden[r], kept[r])
+        if b_out is not None:
+            g_scale[r] += gy_r @ b_out[e]
+        if g_w_in is not None:
+            torch.mm(g_hidden[r].t(), xs[r], out=g_w_in[e])
+        if g_b_in is not None:
+            torch.sum(g_hidden[r], dim=0, out=g_b_in[e])
+        if need_x:  # into gy's rows: this expert's gy is no longer needed
+            _rows_linear(g_hidden[r], w_in[e].t(), gy[r])
+
+    run_split(expert, host_counts)
+    return gy if need_x else None, g_scale, g_w_in, g_w_out, g_b_in, g_b_out
 
 
 def composite_experts(inputs, activation, routed, shape) -> Tensor:
@@ -334,15 +425,11 @@ def grouped_dispatch(
     check_dispatch_inputs(x, experts, weights, bank)
     routed = sort_slots(experts, bank.num_experts)
     slot_weights = weights.reshape(-1)[routed[0]]
-    return GroupedExperts.apply(
-        x,
-        slot_weights,
-        bank.w_in,
-        bank.w_out,
-        bank.b_in,
-        bank.b_out,
-        as_activation(bank.activate),
-        routed,
-        tuple(experts.shape),
-        deterministic,
-    )
+    inputs = (x, slot_weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out)
+    activation, shape = as_activation(bank.activate), tuple(experts.shape)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
+        # Inference (decode): the same forward without an autograd node, so no saved
+        # buffers, leases or ctx, which at one token cost as much as the GEMMs.
+        y, _ = _forward(_NoGrad(), *inputs, activation, routed)
+        return combine(y, *padded_targets(routed, shape), shape, deterministic).to(x.dtype)
+    return GroupedExperts.apply(*inputs, activation, routed, shape, deterministic)

@@ -1,0 +1,126 @@
+"""Split experts between threads: the grouped dispatcher's second CPU strategy.
+
+The grouped dispatcher runs each phase (gather, first GEMM, activation, second GEMM) over
+all experts in turn, every op using torch's intra-op threads. With many small experts
+that is many small two-thread ops, each ending in a barrier between the threads: on an
+idle machine the barriers cost little, but when another process takes a core each
+barrier waits for a descheduled thread (a scheduler time slice, milliseconds).
+
+"split" runs the experts instead on a pool of workers, one per intra-op thread, each
+doing the whole forward (or backward) of one expert after another with single-threaded
+ops. Workers take the next expert from a shared queue, largest first, so a worker that
+is descheduled simply takes fewer experts: one join per phase instead of one barrier per
+op. Each expert's rows and weights are disjoint slices, so the result does not depend
+on which worker ran which expert (the same bits as the phase-wise path when MKL's
+single-threaded GEMM gives the bits of its multi-threaded one, and the same bits run to run).
+
+:func:`cpu_strategy` chooses between the two from the shape at run time; the
+measurements behind its thresholds are in ``benchmarks/cpu_notes.py`` and
+docs/benchmarks.md ("CPU strategies").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+STRATEGIES = ("phases", "split")
+
+# "split" needs enough experts to keep every worker busy while the last ones finish: with
+# fewer than this many active experts per worker the join waits on one worker's last expert.
+SPLIT_MIN_EXPERTS_PER_WORKER = 2
+# Below this many rows per active expert a two-thread GEMM is mostly barrier and packing, and
+# single-threaded GEMMs side by side win; above it (the coarse shapes: 1024 rows of 8 experts)
+# MKL's own two-thread split of one large GEMM is as good and the phase-wise path is kept.
+SPLIT_MAX_ROWS_PER_EXPERT = 768
+
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def forced_strategy(name: str | None) -> Iterator[None]:
+    """Make :func:`cpu_strategy` return ``name`` in this thread (None: choose by shape).
+
+    For the benchmarks and tests that compare the strategies on one shape.
+    """
+    if name is not None and name not in STRATEGIES:
+        raise ValueError(f"unknown CPU strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def cpu_strategy(counts: Sequence[int], threads: int | None = None) -> str:
+    """"split" or "phases" for experts holding ``counts`` rows, from the shape alone.
+
+    ``threads`` defaults to torch's intra-op thread count. Split needs at least two threads,
+    at least ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread and at most
+    ``SPLIT_MAX_ROWS_PER_EXPERT`` rows per active expert on average.
+    """
+    forced = getattr(_forced, "name", None)
+    if forced is not None:
+        return forced
+    threads = torch.get_num_threads() if threads is None else threads
+    active = sum(1 for c in counts if c)
+    if threads < 2 or active < SPLIT_MIN_EXPERTS_PER_WORKER * threads:
+        return "phases"
+    return "split" if sum(counts) / active <= SPLIT_MAX_ROWS_PER_EXPERT else "phases"
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # thread-local: OpenMP's and MKL's settings of this worker only
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    # Keyed by pid too: a forked child (a DataLoader worker) inherits the object but not
+    # its threads.
+    key = (os.getpid(), workers)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = ThreadPoolExecutor(
+                workers, thread_name_prefix="gatelab-experts", initializer=_single_threaded
+            )
+            _POOLS[key] = pool
+    return pool
+
+
+def run_split(
+    work: Callable[[int, int, int], None], counts: Sequence[int], workers: int | None = None
+) -> None:
+    """Call ``work(expert, start, count)`` for every expert with rows, on ``workers``
+    single-threaded workers (default: torch's intra-op thread count), largest first.
+
+    ``start`` is the expert's first row in the expert-sorted rows. Returns when every call
+    has finished; the first exception raised by a call is re-raised here.
+    """
+    workers = torch.get_num_threads() if workers is None else workers
+    starts, start = [], 0
+    for count in counts:
+        starts.append(start)
+        start += count
+    tasks = sorted(
+        ((e, starts[e], c) for e, c in enumerate(counts) if c), key=lambda t: -t[2]
+    )
+    queue = iter(tasks)  # next() on a list iterator is atomic under the GIL
+
+    def drain() -> None:
+        with torch.no_grad():  # grad mode is thread-local: workers compute raw values
+            for task in queue:
+                work(*task)
+
+    futures = [_pool(workers).submit(drain) for _ in range(min(workers, len(tasks)))]
+    for future in futures:
+        future.result()

@@ -1,0 +1,156 @@
+"""The grouped dispatcher's CPU strategies (issue 17), each against the loop oracle.
+
+``phases`` (each phase over all experts, multi-threaded ops) and ``split`` (each expert's
+whole pass on one single-threaded worker) are forced in turn with
+``cpu_threads.forced_strategy``; both must equal the loop dispatcher in float64, outputs
+and every gradient, on random shapes and on the edge cases, and the inference path (no
+autograd node) must equal the training path. :func:`cpu_strategy`'s rule is tested on
+shapes, never on timings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EDGE_CASES, DispatchCase, bank_tensors, dispatch_cases, grads_of
+from hypothesis import given, settings
+
+from gatelab.dispatch import grouped_dispatch, loop_dispatch
+from gatelab.dispatch.cpu_threads import (
+    SPLIT_MAX_ROWS_PER_EXPERT,
+    cpu_strategy,
+    forced_strategy,
+    run_split,
+)
+from gatelab.dispatch.grouped import _FEW_ROWS
+
+STRATEGIES = ("phases", "split")
+NAMES = ["x", "weights", "w_in", "w_out", "b_in", "b_out"]
+
+
+def assert_matches_loop(
+    case: DispatchCase, strategy: str, dtype=torch.float64, tol=1e-10, activate=None
+):
+    x, experts, weights, bank = case.build(dtype)
+    if activate is not None:
+        bank = bank._replace(activate=activate)
+    inputs = [x, weights, *bank_tensors(bank)]
+    want = loop_dispatch(x, experts, weights, bank, case.deterministic)
+    want_grads = grads_of(want, inputs)
+    with forced_strategy(strategy):
+        got = grouped_dispatch(x, experts, weights, bank, case.deterministic)
+        got_grads = grads_of(got, inputs)
+        with torch.no_grad():
+            inferred = grouped_dispatch(x, experts, weights, bank, case.deterministic)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{case}\n{m}")
+    torch.testing.assert_close(inferred, got.detach(), atol=0, rtol=0)
+    for name, g, w in zip(NAMES, got_grads, want_grads, strict=False):
+        torch.testing.assert_close(
+            g, w, atol=tol, rtol=tol, msg=lambda m, n=name: f"grad {n}: {case}\n{m}"
+        )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@settings(max_examples=25, deadline=None)
+@given(case=dispatch_cases(max_tokens=80))
+def test_strategy_matches_loop_float64(strategy, case):
+    assert_matches_loop(case, strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_strategy_edge_cases_float64(strategy, name):
+    assert_matches_loop(EDGE_CASES[name], strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("rows", range(1, 8))
+def test_few_rows_per_expert(strategy, rows):
+    """1..7 rows per expert cross the few-rows rule (W @ x.T for 2..4 rows)."""
+    assert _FEW_ROWS == (2, 4)
+    case = DispatchCase(rows, 6, 10, 1, 1, bias=True, seed=rows)
+    assert_matches_loop(case, strategy)
+    case = DispatchCase(rows * 3, 6, 10, 3, 1, glu=False, seed=rows)  # about `rows` each
+    assert_matches_loop(case, strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_float32_larger_shape(strategy):
+    """A shape that the automatic rule gives to split, in float32."""
+    case = DispatchCase(300, 24, 16, 12, 3, bias=True, empty_rate=0.1, seed=11)
+    assert_matches_loop(case, strategy, torch.float32, tol=2e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("glu", [False, True])
+def test_strategy_with_a_callable_activation(strategy, glu):
+    """Any callable (HF's ``_apply_gate``, say) runs through AutogradActivation, whose
+    forward returns a new tensor instead of writing the buffer it is given."""
+
+    def gated(hidden):
+        gate, up = hidden.chunk(2, dim=-1)
+        return torch.tanh(gate) * (up + 1)
+
+    case = DispatchCase(200, 8, 6, 10, 2, glu=glu, bias=True, seed=4)
+    assert_matches_loop(case, strategy, activate=gated if glu else torch.tanh)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_out_of_range_ids_refused(strategy):
+    x, experts, weights, bank = DispatchCase(5, 4, 8, 3, 2).build()
+    experts = experts.clone()
+    experts[2, 0] = 3
+    with forced_strategy(strategy), pytest.raises(ValueError, match="valid ids are 0..2"):
+        grouped_dispatch(x, experts, weights, bank)
+
+
+def test_split_is_reproducible_run_to_run():
+    case = DispatchCase(400, 16, 12, 16, 4, bias=True, seed=3)
+    x, experts, weights, bank = case.build(torch.float32)
+    with forced_strategy("split"):
+        first = grouped_dispatch(x, experts, weights, bank)
+        for _ in range(3):
+            again = grouped_dispatch(x, experts, weights, bank)
+            torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
+def test_workers_leave_the_callers_thread_count_alone():
+    threads = torch.get_num_threads()
+    seen = []
+    run_split(lambda e, start, count: seen.append(torch.get_num_threads()), [3, 0, 2], workers=2)
+    assert seen == [1, 1]  # one call per expert with rows, single-threaded
+    assert torch.get_num_threads() == threads
+
+
+def test_run_split_visits_each_expert_once_with_its_rows():
+    calls = []
+    run_split(lambda e, start, count: calls.append((e, start, count)), [2, 0, 5, 1], workers=2)
+    assert sorted(calls) == [(0, 0, 2), (2, 2, 5), (3, 7, 1)]
+
+
+def test_run_split_reraises_a_workers_error():
+    def fail(e, start, count):
+        if e == 1:
+            raise RuntimeError("expert 1 failed")
+
+    with pytest.raises(RuntimeError, match="expert 1 failed"):
+        run_split(fail, [1, 1, 1], workers=2)
+
+
+def test_rule_depends_on_threads_experts_and_rows_per_expert():
+    small = [128] * 64  # many small experts
+    assert cpu_strategy(small, threads=2) == "split"
+    assert cpu_strategy(small, threads=1) == "phases"  # nothing to split between
+    assert cpu_strategy([128, 128, 128], threads=2) == "phases"  # too few experts
+    big = [SPLIT_MAX_ROWS_PER_EXPERT + 1] * 8
+    assert cpu_strategy(big, threads=2) == "phases"
+    assert cpu_strategy([0] * 60 + [10] * 4, threads=2) == "split"  # idle experts don't count
+
+
+def test_forced_strategy_is_validated_and_restored():
+    with pytest.raises(ValueError, match="valid: phases, split"):
+        with forced_strategy("fast"):
+            pass
+    with forced_strategy("split"):
+        assert cpu_strategy([1]) == "split"
+    assert cpu_strategy([1]) == "phases"
