@@ -59,7 +59,7 @@ def forced_strategy(name: str | None) -> Iterator[None]:
 
 
 def cpu_strategy(counts: Sequence[int], threads: int | None = None) -> str:
-    """"split" or "phases" for experts holding ``counts`` rows, from the shape alone.
+    """ "split" or "phases" for experts holding ``counts`` rows, from the shape alone.
 
     ``threads`` defaults to torch's intra-op thread count. Split needs at least two threads,
     at least ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread and at most
@@ -111,9 +111,7 @@ def run_split(
     for count in counts:
         starts.append(start)
         start += count
-    tasks = sorted(
-        ((e, starts[e], c) for e, c in enumerate(counts) if c), key=lambda t: -t[2]
-    )
+    tasks = sorted(((e, starts[e], c) for e, c in enumerate(counts) if c), key=lambda t: -t[2])
     queue = iter(tasks)  # next() on a list iterator is atomic under the GIL
 
     def drain() -> None:

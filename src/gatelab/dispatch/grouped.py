@@ -162,8 +162,11 @@ class GroupedExperts(torch.autograd.Function):
         g_hidden = scratch("g_hidden", hidden.shape, hidden)
         if _strategy(x, counts) == "split":
             grads = _split_backward(
-                ctx, (x, xs, hidden, act, kept, scale, w_in, w_out, b_out), routed,
-                grad_out, (gy, g_act, g_hidden),
+                ctx,
+                (x, xs, hidden, act, kept, scale, w_in, w_out, b_out),
+                routed,
+                grad_out,
+                (gy, g_act, g_hidden),
             )
             g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out = grads
         else:
