@@ -1,15 +1,29 @@
-"""The measurements behind the notes in docs/benchmarks.md ("Where the time went").
+"""The measurements behind the CPU dispatch choices (docs/benchmarks.md, "CPU strategies").
 
-    python benchmarks/cpu_notes.py
+    python benchmarks/cpu_notes.py            # all notes, about 3 minutes on 2 cores
+    python benchmarks/cpu_notes.py --only 3   # one note
 
-Prints, side by side in one process (median of 7 after 3 warm-up calls):
-1. a 64-expert GEMM set into a fresh output (torch's grouped_mm) vs into a reused buffer;
-2. a weight gradient into a fresh [E, H, D] tensor vs into a reused one;
-3. 7 decode-sized experts (2 rows each) as x @ W.T vs W @ x.T.
+Everything compared is timed side by side in one process (median of 7 after 3 warm-up
+calls; note 5 alternates its variants round-robin). Run it on an idle machine; note 5
+starts its own busy process for the contended half.
+
+1. Fresh vs reused output: a 64-expert GEMM set into a new 64 MB tensor (torch's
+   grouped_mm) vs into a reused buffer; why ``workspace.py`` pools buffers.
+2. The same for a weight gradient [64, 512, 512].
+3. Few rows (``grouped._FEW_ROWS``): x @ W.T, W @ x.T and W @ (x.T contiguous) for 1-8
+   rows of one expert, weights in cache and streamed from memory.
+4. GEMM efficiency against rows per expert, one thread and two: GFLOP/s of
+   [rows, 512] @ [512, 512] (why small experts cost more than their FLOPs, and where two
+   threads on one GEMM stop paying: ``cpu_threads.SPLIT_MAX_ROWS_PER_EXPERT``).
+5. The two strategies (``cpu_threads``) on MoE layers, fwd+bwd ratio to the equal-FLOP
+   dense MLP, idle and with one busy process: the effect behind ``cpu_strategy``.
 """
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
 import time
 
 import torch
@@ -35,8 +49,7 @@ def loop_mm(x, w_t, counts, out):
     return out
 
 
-def main() -> None:
-    torch.manual_seed(0)
+def note_fresh_output() -> None:
     experts, rows, dim, width = 64, 512, 512, 512
     x = torch.randn(experts * rows, dim)
     w = torch.randn(experts, width, dim)
@@ -50,26 +63,118 @@ def main() -> None:
         f"loop of mm into a reused buffer {kept:.1f} ms"
     )
 
-    grad = torch.randn(experts * rows, width)
-    grad_buffer = torch.empty(experts, width, dim)
+
+def note_fresh_weight_grad() -> None:
+    experts, rows, dim, width = 64, 512, 512, 512
+    x, grad = torch.randn(experts * rows, dim), torch.randn(experts * rows, width)
+    buffer = torch.empty(experts, width, dim)
 
     def weight_grad(out):
-        start = 0
-        for e, count in enumerate(counts):
-            torch.mm(grad[start : start + count].t(), x[start : start + count], out=out[e])
-            start += count
+        for e in range(experts):
+            r = slice(e * rows, (e + 1) * rows)
+            torch.mm(grad[r].t(), x[r], out=out[e])
 
     fresh = median_ms(lambda: weight_grad(torch.empty(experts, width, dim)))
-    kept = median_ms(lambda: weight_grad(grad_buffer))
-    print(
-        f"2. weight gradient [64, 512, 512]: new 64 MB tensor {fresh:.1f} ms, reused {kept:.1f} ms"
-    )
+    kept = median_ms(lambda: weight_grad(buffer))
+    print(f"2. weight gradient [64, 512, 512]: new 64 MB tensor {fresh:.1f} ms, reused {kept:.1f} ms")
 
-    w = torch.randn(8, 2048, 512)
-    x = torch.randn(2, 512)
-    nt = median_ms(lambda: [x @ w[e].t() for e in range(7)])
-    tn = median_ms(lambda: [(w[e] @ x.t()).t() for e in range(7)])
-    print(f"3. 7 experts of 2048 x 512, 2 rows each: x @ W.T {nt:.2f} ms, W @ x.T {tn:.2f} ms")
+
+def note_few_rows() -> None:
+    out_dim, in_dim = 2048, 512
+    print(f"3. one expert's [{out_dim}, {in_dim}] weight times c rows, us per expert (GB/s read)")
+    for label, copies in (("in cache", 2), ("from memory", 48)):
+        ws = [torch.randn(out_dim, in_dim) for _ in range(copies)]
+        for rows in (1, 2, 3, 4, 6, 8):
+            x = torch.randn(rows, in_dim)
+            xt = x.t().contiguous()
+            forms = {
+                "x @ W.T": lambda: [torch.mm(x, w.t()) for w in ws],
+                "W @ x.T": lambda: [torch.mm(w, x.t()) for w in ws],
+                "W @ xT (col-major x)": lambda: [torch.mm(w, xt) for w in ws],
+            }
+            cells = []
+            for name, fn in forms.items():
+                us = median_ms(fn) * 1e3 / copies
+                cells.append(f"{name} {us:6.0f} ({4 * out_dim * in_dim / us / 1e3:4.1f})")
+            print(f"   {label:11s} c={rows}: " + "  ".join(cells))
+
+
+def note_gemm_efficiency() -> None:
+    print("4. [rows, 512] @ [512, 512] GEMM, GFLOP/s with 1 and 2 threads")
+    threads = torch.get_num_threads()
+    w = torch.randn(512, 512)
+    for rows in (32, 64, 128, 256, 512, 1024, 2048):
+        x, out = torch.randn(rows, 512), torch.empty(rows, 512)
+        batch = max(1, 4096 // rows)  # about the same FLOPs per timed call
+        cells = []
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            ms = median_ms(lambda: [torch.mm(x, w.t(), out=out) for _ in range(batch)])
+            cells.append(f"{n} thread(s) {2 * rows * 512 * 512 * batch / ms / 1e6:6.1f}")
+        torch.set_num_threads(threads)
+        print(f"   rows {rows:5d}: " + "  ".join(cells))
+
+
+SHAPES = ("2048,512,64,128,8", "512,512,256,64,8", "2048,768,384,32,4", "4096,512,1024,8,2")
+
+
+def note_strategies() -> None:
+    from gatelab.bench.moe import measure
+    from gatelab.bench.shapes import parse_shape
+    from gatelab.bench.variants import Variant, build_gatelab_moe, dense_mlp
+    from gatelab.dispatch.cpu_threads import cpu_strategy, forced_strategy
+
+    print("5. fwd+bwd ratio dense / MoE (min of 5 round-robin), phases vs split")
+    for contended in (False, True):
+        busy = None
+        if contended:
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for spec in SHAPES:
+                shape = parse_shape(spec)
+                torch.manual_seed(0)
+                moe = build_gatelab_moe(shape, "cpu", torch.float32)
+                variants = {"dense": dense_mlp(shape, "cpu", torch.float32)}
+                for name in ("phases", "split"):
+
+                    def forward(x, name=name):
+                        with forced_strategy(name):
+                            return moe(x)
+
+                    variants[name] = Variant(forward, list(moe.parameters()))
+                x = torch.randn(shape.tokens, shape.dim, requires_grad=True)
+                result = measure(variants, x, torch.randn_like(x), 1, 5, None)
+                dense = result["dense"]["fwd_bwd_min_s"]
+                ratios = {n: dense / result[n]["fwd_bwd_min_s"] for n in ("phases", "split")}
+                with torch.no_grad():
+                    counts = moe.router(x).experts.flatten().bincount(minlength=shape.num_experts)
+                chosen = cpu_strategy(counts.tolist())
+                print(
+                    f"   {'busy' if contended else 'idle'} {spec:18s} phases {ratios['phases']:.2f}"
+                    f"  split {ratios['split']:.2f}  (auto picks {chosen})"
+                )
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+
+
+NOTES = {
+    1: note_fresh_output,
+    2: note_fresh_weight_grad,
+    3: note_few_rows,
+    4: note_gemm_efficiency,
+    5: note_strategies,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", type=int, choices=sorted(NOTES), nargs="+")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for number in args.only or sorted(NOTES):
+        NOTES[number]()
 
 
 if __name__ == "__main__":
