@@ -27,6 +27,12 @@ TRAIN_DESCRIPTION = (
     "round-robin in one process; print tokens/s and their ratio, write JSON."
 )
 
+CONTENDED_HELP = (
+    "time while N busy processes (default 1: a pure-Python spin loop each, at this "
+    "process's niceness) load the machine; started before timing, stopped after. Run once "
+    "without and once with it to see what a busy neighbour costs"
+)
+
 
 def add_parser(subparsers) -> None:
     bench = subparsers.add_parser("bench", help=BENCH_HELP, description=BENCH_DESCRIPTION)
@@ -43,11 +49,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _add_moe_parser(benchmarks) -> None:
-    from ..bench.moe import DTYPES, SHAPE_FORMAT
+    from ..bench.moe import CONTENDED_TARGET, DTYPES, SHAPE_FORMAT, SHAPE_SETS
+    from ..bench.shapes import QUICK_SWEEP_DIVISOR, QUICK_SWEEP_MIN_TOKENS
 
     moe = benchmarks.add_parser("moe", help=MOE_HELP, description=MOE_DESCRIPTION)
     moe.add_argument(
-        "--quick", action="store_true", help="smaller T and fewer repeats (well under a minute)"
+        "--quick",
+        action="store_true",
+        help="smaller T and fewer repeats (well under a minute for the default set); "
+        f"with --set sweep the training shapes run T/{QUICK_SWEEP_DIVISOR} tokens "
+        f"(at least {QUICK_SWEEP_MIN_TOKENS})",
     )
     _add_device_argument(moe)
     moe.add_argument(
@@ -63,7 +74,24 @@ def _add_moe_parser(benchmarks) -> None:
         type=shape_arg,
         default=None,
         metavar="SHAPE",
-        help=f"shapes to run instead of the defaults, each {SHAPE_FORMAT}",
+        help=f"shapes to run instead of a --set, each {SHAPE_FORMAT}",
+    )
+    moe.add_argument(
+        "--set",
+        dest="shape_set",
+        choices=SHAPE_SETS,
+        default=None,
+        help="named shapes: default (the per-device defaults) or sweep (issue 17: 7 training "
+        "shapes, fwd+bwd, and 4 decode shapes, fwd; CPU fp32); not with --shapes",
+    )
+    _add_contended_argument(moe)
+    moe.add_argument(
+        "--baseline",
+        default=None,
+        metavar="PATH",
+        help="with --contended: the JSON of an earlier idle `gatelab bench moe` run of the "
+        "same shapes; the summary then gives per shape gatelab grouped's MoE/dense time "
+        f"ratio contended / idle (issue 17's target: <= {CONTENDED_TARGET})",
     )
     _add_json_argument(moe, "moe")
     moe.add_argument(
@@ -79,8 +107,17 @@ def _add_moe_parser(benchmarks) -> None:
 
 
 def run_moe(args: argparse.Namespace) -> int:
-    """Run ``gatelab bench moe``: print the table, write the JSON."""
-    from ..bench.moe import BenchSettings, format_table, run_moe_bench
+    """Run ``gatelab bench moe``: print the table, write the JSON. Settings that cannot run
+    (both --set and --shapes, a --baseline that does not fit) are usage errors, found
+    before anything is timed."""
+    from ..bench.moe import (
+        BenchSettings,
+        check_baseline,
+        format_table,
+        load_baseline,
+        resolve_shapes,
+        run_moe_bench,
+    )
 
     settings = BenchSettings(
         device=args.device,
@@ -90,13 +127,22 @@ def run_moe(args: argparse.Namespace) -> int:
         quick=args.quick,
         hf=not args.no_hf,
         compile=args.compile,
+        shape_set=getattr(args, "shape_set", None),
+        contended=getattr(args, "contended", 0),
     )
+    baseline = None
     try:
         settings = settings.resolved()
+        shapes = resolve_shapes(args.shapes, settings)
+        if getattr(args, "baseline", None) is not None:
+            baseline = load_baseline(args.baseline)
+            check_baseline(baseline, shapes, settings)
     except ValueError as error:
         _usage_error(args, error)
     path = _json_path(args, f"moe-{settings.device}")
-    result = run_moe_bench(args.shapes, settings, command=getattr(args, "command_line", None))
+    result = run_moe_bench(
+        args.shapes, settings, command=getattr(args, "command_line", None), baseline=baseline
+    )
     return _print_and_write(format_table(result), result, path)
 
 
@@ -151,6 +197,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="corpus",
         help="corpus: windows of the two-domain corpus (default); random: random token ids",
     )
+    _add_contended_argument(parser)
     _add_json_argument(parser, "train")
     parser.set_defaults(parser=parser)
 
@@ -177,6 +224,7 @@ def run_train(args: argparse.Namespace) -> int:
         data=args.data,
         router=args.router,
         dispatcher=args.dispatcher,
+        contended=getattr(args, "contended", 0),
     )
     try:
         settings = settings.resolved()
@@ -190,7 +238,7 @@ def run_train(args: argparse.Namespace) -> int:
     return _print_and_write(format_table(result), result, path)
 
 
-# -- shared by both ---------------------------------------------------------------------------
+# -- shared by both -----------------------------------------------------------------------------
 
 
 def _usage_error(args: argparse.Namespace, error: ValueError) -> None:
@@ -208,6 +256,18 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
         choices=("cpu", "cuda", "auto"),
         default="auto",
         help="where to run (default: auto = cuda when available)",
+    )
+
+
+def _add_contended_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--contended",
+        nargs="?",
+        type=int_at_least(1),
+        const=1,
+        default=0,
+        metavar="N",
+        help=CONTENDED_HELP,
     )
 
 
