@@ -1,5 +1,6 @@
-"""The printed tables of the benchmarks: ``gatelab bench moe`` and ``gatelab bench train``
-print these next to the JSON they write, from the result dicts alone."""
+"""The printed tables of the benchmarks: ``gatelab bench moe``, ``gatelab bench train`` and
+``gatelab bench generate`` print these next to the JSON they write, from the result dicts
+alone."""
 
 from __future__ import annotations
 
@@ -215,3 +216,68 @@ def format_train_table(result: dict) -> str:
         f"{target['applies_to']}: {verdict}{where}"
     )
     return "\n".join(lines)
+
+
+def format_generate_table(result: dict) -> str:
+    """The result as a plain-text table: one row per model, tokens/s per implementation and
+    gatelab's ratios, then each model's sizes and any skipped implementation."""
+    env, settings = result["environment"], result["settings"]
+    impls = settings["implementations"]
+    lines = [
+        f"gatelab bench generate | {env['device_name']} | {settings['device']} "
+        f"{settings['dtype']} | {env['threads']} threads | torch {env['torch']} | "
+        f"transformers {env['transformers'] or '-'} | load average "
+        f"{env.get('load_average_1m')} -> {env.get('load_average_1m_at_end')} | "
+        f"{contended_label(settings)}",
+        f"greedy model.generate(), KV cache: batch {settings['batch_size']} x prompt "
+        f"{settings['prompt_len']}, {settings['max_new_tokens']} new tokens per sequence; "
+        f"random weights (seed {settings['seed']}); median of {settings['repeats']} after "
+        f"{settings['warmup']} warm-up, implementations round-robin",
+        "tokens/s = batch x new tokens / median generate time (prefill included); "
+        "ratio = gatelab tokens/s / other's (higher is better)",
+        "",
+        f"  {'model':<13}"
+        + "".join(f"{impl + ' tok/s':>18}" for impl in impls)
+        + f"{'gatelab/grouped_mm':>20}{'gatelab/eager':>15}{'same tokens':>13}",
+    ]
+    notes = []
+    for name, entry in result["models"].items():
+        cells = ""
+        for impl in impls:
+            timed = entry["implementations"][impl]
+            if timed["skipped"] is not None:
+                cells += f"{'skipped':>18}"
+                notes.append(f"  {name}: {impl} skipped: {timed['skipped']}")
+            else:
+                cells += f"{timed['tokens_per_s']:>18.1f}"
+        ratios = entry["ratios"]
+        same = {True: "yes", False: "NO", None: "-"}[entry["same_tokens"]]
+        lines.append(
+            f"  {name:<13}{cells}{_ratio_text(ratios['gatelab_vs_grouped_mm']):>20}"
+            f"{_ratio_text(ratios['gatelab_vs_eager']):>15}{same:>13}"
+        )
+        if entry["same_tokens"] is False:
+            mismatches = {
+                impl: timed["first_mismatch"]
+                for impl, timed in entry["implementations"].items()
+                if timed["skipped"] is None and not timed["same_tokens"]
+            }
+            notes.append(
+                f"  {name}: tokens differ from {entry['reference']}'s at new-token position "
+                + ", ".join(f"{pos} ({impl})" for impl, pos in mismatches.items())
+            )
+    lines.append("")
+    for name, entry in result["models"].items():
+        c = entry["config"]
+        shared = f" + {c['shared_experts']} shared" if c.get("shared_experts") else ""
+        lines.append(
+            f"  {name}: {c['num_hidden_layers']} layers ({c['moe_layers']} MoE), hidden "
+            f"{c['hidden_size']}, {c['num_experts']} experts{shared} top-{c['top_k']} "
+            f"(expert hidden {c['expert_hidden']}), vocab {c['vocab_size']}, "
+            f"{entry['parameters'] / 1e6:.1f} M parameters"
+        )
+    return "\n".join(lines + notes)
+
+
+def _ratio_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
