@@ -9,10 +9,23 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gatelab.bench import BenchSettings, Shape, format_table, parse_shape, run_moe_bench
-from gatelab.bench.common import timeit
-from gatelab.bench.moe import COMPILED_VARIANTS, MOE_VARIANTS, VARIANTS, hf_available, skip_reason
+from gatelab.bench.common import busy_processes, timeit
+from gatelab.bench.moe import (
+    COMPILED_VARIANTS,
+    CONTENDED_TARGET,
+    MOE_VARIANTS,
+    VARIANTS,
+    check_baseline,
+    geomean,
+    hf_available,
+    load_baseline,
+    skip_reason,
+    summarize,
+)
+from gatelab.bench.shapes import default_shapes, shape_set
 from gatelab.cli import build_parser, main
 from gatelab.io import write_json
 
@@ -32,6 +45,7 @@ SHAPE_KEYS = {
     "roofline",
     "variants",
 }
+SUMMARY_KEYS = {"ratio", "training", "decode", "gatelab_vs_hf_grouped_mm", "contended_vs_idle"}
 TIMED_KEYS = {
     "skipped",
     "fwd_s",
@@ -249,3 +263,209 @@ def test_write_json_atomic_is_a_deprecated_spelling_of_io_write_json(tmp_path):
         write_json_atomic = common.write_json_atomic
     path = write_json_atomic({"a": 1}, tmp_path / "r.json")
     assert json.loads(path.read_text()) == {"a": 1}
+
+
+# -- issue 17: shape sets, the summary, --contended and --baseline -------------------------------
+
+
+SWEEP_TRAINING_SPECS = [
+    "4096,512,1024,8,2",
+    "4096,512,256,64,8",
+    "2048,512,64,128,8",
+    "2048,768,384,32,4",
+    "1024,1024,4096,8,2",
+    "512,512,256,64,8",
+    "4096,256,128,16,1",
+]
+SWEEP_DECODE_SPECS = ["1,512,1024,8,2", "1,1024,256,128,8", "8,512,1024,8,2", "16,2048,512,64,8"]
+
+
+def test_sweep_set_is_issue_17s_shapes():
+    sweep = shape_set("sweep", "cpu", quick=False)
+    assert [s.spec for s in sweep] == SWEEP_TRAINING_SPECS + SWEEP_DECODE_SPECS
+    assert [s.decode for s in sweep] == [False] * 7 + [True] * 4
+    assert len({s.name for s in sweep}) == len(sweep)
+    quick = shape_set("sweep", "cpu", quick=True)
+    assert [s.tokens for s in quick[:7]] == [512, 512, 256, 256, 256, 256, 512]  # T/8, >= 256
+    assert [s.spec for s in quick[7:]] == SWEEP_DECODE_SPECS
+    assert shape_set("default", "cpu", quick=True) == default_shapes("cpu", True)
+    with pytest.raises(ValueError, match="unknown shape set 'big'; valid: default, sweep"):
+        shape_set("big", "cpu", quick=False)
+    with pytest.raises(ValueError, match="unknown shape set 'big'"):
+        BenchSettings(shape_set="big").resolved()
+
+
+def test_set_and_shapes_together_are_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "moe", "--set", "sweep", "--shapes", "32,16,32,4,2"])
+    assert exit_.value.code == 2
+    assert "either --shapes or --set, not both" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="drop --set sweep or --shapes"):
+        run_moe_bench([TINY], BenchSettings(shape_set="sweep"), log=None)
+
+
+def test_cli_parses_set_contended_and_baseline():
+    args = build_parser().parse_args(["bench", "moe", "--set", "sweep", "--contended"])
+    assert (args.shape_set, args.contended, args.baseline) == ("sweep", 1, None)
+    args = build_parser().parse_args(["bench", "moe", "--contended", "2", "--baseline", "b.json"])
+    assert (args.shape_set, args.contended, args.baseline) == (None, 2, "b.json")
+    assert build_parser().parse_args(["bench", "moe"]).contended == 0
+
+
+def test_summary_geomean_min_and_hf_comparison(result):
+    summary = result["summary"]
+    assert set(summary) == SUMMARY_KEYS
+    training, decode = summary["training"], summary["decode"]
+    assert (training["shapes"], decode["shapes"]) == (["tiny"], ["dec"])
+    assert (training["ratio"], decode["ratio"]) == ("ratio_fwd_bwd", "ratio_fwd")
+    assert "dense" not in training["variants"] and "gatelab_triton" not in training["variants"]
+    grouped = training["variants"]["gatelab_grouped"]
+    ratio = result["shapes"][0]["variants"]["gatelab_grouped"]["ratio_fwd_bwd"]
+    assert grouped["values"] == [ratio]
+    assert grouped["geomean"] == pytest.approx(ratio) and grouped["min"] == ratio
+    assert (grouped["min_shape"], grouped["timed_shapes"]) == ("tiny", 1)
+    dec = result["shapes"][1]["variants"]["gatelab_grouped"]
+    stats = decode["variants"]["gatelab_grouped"]
+    assert stats["values"] == [dec["ratio_fwd"]]
+    assert stats["roofline"]["values"] == [dec["roofline_fwd"]]
+    assert all(_positive(v) for v in (stats["geomean"], stats["roofline"]["geomean"]))
+    rows = summary["gatelab_vs_hf_grouped_mm"]
+    assert [(r["shape"], r["mode"]) for r in rows] == [("tiny", "fwd_bwd"), ("dec", "fwd")]
+    for row, shape in zip(rows, result["shapes"], strict=True):
+        if not hf_available():
+            assert row["skipped"] and row["beats"] is None
+            continue
+        key = f"{row['mode']}_s"
+        assert row["speedup"] == pytest.approx(
+            shape["variants"]["hf_grouped_mm"][key] / shape["variants"]["gatelab_grouped"][key]
+        )
+        assert row["beats"] == (row["speedup"] > 1)
+    assert summary["contended_vs_idle"] is None
+    assert result["contended"] == 0 and result["shape_set"] is None
+    table = format_table(result)
+    for text in ("summary", "geomean", "training shapes", "decode shapes", "beats HF"):
+        assert text in table
+    assert "contended: 0" in table
+
+
+def test_geomean():
+    assert geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert geomean([0.5]) == 0.5
+
+
+def _as_contended(result: dict, count: int = 1) -> dict:
+    """The idle result as if it had been run with ``count`` busy processes."""
+    other = json.loads(json.dumps(result))
+    other["contended"] = other["settings"]["contended"] = count
+    return other
+
+
+def test_contended_vs_idle_against_itself_is_one(result):
+    record = summarize(result["shapes"], json.loads(json.dumps(result)), contended=1)[
+        "contended_vs_idle"
+    ]
+    assert record["target"] == CONTENDED_TARGET == 1.25 and record["contended"] == 1
+    assert [row["spec"] for row in record["shapes"]] == [TINY.spec, DECODE.spec]
+    assert [row["mode"] for row in record["shapes"]] == ["fwd_bwd", "fwd"]
+    for row in record["shapes"]:
+        assert row["slowdown"] == pytest.approx(1.0) and row["within_target"]
+    assert record["met"] is True and record["max_slowdown"] == pytest.approx(1.0)
+
+
+def test_check_baseline_names_the_problem(result):
+    contended = BenchSettings(device="cpu", contended=1).resolved()
+    shapes = [TINY, DECODE]
+    check_baseline(json.loads(json.dumps(result)), shapes, contended)  # fits: no error
+    cases = [
+        ({**result, "schema": "gatelab.bench.train/1"}, contended, "not a `gatelab bench moe`"),
+        (result, BenchSettings(device="cpu").resolved(), "add --contended"),
+        (_as_contended(result, 2), contended, "was run with --contended 2"),
+        ({**result, "settings": {**result["settings"], "dtype": "bfloat16"}}, contended, "dtype"),
+        ({**result, "shapes": result["shapes"][:1]}, contended, "no result for shape(s) dec"),
+        ({k: v for k, v in result.items() if k != "shapes"}, contended, "malformed"),
+        ([1, 2], contended, "not a `gatelab bench moe`"),
+    ]
+    for baseline, settings, message in cases:
+        with pytest.raises(ValueError) as error:
+            check_baseline(baseline, shapes, settings)
+        assert message in str(error.value) and "--baseline" in str(error.value)
+
+
+def test_load_baseline_errors(tmp_path):
+    with pytest.raises(ValueError, match="--baseline .*no such file"):
+        load_baseline(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="--baseline .* is not JSON"):
+        load_baseline(bad)
+    with pytest.raises(ValueError, match="is a directory"):
+        load_baseline(tmp_path)
+
+
+def test_baseline_without_contended_is_a_usage_error(tmp_path, capsys, result):
+    path = write_json(tmp_path / "idle.json", result)
+    argv = ["bench", "moe", "--device", "cpu", "--shapes", "tiny=96,16,32,4,2"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--baseline", str(path)])
+    assert exit_.value.code == 2
+    assert "add --contended" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a shape the baseline lacks
+        main(["bench", "moe", "--shapes", "t=32,16,32,4,2", "--contended", "--baseline", str(path)])
+    assert exit_.value.code == 2
+    assert "no result for shape(s) t (32,16,32,4,2)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: with a busy process beside it, a second thread stalls on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_contended_run_against_an_idle_baseline(tmp_path, capsys, one_thread):
+    idle, contended = tmp_path / "idle.json", tmp_path / "contended.json"
+    argv = ["bench", "moe", "--device", "cpu", "--shapes", "t=32,16,32,4,2", "dec=4,16,32,4,2"]
+    argv += ["--no-hf", "--repeats", "1", "--warmup", "0"]
+    assert main([*argv, "--json", str(idle)]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--contended", "--baseline", str(idle), "--json", str(contended)]) == 0
+    out = capsys.readouterr().out
+    assert "contended: 1 busy process" in out and "slowdown" in out and "issue 17" in out
+    data = json.loads(contended.read_text())
+    assert data["contended"] == data["settings"]["contended"] == 1
+    record = data["summary"]["contended_vs_idle"]
+    assert [row["shape"] for row in record["shapes"]] == ["t", "dec"]
+    for row in record["shapes"]:
+        assert _positive(row["slowdown"])
+        assert row["slowdown"] == pytest.approx(row["idle_ratio"] / row["contended_ratio"])
+    assert isinstance(record["met"], bool)
+    assert data["summary"]["gatelab_vs_hf_grouped_mm"][0]["skipped"] == "--no-hf"
+
+
+def test_busy_processes_start_and_stop():
+    with busy_processes(0) as pids:
+        assert pids == []
+    with busy_processes(2) as pids:
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, 0)  # running
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(KeyboardInterrupt):
+        with busy_processes(1) as pids:
+            raise KeyboardInterrupt
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[0], 0)
+    with pytest.raises(ValueError, match="busy process count must be an integer >= 0"):
+        with busy_processes(-1):
+            pass
+
+
+def test_bad_contended_setting_is_a_clear_error():
+    with pytest.raises(ValueError, match="contended must be an integer >= 0"):
+        BenchSettings(contended=-1).resolved()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "moe", "--contended", "0"])

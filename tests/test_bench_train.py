@@ -178,6 +178,7 @@ def test_defaults_are_the_reference_model_and_sizes():
         ({"warmup": -1}, "warmup must be an integer >= 0"),
         ({"data": "wikipedia"}, "unknown data source 'wikipedia'; valid: corpus, random"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"contended": -1}, "contended must be an integer >= 0"),
     ],
 )
 def test_bad_settings_are_clear_errors(changes, message):
@@ -220,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
         ["--dispatcher", "fast"],
         ["--data", "wikipedia"],
         ["--device", "tpu"],
+        ["--contended", "0"],
     ],
 )
 def test_cli_rejects_bad_options(args, capsys):
@@ -266,3 +268,23 @@ def test_gatelab_cli_wires_bench_train(capsys):
     help_text = capsys.readouterr().out
     for option in ("--quick", "--batch-size", "--seq-len", "--router", "--dispatcher", "--json"):
         assert option in help_text
+
+
+def test_contended_run_records_the_busy_processes():
+    """--contended N: the steps are timed beside N busy processes; the JSON and the table say
+    so (an idle run says contended: 0)."""
+    assert _parser().parse_args(["--contended"]).contended == 1
+    assert _parser().parse_args(["--contended", "2"]).contended == 2
+    assert _parser().parse_args([]).contended == 0
+    settings = TrainBenchSettings(device="cpu", data="random", contended=1, **SIZES)
+    out = run_train_bench(settings, TINY, log=None)
+    assert out["contended"] == out["settings"]["contended"] == 1
+    assert "busy processes" in out["settings"]["contention"]
+    assert _positive(out["ratio_tokens_per_s"])
+    assert "contended: 1 busy process" in format_table(out)
+
+
+def test_idle_run_records_no_contention(result):
+    assert result["contended"] == result["settings"]["contended"] == 0
+    assert result["settings"]["contention"] is None
+    assert "contended: 0" in format_table(result)

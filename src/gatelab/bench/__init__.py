@@ -3,7 +3,11 @@
 ``gatelab bench moe`` (:mod:`gatelab.bench.moe`) times the MoE layer against an
 equal-FLOP dense MLP and Hugging Face's Mixtral block built with the same weights;
 ``gatelab bench train`` (:mod:`gatelab.bench.train`) times training steps of the MoE LM
-against its dense equivalent. The command line lives in :mod:`gatelab.commands.bench`.
+against its dense equivalent; ``gatelab bench generate`` (:mod:`gatelab.bench.generate`)
+times greedy ``generate()`` of small HF MoE models with transformers' experts
+implementations and gatelab's. Each can run beside busy processes (``--contended``,
+:func:`gatelab.bench.common.busy_processes`). The command line lives in
+:mod:`gatelab.commands.bench`.
 """
 
 from .common import copy_bandwidth, timeit

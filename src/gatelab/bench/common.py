@@ -8,13 +8,15 @@ before it stops, so the time covers the kernels and not only their launch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 import torch
@@ -152,6 +154,85 @@ def environment(device: torch.device | str) -> dict:
 def load_average() -> float | None:
     """The 1-minute load average: other processes on the machine skew CPU timings."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+# -- contention -----------------------------------------------------------------------------
+
+BUSY_LOOP = """\
+import os, sys
+parent = int(sys.argv[1])
+print("ready", flush=True)
+x = 1
+while os.getppid() == parent:  # the bench is gone (killed): stop spinning
+    for _ in range(200_000):
+        x = (x * 1103515245 + 12345) % 2147483648
+"""
+"""What each busy process runs: integer arithmetic in pure Python (one thread, no torch,
+no memory traffic to speak of), checking about every few ms that its parent is alive."""
+
+CONTENTION_METHOD = (
+    "busy processes: separate Python processes (subprocess, `python -c` integer-arithmetic "
+    "spin loop, one thread each, the bench's own niceness), started before timing and "
+    "stopped after"
+)
+
+BUSY_STOP_TIMEOUT_S = 5.0
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[list[int]]:
+    """Run ``count`` busy processes while the ``with`` block runs; yields their pids.
+
+    Each is a separate OS process spinning on pure-Python integer arithmetic (one thread),
+    at the same niceness as this one, so it competes for a core on equal terms: the load a
+    second program on a shared machine puts on a benchmark. The block starts only once
+    every process has started spinning. On the way out, also on an exception or Ctrl-C,
+    each is terminated, waited for (``BUSY_STOP_TIMEOUT_S``) and killed if it is still
+    there; a busy process also stops by itself once this process is gone.
+    ``count == 0`` runs nothing.
+    """
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"busy process count must be an integer >= 0, got {count!r}")
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", BUSY_LOOP, str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            procs.append(proc)
+        for proc in procs:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(
+                    f"busy process {proc.pid} did not start (exit status {proc.poll()})"
+                )
+            proc.stdout.close()
+        yield [proc.pid for proc in procs]
+    finally:
+        _stop(procs)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate, wait for, and if need be kill each process."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=BUSY_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None and not proc.stdout.closed:
+            proc.stdout.close()
+
+
+def contention_record(count: int) -> dict:
+    """How the run was loaded, for the JSON."""
+    return {"processes": count, "method": CONTENTION_METHOD if count else None}
 
 
 def utc_now() -> str:

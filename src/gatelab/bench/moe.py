@@ -18,6 +18,18 @@ For small-batch (decode) shapes, where the cost is reading the weights, the forw
 is also compared with a weight-bandwidth roofline: the bytes of the distinct experts the
 batch touches over a copy bandwidth measured in the same run.
 
+After the shapes comes a summary (:func:`summarize`): per variant, the forward+backward
+ratio on every training shape (T > 64) with their geometric mean and minimum, the forward
+ratio and roofline fraction on every decode shape with theirs, and per shape whether
+gatelab grouped beats HF grouped_mm. ``--set sweep`` runs issue 17's shapes
+(:data:`~gatelab.bench.shapes.SWEEP_TRAINING`, :data:`~gatelab.bench.shapes.SWEEP_DECODE`).
+
+``--contended N`` times everything while N busy processes
+(:func:`~gatelab.bench.common.busy_processes`) load the machine; with ``--baseline PATH``,
+the JSON of an earlier idle run of the same shapes, the summary also gives per shape how
+much gatelab grouped's MoE/dense time ratio grew under that load (issue 17's target: at
+most 1.25x).
+
 How it is measured, so the numbers are comparable:
 - forward runs under ``torch.no_grad()`` (inference); forward+backward runs with grad on
   the input and every parameter and back-propagates a fixed random ``grad_output``
@@ -31,15 +43,19 @@ How it is measured, so the numbers are comparable:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..layers import MoE
 from .common import (
+    CONTENTION_METHOD,
+    busy_processes,
     copy_bandwidth,
     device_sync,
     environment,
@@ -50,7 +66,15 @@ from .common import (
     timeit,
     utc_now,
 )
-from .shapes import DECODE_TOKENS, SHAPE_FORMAT, Shape, default_shapes, parse_shape
+from .shapes import (
+    DECODE_TOKENS,
+    SHAPE_FORMAT,
+    SHAPE_SETS,
+    Shape,
+    default_shapes,
+    parse_shape,
+    shape_set,
+)
 from .tables import format_moe_table as format_table
 from .variants import (
     COMPILED_VARIANTS,
@@ -70,6 +94,10 @@ from .variants import (
 )
 
 SCHEMA = "gatelab.bench.moe/1"
+
+CONTENDED_TARGET = 1.25
+"""Issue 17: with a busy process beside it, gatelab grouped's MoE/dense time ratio grows by
+at most this factor over the idle run's (``--contended`` with ``--baseline``)."""
 
 LOOP_MAX_EXPERTS = 256
 """Above this many experts the per-expert loops (gatelab loop, HF eager) are not timed."""
@@ -96,7 +124,8 @@ DTYPES = {
 class BenchSettings:
     """How to run: device, dtype (None: fp32 on CPU, bf16 on CUDA), warm-up and repeats
     (None: defaults by device and --quick), whether to run HF and the compiled variants,
-    and the copy-probe size."""
+    the copy-probe size, the named shape set run when no shapes are given (None:
+    ``"default"``) and how many busy processes load the machine while timing."""
 
     device: str = "cpu"
     dtype: str | None = None
@@ -108,6 +137,8 @@ class BenchSettings:
     compile_backend: str = "inductor"
     copy_bytes: int = 256 * 2**20
     seed: int = 0
+    shape_set: str | None = None
+    contended: int = 0
 
     def resolved(self) -> BenchSettings:
         """A copy with every None filled in and the device and dtype validated."""
@@ -122,12 +153,37 @@ class BenchSettings:
             repeats = (3 if self.quick else 5) if not on_cuda else (5 if self.quick else 10)
         if warmup < 0 or repeats < 1:
             raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+        if self.shape_set is not None and self.shape_set not in SHAPE_SETS:
+            raise ValueError(
+                f"unknown shape set {self.shape_set!r}; valid: {', '.join(SHAPE_SETS)}"
+            )
+        _check_contended(self.contended)
         canonical = str(DTYPES[dtype]).removeprefix("torch.")
         return replace(self, device=device, dtype=canonical, warmup=warmup, repeats=repeats)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def _check_contended(contended: object) -> None:
+    if not isinstance(contended, int) or isinstance(contended, bool) or contended < 0:
+        raise ValueError(
+            f"contended must be an integer >= 0 (busy processes; 0: none), got {contended!r}"
+        )
+
+
+def resolve_shapes(shapes: Sequence[Shape] | None, settings: BenchSettings) -> tuple[Shape, ...]:
+    """``shapes`` as given, else the settings' shape set (default: ``"default"``) for the
+    device and --quick. Giving both is a ValueError naming the fix."""
+    if shapes and settings.shape_set is not None:
+        raise ValueError(
+            f"give either --shapes or --set, not both: --shapes replaces the set's shapes; "
+            f"drop --set {settings.shape_set} or --shapes"
+        )
+    if shapes:
+        return tuple(shapes)
+    return shape_set(settings.shape_set or "default", settings.device, settings.quick)
 
 
 # -- measuring ----------------------------------------------------------------------------
@@ -371,24 +427,36 @@ def run_moe_bench(
     settings: BenchSettings | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = log_stderr,
+    baseline: dict | None = None,
 ) -> dict:
-    """Run the benchmark and return the JSON-ready result (see ``SCHEMA``)."""
+    """Run the benchmark and return the JSON-ready result (see ``SCHEMA``).
+
+    ``shapes`` (default: the settings' shape set) are timed one after the other while
+    ``settings.contended`` busy processes run. ``baseline`` is the result of an earlier
+    idle run on the same shapes (see :func:`load_baseline`); with it, and only in a
+    contended run, the summary holds the contended/idle comparison of issue 17.
+    """
     settings = (settings or BenchSettings()).resolved()
-    shapes = tuple(shapes) if shapes else default_shapes(settings.device, settings.quick)
+    named_set = None if shapes else settings.shape_set or "default"
+    shapes = resolve_shapes(shapes, settings)
+    if baseline is not None:
+        check_baseline(baseline, shapes, settings)
     log = log or (lambda message: None)
     started, env_at_start = utc_now(), environment(settings.device)
     log(
         f"gatelab bench moe: {settings.device} {settings.dtype}, warmup {settings.warmup}, "
         f"repeats {settings.repeats}, {len(shapes)} shape(s)"
+        + (f", {settings.contended} busy process(es)" if settings.contended else "")
     )
-    bandwidth = None
-    if any(shape.decode for shape in shapes):
-        log(f"  measuring copy bandwidth ({settings.copy_bytes / 2**20:.0f} MiB)")
-        bandwidth = copy_bandwidth(settings.device, settings.copy_bytes)
     results = []
-    for shape in shapes:
-        log(f"shape {shape.name}: {shape.describe()}")
-        results.append(bench_shape(shape, settings, bandwidth, log))
+    with busy_processes(settings.contended):
+        bandwidth = None
+        if any(shape.decode for shape in shapes):
+            log(f"  measuring copy bandwidth ({settings.copy_bytes / 2**20:.0f} MiB)")
+            bandwidth = copy_bandwidth(settings.device, settings.copy_bytes)
+        for shape in shapes:
+            log(f"shape {shape.name}: {shape.describe()}")
+            results.append(bench_shape(shape, settings, bandwidth, log))
     return {
         "schema": SCHEMA,
         "command": command,
@@ -398,8 +466,11 @@ def run_moe_bench(
             **env_at_start,
             "load_average_1m_at_end": load_average(),
         },
+        "shape_set": named_set,
+        "contended": settings.contended,
         "settings": {
             **asdict(settings),
+            "contention": CONTENTION_METHOD if settings.contended else None,
             "forward": "torch.no_grad()",
             "backward": "out.backward(fixed random grad_output); grads set to None before "
             "each call, outside the clock",
@@ -411,11 +482,238 @@ def run_moe_bench(
         },
         "copy_bandwidth": bandwidth,
         "shapes": results,
+        "summary": summarize(results, baseline, settings.contended),
     }
+
+
+# -- the summary ------------------------------------------------------------------------------
+
+
+def _mode(shape: dict) -> str:
+    """What a shape is judged on: the forward on decode shapes, forward+backward otherwise."""
+    return "fwd" if shape["decode"] else "fwd_bwd"
+
+
+def geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _group(shapes: list[dict], ratio_key: str, roofline: bool) -> dict:
+    """Per variant (dense aside), ``ratio_key`` on each shape (None where skipped), with the
+    geometric mean and minimum over the shapes it was timed on; on decode shapes the
+    roofline fraction likewise."""
+    variants = [name for name in (shapes[0]["variants"] if shapes else {}) if name != "dense"]
+    shape_names = [s["name"] for s in shapes]
+    group: dict = {
+        "shapes": shape_names,
+        "specs": [s["spec"] for s in shapes],
+        "ratio": ratio_key,
+        "variants": {},
+    }
+    for name in variants:
+        entries = [s["variants"].get(name, {"skipped": "not run"}) for s in shapes]
+        ratios = [e.get(ratio_key) if e["skipped"] is None else None for e in entries]
+        record = _stats(ratios, shape_names)
+        if record is None:
+            continue  # skipped on every shape of the group
+        if roofline:
+            fractions = [e.get("roofline_fwd") if e["skipped"] is None else None for e in entries]
+            record["roofline"] = _stats(fractions, shape_names)
+        group["variants"][name] = record
+    return group
+
+
+def _stats(values: list[float | None], names: list[str]) -> dict | None:
+    timed = [(v, name) for v, name in zip(values, names, strict=True) if v is not None]
+    if not timed:
+        return None
+    low, where = min(timed)
+    return {
+        "values": values,
+        "timed_shapes": len(timed),
+        "geomean": geomean([v for v, _ in timed]),
+        "min": low,
+        "min_shape": where,
+    }
+
+
+def _against_hf(shape: dict) -> dict:
+    """gatelab grouped vs HF grouped_mm on one shape, in the shape's mode."""
+    mode = _mode(shape)
+    ours, theirs = shape["variants"]["gatelab_grouped"], shape["variants"]["hf_grouped_mm"]
+    record = {"shape": shape["name"], "spec": shape["spec"], "mode": mode}
+    skipped = ours["skipped"] or theirs["skipped"]
+    if skipped is not None:
+        return {**record, "skipped": skipped, "beats": None}
+    key = f"{mode}_s"
+    speedup = theirs[key] / ours[key]
+    return {
+        **record,
+        "skipped": None,
+        "gatelab_grouped_s": ours[key],
+        "hf_grouped_mm_s": theirs[key],
+        "speedup": speedup,
+        "beats": speedup > 1.0,
+    }
+
+
+def summarize(shapes: list[dict], baseline: dict | None = None, contended: int = 0) -> dict:
+    """The run's summary (the ``summary`` of the JSON):
+
+    - ``training``: the shapes with T > 64 and, per variant, ``ratio_fwd_bwd`` on each
+      (``values``, None where skipped), their ``geomean`` and ``min`` (at ``min_shape``)
+      over the shapes it was timed on (``timed_shapes``);
+    - ``decode``: likewise ``ratio_fwd`` on the decode shapes, and ``roofline`` the same
+      statistics of the roofline fraction;
+    - ``gatelab_vs_hf_grouped_mm``: per shape (forward+backward on training shapes, forward
+      on decode shapes) both times, ``speedup`` = HF time / gatelab time and ``beats``;
+    - ``contended_vs_idle``: None, or with ``baseline``, per shape gatelab grouped's
+      MoE/dense time ratio in this contended run over the baseline's (``slowdown``), and
+      whether it is within ``target`` (issue 17: 1.25).
+    """
+    training = [s for s in shapes if not s["decode"]]
+    decode = [s for s in shapes if s["decode"]]
+    return {
+        "ratio": "dense time / variant time (> 1: faster than the equal-FLOP dense MLP)",
+        "training": _group(training, "ratio_fwd_bwd", roofline=False),
+        "decode": _group(decode, "ratio_fwd", roofline=True),
+        "gatelab_vs_hf_grouped_mm": [_against_hf(s) for s in shapes],
+        "contended_vs_idle": (
+            None if baseline is None else contended_vs_idle(shapes, baseline, contended)
+        ),
+    }
+
+
+def contended_vs_idle(shapes: list[dict], baseline: dict, contended: int) -> dict:
+    """Per shape: gatelab grouped's MoE/dense time ratio (1 / ratio) in this run over the
+    baseline's, in the shape's mode; > 1: contention hurt the MoE more than dense."""
+    by_spec = {s["spec"]: s for s in baseline["shapes"]}
+    rows = []
+    for shape in shapes:
+        mode = _mode(shape)
+        key = f"ratio_{mode}"
+        ours = shape["variants"]["gatelab_grouped"]
+        idle = by_spec[shape["spec"]]["variants"]["gatelab_grouped"][key]
+        row = {"shape": shape["name"], "spec": shape["spec"], "mode": mode, "idle_ratio": idle}
+        if ours["skipped"] is not None:
+            rows.append({**row, "skipped": ours["skipped"], "slowdown": None})
+            continue
+        slowdown = idle / ours[key]
+        rows.append(
+            {
+                **row,
+                "skipped": None,
+                "contended_ratio": ours[key],
+                "slowdown": slowdown,
+                "within_target": slowdown <= CONTENDED_TARGET,
+            }
+        )
+    slowdowns = [r["slowdown"] for r in rows if r["slowdown"] is not None]
+    return {
+        "variant": "gatelab_grouped",
+        "definition": "(MoE/dense time, this contended run) / (MoE/dense time, idle "
+        "baseline) = baseline ratio / this ratio, fwd+bwd on training shapes, fwd on decode",
+        "target": CONTENDED_TARGET,
+        "contended": contended,
+        "baseline": {
+            "command": baseline.get("command"),
+            "started_at": baseline.get("started_at"),
+            "load_average_1m": baseline.get("environment", {}).get("load_average_1m"),
+        },
+        "shapes": rows,
+        "max_slowdown": max(slowdowns) if slowdowns else None,
+        "met": all(s <= CONTENDED_TARGET for s in slowdowns) if slowdowns else None,
+    }
+
+
+# -- the baseline of --baseline ----------------------------------------------------------------
+
+
+def load_baseline(path: str | Path) -> dict:
+    """Read the JSON of an earlier ``gatelab bench moe`` run; ValueError naming --baseline
+    when the file is missing or not JSON (its contents are checked by
+    :func:`check_baseline`)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(
+            f"--baseline {path}: no such file; give the JSON an earlier idle "
+            "`gatelab bench moe --json PATH` run wrote"
+        ) from None
+    except IsADirectoryError:
+        raise ValueError(f"--baseline {path} is a directory; give the JSON file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"--baseline {path} is not JSON ({error}); give the JSON an earlier "
+            "`gatelab bench moe` run wrote"
+        ) from None
+    return data
+
+
+def check_baseline(baseline: dict, shapes: Sequence[Shape], settings: BenchSettings) -> None:
+    """A ValueError naming the fix unless ``baseline`` is an idle ``gatelab bench moe`` result
+    with the same device and dtype that timed gatelab grouped on every one of ``shapes``,
+    and this run is contended."""
+    where = "--baseline"
+    if not isinstance(baseline, dict) or baseline.get("schema") != SCHEMA:
+        schema = baseline.get("schema") if isinstance(baseline, dict) else type(baseline).__name__
+        raise ValueError(
+            f"{where} is not a `gatelab bench moe` result (schema {schema!r}, expected "
+            f"{SCHEMA!r}); give the JSON an earlier `gatelab bench moe --json PATH` run wrote"
+        )
+    if not settings.contended:
+        raise ValueError(
+            f"{where} compares a contended run with an idle one, but this run is idle; "
+            "add --contended (or drop --baseline)"
+        )
+    try:
+        base_settings = baseline["settings"]
+        base_contended = baseline.get("contended", base_settings.get("contended", 0))
+        base_shapes = {s["spec"]: s for s in baseline["shapes"]}
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{where} is malformed (no {error}); give the JSON an earlier `gatelab bench moe` "
+            "run wrote, unedited"
+        ) from None
+    if base_contended:
+        raise ValueError(
+            f"{where} was run with --contended {base_contended}; the baseline must be an "
+            "idle run: give the JSON of a run without --contended"
+        )
+    for key in ("device", "dtype"):
+        if base_settings.get(key) != getattr(settings, key):
+            raise ValueError(
+                f"{where} ran on {key} {base_settings.get(key)!r}, this run on "
+                f"{getattr(settings, key)!r}; give a baseline run with the same --{key}"
+            )
+    missing = [s for s in shapes if s.spec not in base_shapes]
+    if missing:
+        names = ", ".join(f"{s.name} ({s.spec})" for s in missing)
+        raise ValueError(
+            f"{where} has no result for shape(s) {names}; run the baseline with the same "
+            "--set or --shapes, and --quick, as this run"
+        )
+    for shape in shapes:
+        mode = "fwd" if shape.decode else "fwd_bwd"
+        try:
+            entry = base_shapes[shape.spec]["variants"]["gatelab_grouped"]
+            ratio = None if entry["skipped"] is not None else entry[f"ratio_{mode}"]
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"{where} is malformed at shape {shape.spec} (no {error}); give the JSON an "
+                "earlier `gatelab bench moe` run wrote, unedited"
+            ) from None
+        if not (isinstance(ratio, (int, float)) and ratio > 0):
+            raise ValueError(
+                f"{where} did not time gatelab grouped on shape {shape.spec} "
+                f"({entry.get('skipped') or 'no ratio'}); rerun the baseline"
+            )
 
 
 __all__ = [
     "COMPILED_VARIANTS",
+    "CONTENDED_TARGET",
     "DECODE_TOKENS",
     "DTYPES",
     "LOOP_MAX_EXPERTS",
@@ -423,17 +721,23 @@ __all__ = [
     "QUICK_LOOP_MAX_EXPERTS",
     "SCHEMA",
     "SHAPE_FORMAT",
+    "SHAPE_SETS",
     "VARIANTS",
     "BenchSettings",
     "Shape",
     "Variant",
     "bench_shape",
+    "check_baseline",
     "default_shapes",
     "format_table",
     "hf_available",
+    "load_baseline",
     "parse_shape",
     "resolve_device",
+    "resolve_shapes",
     "run_moe_bench",
+    "shape_set",
     "skip_reason",
+    "summarize",
     "triton_available",
 ]

@@ -1,10 +1,11 @@
 """The shapes ``gatelab bench moe`` runs: T tokens of width D through E experts of width F,
-top-k per token; their ``[NAME=]T,D,F,E,k`` spelling and the defaults per device."""
+top-k per token; their ``[NAME=]T,D,F,E,k`` spelling, the defaults per device and the named
+shape sets of ``--set``."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,3 +112,52 @@ DEFAULT_SHAPES: dict[tuple[str, bool], tuple[Shape, ...]] = {
 
 def default_shapes(device: str, quick: bool) -> tuple[Shape, ...]:
     return DEFAULT_SHAPES[(torch.device(device).type, quick)]
+
+
+SWEEP_TRAINING: tuple[Shape, ...] = (
+    Shape("coarse", 4096, 512, 1024, 8, 2),
+    Shape("fine", 4096, 512, 256, 64, 8),
+    Shape("fine-128", 2048, 512, 64, 128, 8),
+    Shape("mid-32", 2048, 768, 384, 32, 4),
+    Shape("wide-8", 1024, 1024, 4096, 8, 2),
+    Shape("fine-short", 512, 512, 256, 64, 8),
+    Shape("top1-16", 4096, 256, 128, 16, 1),
+)
+"""Issue 17's training shapes (timed forward+backward; CPU, fp32)."""
+
+SWEEP_DECODE: tuple[Shape, ...] = (
+    Shape("decode-1", 1, 512, 1024, 8, 2),
+    Shape("decode-1-fine", 1, 1024, 256, 128, 8),
+    Shape("decode", 8, 512, 1024, 8, 2),
+    Shape("decode-16-fine", 16, 2048, 512, 64, 8),
+)
+"""Issue 17's decode shapes (T <= DECODE_TOKENS: judged on the forward and the roofline)."""
+
+QUICK_SWEEP_DIVISOR = 8
+QUICK_SWEEP_MIN_TOKENS = 256
+"""With --quick the sweep's training shapes run T // 8 tokens, at least 256 (the decode
+shapes are unchanged)."""
+
+SHAPE_SETS = ("default", "sweep")
+"""The names ``--set`` takes: ``default`` (the per-device defaults above) and ``sweep``."""
+
+
+def sweep_shapes(quick: bool) -> tuple[Shape, ...]:
+    """Issue 17's sweep: the training shapes, then the decode shapes. With ``quick`` the
+    training shapes run ``max(T // 8, 256)`` tokens."""
+    training = SWEEP_TRAINING
+    if quick:
+        training = tuple(
+            replace(s, tokens=max(s.tokens // QUICK_SWEEP_DIVISOR, QUICK_SWEEP_MIN_TOKENS))
+            for s in training
+        )
+    return training + SWEEP_DECODE
+
+
+def shape_set(name: str, device: str, quick: bool) -> tuple[Shape, ...]:
+    """The shapes of the named set (see ``SHAPE_SETS``); ValueError naming the valid sets."""
+    if name == "default":
+        return default_shapes(device, quick)
+    if name == "sweep":
+        return sweep_shapes(quick)
+    raise ValueError(f"unknown shape set {name!r}; valid: {', '.join(SHAPE_SETS)}")

@@ -27,6 +27,10 @@ How it is measured, so the numbers are comparable:
   shared machine, and cache left warm by the model that ran just before, fall on both alike;
 - each number is the median of ``repeats`` timed steps (``time.perf_counter``); on CUDA the
   device is synchronised before the clock starts and before it stops.
+
+``--contended N`` runs the warm-up and timed steps while N busy processes
+(:func:`~gatelab.bench.common.busy_processes`) load the machine: run once without and once
+with it to see how much a busy neighbour costs each model.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import torch
 from ..models.config import ConfigError
 from ..models.lm import LM, LMConfig, dense_equivalent
 from .common import (
+    CONTENTION_METHOD,
+    busy_processes,
     device_sync,
     environment,
     load_average,
@@ -91,7 +97,8 @@ class TrainBenchSettings:
     """How to run. None fills in by device and ``quick``: batch size and sequence length
     (CPU: 8 x 256, 4 x 128 with --quick), warm-up and repeats (CPU: 2 and 10, 1 and 3 with
     --quick); router and dispatcher (None: the model config's). The clipping norm, lr,
-    weight decay and betas are the trainer's defaults."""
+    weight decay and betas are the trainer's defaults. ``contended``: busy processes that
+    load the machine while timing (0: none)."""
 
     device: str = "cpu"
     batch_size: int | None = None
@@ -107,6 +114,7 @@ class TrainBenchSettings:
     lr: float = 3e-4
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
+    contended: int = 0
 
     def resolved(self) -> TrainBenchSettings:
         """A copy with every None filled in and every value validated (ValueError)."""
@@ -123,7 +131,8 @@ class TrainBenchSettings:
             repeats=repeats if self.repeats is None else self.repeats,
             betas=tuple(self.betas),
         )
-        for name, low in (("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("repeats", 1)):
+        bounds = {"batch_size": 1, "seq_len": 1, "warmup": 0, "repeats": 1, "contended": 0}
+        for name, low in bounds.items():
             value = getattr(resolved, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -299,9 +308,10 @@ def run_train_bench(
     losses: dict[str, list[torch.Tensor]] = {name: [] for name in MODELS}
     steps = {name: make_step(models[name], settings, batches, losses[name]) for name in MODELS}
     log(f"  timing {', '.join(MODELS)} round-robin ({tokens_per_step} tokens per step)")
-    times = measure_round_robin(
-        steps, settings.warmup, settings.repeats, device_sync(settings.device)
-    )
+    with busy_processes(settings.contended):
+        times = measure_round_robin(
+            steps, settings.warmup, settings.repeats, device_sync(settings.device)
+        )
     results = {
         name: _model_record(models[name], configs[name], times[name], losses[name], tokens_per_step)
         for name in MODELS
@@ -313,6 +323,7 @@ def run_train_bench(
         "started_at": started,
         "finished_at": utc_now(),
         "environment": {**env_at_start, "load_average_1m_at_end": load_average()},
+        "contended": settings.contended,
         "settings": _settings_record(settings, tokens_per_step),
         "data": data_info,
         "models": results,
@@ -332,6 +343,7 @@ def _log_start(settings: TrainBenchSettings, env: dict, log: Callable[[str], Non
         f"gatelab bench train: {settings.device}, batch {settings.batch_size} x seq "
         f"{settings.seq_len} ({settings.data} data), warmup {settings.warmup}, "
         f"repeats {settings.repeats}"
+        + (f", {settings.contended} busy process(es)" if settings.contended else "")
     )
     load = env.get("load_average_1m")
     if load is not None and load >= 1.0:
@@ -377,6 +389,7 @@ def _settings_record(settings: TrainBenchSettings, tokens_per_step: int) -> dict
         "steps round-robin, one step of each model per round, order alternating"
         + ("; torch.cuda.synchronize around each step" if settings.device == "cuda" else ""),
         "ratio": "moe tokens/s / dense tokens/s (= dense step time / moe step time)",
+        "contention": CONTENTION_METHOD if settings.contended else None,
     }
 
 

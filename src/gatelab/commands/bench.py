@@ -1,5 +1,6 @@
-"""``gatelab bench moe`` and ``gatelab bench train``: the benchmarks' command line. The
-measuring code lives in :mod:`gatelab.bench`; this module parses, prints and writes."""
+"""``gatelab bench moe``, ``gatelab bench train`` and ``gatelab bench generate``: the
+benchmarks' command line. The measuring code lives in :mod:`gatelab.bench`; this module
+parses, prints and writes."""
 
 from __future__ import annotations
 
@@ -27,27 +28,47 @@ TRAIN_DESCRIPTION = (
     "round-robin in one process; print tokens/s and their ratio, write JSON."
 )
 
+GENERATE_HELP = "greedy generate() tokens/s of HF MoE models: eager, grouped_mm and gatelab experts"
+GENERATE_DESCRIPTION = (
+    "Build small transformers MoE models (Mixtral, Qwen3-MoE, DeepSeek-V3) from config with "
+    "random weights and time greedy model.generate() with the experts implementations "
+    "eager, grouped_mm and gatelab, round-robin on the same model; print tokens/s and "
+    "gatelab's ratios, check the three generate the same tokens, write JSON."
+)
+
+CONTENDED_HELP = (
+    "time while N busy processes (default 1: a pure-Python spin loop each, at this "
+    "process's niceness) load the machine; started before timing, stopped after. Run once "
+    "without and once with it to see what a busy neighbour costs"
+)
+
 
 def add_parser(subparsers) -> None:
     bench = subparsers.add_parser("bench", help=BENCH_HELP, description=BENCH_DESCRIPTION)
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     _add_moe_parser(benchmarks)
     _add_train_parser(benchmarks)
+    _add_generate_parser(benchmarks)
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"moe": run_moe, "train": run_train}[args.benchmark](args)
+    return {"moe": run_moe, "train": run_train, "generate": run_generate}[args.benchmark](args)
 
 
 # -- gatelab bench moe ------------------------------------------------------------------------
 
 
 def _add_moe_parser(benchmarks) -> None:
-    from ..bench.moe import DTYPES, SHAPE_FORMAT
+    from ..bench.moe import CONTENDED_TARGET, DTYPES, SHAPE_FORMAT, SHAPE_SETS
+    from ..bench.shapes import QUICK_SWEEP_DIVISOR, QUICK_SWEEP_MIN_TOKENS
 
     moe = benchmarks.add_parser("moe", help=MOE_HELP, description=MOE_DESCRIPTION)
     moe.add_argument(
-        "--quick", action="store_true", help="smaller T and fewer repeats (well under a minute)"
+        "--quick",
+        action="store_true",
+        help="smaller T and fewer repeats (well under a minute for the default set); "
+        f"with --set sweep the training shapes run T/{QUICK_SWEEP_DIVISOR} tokens "
+        f"(at least {QUICK_SWEEP_MIN_TOKENS})",
     )
     _add_device_argument(moe)
     moe.add_argument(
@@ -63,7 +84,24 @@ def _add_moe_parser(benchmarks) -> None:
         type=shape_arg,
         default=None,
         metavar="SHAPE",
-        help=f"shapes to run instead of the defaults, each {SHAPE_FORMAT}",
+        help=f"shapes to run instead of a --set, each {SHAPE_FORMAT}",
+    )
+    moe.add_argument(
+        "--set",
+        dest="shape_set",
+        choices=SHAPE_SETS,
+        default=None,
+        help="named shapes: default (the per-device defaults) or sweep (issue 17: 7 training "
+        "shapes, fwd+bwd, and 4 decode shapes, fwd; CPU fp32); not with --shapes",
+    )
+    _add_contended_argument(moe)
+    moe.add_argument(
+        "--baseline",
+        default=None,
+        metavar="PATH",
+        help="with --contended: the JSON of an earlier idle `gatelab bench moe` run of the "
+        "same shapes; the summary then gives per shape gatelab grouped's MoE/dense time "
+        f"ratio contended / idle (issue 17's target: <= {CONTENDED_TARGET})",
     )
     _add_json_argument(moe, "moe")
     moe.add_argument(
@@ -79,8 +117,17 @@ def _add_moe_parser(benchmarks) -> None:
 
 
 def run_moe(args: argparse.Namespace) -> int:
-    """Run ``gatelab bench moe``: print the table, write the JSON."""
-    from ..bench.moe import BenchSettings, format_table, run_moe_bench
+    """Run ``gatelab bench moe``: print the table, write the JSON. Settings that cannot run
+    (both --set and --shapes, a --baseline that does not fit) are usage errors, found
+    before anything is timed."""
+    from ..bench.moe import (
+        BenchSettings,
+        check_baseline,
+        format_table,
+        load_baseline,
+        resolve_shapes,
+        run_moe_bench,
+    )
 
     settings = BenchSettings(
         device=args.device,
@@ -90,13 +137,22 @@ def run_moe(args: argparse.Namespace) -> int:
         quick=args.quick,
         hf=not args.no_hf,
         compile=args.compile,
+        shape_set=getattr(args, "shape_set", None),
+        contended=getattr(args, "contended", 0),
     )
+    baseline = None
     try:
         settings = settings.resolved()
+        shapes = resolve_shapes(args.shapes, settings)
+        if getattr(args, "baseline", None) is not None:
+            baseline = load_baseline(args.baseline)
+            check_baseline(baseline, shapes, settings)
     except ValueError as error:
         _usage_error(args, error)
     path = _json_path(args, f"moe-{settings.device}")
-    result = run_moe_bench(args.shapes, settings, command=getattr(args, "command_line", None))
+    result = run_moe_bench(
+        args.shapes, settings, command=getattr(args, "command_line", None), baseline=baseline
+    )
     return _print_and_write(format_table(result), result, path)
 
 
@@ -151,6 +207,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="corpus",
         help="corpus: windows of the two-domain corpus (default); random: random token ids",
     )
+    _add_contended_argument(parser)
     _add_json_argument(parser, "train")
     parser.set_defaults(parser=parser)
 
@@ -177,6 +234,7 @@ def run_train(args: argparse.Namespace) -> int:
         data=args.data,
         router=args.router,
         dispatcher=args.dispatcher,
+        contended=getattr(args, "contended", 0),
     )
     try:
         settings = settings.resolved()
@@ -190,7 +248,106 @@ def run_train(args: argparse.Namespace) -> int:
     return _print_and_write(format_table(result), result, path)
 
 
-# -- shared by both ---------------------------------------------------------------------------
+# -- gatelab bench generate -------------------------------------------------------------------
+
+
+def _add_generate_parser(benchmarks) -> None:
+    generate = benchmarks.add_parser(
+        "generate", help=GENERATE_HELP, description=GENERATE_DESCRIPTION
+    )
+    add_generate_arguments(generate)
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``gatelab bench generate``'s options on ``parser``."""
+    from ..bench.generate import DEFAULT_STEPS, MODELS
+
+    new_tokens, warmup, repeats = DEFAULT_STEPS[False]
+    quick_tokens, _, quick_repeats = DEFAULT_STEPS[True]
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{quick_tokens} new tokens and {quick_repeats} repeats (under about a minute on CPU)",
+    )
+    _add_device_argument(parser)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=None,
+        metavar="MODEL",
+        help=f"models to run (default: all of {', '.join(MODELS)})",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int_at_least(1),
+        default=None,
+        help=f"tokens generated per sequence and call (default: {new_tokens}; "
+        f"{quick_tokens} with --quick)",
+    )
+    parser.add_argument(
+        "--prompt-len",
+        type=int_at_least(1),
+        default=16,
+        help="random prompt tokens per sequence (default: 16)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=1,
+        help="sequences per generate call (default: 1)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int_at_least(1),
+        default=None,
+        help=f"timed generate calls per implementation (default: {repeats}; "
+        f"{quick_repeats} with --quick)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int_at_least(1),
+        default=None,
+        help=f"untimed calls per implementation first, the first of which checks the "
+        f"tokens (default: {warmup})",
+    )
+    _add_contended_argument(parser)
+    _add_json_argument(parser, "generate")
+    parser.set_defaults(parser=parser)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run ``gatelab bench generate``: print the table, write the JSON."""
+    from ..bench.generate import (
+        GenerateBenchSettings,
+        format_table,
+        run_generate_bench,
+        transformers_available,
+    )
+
+    settings = GenerateBenchSettings(
+        device=args.device,
+        models=tuple(args.models) if args.models else None,
+        max_new_tokens=args.max_new_tokens,
+        prompt_len=args.prompt_len,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        quick=args.quick,
+        contended=getattr(args, "contended", 0),
+    )
+    try:
+        settings = settings.resolved()
+        if not transformers_available():
+            raise ValueError("gatelab bench generate needs transformers; pip install 'gatelab[hf]'")
+    except ValueError as error:
+        _usage_error(args, error)
+    path = _json_path(args, f"generate-{settings.device}")
+    result = run_generate_bench(settings, command=getattr(args, "command_line", None))
+    return _print_and_write(format_table(result), result, path)
+
+
+# -- shared by all -----------------------------------------------------------------------------
 
 
 def _usage_error(args: argparse.Namespace, error: ValueError) -> None:
@@ -208,6 +365,18 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
         choices=("cpu", "cuda", "auto"),
         default="auto",
         help="where to run (default: auto = cuda when available)",
+    )
+
+
+def _add_contended_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--contended",
+        nargs="?",
+        type=int_at_least(1),
+        const=1,
+        default=0,
+        metavar="N",
+        help=CONTENDED_HELP,
     )
 
 
