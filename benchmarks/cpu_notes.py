@@ -76,7 +76,9 @@ def note_fresh_weight_grad() -> None:
 
     fresh = median_ms(lambda: weight_grad(torch.empty(experts, width, dim)))
     kept = median_ms(lambda: weight_grad(buffer))
-    print(f"2. weight gradient [64, 512, 512]: new 64 MB tensor {fresh:.1f} ms, reused {kept:.1f} ms")
+    print(
+        f"2. weight gradient [64, 512, 512]: new 64 MB tensor {fresh:.1f} ms, reused {kept:.1f} ms"
+    )
 
 
 def note_few_rows() -> None:
@@ -115,7 +117,13 @@ def note_gemm_efficiency() -> None:
         print(f"   rows {rows:5d}: " + "  ".join(cells))
 
 
-SHAPES = ("2048,512,64,128,8", "512,512,256,64,8", "2048,768,384,32,4", "4096,512,1024,8,2")
+SHAPES = (
+    "2048,512,64,128,8",
+    "512,512,256,64,8",
+    "2048,768,384,32,4",
+    "4096,512,1024,8,2",
+    "1024,1024,4096,8,2",
+)
 
 
 def note_strategies() -> None:

@@ -14,15 +14,15 @@ import pytest
 import torch
 from conftest import EDGE_CASES, DispatchCase, bank_tensors, dispatch_cases, grads_of
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gatelab.dispatch import grouped_dispatch, loop_dispatch
 from gatelab.dispatch.cpu_threads import (
-    SPLIT_MAX_ROWS_PER_EXPERT,
     cpu_strategy,
     forced_strategy,
     run_split,
 )
-from gatelab.dispatch.grouped import _FEW_ROWS
+from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
 
 STRATEGIES = ("phases", "split")
 NAMES = ["x", "weights", "w_in", "w_out", "b_in", "b_out"]
@@ -66,8 +66,8 @@ def test_strategy_edge_cases_float64(strategy, name):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("rows", range(1, 8))
 def test_few_rows_per_expert(strategy, rows):
-    """1..7 rows per expert cross the few-rows rule (W @ x.T for 2..4 rows)."""
-    assert _FEW_ROWS == (2, 4)
+    """1..7 rows per expert cross the few-rows rule (W @ x.T for 1..4 rows)."""
+    assert _FEW_ROWS == (1, 4)
     case = DispatchCase(rows, 6, 10, 1, 1, bias=True, seed=rows)
     assert_matches_loop(case, strategy)
     case = DispatchCase(rows * 3, 6, 10, 3, 1, glu=False, seed=rows)  # about `rows` each
@@ -137,14 +137,15 @@ def test_run_split_reraises_a_workers_error():
         run_split(fail, [1, 1, 1], workers=2)
 
 
-def test_rule_depends_on_threads_experts_and_rows_per_expert():
+def test_rule_depends_on_threads_experts_and_balance():
     small = [128] * 64  # many small experts
     assert cpu_strategy(small, threads=2) == "split"
     assert cpu_strategy(small, threads=1) == "phases"  # nothing to split between
     assert cpu_strategy([128, 128, 128], threads=2) == "phases"  # too few experts
-    big = [SPLIT_MAX_ROWS_PER_EXPERT + 1] * 8
-    assert cpu_strategy(big, threads=2) == "phases"
-    assert cpu_strategy([0] * 60 + [10] * 4, threads=2) == "split"  # idle experts don't count
+    assert cpu_strategy([1024] * 8, threads=2) == "split"  # large but balanced
+    assert cpu_strategy([1000, 100, 100, 100, 100], threads=2) == "phases"  # one hot expert
+    assert cpu_strategy([0] * 60 + [20] * 4, threads=2) == "split"  # idle experts don't count
+    assert cpu_strategy([1] * 64, threads=2) == "phases"  # decode: a row or two per expert
 
 
 def test_forced_strategy_is_validated_and_restored():
@@ -154,3 +155,23 @@ def test_forced_strategy_is_validated_and_restored():
     with forced_strategy("split"):
         assert cpu_strategy([1]) == "split"
     assert cpu_strategy([1]) == "phases"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.integers(0, 12),
+    num_experts=st.integers(1, 9),
+    top_k=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.int64, torch.int32]),
+)
+def test_host_sort_equals_device_sort(tokens, num_experts, top_k, seed, dtype):
+    """The host sort of small CPU calls gives sort_slots' six tensors exactly, with
+    EMPTY slots and ids outside the bank as padding rows."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = torch.randint(-3, num_experts + 3, (tokens, top_k), generator=gen).to(dtype)
+    want = sort_slots(experts, num_experts)
+    got = sort_slots_host(experts, num_experts)
+    for name, g, w in zip(["slots", "tokens", "experts", "counts", "offsets", "valid"], got, want):
+        assert g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, atol=0, rtol=0, msg=name)

@@ -34,10 +34,11 @@ STRATEGIES = ("phases", "split")
 # "split" needs enough experts to keep every worker busy while the last ones finish: with
 # fewer than this many active experts per worker the join waits on one worker's last expert.
 SPLIT_MIN_EXPERTS_PER_WORKER = 2
-# Below this many rows per active expert a two-thread GEMM is mostly barrier and packing, and
-# single-threaded GEMMs side by side win; above it (the coarse shapes: 1024 rows of 8 experts)
-# MKL's own two-thread split of one large GEMM is as good and the phase-wise path is kept.
-SPLIT_MAX_ROWS_PER_EXPERT = 768
+# Below this many rows per active expert (decode, prefill of a short prompt) each expert is
+# a GEMV-like read of its weights, which two-thread MKL does as well, and handing the
+# experts to the workers and back (two thread wake-ups per call) costs more than it saves:
+# at one token per call it made greedy generate() 25% slower (gatelab bench generate).
+SPLIT_MIN_ROWS_PER_EXPERT = 16
 
 _forced = threading.local()
 
@@ -61,18 +62,27 @@ def forced_strategy(name: str | None) -> Iterator[None]:
 def cpu_strategy(counts: Sequence[int], threads: int | None = None) -> str:
     """ "split" or "phases" for experts holding ``counts`` rows, from the shape alone.
 
-    ``threads`` defaults to torch's intra-op thread count. Split needs at least two threads,
-    at least ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread and at most
-    ``SPLIT_MAX_ROWS_PER_EXPERT`` rows per active expert on average.
+    ``threads`` defaults to torch's intra-op thread count. Split needs at least two
+    threads, at least ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread, at least
+    ``SPLIT_MIN_ROWS_PER_EXPERT`` rows per active expert on average, and no
+    expert holding more than one thread's share of the rows (a hot expert would run on
+    one thread while the others wait; phase-wise, its GEMMs use every thread).
+
+    Measured on 2 cores (``benchmarks/cpu_notes.py`` note 5): idle, the two strategies
+    are within 3% of each other from 1 to 1024 rows per expert; with one busy process,
+    split is 10-55% faster on every shape, so it is the default wherever it can balance.
     """
     forced = getattr(_forced, "name", None)
     if forced is not None:
         return forced
     threads = torch.get_num_threads() if threads is None else threads
     active = sum(1 for c in counts if c)
+    rows = sum(counts)
     if threads < 2 or active < SPLIT_MIN_EXPERTS_PER_WORKER * threads:
         return "phases"
-    return "split" if sum(counts) / active <= SPLIT_MAX_ROWS_PER_EXPERT else "phases"
+    if rows < SPLIT_MIN_ROWS_PER_EXPERT * active:
+        return "phases"
+    return "split" if max(counts) * threads <= rows else "phases"
 
 
 def _single_threaded() -> None:

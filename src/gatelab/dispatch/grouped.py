@@ -64,16 +64,22 @@ def grouped_linear(
     return out
 
 
-# With 2 to 4 rows, MKL reads a row-major weight W up to 2.5x faster as W @ x.T than as
-# x @ W.T; from 6 rows the two are equal or x @ W.T wins, and one row is a GEMV either way
-# (benchmarks/cpu_notes.py, "few rows"). W @ x.T must see x as a transposed row-major
+# How MKL reads one expert's row-major weight W [out, in] for c rows x (benchmarks/
+# cpu_notes.py, note 3, 2 cores): with 2 to 4 rows, W @ x.T streams W from memory at up to
+# 2.5x the speed of x @ W.T; from 6 rows the two are equal or x @ W.T wins. One row is a
+# GEMV, which streams W at 10-15 GB/s against 20-27 GB/s for W @ [x; x].T, so a single
+# row is duplicated (the GEMV is faster only while W sits in cache, which a decode step
+# through a multi-layer model never finds). W @ x.T must see x as a transposed row-major
 # matrix: a column-major x (x.T made contiguous, or an expanded row) runs 3-5x slower.
-_FEW_ROWS = (2, 4)
+_FEW_ROWS = (1, 4)
 
 
 def _rows_linear(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
     """out [c, out] = x [c, in] @ w.T for one expert's w [out, in]."""
-    if _FEW_ROWS[0] <= x.shape[0] <= _FEW_ROWS[1] and w.stride(1) == 1:
+    rows = x.shape[0]
+    if _FEW_ROWS[0] <= rows <= _FEW_ROWS[1] and w.stride(1) == 1:
+        if rows == 1:
+            return out.copy_(torch.mm(w, torch.cat([x, x]).t())[:, :1].t())
         return out.copy_(torch.mm(w, x.t()).t())
     return torch.mm(x, w.t(), out=out)
 
@@ -399,6 +405,43 @@ def sort_slots(
     return slots, tokens, experts, counts, counts.cumsum(0).to(torch.int32), valid
 
 
+# At most this many slots on CPU, the sort runs on the host: a few Python list operations
+# instead of a dozen tiny torch ops (about 10 us each, most of a one-token decode step's
+# routing cost; gatelab bench generate).
+HOST_SORT_SLOTS = 256
+
+
+def sort_slots_host(
+    experts: Tensor, num_experts: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`sort_slots` computed in Python from ``experts.tolist()``: the same six
+    tensors, for small CPU calls (it reads the ids on the host)."""
+    num_slots = experts.shape[1]
+    key = [e if 0 <= e < num_experts else num_experts for e in experts.reshape(-1).tolist()]
+    order = sorted(range(len(key)), key=key.__getitem__)  # stable, as argsort(stable=True)
+    counts = [0] * (num_experts + 1)
+    for k in key:
+        counts[k] += 1
+    ends, total = [], 0
+    for c in counts[:num_experts]:
+        total += c
+        ends.append(total)
+    sorted_key = [key[i] for i in order]
+    top = max(num_experts - 1, 0)
+
+    def tensor(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device=experts.device)
+
+    return (
+        tensor(order),
+        tensor([i // num_slots for i in order]),
+        tensor([min(k, top) for k in sorted_key], experts.dtype),
+        tensor(counts[:num_experts], experts.dtype),
+        tensor(ends, torch.int32),
+        tensor([k < num_experts for k in sorted_key], torch.bool),
+    )
+
+
 def padded_targets(routed, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """(slots, tokens) for :func:`combine` with the padding rows sent to the dropped row."""
     slots, tokens, valid = routed[0], routed[1], routed[5]
@@ -426,7 +469,11 @@ def grouped_dispatch(
 ) -> Tensor:
     """Sum over slots of weight * expert(x) for x [T, D], experts/weights [T, K]."""
     check_dispatch_inputs(x, experts, weights, bank)
-    routed = sort_slots(experts, bank.num_experts)
+    host = experts.device.type == "cpu" and experts.numel() <= HOST_SORT_SLOTS
+    if host and not torch.compiler.is_compiling():
+        routed = sort_slots_host(experts, bank.num_experts)
+    else:
+        routed = sort_slots(experts, bank.num_experts)
     slot_weights = weights.reshape(-1)[routed[0]]
     inputs = (x, slot_weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out)
     activation, shape = as_activation(bank.activate), tuple(experts.shape)
