@@ -81,40 +81,49 @@ def note_fresh_weight_grad() -> None:
     )
 
 
+def _few_rows_forms(x, ws) -> dict:
+    """The ways to multiply c rows x by each expert weight W in ws."""
+    xt = x.t().contiguous()
+    forms = {
+        "x @ W.T": lambda: [torch.mm(x, w.t()) for w in ws],
+        "W @ x.T": lambda: [torch.mm(w, x.t()) for w in ws],
+        "W @ xT (col-major x)": lambda: [torch.mm(w, xt) for w in ws],
+    }
+    if x.shape[0] == 1:
+        forms["W @ [x; x].T"] = lambda: [torch.mm(w, torch.cat([x, x]).t()) for w in ws]
+    return forms
+
+
 def note_few_rows() -> None:
     out_dim, in_dim = 2048, 512
     print(f"3. one expert's [{out_dim}, {in_dim}] weight times c rows, us per expert (GB/s read)")
     for label, copies in (("in cache", 2), ("from memory", 48)):
         ws = [torch.randn(out_dim, in_dim) for _ in range(copies)]
         for rows in (1, 2, 3, 4, 6, 8):
-            x = torch.randn(rows, in_dim)
-            xt = x.t().contiguous()
-            forms = {
-                "x @ W.T": lambda: [torch.mm(x, w.t()) for w in ws],
-                "W @ x.T": lambda: [torch.mm(w, x.t()) for w in ws],
-                "W @ xT (col-major x)": lambda: [torch.mm(w, xt) for w in ws],
-            }
             cells = []
-            for name, fn in forms.items():
+            for name, fn in _few_rows_forms(torch.randn(rows, in_dim), ws).items():
                 us = median_ms(fn) * 1e3 / copies
                 cells.append(f"{name} {us:6.0f} ({4 * out_dim * in_dim / us / 1e3:4.1f})")
             print(f"   {label:11s} c={rows}: " + "  ".join(cells))
 
 
+def _gflops(rows: int, batch: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    x, w, out = torch.randn(rows, 512), torch.randn(512, 512), torch.empty(rows, 512)
+    ms = median_ms(lambda: [torch.mm(x, w.t(), out=out) for _ in range(batch)])
+    return 2 * rows * 512 * 512 * batch / ms / 1e6
+
+
 def note_gemm_efficiency() -> None:
     print("4. [rows, 512] @ [512, 512] GEMM, GFLOP/s with 1 and 2 threads")
     threads = torch.get_num_threads()
-    w = torch.randn(512, 512)
-    for rows in (32, 64, 128, 256, 512, 1024, 2048):
-        x, out = torch.randn(rows, 512), torch.empty(rows, 512)
-        batch = max(1, 4096 // rows)  # about the same FLOPs per timed call
-        cells = []
-        for n in (1, threads):
-            torch.set_num_threads(n)
-            ms = median_ms(lambda: [torch.mm(x, w.t(), out=out) for _ in range(batch)])
-            cells.append(f"{n} thread(s) {2 * rows * 512 * 512 * batch / ms / 1e6:6.1f}")
+    try:
+        for rows in (32, 64, 128, 256, 512, 1024, 2048):
+            batch = max(1, 4096 // rows)  # about the same FLOPs per timed call
+            cells = [f"{n} thread(s) {_gflops(rows, batch, n):6.1f}" for n in (1, threads)]
+            print(f"   rows {rows:5d}: " + "  ".join(cells))
+    finally:
         torch.set_num_threads(threads)
-        print(f"   rows {rows:5d}: " + "  ".join(cells))
 
 
 SHAPES = (
@@ -145,7 +154,7 @@ def note_strategies() -> None:
                 variants = {"dense": dense_mlp(shape, "cpu", torch.float32)}
                 for name in ("phases", "split"):
 
-                    def forward(x, name=name):
+                    def forward(x, name=name, moe=moe):
                         with forced_strategy(name):
                             return moe(x)
 

@@ -172,6 +172,7 @@ def test_host_sort_equals_device_sort(tokens, num_experts, top_k, seed, dtype):
     experts = torch.randint(-3, num_experts + 3, (tokens, top_k), generator=gen).to(dtype)
     want = sort_slots(experts, num_experts)
     got = sort_slots_host(experts, num_experts)
-    for name, g, w in zip(["slots", "tokens", "experts", "counts", "offsets", "valid"], got, want):
+    names = ["slots", "tokens", "experts", "counts", "offsets", "valid"]
+    for name, g, w in zip(names, got, want, strict=True):
         assert g.dtype == w.dtype, name
         torch.testing.assert_close(g, w, atol=0, rtol=0, msg=name)
