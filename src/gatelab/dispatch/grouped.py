@@ -159,39 +159,18 @@ class GroupedExperts(torch.autograd.Function):
     def _backward(ctx, saved, grad_out):
         x, _, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out = saved[:10]
         routed = saved[10:]
-        _, tokens, experts, counts, offsets, valid = routed
-        need_x, need_scale, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
+        tokens, counts, valid = routed[1], routed[3], routed[5]
+        need_x, need_scale = ctx.needs_input_grad[:2]
         rows, ffn = tokens.shape[0], w_out.shape[2]
         scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-        gy = scratch("rows_out", (rows, x.shape[1]), w_out)
-        g_act = scratch("act", (rows, ffn), hidden)
-        g_hidden = scratch("g_hidden", hidden.shape, hidden)
-        if _strategy(x, counts) == "split":
-            grads = _split_backward(
-                ctx,
-                (x, xs, hidden, act, kept, scale, w_in, w_out, b_out),
-                routed,
-                grad_out,
-                (gy, g_act, g_hidden),
-            )
-            g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out = grads
-        else:
-            _gather(grad_out, tokens, gy)
-            g_w_out = g_b_out = g_w_in = g_b_in = g_x = None
-            if need_w_out:
-                g_w_out = grouped_weight_grad(gy, act, counts, offsets)
-            if need_b_out:
-                g_b_out = _segment_sum(gy * scale, counts)
-            g_act = grouped_linear(gy, w_out.transpose(1, 2), counts, offsets, out=g_act)
-            g_scale = ctx.activation.backward_into(hidden, scale, g_act, g_hidden, kept)
-            if b_out is not None:
-                g_scale += (gy * b_out[experts]).sum(dim=1)
-            if need_w_in:
-                g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets)
-            if need_b_in:
-                g_b_in = _segment_sum(g_hidden, counts)
-            if need_x:  # into gy's buffer: gy is no longer needed
-                g_x = grouped_linear(g_hidden, w_in.transpose(1, 2), counts, offsets, out=gy)
+        buffers = (
+            scratch("rows_out", (rows, x.shape[1]), w_out),  # gy, then d loss / d xs
+            scratch("act", (rows, ffn), hidden),
+            scratch("g_hidden", hidden.shape, hidden),
+        )
+        run = _split_backward if _strategy(x, counts) == "split" else _phases_backward
+        inputs = (x, xs, hidden, act, kept, scale, w_in, w_out, b_out)
+        g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out = run(ctx, inputs, routed, grad_out, buffers)
         if need_x:
             g_x = combine(g_x, *padded_targets(routed, ctx.shape), ctx.shape, ctx.deterministic)
             g_x = g_x.to(x.dtype)
@@ -217,7 +196,7 @@ def _strategy(x: Tensor, counts: Tensor) -> str:
 
 def _forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed):
     """The experts' weighted outputs [N, D] in sorted-row order, and what backward needs."""
-    slots, tokens, experts, counts, offsets, valid = routed
+    tokens, counts = routed[1], routed[3]
     rows, ffn = tokens.shape[0], w_out.shape[2]
     need_w_in, need_w_out = ctx.needs_input_grad[2:4]
     training = any(ctx.needs_input_grad)
@@ -236,26 +215,37 @@ def _forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed)
     act = buffer("act", (rows, ffn), need_w_out)
     y = scratch("rows_out", xs.shape, w_in)
     scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-    if _strategy(x, counts) == "split":
-        work = (x.to(w_in.dtype), w_in, w_out, b_in, b_out, activation, tokens, scale)
-        _split_forward(work, (xs, hidden, act, kept, y), counts.tolist())
-    else:
-        _gather(x, tokens, xs)
-        hidden = grouped_linear(xs, w_in, counts, offsets, out=hidden)
-        if b_in is not None:
-            hidden += b_in[experts]
-        act = activation.forward_into(hidden, scale, act, kept)
-        y = grouped_linear(act, w_out, counts, offsets, out=y)
-        if b_out is not None:
-            y.addcmul_(scale, b_out[experts])
+    run = _split_forward if _strategy(x, counts) == "split" else _phases_forward
+    hidden, act, y = run(
+        (x, w_in, w_out, b_in, b_out, activation, scale), routed, (xs, hidden, act, kept, y)
+    )
     saved = (x, b_in, xs, hidden, act, kept, slot_weights, w_in, w_out, b_out, *routed)
     return y, saved
 
 
-def _split_forward(work, buffers, counts: list[int]) -> None:
-    """Each expert's whole forward on one single-threaded worker, into ``buffers``."""
-    x, w_in, w_out, b_in, b_out, activation, tokens, scale = work
+def _phases_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward phase by phase over all experts; returns (hidden, act, y), which are
+    the buffers given except where torch's grouped GEMM (CUDA) returns new tensors."""
+    x, w_in, w_out, b_in, b_out, activation, scale = inputs
+    _, tokens, experts, counts, offsets, _ = routed
     xs, hidden, act, kept, y = buffers
+    _gather(x, tokens, xs)
+    hidden = grouped_linear(xs, w_in, counts, offsets, out=hidden)
+    if b_in is not None:
+        hidden += b_in[experts]
+    act = activation.forward_into(hidden, scale, act, kept)
+    y = grouped_linear(act, w_out, counts, offsets, out=y)
+    if b_out is not None:
+        y.addcmul_(scale, b_out[experts])
+    return hidden, act, y
+
+
+def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
+    """Each expert's whole forward on one single-threaded worker, into ``buffers``."""
+    x, w_in, w_out, b_in, b_out, activation, scale = inputs
+    tokens, counts = routed[1], routed[3]
+    xs, hidden, act, kept, y = buffers
+    x = x.to(w_in.dtype)
 
     def expert(e: int, start: int, count: int) -> None:
         r = slice(start, start + count)
@@ -270,7 +260,36 @@ def _split_forward(work, buffers, counts: list[int]) -> None:
         if b_out is not None:
             y[r].addcmul_(scale[r], b_out[e])
 
-    run_split(expert, counts)
+    run_split(expert, counts.tolist())
+    return hidden, act, y
+
+
+def _phases_backward(ctx, saved, routed, grad_out, buffers):
+    """Backward phase by phase over all experts (multi-threaded ops, grouped GEMMs).
+
+    Returns what :func:`_split_backward` returns.
+    """
+    x, xs, hidden, act, kept, scale, w_in, w_out, b_out = saved
+    _, tokens, experts, counts, offsets, _ = routed
+    gy, g_act, g_hidden = buffers
+    need_x, _, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
+    _gather(grad_out, tokens, gy)
+    g_w_out = g_b_out = g_w_in = g_b_in = g_xs = None
+    if need_w_out:
+        g_w_out = grouped_weight_grad(gy, act, counts, offsets)
+    if need_b_out:
+        g_b_out = _segment_sum(gy * scale, counts)
+    g_act = grouped_linear(gy, w_out.transpose(1, 2), counts, offsets, out=g_act)
+    g_scale = ctx.activation.backward_into(hidden, scale, g_act, g_hidden, kept)
+    if b_out is not None:
+        g_scale += (gy * b_out[experts]).sum(dim=1)
+    if need_w_in:
+        g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets)
+    if need_b_in:
+        g_b_in = _segment_sum(g_hidden, counts)
+    if need_x:  # into gy's buffer: gy is no longer needed
+        g_xs = grouped_linear(g_hidden, w_in.transpose(1, 2), counts, offsets, out=gy)
+    return g_xs, g_scale, g_w_in, g_w_out, g_b_in, g_b_out
 
 
 def _split_backward(ctx, saved, routed, grad_out, buffers):
