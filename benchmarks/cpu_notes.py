@@ -127,9 +127,11 @@ def note_gemm_efficiency() -> None:
 
 
 SHAPES = (
+    "4096,256,128,16,1",
     "2048,512,64,128,8",
     "512,512,256,64,8",
     "2048,768,384,32,4",
+    "4096,512,256,64,8",
     "4096,512,1024,8,2",
     "1024,1024,4096,8,2",
 )
@@ -165,7 +167,7 @@ def note_strategies() -> None:
                 ratios = {n: dense / result[n]["fwd_bwd_min_s"] for n in ("phases", "split")}
                 with torch.no_grad():
                     counts = moe.router(x).experts.flatten().bincount(minlength=shape.num_experts)
-                chosen = cpu_strategy(counts.tolist())
+                chosen = cpu_strategy(counts.tolist(), shape.dim, shape.hidden_dim)
                 print(
                     f"   {'busy' if contended else 'idle'} {spec:18s} phases {ratios['phases']:.2f}"
                     f"  split {ratios['split']:.2f}  (auto picks {chosen})"

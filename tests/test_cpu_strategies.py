@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from gatelab.dispatch import grouped_dispatch, loop_dispatch
 from gatelab.dispatch.cpu_threads import (
+    SPLIT_MIN_WORK_PER_EXPERT,
     cpu_strategy,
     forced_strategy,
     run_split,
@@ -76,7 +77,7 @@ def test_few_rows_per_expert(strategy, rows):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_float32_larger_shape(strategy):
-    """A shape that the automatic rule gives to split, in float32."""
+    """A larger shape in float32, each strategy forced."""
     case = DispatchCase(300, 24, 16, 12, 3, bias=True, empty_rate=0.1, seed=11)
     assert_matches_loop(case, strategy, torch.float32, tol=2e-5)
 
@@ -137,15 +138,19 @@ def test_run_split_reraises_a_workers_error():
         run_split(fail, [1, 1, 1], workers=2)
 
 
-def test_rule_depends_on_threads_experts_and_balance():
-    small = [128] * 64  # many small experts
-    assert cpu_strategy(small, threads=2) == "split"
-    assert cpu_strategy(small, threads=1) == "phases"  # nothing to split between
-    assert cpu_strategy([128, 128, 128], threads=2) == "phases"  # too few experts
-    assert cpu_strategy([1024] * 8, threads=2) == "split"  # large but balanced
-    assert cpu_strategy([1000, 100, 100, 100, 100], threads=2) == "phases"  # one hot expert
-    assert cpu_strategy([0] * 60 + [20] * 4, threads=2) == "split"  # idle experts don't count
-    assert cpu_strategy([1] * 64, threads=2) == "phases"  # decode: a row or two per expert
+def test_rule_depends_on_threads_experts_work_and_balance():
+    work = SPLIT_MIN_WORK_PER_EXPERT
+    dim, hidden = 512, 256  # the "fine" experts: 256 rows per expert reach the threshold
+    rows = work // (dim * hidden)
+    assert cpu_strategy([rows] * 64, dim, hidden, threads=2) == "split"
+    assert cpu_strategy([rows] * 64, dim, hidden, threads=1) == "phases"  # nothing to split
+    assert cpu_strategy([rows] * 3, dim, hidden, threads=2) == "phases"  # too few experts
+    assert cpu_strategy([rows - 1] * 64, dim, hidden, threads=2) == "phases"  # too little work
+    assert cpu_strategy([1] * 64, dim, hidden, threads=2) == "phases"  # decode
+    hot = [10 * rows, rows, rows, rows, rows]
+    assert cpu_strategy(hot, dim, hidden, threads=2) == "phases"  # one hot expert
+    idle = [0] * 60 + [rows] * 4
+    assert cpu_strategy(idle, dim, hidden, threads=2) == "split"  # idle experts don't count
 
 
 def test_forced_strategy_is_validated_and_restored():
@@ -153,8 +158,8 @@ def test_forced_strategy_is_validated_and_restored():
         with forced_strategy("fast"):
             pass
     with forced_strategy("split"):
-        assert cpu_strategy([1]) == "split"
-    assert cpu_strategy([1]) == "phases"
+        assert cpu_strategy([1], 4, 4) == "split"
+    assert cpu_strategy([1], 4, 4) == "phases"
 
 
 @settings(max_examples=60, deadline=None)

@@ -34,11 +34,16 @@ STRATEGIES = ("phases", "split")
 # "split" needs enough experts to keep every worker busy while the last ones finish: with
 # fewer than this many active experts per worker the join waits on one worker's last expert.
 SPLIT_MIN_EXPERTS_PER_WORKER = 2
-# Below this many rows per active expert (decode, prefill of a short prompt) each expert is
-# a GEMV-like read of its weights, which two-thread MKL does as well, and handing the
-# experts to the workers and back (two thread wake-ups per call) costs more than it saves:
-# at one token per call it made greedy generate() 25% slower (gatelab bench generate).
-SPLIT_MIN_ROWS_PER_EXPERT = 16
+# Split only experts with at least this much work (multiply-adds rows * D * F on average
+# per active expert, ~0.7 ms of single-threaded GEMM per projection). Below it the hand-off
+# costs more than the barriers it saves: it wakes two threads while the caller's OpenMP
+# team still spins after its last parallel op (libgomp busy-waits for milliseconds after
+# a parallel region), so one worker loses its core for a scheduler slice: 4-7 ms stalls
+# in a 10 ms call of 16 experts of 256 x 256 x 128 (shape 4096,256,128,16,1: phases 6.8
+# ms, split 10.3 ms idle), and at one token per call (decode) greedy generate() ran 25%
+# slower. From 32M multiply-adds per expert (note 5's shapes from 4096,512,256,64,8 up)
+# split is as fast as phases idle and faster beside a busy process.
+SPLIT_MIN_WORK_PER_EXPERT = 32 * 2**20
 
 _forced = threading.local()
 
@@ -59,18 +64,22 @@ def forced_strategy(name: str | None) -> Iterator[None]:
         _forced.name = previous
 
 
-def cpu_strategy(counts: Sequence[int], threads: int | None = None) -> str:
-    """ "split" or "phases" for experts holding ``counts`` rows, from the shape alone.
+def cpu_strategy(
+    counts: Sequence[int], dim: int, hidden_dim: int, threads: int | None = None
+) -> str:
+    """Return "split" or "phases" for experts of width ``dim`` -> ``hidden_dim`` holding
+    ``counts`` rows, from the shape alone.
 
     ``threads`` defaults to torch's intra-op thread count. Split needs at least two
-    threads, at least ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread, at least
-    ``SPLIT_MIN_ROWS_PER_EXPERT`` rows per active expert on average, and no
+    threads, at least ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread,
+    ``SPLIT_MIN_WORK_PER_EXPERT`` multiply-adds per active expert on average, and no
     expert holding more than one thread's share of the rows (a hot expert would run on
     one thread while the others wait; phase-wise, its GEMMs use every thread).
 
-    Measured on 2 cores (``benchmarks/cpu_notes.py`` note 5): idle, the two strategies
-    are within 3% of each other from 1 to 1024 rows per expert; with one busy process,
-    split is 10-55% faster on every shape, so it is the default wherever it can balance.
+    Measured on 2 cores (``benchmarks/cpu_notes.py`` note 5): above the work threshold
+    the two strategies are within a few percent of each other idle, and split is faster
+    beside a busy process (one join per pass instead of a barrier per op); below it
+    phases wins idle.
     """
     forced = getattr(_forced, "name", None)
     if forced is not None:
@@ -80,7 +89,7 @@ def cpu_strategy(counts: Sequence[int], threads: int | None = None) -> str:
     rows = sum(counts)
     if threads < 2 or active < SPLIT_MIN_EXPERTS_PER_WORKER * threads:
         return "phases"
-    if rows < SPLIT_MIN_ROWS_PER_EXPERT * active:
+    if rows * dim * hidden_dim < SPLIT_MIN_WORK_PER_EXPERT * active:
         return "phases"
     return "split" if max(counts) * threads <= rows else "phases"
 

@@ -168,7 +168,7 @@ class GroupedExperts(torch.autograd.Function):
             scratch("act", (rows, ffn), hidden),
             scratch("g_hidden", hidden.shape, hidden),
         )
-        run = _split_backward if _strategy(x, counts) == "split" else _phases_backward
+        run = _split_backward if _strategy(x, counts, w_out) == "split" else _phases_backward
         inputs = (x, xs, hidden, act, kept, scale, w_in, w_out, b_out)
         g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out = run(ctx, inputs, routed, grad_out, buffers)
         if need_x:
@@ -188,10 +188,10 @@ class _NoGrad:
         self.leases = []
 
 
-def _strategy(x: Tensor, counts: Tensor) -> str:
+def _strategy(x: Tensor, counts: Tensor, w_out: Tensor) -> str:
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return "phases"
-    return cpu_strategy(counts.tolist())
+    return cpu_strategy(counts.tolist(), w_out.shape[1], w_out.shape[2])
 
 
 def _forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed):
@@ -215,7 +215,7 @@ def _forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed)
     act = buffer("act", (rows, ffn), need_w_out)
     y = scratch("rows_out", xs.shape, w_in)
     scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-    run = _split_forward if _strategy(x, counts) == "split" else _phases_forward
+    run = _split_forward if _strategy(x, counts, w_out) == "split" else _phases_forward
     hidden, act, y = run(
         (x, w_in, w_out, b_in, b_out, activation, scale), routed, (xs, hidden, act, kept, y)
     )
