@@ -17,6 +17,8 @@ starts its own busy process for the contended half.
    threads on one GEMM stop paying: ``cpu_threads.SPLIT_MAX_ROWS_PER_EXPERT``).
 5. The two strategies (``cpu_threads``) on MoE layers, fwd+bwd ratio to the equal-FLOP
    dense MLP, idle and with one busy process: the effect behind ``cpu_strategy``.
+6. The forward GEMMs alone, the experts' (T*k/E rows each) against the dense MLP's: the
+   ratio no dispatcher built on these GEMMs can pass on each shape of the sweep.
 """
 
 from __future__ import annotations
@@ -178,12 +180,64 @@ def note_strategies() -> None:
                 busy.wait()
 
 
+GEMM_SHAPES = (
+    "4096,512,1024,8,2",
+    "4096,512,256,64,8",
+    "2048,512,64,128,8",
+    "2048,768,384,32,4",
+    "1024,1024,4096,8,2",
+    "512,512,256,64,8",
+    "4096,256,128,16,1",
+)
+
+
+def _expert_gemms(rows: int, dim: int, hidden: int, experts: int):
+    """The forward GEMMs of ``experts`` experts of ``rows`` rows each, into reused outputs."""
+    x, w_in = torch.randn(experts, rows, dim), torch.randn(experts, 2 * hidden, dim)
+    act, w_out = torch.randn(experts, rows, hidden), torch.randn(experts, dim, hidden)
+    h, y = torch.empty(experts, rows, 2 * hidden), torch.empty(experts, rows, dim)
+
+    def run():
+        for e in range(experts):
+            torch.mm(x[e], w_in[e].t(), out=h[e])
+            torch.mm(act[e], w_out[e].t(), out=y[e])
+
+    return run
+
+
+def _alternating_min_ms(a, b, rounds: int = 9) -> tuple[float, float]:
+    """Fastest of ``rounds`` calls of each, a and b alternating (load falls on both)."""
+    a(), b()
+    times = ([], [])
+    for _ in range(rounds):
+        for fn, out in zip((a, b), times, strict=True):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return min(times[0]) * 1e3, min(times[1]) * 1e3
+
+
+def note_gemm_ceiling() -> None:
+    print("6. forward GEMMs alone (fastest of 9, alternating): E experts of T*k/E rows each")
+    for spec in GEMM_SHAPES:
+        t, d, f, e, k = (int(v) for v in spec.split(","))
+        rows = max(1, t * k // e)
+        experts, dense = _alternating_min_ms(
+            _expert_gemms(rows, d, f, e), _expert_gemms(t, d, k * f, 1)
+        )
+        print(
+            f"   {spec:18s} experts {experts:7.2f} ms  dense {dense:7.2f} ms  "
+            f"ceiling of the ratio {dense / experts:.2f}"
+        )
+
+
 NOTES = {
     1: note_fresh_output,
     2: note_fresh_weight_grad,
     3: note_few_rows,
     4: note_gemm_efficiency,
     5: note_strategies,
+    6: note_gemm_ceiling,
 }
 
 
