@@ -200,21 +200,27 @@ def measure(
     """Median forward (no grad) and forward+backward (fixed grad_output) time per variant.
 
     Variants are timed round-robin: each of the ``repeats`` rounds times every variant
-    once in each mode (the first round warms each one up just before its first timed
-    call). Load from other processes on a shared machine then lands on all variants alike
-    instead of on whichever one was running, so the ratios stay fair; and no variant
-    finds its weights left in cache by its own previous call.
+    once (the first round warms each one up just before its first timed call), all the
+    forward rounds first, then all the forward+backward rounds. Load from other processes
+    on a shared machine then lands on all variants alike instead of on whichever one was
+    running, so the ratios stay fair; no variant finds its weights left in cache by its
+    own previous call; and no forward is timed right after a backward that wrote and
+    freed [E, ...] weight gradients (384 MB at 1,1024,256,128,8, where the dense forward
+    timed that way took 1.9, 3.4 and 5.2 ms in three runs).
     """
     calls = {name: _timed_calls(variant, x, grad_out) for name, variant in variants.items()}
     times: dict[str, dict[str, list[float]]] = {name: {"fwd": [], "fwd_bwd": []} for name in calls}
-    for round_ in range(repeats):
-        first = warmup if round_ == 0 else 0
-        for name, (forward, forward_backward, clear_grads) in calls.items():
-            times[name]["fwd"] += timeit(forward, first, 1, sync=sync)
-            times[name]["fwd_bwd"] += timeit(
-                forward_backward, first, 1, setup=clear_grads, sync=sync
-            )
-            clear_grads()
+    for mode in ("fwd", "fwd_bwd"):
+        for round_ in range(repeats):
+            first = warmup if round_ == 0 else 0
+            for name, (forward, forward_backward, clear_grads) in calls.items():
+                if mode == "fwd":
+                    times[name]["fwd"] += timeit(forward, first, 1, sync=sync)
+                    continue
+                times[name]["fwd_bwd"] += timeit(
+                    forward_backward, first, 1, setup=clear_grads, sync=sync
+                )
+                clear_grads()
     return {
         name: {
             "fwd_s": median(t["fwd"]),

@@ -9,7 +9,7 @@ barrier waits for a descheduled thread (a scheduler time slice, milliseconds).
 "split" runs the experts instead on a pool of workers, one per intra-op thread, each
 doing the whole forward (or backward) of one expert after another with single-threaded
 ops. Workers take the next expert from a shared queue, largest first, so a worker that
-is descheduled simply takes fewer experts: one join per phase instead of one barrier per
+is descheduled simply takes fewer experts: one join per pass instead of one barrier per
 op. Each expert's rows and weights are disjoint slices, so the result does not depend
 on which worker ran which expert (the same bits as the phase-wise path when MKL's
 single-threaded GEMM gives the bits of its multi-threaded one, and the same bits run to run).
