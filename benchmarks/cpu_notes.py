@@ -5,7 +5,8 @@
 
 Everything compared is timed side by side in one process (median of 7 after 3 warm-up
 calls; note 5 alternates its variants round-robin). Run it on an idle machine; note 5
-starts its own busy process for the contended half.
+starts its own busy process for the contended half (``busy_processes``, as
+``gatelab bench moe --contended`` does); notes 5 and 6 run issue 17's training shapes.
 
 1. Fresh vs reused output: a 64-expert GEMM set into a new 64 MB tensor (torch's
    grouped_mm) vs into a reused buffer; why ``workspace.py`` pools buffers.
@@ -24,8 +25,6 @@ starts its own busy process for the contended half.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 
 import torch
@@ -128,31 +127,17 @@ def note_gemm_efficiency() -> None:
         torch.set_num_threads(threads)
 
 
-SHAPES = (
-    "4096,256,128,16,1",
-    "2048,512,64,128,8",
-    "512,512,256,64,8",
-    "2048,768,384,32,4",
-    "4096,512,256,64,8",
-    "4096,512,1024,8,2",
-    "1024,1024,4096,8,2",
-)
-
-
 def note_strategies() -> None:
+    from gatelab.bench.common import busy_processes
     from gatelab.bench.moe import measure
-    from gatelab.bench.shapes import parse_shape
+    from gatelab.bench.shapes import SWEEP_TRAINING
     from gatelab.bench.variants import Variant, build_gatelab_moe, dense_mlp
     from gatelab.dispatch.cpu_threads import cpu_strategy, forced_strategy
 
     print("5. fwd+bwd ratio dense / MoE (min of 5 round-robin), phases vs split")
     for contended in (False, True):
-        busy = None
-        if contended:
-            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        try:
-            for spec in SHAPES:
-                shape = parse_shape(spec)
+        with busy_processes(int(contended)):
+            for shape in SWEEP_TRAINING:
                 torch.manual_seed(0)
                 moe = build_gatelab_moe(shape, "cpu", torch.float32)
                 variants = {"dense": dense_mlp(shape, "cpu", torch.float32)}
@@ -171,24 +156,10 @@ def note_strategies() -> None:
                     counts = moe.router(x).experts.flatten().bincount(minlength=shape.num_experts)
                 chosen = cpu_strategy(counts.tolist(), shape.dim, shape.hidden_dim)
                 print(
-                    f"   {'busy' if contended else 'idle'} {spec:18s} phases {ratios['phases']:.2f}"
-                    f"  split {ratios['split']:.2f}  (auto picks {chosen})"
+                    f"   {'busy' if contended else 'idle'} {shape.spec:18s} "
+                    f"phases {ratios['phases']:.2f}  split {ratios['split']:.2f}  "
+                    f"(auto picks {chosen})"
                 )
-        finally:
-            if busy is not None:
-                busy.kill()
-                busy.wait()
-
-
-GEMM_SHAPES = (
-    "4096,512,1024,8,2",
-    "4096,512,256,64,8",
-    "2048,512,64,128,8",
-    "2048,768,384,32,4",
-    "1024,1024,4096,8,2",
-    "512,512,256,64,8",
-    "4096,256,128,16,1",
-)
 
 
 def _expert_gemms(rows: int, dim: int, hidden: int, experts: int):
@@ -219,14 +190,16 @@ def _alternating_min_ms(a, b, rounds: int = 9) -> tuple[float, float]:
 
 def note_gemm_ceiling() -> None:
     print("6. forward GEMMs alone (fastest of 9, alternating): E experts of T*k/E rows each")
-    for spec in GEMM_SHAPES:
-        t, d, f, e, k = (int(v) for v in spec.split(","))
+    from gatelab.bench.shapes import SWEEP_TRAINING
+
+    for shape in SWEEP_TRAINING:
+        t, d, f, e, k = shape.tokens, shape.dim, shape.hidden_dim, shape.num_experts, shape.top_k
         rows = max(1, t * k // e)
         experts, dense = _alternating_min_ms(
             _expert_gemms(rows, d, f, e), _expert_gemms(t, d, k * f, 1)
         )
         print(
-            f"   {spec:18s} experts {experts:7.2f} ms  dense {dense:7.2f} ms  "
+            f"   {shape.spec:18s} experts {experts:7.2f} ms  dense {dense:7.2f} ms  "
             f"ceiling of the ratio {dense / experts:.2f}"
         )
 
