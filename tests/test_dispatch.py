@@ -18,6 +18,7 @@ from gatelab.dispatch import (
 )
 from gatelab.dispatch.grouped import grouped_linear, grouped_weight_grad
 from gatelab.routing import EMPTY
+from gatelab.routing.routing import HOST_CHECK_SLOTS
 
 
 def run_both(case: DispatchCase, dtype):
@@ -193,11 +194,14 @@ SAFE_DISPATCHERS = ["loop", "grouped"]
 
 @pytest.mark.parametrize("name", SAFE_DISPATCHERS)
 @pytest.mark.parametrize("bad", [4, 7, -2, 1 << 40])
-def test_out_of_range_expert_ids_raise(name, bad):
-    x, experts, weights, bank = DispatchCase(6, 4, 8, 4, 2, seed=3).build(torch.float64)
+@pytest.mark.parametrize("tokens", [6, HOST_CHECK_SLOTS])  # ids read as a list; as a tensor
+def test_out_of_range_expert_ids_raise(name, bad, tokens):
+    x, experts, weights, bank = DispatchCase(tokens, 4, 8, 4, 2, seed=3).build(torch.float64)
     experts = experts.clone()
     experts[2, 1] = bad
-    with pytest.raises(ValueError, match=r"valid ids are 0\.\.3 and -1") as info:
+    low, high = int(experts.min()), int(experts.max())
+    message = rf"valid ids are 0\.\.3 and -1 for an empty slot; got ids from {low} to {high}"
+    with pytest.raises(ValueError, match=message) as info:
         get_dispatcher(name)(x, experts, weights, bank)
     assert "\n" not in str(info.value)
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_routing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gatelab.routing import EMPTY, Routing
+from gatelab.routing import routing as routing_module
 
 
 def parts(t=3, e=4, k=2):
@@ -93,6 +96,50 @@ def test_no_duplicate_expert_in_a_row():
 def test_several_empty_slots_are_not_duplicates():
     r = make_routing([[EMPTY, 1, EMPTY], [EMPTY, EMPTY, EMPTY]], num_experts=2)
     assert r.valid.tolist() == [[False, True, False], [False, False, False]]
+
+
+def _value_error(fields: dict, host_slots: int, monkeypatch) -> str | None:
+    """The ValueError message of Routing(**fields) with value checks on the host for
+    routings of at most ``host_slots`` slots (0: the tensor path), or None."""
+    monkeypatch.setattr(routing_module, "HOST_CHECK_SLOTS", host_slots)
+    try:
+        Routing(**fields)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tokens=st.integers(1, 5),
+    num_experts=st.integers(1, 5),
+    data=st.data(),
+)
+def test_host_value_checks_match_the_tensor_checks(tokens, num_experts, data):
+    """Small CPU routings are checked from Python lists (decode steps); the verdict and
+    message are the tensor path's on every routing, valid or not."""
+    slots = data.draw(st.integers(1, num_experts + 1))
+    ids = data.draw(
+        st.lists(st.integers(-3, num_experts + 1), min_size=tokens * slots, max_size=tokens * slots)
+    )
+    values = data.draw(
+        st.lists(
+            st.sampled_from([0.0, -0.0, 0.5, float("nan")]),
+            min_size=tokens * slots,
+            max_size=tokens * slots,
+        )
+    )
+    logits = torch.zeros(tokens, num_experts)
+    fields = {
+        "logits": logits,
+        "scores": logits,
+        "experts": torch.tensor(ids).view(tokens, slots),
+        "weights": torch.tensor(values).view(tokens, slots),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        host = _value_error(fields, routing_module.HOST_CHECK_SLOTS, mp)
+        tensor = _value_error(fields, 0, mp)
+    assert host == tensor
 
 
 def test_check_false_skips_value_checks_only():

@@ -3,8 +3,8 @@
 Shapes and dtypes are checked always: they are Python metadata and cost nothing. Expert
 ids are checked against ``EMPTY .. num_experts - 1`` as ``Routing`` checks them:
 
-- on CPU with a min/max reduction read on the host (no stream to stall), raising a
-  one-line ``ValueError``;
+- on CPU with a min/max reduction read on the host (no stream to stall; for a few
+  slots, from a Python list), raising a one-line ``ValueError``;
 - on accelerators with ``torch._assert_async``, a device-side assertion: a forward never
   waits for the device, and a bad id stops the stream with the message instead of reading
   rows no expert wrote (the error surfaces at the next synchronisation, as a RuntimeError);
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..experts.bank import ExpertWeights
 from ..routing import EMPTY
+from ..routing.routing import HOST_CHECK_SLOTS
 
 
 def _shape(t) -> str:
@@ -94,9 +95,13 @@ def _check_ids(experts: Tensor, num_experts: int) -> None:
         f"0..{num_experts - 1} and {EMPTY} for an empty slot"
     )
     if experts.device.type == "cpu":
-        low, high = torch.aminmax(experts)
-        if int(low) < EMPTY or int(high) >= num_experts:
-            raise ValueError(f"{message}; got ids from {int(low)} to {int(high)}")
+        if experts.numel() <= HOST_CHECK_SLOTS:  # a list's min and max cost less than aminmax
+            ids = experts.reshape(-1).tolist()
+            low, high = min(ids), max(ids)
+        else:
+            low, high = (int(v) for v in torch.aminmax(experts))
+        if low < EMPTY or high >= num_experts:
+            raise ValueError(f"{message}; got ids from {low} to {high}")
         return
     ok = ((experts >= EMPTY) & (experts < num_experts)).all()
     torch._assert_async(ok, message)

@@ -17,6 +17,8 @@ backward touch each [slots, width] tensor as few times as possible:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,9 +57,13 @@ def grouped_linear(
     if _use_kernel(x, w_t) if kernel is None else kernel:
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
+    host_counts = counts.tolist()
+    one_row = _one_row_products(x, w, out) if 1 in host_counts else None
     start = 0
-    for e, count in enumerate(counts.tolist()):
-        if count:
+    for e, count in enumerate(host_counts):
+        if count == 1 and one_row is not None:  # decode: most experts get one row
+            one_row(e, start)
+        elif count:
             rows = slice(start, start + count)
             _rows_linear(x[rows], w[e], out[rows])
         start += count
@@ -66,22 +72,62 @@ def grouped_linear(
 
 # How MKL reads one expert's row-major weight W [out, in] for c rows x (benchmarks/
 # cpu_notes.py, note 3, 2 cores): with 2 to 4 rows, W @ x.T streams W from memory at up to
-# 2.5x the speed of x @ W.T; from 6 rows the two are equal or x @ W.T wins. One row is a
-# GEMV, which streams W at 10-15 GB/s against 20-27 GB/s for W @ [x; x].T, so a single
-# row is duplicated (the GEMV is faster only while W sits in cache, which a decode step
-# through a multi-layer model never finds). W @ x.T must see x as a transposed row-major
-# matrix: a column-major x (x.T made contiguous, or an expanded row) runs 3-5x slower.
+# 2.5x the speed of x @ W.T; from 6 rows the two are equal or x @ W.T wins. W @ x.T must
+# see x as a transposed row-major matrix: a column-major x (x.T made contiguous, or an
+# expanded row) runs 3-5x slower. One row is a matrix-vector product, and MKL's GEMV runs
+# on one thread at 12-14 GB/s from memory; cut into row blocks of W and run as one bmm,
+# the blocks run on every thread: 2-3x faster from memory (a decode step through a
+# multi-layer model) and as fast as the GEMV in cache.
 _FEW_ROWS = (1, 4)
 
 
 def _rows_linear(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
     """out [c, out] = x [c, in] @ w.T for one expert's w [out, in]."""
     rows = x.shape[0]
+    one_row = _one_row_products(x, w.unsqueeze(0), out) if rows == 1 else None
+    if one_row is not None:
+        one_row(0, 0)
+        return out
     if _FEW_ROWS[0] <= rows <= _FEW_ROWS[1] and w.stride(1) == 1:
-        if rows == 1:
+        if rows == 1:  # W's rows do not divide into blocks: a GEMM on a duplicated row
             return out.copy_(torch.mm(w, torch.cat([x, x]).t())[:, :1].t())
         return out.copy_(torch.mm(w, x.t()).t())
     return torch.mm(x, w.t(), out=out)
+
+
+def _one_row_products(x: Tensor, w: Tensor, out: Tensor) -> Callable[[int, int], None] | None:
+    """``product(e, r)``: out[r] = x[r] @ w[e].T for w [E, out, in], as one bmm over row
+    blocks of w[e] (see ``_FEW_ROWS``); None where the layout cannot be viewed so.
+
+    The views are made once per call, so each product is three small ops and the bmm (a
+    decode step runs up to k of them per projection and layer).
+    """
+    blocks = _row_blocks(w.shape[1])
+    if not blocks or not (w.is_contiguous() and out.is_contiguous() and x.stride(1) == 1):
+        return None
+    in_dim = w.shape[2]
+    w_blocks = w.view(w.shape[0], blocks, -1, in_dim)  # [E, blocks, out / blocks, in]
+    out_blocks = out.view(out.shape[0], blocks, -1, 1)  # [N, blocks, out / blocks, 1]
+    # Row r as [blocks, in, 1] (the same row for every block) with the strides of a
+    # transposed row-major matrix: with a unit stride on the last dim bmm copies it, 10x slower.
+    col_shape, col_strides = (blocks, in_dim, 1), (0, 1, in_dim)
+
+    def product(e: int, r: int) -> None:
+        col = x.as_strided(col_shape, col_strides, x.storage_offset() + r * x.stride(0))
+        torch.bmm(w_blocks[e], col, out=out_blocks[r])
+
+    return product
+
+
+def _row_blocks(out_dim: int) -> int:
+    """How many row blocks a one-row product splits W into: 4 per intra-op thread (note 3:
+    2 to 16 blocks on 2 threads are within noise of each other; more than one per thread
+    evens out a descheduled thread), fewer if that does not divide ``out_dim``; 0 for none."""
+    threads = torch.get_num_threads()
+    for blocks in (4 * threads, 2 * threads, threads):
+        if blocks > 1 and out_dim % blocks == 0:
+            return blocks
+    return 0
 
 
 def grouped_weight_grad(
@@ -449,17 +495,20 @@ def sort_slots_host(
         ends.append(total)
     sorted_key = [key[i] for i in order]
     top = max(num_experts - 1, 0)
-
-    def tensor(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype, device=experts.device)
-
+    device = experts.device
+    # The four int64 results in one tensor (a torch.tensor call costs ~3 us, a view ~1 us).
+    slots, tokens, expert_ids, counts = torch.tensor(
+        order + [i // num_slots for i in order] + [min(k, top) for k in sorted_key] + counts,
+        dtype=torch.int64,
+        device=device,
+    ).split([len(order)] * 3 + [num_experts + 1])
     return (
-        tensor(order),
-        tensor([i // num_slots for i in order]),
-        tensor([min(k, top) for k in sorted_key], experts.dtype),
-        tensor(counts[:num_experts], experts.dtype),
-        tensor(ends, torch.int32),
-        tensor([k < num_experts for k in sorted_key], torch.bool),
+        slots,
+        tokens,
+        expert_ids.to(experts.dtype),
+        counts[:num_experts].to(experts.dtype),
+        torch.tensor(ends, dtype=torch.int32, device=device),
+        torch.tensor([k < num_experts for k in sorted_key], dtype=torch.bool, device=device),
     )
 
 

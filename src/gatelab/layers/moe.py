@@ -176,7 +176,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.dim)
         positions = None
-        if x.dim() >= 2:
+        if x.dim() >= 2 and getattr(self.router, "uses_positions", True):
             positions = torch.arange(shape[-2], device=x.device).repeat(
                 flat.shape[0] // max(shape[-2], 1)
             )

@@ -41,7 +41,12 @@ class Router(nn.Module):
     ``route_restricted(logits, allowed)`` is the rule with the experts outside ``allowed``
     [E] bool out of reach: the seam model edits use (``gatelab.edit.restrict_experts``), so
     an edit never reassigns anything on the module.
+
+    ``uses_positions``: whether ``forward`` reads ``positions``; the MoE layer builds the
+    [T] positions only for a router that does (a module without the attribute gets them).
     """
+
+    uses_positions = False
 
     def __init__(
         self,
@@ -340,6 +345,8 @@ class HashRouter(Router):
     no vocabulary size. With k > 1 the experts are h, h+1, ..., h+k-1 (mod E), each with
     weight 1/k. There is nothing to learn: logits are zeros and scores uniform.
     """
+
+    uses_positions = True
 
     def __init__(
         self,
