@@ -12,7 +12,8 @@ starts its own busy process for the contended half (``busy_processes``, as
    grouped_mm) vs into a reused buffer; why ``workspace.py`` pools buffers.
 2. The same for a weight gradient [64, 512, 512].
 3. Few rows (``grouped._FEW_ROWS``): x @ W.T, W @ x.T and W @ (x.T contiguous) for 1-8
-   rows of one expert, weights in cache and streamed from memory.
+   rows of one expert, weights in cache and streamed from memory; for one row also the
+   GEMV, a duplicated row and the bmm over row blocks of W that ``_one_row_products`` runs.
 4. GEMM efficiency against rows per expert, one thread and two: GFLOP/s of
    [rows, 512] @ [512, 512] (why small experts cost more than their FLOPs, and where two
    threads on one GEMM stop paying: ``cpu_threads.SPLIT_MAX_ROWS_PER_EXPERT``).
@@ -92,6 +93,12 @@ def _few_rows_forms(x, ws) -> dict:
     }
     if x.shape[0] == 1:
         forms["W @ [x; x].T"] = lambda: [torch.mm(w, torch.cat([x, x]).t()) for w in ws]
+        forms["GEMV W @ x"] = lambda: [torch.mv(w, x[0]) for w in ws]
+        blocks = 4 * torch.get_num_threads()  # grouped._row_blocks
+        col = x.t().expand(blocks, -1, 1)  # strides (0, 1, in): bmm's transposed layout
+        forms["bmm of W's row blocks"] = lambda: [
+            torch.bmm(w.view(blocks, -1, w.shape[1]), col) for w in ws
+        ]
     return forms
 
 

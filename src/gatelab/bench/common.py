@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -50,15 +51,19 @@ def timeit(
     repeats: int,
     setup: Callable[[], object] | None = None,
     sync: Callable[[], None] | None = None,
+    number: int = 1,
 ) -> list[float]:
-    """Seconds taken by each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls.
+    """Seconds per call of ``fn`` in each of ``repeats`` samples of ``number`` back-to-back
+    calls, after ``warmup`` untimed calls.
 
-    ``setup`` runs before every call (warm-up and timed) outside the clock: resetting
+    ``setup`` runs before every sample (and warm-up call) outside the clock: resetting
     gradients, say. ``sync`` waits for the device; it runs before the clock starts and
     before it stops.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if repeats < 1 or warmup < 0 or number < 1:
+        raise ValueError(
+            f"need repeats >= 1, warmup >= 0 and number >= 1, got {repeats}, {warmup} and {number}"
+        )
     for _ in range(warmup):
         if setup is not None:
             setup()
@@ -70,11 +75,26 @@ def timeit(
         if sync is not None:
             sync()
         start = time.perf_counter()
-        fn()
+        for _ in range(number):
+            fn()
         if sync is not None:
             sync()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / number)
     return times
+
+
+MIN_SAMPLE_S = 0.02
+"""A timed sample of a call shorter than this repeats it back to back until the sample
+lasts about this long (:func:`calls_per_sample`): one sub-millisecond call, timed alone
+right after other variants, mostly measures waking the intra-op threads and the timer."""
+
+
+def calls_per_sample(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> int:
+    """How many back-to-back calls of ``fn`` last about ``MIN_SAMPLE_S`` (1 to 1000), from
+    one warm and one timed call."""
+    fn()
+    seconds = timeit(fn, 0, 1, sync=sync)[0]
+    return max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(seconds, 1e-9))))
 
 
 def median(times: list[float]) -> float:
