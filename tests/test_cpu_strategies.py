@@ -5,10 +5,13 @@ whole pass on one single-threaded worker) are forced in turn with
 ``cpu_threads.forced_strategy``; both must equal the loop dispatcher in float64, outputs
 and every gradient, on random shapes and on the edge cases, and the inference path (no
 autograd node) must equal the training path. :func:`cpu_strategy`'s rule is tested on
-shapes, never on timings.
+shapes and a stated machine load, and the load reading on faked counters, never on timings.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import pytest
 import torch
@@ -16,11 +19,15 @@ from conftest import EDGE_CASES, DispatchCase, bank_tensors, dispatch_cases, gra
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gatelab.dispatch import grouped_dispatch, loop_dispatch
+from gatelab.bench.common import busy_processes
+from gatelab.dispatch import cpu_threads, grouped_dispatch, loop_dispatch
 from gatelab.dispatch.cpu_threads import (
+    BUSY_CORES,
+    LOAD_WINDOW_S,
     SPLIT_MIN_WORK_PER_EXPERT,
     cpu_strategy,
     forced_strategy,
+    machine_busy,
     run_split,
 )
 from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
@@ -142,15 +149,81 @@ def test_rule_depends_on_threads_experts_work_and_balance():
     work = SPLIT_MIN_WORK_PER_EXPERT
     dim, hidden = 512, 256  # the "fine" experts: 256 rows per expert reach the threshold
     rows = work // (dim * hidden)
-    assert cpu_strategy([rows] * 64, dim, hidden, threads=2) == "split"
-    assert cpu_strategy([rows] * 64, dim, hidden, threads=1) == "phases"  # nothing to split
-    assert cpu_strategy([rows] * 3, dim, hidden, threads=2) == "phases"  # too few experts
-    assert cpu_strategy([rows - 1] * 64, dim, hidden, threads=2) == "phases"  # too little work
-    assert cpu_strategy([1] * 64, dim, hidden, threads=2) == "phases"  # decode
-    hot = [10 * rows, rows, rows, rows, rows]
-    assert cpu_strategy(hot, dim, hidden, threads=2) == "phases"  # one hot expert
+    for busy in (False, True):  # enough work: split whether or not the machine is busy
+        assert cpu_strategy([rows] * 64, dim, hidden, threads=2, busy=busy) == "split"
     idle = [0] * 60 + [rows] * 4
-    assert cpu_strategy(idle, dim, hidden, threads=2) == "split"  # idle experts don't count
+    assert cpu_strategy(idle, dim, hidden, threads=2, busy=False) == "split"  # idle experts
+    small = [rows - 1] * 64
+    assert cpu_strategy(small, dim, hidden, threads=2, busy=False) == "phases"  # little work
+    assert cpu_strategy(small, dim, hidden, threads=2, busy=True) == "split"  # ... but busy
+    assert cpu_strategy([1] * 64, dim, hidden, threads=2, busy=False) == "phases"  # decode
+    hot = [10 * rows, rows, rows, rows, rows]
+    for busy in (False, True):  # never split: one thread, too few experts, a hot expert
+        assert cpu_strategy([rows] * 64, dim, hidden, threads=1, busy=busy) == "phases"
+        assert cpu_strategy([rows] * 3, dim, hidden, threads=2, busy=busy) == "phases"
+        assert cpu_strategy(hot, dim, hidden, threads=2, busy=busy) == "phases"
+
+
+class _FakeClock:
+    """Stands in for the ``time`` module the load sampler reads."""
+
+    def __init__(self):
+        self.wall = self.own = 0.0
+
+    def monotonic(self):
+        return self.wall
+
+    def process_time(self):
+        return self.own
+
+
+def test_machine_busy_counts_other_processes_cpu_time(monkeypatch):
+    """Busy = other processes' CPU time per wall second (all CPUs' busy time minus this
+    process's) above os.cpu_count() - threads + BUSY_CORES, re-read every window."""
+    clock, system = _FakeClock(), [0.0]
+    monkeypatch.setattr(cpu_threads, "time", clock)
+    monkeypatch.setattr(cpu_threads, "_system_busy_s", lambda: system[0])
+    monkeypatch.setattr(cpu_threads, "_LOAD", cpu_threads._LoadSampler())
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    assert not machine_busy(2)  # the first call has no window yet
+
+    def window(other_cores: float, own_cores: float) -> bool:
+        clock.wall += LOAD_WINDOW_S
+        clock.own += own_cores * LOAD_WINDOW_S
+        system[0] += (other_cores + own_cores) * LOAD_WINDOW_S
+        return machine_busy(2)
+
+    assert not window(other_cores=0.1, own_cores=2.0)  # this process's own threads
+    assert window(other_cores=1.0, own_cores=1.0)  # one busy neighbour
+    clock.wall += LOAD_WINDOW_S / 2  # within the window: the last answer
+    assert machine_busy(2)
+    assert not window(other_cores=BUSY_CORES - 0.1, own_cores=0.0)
+    assert window(other_cores=BUSY_CORES + 0.1, own_cores=0.0)
+    # One thread needs one of the two cores: a neighbour on the other is no contention.
+    clock.wall += LOAD_WINDOW_S
+    system[0] += LOAD_WINDOW_S
+    assert not machine_busy(1)
+
+
+def test_machine_busy_without_proc_stat_is_never_busy(monkeypatch):
+    monkeypatch.setattr(cpu_threads, "_system_busy_s", lambda: None)
+    monkeypatch.setattr(cpu_threads, "_LOAD", cpu_threads._LoadSampler())
+    assert not machine_busy(2)
+    assert cpu_strategy([300] * 64, 64, 64, threads=2) == "phases"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_machine_busy_sees_a_spinning_process(monkeypatch):
+    """The real counters: a process spinning on one core reads as busy when torch's
+    threads need every core (only this direction: an idle reading depends on the host)."""
+    monkeypatch.setattr(cpu_threads, "_LOAD", cpu_threads._LoadSampler())
+    threads = os.cpu_count() or 1
+    with busy_processes(1):
+        machine_busy(threads)
+        deadline = time.monotonic() + 10
+        while not machine_busy(threads) and time.monotonic() < deadline:
+            time.sleep(LOAD_WINDOW_S)
+        assert machine_busy(threads)
 
 
 def test_forced_strategy_is_validated_and_restored():

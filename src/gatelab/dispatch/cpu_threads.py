@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,21 +66,28 @@ def forced_strategy(name: str | None) -> Iterator[None]:
 
 
 def cpu_strategy(
-    counts: Sequence[int], dim: int, hidden_dim: int, threads: int | None = None
+    counts: Sequence[int],
+    dim: int,
+    hidden_dim: int,
+    threads: int | None = None,
+    busy: bool | None = None,
 ) -> str:
     """Return "split" or "phases" for experts of width ``dim`` -> ``hidden_dim`` holding
-    ``counts`` rows, from the shape alone.
+    ``counts`` rows, from the shape and how busy the machine is.
 
-    ``threads`` defaults to torch's intra-op thread count. Split needs at least two
-    threads, at least ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread,
-    ``SPLIT_MIN_WORK_PER_EXPERT`` multiply-adds per active expert on average, and no
-    expert holding more than one thread's share of the rows (a hot expert would run on
-    one thread while the others wait; phase-wise, its GEMMs use every thread).
+    ``threads`` defaults to torch's intra-op thread count, ``busy`` to
+    :func:`machine_busy`. Split needs at least two threads, at least
+    ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread and no expert holding more
+    than one thread's share of the rows (a hot expert would run on one thread while the
+    others wait; phase-wise, its GEMMs use every thread). It is then chosen when the
+    experts hold ``SPLIT_MIN_WORK_PER_EXPERT`` multiply-adds each on average, or when
+    other processes hold the cores torch's threads need.
 
     Measured on 2 cores (``benchmarks/cpu_notes.py`` note 5): above the work threshold
     the two strategies are within a few percent of each other idle, and split is faster
     beside a busy process (one join per pass instead of a barrier per op); below it
-    phases wins idle.
+    phases wins idle, and split still wins beside a busy process (512,512,256,64,8:
+    0.62 against 0.42 of dense speed).
     """
     forced = getattr(_forced, "name", None)
     if forced is not None:
@@ -89,9 +97,76 @@ def cpu_strategy(
     rows = sum(counts)
     if threads < 2 or active < SPLIT_MIN_EXPERTS_PER_WORKER * threads:
         return "phases"
-    if rows * dim * hidden_dim < SPLIT_MIN_WORK_PER_EXPERT * active:
+    if max(counts) * threads > rows:
         return "phases"
-    return "split" if max(counts) * threads <= rows else "phases"
+    if rows * dim * hidden_dim >= SPLIT_MIN_WORK_PER_EXPERT * active:
+        return "split"
+    busy = machine_busy(threads) if busy is None else busy
+    return "split" if busy else "phases"
+
+
+# Other processes holding at least this much of the cores torch's threads need make the
+# machine "busy" (one busy neighbour on 2 cores reads ~1.0; an idle machine 0.0-0.1).
+BUSY_CORES = 0.5
+# How often machine_busy re-reads the counters: it answers from the last window.
+LOAD_WINDOW_S = 0.25
+
+
+class _LoadSampler:
+    """CPU time other processes used, per wall second, over the last window: all CPUs'
+    busy time from /proc/stat (steal included: a neighbour VM stalls a barrier alike)
+    minus this process's own CPU time. Linux only; elsewhere never busy."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = -1
+        self.last: tuple[float, float, float] | None = None
+        self.others = 0.0  # cores
+
+    def other_cores(self) -> float:
+        with self.lock:
+            now = time.monotonic()
+            if self.pid == os.getpid() and self.last and now - self.last[0] < LOAD_WINDOW_S:
+                return self.others
+            system = _system_busy_s()
+            if system is None:
+                return 0.0
+            sample = (now, system, time.process_time())
+            if self.pid == os.getpid() and self.last is not None:
+                wall = now - self.last[0]
+                own = sample[2] - self.last[2]
+                self.others = max(0.0, (sample[1] - self.last[1] - own) / wall)
+            else:  # first call, or a forked child (its process time restarted)
+                self.others, self.pid = 0.0, os.getpid()
+            self.last = sample
+            return self.others
+
+
+def _system_busy_s() -> float | None:
+    """Seconds all CPUs spent busy since boot, from /proc/stat; None where unreadable."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != b"cpu":
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    ticks = [int(v) for v in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_LOAD = _LoadSampler()
+
+
+def machine_busy(threads: int | None = None) -> bool:
+    """Whether other processes hold cores that ``threads`` intra-op threads (default:
+    torch's count) need: more than ``os.cpu_count() - threads + BUSY_CORES`` cores, read
+    at most every ``LOAD_WINDOW_S``. The first call of a process answers False."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return _LOAD.other_cores() > (os.cpu_count() or 1) - threads + BUSY_CORES
 
 
 def _single_threaded() -> None:
