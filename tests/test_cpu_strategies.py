@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatelab.bench.common import busy_processes
-from gatelab.dispatch import cpu_threads, grouped_dispatch, loop_dispatch
+from gatelab.dispatch import cpu_threads, grouped, grouped_dispatch, loop_dispatch
 from gatelab.dispatch.cpu_threads import (
     BUSY_CORES,
     LOAD_WINDOW_S,
@@ -29,6 +29,7 @@ from gatelab.dispatch.cpu_threads import (
     forced_strategy,
     machine_busy,
     run_split,
+    single_threaded,
 )
 from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
 
@@ -82,6 +83,19 @@ def test_few_rows_per_expert(strategy, rows):
     assert_matches_loop(case, strategy)
 
 
+@pytest.mark.parametrize("busy", [False, True])
+@pytest.mark.parametrize("dim, hidden, glu", [(6, 10, True), (7, 9, False)])
+def test_one_row_forms(monkeypatch, busy, dim, hidden, glu):
+    """One row per expert (a decode step) through each form: a bmm over row blocks of W
+    (widths divisible by 2 blocks), a duplicated row (odd widths), and MKL's GEMV while
+    the machine is busy; forward and backward against the loop oracle."""
+    monkeypatch.setattr(grouped, "machine_busy", lambda threads=None: busy)
+    for tokens, experts, k in ((1, 4, 3), (3, 12, 2)):  # every expert gets at most one row
+        case = DispatchCase(tokens, dim, hidden, experts, k, glu=glu, bias=True, seed=dim)
+        for strategy in STRATEGIES:
+            assert_matches_loop(case, strategy)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_float32_larger_shape(strategy):
     """A larger shape in float32, each strategy forced."""
@@ -128,6 +142,20 @@ def test_workers_leave_the_callers_thread_count_alone():
     run_split(lambda e, start, count: seen.append(torch.get_num_threads()), [3, 0, 2], workers=2)
     assert seen == [1, 1]  # one call per expert with rows, single-threaded
     assert torch.get_num_threads() == threads
+
+
+def test_single_threaded_restores_the_thread_count():
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with single_threaded():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"), single_threaded():
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
 
 
 def test_run_split_visits_each_expert_once_with_its_rows():
@@ -184,7 +212,7 @@ def test_machine_busy_counts_other_processes_cpu_time(monkeypatch):
     monkeypatch.setattr(cpu_threads, "time", clock)
     monkeypatch.setattr(cpu_threads, "_system_busy_s", lambda: system[0])
     monkeypatch.setattr(cpu_threads, "_LOAD", cpu_threads._LoadSampler())
-    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu_threads, "_CPUS", 2)
     assert not machine_busy(2)  # the first call has no window yet
 
     def window(other_cores: float, own_cores: float) -> bool:
@@ -217,7 +245,7 @@ def test_machine_busy_sees_a_spinning_process(monkeypatch):
     """The real counters: a process spinning on one core reads as busy when torch's
     threads need every core (only this direction: an idle reading depends on the host)."""
     monkeypatch.setattr(cpu_threads, "_LOAD", cpu_threads._LoadSampler())
-    threads = os.cpu_count() or 1
+    threads = cpu_threads._CPUS
     with busy_processes(1):
         machine_busy(threads)
         deadline = time.monotonic() + 10

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
 from .checks import check_dispatch_inputs
-from .cpu_threads import cpu_strategy, run_split
+from .cpu_threads import cpu_strategy, machine_busy, run_split, single_threaded
 from .grouped_mm import _GROUPED_MM, grouped_mm_op, grouped_mm_supported
 from .workspace import saved_buffer, scratch
 
@@ -58,7 +58,7 @@ def grouped_linear(
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
     host_counts = counts.tolist()
-    one_row = _one_row_products(x, w, out) if 1 in host_counts else None
+    one_row = _one_row_products(x, w, out) if 1 in host_counts and not machine_busy() else None
     start = 0
     for e, count in enumerate(host_counts):
         if count == 1 and one_row is not None:  # decode: most experts get one row
@@ -77,13 +77,18 @@ def grouped_linear(
 # expanded row) runs 3-5x slower. One row is a matrix-vector product, and MKL's GEMV runs
 # on one thread at 12-14 GB/s from memory; cut into row blocks of W and run as one bmm,
 # the blocks run on every thread: 2-3x faster from memory (a decode step through a
-# multi-layer model) and as fast as the GEMV in cache.
+# multi-layer model) and as fast as the GEMV in cache. While other processes hold the
+# cores (cpu_threads.machine_busy) the one-thread GEMV runs instead: beside a busy
+# process the bmm averaged 0.52 ms against 0.12 (median 0.08 both), its two threads
+# waiting a scheduler slice at times.
 _FEW_ROWS = (1, 4)
 
 
 def _rows_linear(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
     """out [c, out] = x [c, in] @ w.T for one expert's w [out, in]."""
     rows = x.shape[0]
+    if rows == 1 and machine_busy():  # MKL's GEMV runs on one thread: no barrier to wait at
+        return torch.mm(x, w.t(), out=out)
     one_row = _one_row_products(x, w.unsqueeze(0), out) if rows == 1 else None
     if one_row is not None:
         one_row(0, 0)
@@ -441,7 +446,15 @@ def combine(
         by_slot = y.new_zeros(num_tokens * num_slots + 1, y.shape[1]).index_copy_(0, slots, y)
         return by_slot[:-1].view(num_tokens, num_slots, -1).sum(dim=1)
     # On CPU index_add_ walks the rows in order, so it is deterministic already.
-    return y.new_zeros(num_tokens + 1, y.shape[1]).index_add_(0, tokens, y)[:-1]
+    out = y.new_zeros(num_tokens + 1, y.shape[1])
+    if y.device.type == "cpu" and y.shape[0] <= HOST_SORT_SLOTS:
+        # A few rows (decode): on one thread. index_add_ of even 2 rows enters a parallel
+        # region, and right after a two-thread op beside a busy process it averaged
+        # 0.3-1.3 ms, waiting for a descheduled thread (8 us on one thread). The row
+        # order, and so the result, does not depend on the thread count.
+        with single_threaded():
+            return out.index_add_(0, tokens, y)[:-1]
+    return out.index_add_(0, tokens, y)[:-1]
 
 
 def sort_slots(
