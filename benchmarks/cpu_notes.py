@@ -21,6 +21,10 @@ starts its own busy process for the contended half (``busy_processes``, as
    dense MLP, idle and with one busy process: the effect behind ``cpu_strategy``.
 6. The forward GEMMs alone, the experts' (T*k/E rows each) against the dense MLP's: the
    ratio no dispatcher built on these GEMMs can pass on each shape of the sweep.
+7. A decode step's small ops timed right after a two-thread op, idle and beside a busy
+   process: the bmm of W's row blocks against MKL's one-thread GEMV, and index_add_ of
+   two rows on two threads and on one (why ``machine_busy`` switches the one-row form,
+   and why ``combine`` runs small index_add_ calls on one thread).
 """
 
 from __future__ import annotations
@@ -211,6 +215,51 @@ def note_gemm_ceiling() -> None:
         )
 
 
+def _after_a_parallel_op_ms(op, repeats: int = 300) -> tuple[float, float]:
+    """(median, mean) ms of ``op`` timed right after a two-thread bmm, as in a decode step."""
+    w, x = torch.randn(512, 1024), torch.randn(1024, 1)
+    blocks, col = w.view(8, -1, 1024), x.expand(8, -1, -1)
+    times = []
+    for _ in range(repeats):
+        torch.bmm(blocks, col)
+        start = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1e3, sum(times) / len(times) * 1e3
+
+
+def note_decode_beside_a_busy_process() -> None:
+    from gatelab.bench.common import busy_processes
+    from gatelab.dispatch.cpu_threads import single_threaded
+
+    print("7. decode ops right after a two-thread op, ms median / mean (the mean shows stalls)")
+    w, x = torch.randn(2048, 512), torch.randn(1, 512)
+    blocks = 4 * torch.get_num_threads()
+    w_blocks, col = w.view(blocks, -1, 512), x.t().expand(blocks, -1, 1)
+    rows, tokens = torch.randn(2, 512), torch.tensor([0, 0])
+
+    def index_add():
+        rows.new_zeros(2, 512).index_add_(0, tokens, rows)
+
+    def index_add_one_thread():
+        with single_threaded():
+            index_add()
+
+    ops = {
+        "one row, bmm of W's row blocks": lambda: torch.bmm(w_blocks, col),
+        "one row, GEMV": lambda: torch.mm(x, w.t()),
+        "index_add_ of 2 rows": index_add,
+        "index_add_ of 2 rows, one thread": index_add_one_thread,
+    }
+    for busy in (0, 1):
+        with busy_processes(busy):
+            for name, op in ops.items():
+                median, mean = _after_a_parallel_op_ms(op)
+                label = "busy" if busy else "idle"
+                print(f"   {label} {name:34s} {median:6.3f} / {mean:6.3f}")
+
+
 NOTES = {
     1: note_fresh_output,
     2: note_fresh_weight_grad,
@@ -218,6 +267,7 @@ NOTES = {
     4: note_gemm_efficiency,
     5: note_strategies,
     6: note_gemm_ceiling,
+    7: note_decode_beside_a_busy_process,
 }
 
 
