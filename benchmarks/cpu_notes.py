@@ -22,9 +22,9 @@ starts its own busy process for the contended half (``busy_processes``, as
 6. The forward GEMMs alone, the experts' (T*k/E rows each) against the dense MLP's: the
    ratio no dispatcher built on these GEMMs can pass on each shape of the sweep.
 7. A decode step's small ops timed right after a two-thread op, idle and beside a busy
-   process: the bmm of W's row blocks against MKL's one-thread GEMV, and index_add_ of
-   two rows on two threads and on one (why ``machine_busy`` switches the one-row form,
-   and why ``combine`` runs small index_add_ calls on one thread).
+   process: the bmm of W's row blocks on two threads and on one, MKL's one-thread GEMV,
+   and index_add_ of two rows on two threads and on one (why the one-row bmm runs on one
+   thread while ``machine_busy``, and why ``combine`` runs small index_add_ calls on one).
 """
 
 from __future__ import annotations
@@ -246,8 +246,13 @@ def note_decode_beside_a_busy_process() -> None:
         with single_threaded():
             index_add()
 
+    def bmm_one_thread():
+        with single_threaded():
+            torch.bmm(w_blocks, col)
+
     ops = {
         "one row, bmm of W's row blocks": lambda: torch.bmm(w_blocks, col),
+        "one row, the bmm on one thread": bmm_one_thread,
         "one row, GEMV": lambda: torch.mm(x, w.t()),
         "index_add_ of 2 rows": index_add,
         "index_add_ of 2 rows, one thread": index_add_one_thread,

@@ -83,17 +83,26 @@ def test_few_rows_per_expert(strategy, rows):
     assert_matches_loop(case, strategy)
 
 
-@pytest.mark.parametrize("busy", [False, True])
-@pytest.mark.parametrize("dim, hidden, glu", [(6, 10, True), (7, 9, False)])
-def test_one_row_forms(monkeypatch, busy, dim, hidden, glu):
+@pytest.mark.parametrize("dim, hidden, glu", [(6, 10, True), (7, 9, False), (16, 24, True)])
+def test_one_row_forms(monkeypatch, dim, hidden, glu):
     """One row per expert (a decode step) through each form: a bmm over row blocks of W
-    (widths divisible by 2 blocks), a duplicated row (odd widths), and MKL's GEMV while
-    the machine is busy; forward and backward against the loop oracle."""
-    monkeypatch.setattr(grouped, "machine_busy", lambda threads=None: busy)
+    (widths divisible into blocks) and a duplicated row (odd widths); forward and backward
+    against the loop oracle, idle and busy (the bmm then runs on one thread), and the
+    outputs the same bits either way: the load must not change results."""
     for tokens, experts, k in ((1, 4, 3), (3, 12, 2)):  # every expert gets at most one row
         case = DispatchCase(tokens, dim, hidden, experts, k, glu=glu, bias=True, seed=dim)
-        for strategy in STRATEGIES:
-            assert_matches_loop(case, strategy)
+        outputs = []
+        for busy in (False, True):
+            monkeypatch.setattr(grouped, "machine_busy", lambda threads=None, busy=busy: busy)
+            for strategy in STRATEGIES:
+                assert_matches_loop(case, strategy)
+            for dtype in (torch.float32, torch.float64):
+                x, ids, weights, bank = case.build(dtype)
+                with torch.no_grad():
+                    outputs.append(grouped_dispatch(x, ids, weights, bank))
+        idle, busy = outputs[:2], outputs[2:]
+        for a, b in zip(idle, busy, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -124,6 +133,26 @@ def test_out_of_range_ids_refused(strategy):
     experts[2, 0] = 3
     with forced_strategy(strategy), pytest.raises(ValueError, match="valid ids are 0..2"):
         grouped_dispatch(x, experts, weights, bank)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(256, 64, 48, 8, 2), (300, 96, 80, 12, 3)])
+def test_split_and_phases_give_the_same_bits(shape, bias):
+    """cpu_strategy's choice can follow the machine's load (machine_busy), so the two
+    strategies must agree bit for bit, outputs and gradients, in float32: MKL's GEMMs
+    split their outputs, not their sums, between threads. Should this fail (another BLAS,
+    another torch), the load-dependent choice would change results and must be revisited."""
+    case = DispatchCase(*shape, bias=bias, seed=7)
+    x, experts, weights, bank = case.build(torch.float32)
+    inputs = [x, weights, *bank_tensors(bank)]
+    results = []
+    for strategy in STRATEGIES:
+        with forced_strategy(strategy):
+            out = grouped_dispatch(x, experts, weights, bank)
+            results.append([out.detach(), *grads_of(out, inputs)])
+    names = ["out", *NAMES][: len(results[0])]
+    for name, phases, split in zip(names, *results, strict=True):
+        assert torch.equal(phases, split), name
 
 
 def test_split_is_reproducible_run_to_run():

@@ -17,6 +17,7 @@ backward touch each [slots, width] tensor as few times as possible:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -58,7 +59,7 @@ def grouped_linear(
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
     host_counts = counts.tolist()
-    one_row = _one_row_products(x, w, out) if 1 in host_counts and not machine_busy() else None
+    one_row = _one_row_products(x, w, out) if 1 in host_counts else None
     start = 0
     for e, count in enumerate(host_counts):
         if count == 1 and one_row is not None:  # decode: most experts get one row
@@ -78,17 +79,17 @@ def grouped_linear(
 # on one thread at 12-14 GB/s from memory; cut into row blocks of W and run as one bmm,
 # the blocks run on every thread: 2-3x faster from memory (a decode step through a
 # multi-layer model) and as fast as the GEMV in cache. While other processes hold the
-# cores (cpu_threads.machine_busy) the one-thread GEMV runs instead: beside a busy
-# process the bmm averaged 0.52 ms against 0.12 (median 0.08 both), its two threads
-# waiting a scheduler slice at times.
+# cores (cpu_threads.machine_busy) the same bmm runs on one thread: beside a busy process
+# the two-thread bmm averaged 0.68 ms against a 0.06 ms median, waiting a scheduler slice
+# for a descheduled thread at times (note 7). Each row's dot product is the same on any
+# thread count or block count, so the result does not depend on the load (MKL's GEMV,
+# the other one-thread form, gives other bits).
 _FEW_ROWS = (1, 4)
 
 
 def _rows_linear(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
     """out [c, out] = x [c, in] @ w.T for one expert's w [out, in]."""
     rows = x.shape[0]
-    if rows == 1 and machine_busy():  # MKL's GEMV runs on one thread: no barrier to wait at
-        return torch.mm(x, w.t(), out=out)
     one_row = _one_row_products(x, w.unsqueeze(0), out) if rows == 1 else None
     if one_row is not None:
         one_row(0, 0)
@@ -110,6 +111,7 @@ def _one_row_products(x: Tensor, w: Tensor, out: Tensor) -> Callable[[int, int],
     blocks = _row_blocks(w.shape[1])
     if not blocks or not (w.is_contiguous() and out.is_contiguous() and x.stride(1) == 1):
         return None
+    threads = single_threaded if machine_busy() else contextlib.nullcontext
     in_dim = w.shape[2]
     w_blocks = w.view(w.shape[0], blocks, -1, in_dim)  # [E, blocks, out / blocks, in]
     out_blocks = out.view(out.shape[0], blocks, -1, 1)  # [N, blocks, out / blocks, 1]
@@ -119,7 +121,8 @@ def _one_row_products(x: Tensor, w: Tensor, out: Tensor) -> Callable[[int, int],
 
     def product(e: int, r: int) -> None:
         col = x.as_strided(col_shape, col_strides, x.storage_offset() + r * x.stride(0))
-        torch.bmm(w_blocks[e], col, out=out_blocks[r])
+        with threads():
+            torch.bmm(w_blocks[e], col, out=out_blocks[r])
 
     return product
 
@@ -378,16 +381,19 @@ def _split_backward(ctx, saved, routed, grad_out, buffers):
         gy_r = torch.index_select(grad_out, 0, tokens[r], out=gy[r])
         if g_w_out is not None:
             torch.mm(gy_r.t(), act[r], out=g_w_out[e])
+        # The bias terms use the phase-wise path's ops on this expert's rows (segment sums,
+        # a row-wise sum), so the two strategies give the same bits.
+        one_segment = counts[e : e + 1]
         if g_b_out is not None:
-            torch.sum(gy_r * scale[r], dim=0, out=g_b_out[e])
+            g_b_out[e] = _segment_sum(gy_r * scale[r], one_segment)[0]
         _rows_linear(gy_r, w_out[e].t(), g_act[r])
         g_scale[r] = activation.backward_into(hidden[r], scale[r], g_act[r], g_hidden[r], kept[r])
         if b_out is not None:
-            g_scale[r] += gy_r @ b_out[e]
+            g_scale[r] += (gy_r * b_out[e]).sum(dim=1)
         if g_w_in is not None:
             torch.mm(g_hidden[r].t(), xs[r], out=g_w_in[e])
         if g_b_in is not None:
-            torch.sum(g_hidden[r], dim=0, out=g_b_in[e])
+            g_b_in[e] = _segment_sum(g_hidden[r], one_segment)[0]
         if need_x:  # into gy's rows: this expert's gy is no longer needed
             _rows_linear(g_hidden[r], w_in[e].t(), gy[r])
 
@@ -447,7 +453,8 @@ def combine(
         return by_slot[:-1].view(num_tokens, num_slots, -1).sum(dim=1)
     # On CPU index_add_ walks the rows in order, so it is deterministic already.
     out = y.new_zeros(num_tokens + 1, y.shape[1])
-    if y.device.type == "cpu" and y.shape[0] <= HOST_SORT_SLOTS:
+    few_rows = y.device.type == "cpu" and y.shape[0] <= HOST_SORT_SLOTS
+    if few_rows and not torch.compiler.is_compiling():
         # A few rows (decode): on one thread. index_add_ of even 2 rows enters a parallel
         # region, and right after a two-thread op beside a busy process it averaged
         # 0.3-1.3 ms, waiting for a descheduled thread (8 us on one thread). The row
