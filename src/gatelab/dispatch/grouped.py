@@ -80,8 +80,9 @@ def grouped_linear(
 # the blocks run on every thread: 2-3x faster from memory (a decode step through a
 # multi-layer model) and as fast as the GEMV in cache. While other processes hold the
 # cores (cpu_threads.machine_busy) the same bmm runs on one thread: beside a busy process
-# the two-thread bmm averaged 0.68 ms against a 0.06 ms median, waiting a scheduler slice
-# for a descheduled thread at times (note 7). Each row's dot product is the same on any
+# the two-thread bmm averaged 0.11-0.68 ms in three runs against a 0.06 ms median,
+# waiting a scheduler slice for a descheduled thread at times; on one thread 0.18-0.19
+# (note 7). Each row's dot product is the same on any
 # thread count or block count, so the result does not depend on the load (MKL's GEMV,
 # the other one-thread form, gives other bits).
 _FEW_ROWS = (1, 4)
@@ -457,8 +458,9 @@ def combine(
     if few_rows and not torch.compiler.is_compiling():
         # A few rows (decode): on one thread. index_add_ of even 2 rows enters a parallel
         # region, and right after a two-thread op beside a busy process it averaged
-        # 0.3-1.3 ms, waiting for a descheduled thread (8 us on one thread). The row
-        # order, and so the result, does not depend on the thread count.
+        # 0.04-0.37 ms in note 7's runs (1.3 ms inside a decode step), waiting for a
+        # descheduled thread; 0.01-0.04 ms on one thread. The row order, and so the
+        # result, does not depend on the thread count.
         with single_threaded():
             return out.index_add_(0, tokens, y)[:-1]
     return out.index_add_(0, tokens, y)[:-1]
