@@ -23,13 +23,15 @@ starts its own busy process for the contended half (``busy_processes``, as
    ratio no dispatcher built on these GEMMs can pass on each shape of the sweep.
 7. A decode step's small ops timed right after a two-thread op, idle and beside a busy
    process: the bmm of W's row blocks on two threads and on one, MKL's one-thread GEMV,
-   and index_add_ of two rows on two threads and on one (why the one-row bmm runs on one
-   thread while ``machine_busy``, and why ``combine`` runs small index_add_ calls on one).
+   and index_add_ of two rows on two threads and on one. What one-thread forms would gain
+   beside a busy process; the dispatcher does not use them (docs/benchmarks.md: toggling
+   the caller's thread count changed split workers' results).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -231,7 +233,15 @@ def _after_a_parallel_op_ms(op, repeats: int = 300) -> tuple[float, float]:
 
 def note_decode_beside_a_busy_process() -> None:
     from gatelab.bench.common import busy_processes
-    from gatelab.dispatch.cpu_threads import single_threaded
+
+    @contextlib.contextmanager
+    def single_threaded():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     print("7. decode ops right after a two-thread op, ms median / mean (the mean shows stalls)")
     w, x = torch.randn(2048, 512), torch.randn(1, 512)

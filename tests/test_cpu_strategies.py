@@ -11,6 +11,7 @@ shapes and a stated machine load, and the load reading on faked counters, never 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatelab.bench.common import busy_processes
-from gatelab.dispatch import cpu_threads, grouped, grouped_dispatch, loop_dispatch
+from gatelab.dispatch import cpu_threads, grouped_dispatch, loop_dispatch
 from gatelab.dispatch.cpu_threads import (
     BUSY_CORES,
     LOAD_WINDOW_S,
@@ -29,11 +30,11 @@ from gatelab.dispatch.cpu_threads import (
     forced_strategy,
     machine_busy,
     run_split,
-    single_threaded,
 )
 from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
 
 STRATEGIES = ("phases", "split")
+THREADS = torch.get_num_threads()
 NAMES = ["x", "weights", "w_in", "w_out", "b_in", "b_out"]
 
 
@@ -84,25 +85,30 @@ def test_few_rows_per_expert(strategy, rows):
 
 
 @pytest.mark.parametrize("dim, hidden, glu", [(6, 10, True), (7, 9, False), (16, 24, True)])
-def test_one_row_forms(monkeypatch, dim, hidden, glu):
+def test_one_row_forms(dim, hidden, glu):
     """One row per expert (a decode step) through each form: a bmm over row blocks of W
     (widths divisible into blocks) and a duplicated row (odd widths); forward and backward
-    against the loop oracle, idle and busy (the bmm then runs on one thread), and the
-    outputs the same bits either way: the load must not change results."""
+    against the loop oracle, for both strategies."""
     for tokens, experts, k in ((1, 4, 3), (3, 12, 2)):  # every expert gets at most one row
         case = DispatchCase(tokens, dim, hidden, experts, k, glu=glu, bias=True, seed=dim)
-        outputs = []
-        for busy in (False, True):
-            monkeypatch.setattr(grouped, "machine_busy", lambda threads=None, busy=busy: busy)
-            for strategy in STRATEGIES:
-                assert_matches_loop(case, strategy)
-            for dtype in (torch.float32, torch.float64):
-                x, ids, weights, bank = case.build(dtype)
-                with torch.no_grad():
-                    outputs.append(grouped_dispatch(x, ids, weights, bank))
-        idle, busy = outputs[:2], outputs[2:]
-        for a, b in zip(idle, busy, strict=True):
-            assert torch.equal(a, b)
+        for strategy in STRATEGIES:
+            assert_matches_loop(case, strategy)
+
+
+def test_one_row_bmm_bits_do_not_depend_on_blocks_or_threads():
+    """The row-block bmm gives each row's dot product the same way whatever the block
+    count and thread count (split's one-thread workers, phases' two threads)."""
+    w, x = torch.randn(96, 40, dtype=torch.float64), torch.randn(1, 40, dtype=torch.float64)
+    outputs = []
+    for threads in (1, 2):
+        for blocks in (2, 4, 8):
+            torch.set_num_threads(threads)
+            try:
+                col = x.t().expand(blocks, -1, 1)
+                outputs.append(torch.bmm(w.view(blocks, -1, 40), col).reshape(1, -1))
+            finally:
+                torch.set_num_threads(THREADS)
+    assert all(torch.equal(outputs[0], o) for o in outputs[1:])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -173,18 +179,30 @@ def test_workers_leave_the_callers_thread_count_alone():
     assert torch.get_num_threads() == threads
 
 
-def test_single_threaded_restores_the_thread_count():
-    original = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with single_threaded():
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="inside"), single_threaded():
-            raise RuntimeError("inside")
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(original)
+def test_dispatch_never_changes_the_callers_thread_count(monkeypatch):
+    """Toggling torch's thread count in the calling thread (tried for decode beside a busy
+    process) made split workers' GEMMs give other bits now and then; only the workers
+    may set theirs. Decode and training shapes, idle and busy, both strategies."""
+    calls = []
+    set_threads = torch.set_num_threads
+    main = threading.current_thread()
+
+    def spy(n):
+        if threading.current_thread() is main:
+            calls.append(n)
+        set_threads(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", spy)
+    for busy in (False, True):
+        monkeypatch.setattr(cpu_threads, "machine_busy", lambda threads=None, b=busy: b)
+        for case in (DispatchCase(1, 8, 6, 4, 2, seed=1), DispatchCase(64, 8, 6, 8, 2, seed=2)):
+            for strategy in (None, *STRATEGIES):  # None: the rule's own choice
+                x, experts, weights, bank = case.build(torch.float32)
+                with forced_strategy(strategy):
+                    grouped_dispatch(x, experts, weights, bank).sum().backward()
+                    with torch.no_grad():
+                        grouped_dispatch(x, experts, weights, bank)
+    assert calls == []
 
 
 def test_run_split_visits_each_expert_once_with_its_rows():

@@ -14,9 +14,11 @@ op. Each expert's rows and weights are disjoint slices, so the result does not d
 on which worker ran which expert (the same bits as the phase-wise path when MKL's
 single-threaded GEMM gives the bits of its multi-threaded one, and the same bits run to run).
 
-:func:`cpu_strategy` chooses between the two from the shape at run time; the
-measurements behind its thresholds are in ``benchmarks/cpu_notes.py`` and
-docs/benchmarks.md ("CPU strategies").
+:func:`cpu_strategy` chooses between the two at run time from the shape and, for small
+experts, from whether other processes hold the cores (:func:`machine_busy`). The two give
+the same bits (tested; it rests on MKL's one-thread GEMMs giving the bits of its
+two-thread ones), so the load does not change a result. The measurements behind its
+thresholds are in ``benchmarks/cpu_notes.py`` and docs/benchmarks.md ("CPU strategies").
 """
 
 from __future__ import annotations
@@ -172,21 +174,6 @@ def machine_busy(threads: int | None = None) -> bool:
     at most every ``LOAD_WINDOW_S``. The first call of a process answers False."""
     threads = torch.get_num_threads() if threads is None else threads
     return _LOAD.other_cores() > _CPUS - threads + BUSY_CORES
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch's CPU ops in this block on the calling thread alone (torch's thread count
-    is OpenMP's and MKL's per-thread setting: other threads keep theirs). Costs ~0.3 us."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _single_threaded() -> None:

@@ -17,7 +17,6 @@ backward touch each [slots, width] tensor as few times as possible:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -27,7 +26,7 @@ from torch import Tensor
 from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
 from .checks import check_dispatch_inputs
-from .cpu_threads import cpu_strategy, machine_busy, run_split, single_threaded
+from .cpu_threads import cpu_strategy, run_split
 from .grouped_mm import _GROUPED_MM, grouped_mm_op, grouped_mm_supported
 from .workspace import saved_buffer, scratch
 
@@ -78,13 +77,8 @@ def grouped_linear(
 # expanded row) runs 3-5x slower. One row is a matrix-vector product, and MKL's GEMV runs
 # on one thread at 12-14 GB/s from memory; cut into row blocks of W and run as one bmm,
 # the blocks run on every thread: 2-3x faster from memory (a decode step through a
-# multi-layer model) and as fast as the GEMV in cache. While other processes hold the
-# cores (cpu_threads.machine_busy) the same bmm runs on one thread: beside a busy process
-# the two-thread bmm averaged 0.11-0.68 ms in three runs against a 0.06 ms median,
-# waiting a scheduler slice for a descheduled thread at times; on one thread 0.18-0.19
-# (note 7). Each row's dot product is the same on any
-# thread count or block count, so the result does not depend on the load (MKL's GEMV,
-# the other one-thread form, gives other bits).
+# multi-layer model) and as fast as the GEMV in cache. Each row's dot product is the same
+# on any thread or block count (MKL's GEMV gives other bits).
 _FEW_ROWS = (1, 4)
 
 
@@ -112,7 +106,6 @@ def _one_row_products(x: Tensor, w: Tensor, out: Tensor) -> Callable[[int, int],
     blocks = _row_blocks(w.shape[1])
     if not blocks or not (w.is_contiguous() and out.is_contiguous() and x.stride(1) == 1):
         return None
-    threads = single_threaded if machine_busy() else contextlib.nullcontext
     in_dim = w.shape[2]
     w_blocks = w.view(w.shape[0], blocks, -1, in_dim)  # [E, blocks, out / blocks, in]
     out_blocks = out.view(out.shape[0], blocks, -1, 1)  # [N, blocks, out / blocks, 1]
@@ -122,8 +115,7 @@ def _one_row_products(x: Tensor, w: Tensor, out: Tensor) -> Callable[[int, int],
 
     def product(e: int, r: int) -> None:
         col = x.as_strided(col_shape, col_strides, x.storage_offset() + r * x.stride(0))
-        with threads():
-            torch.bmm(w_blocks[e], col, out=out_blocks[r])
+        torch.bmm(w_blocks[e], col, out=out_blocks[r])
 
     return product
 
@@ -453,17 +445,7 @@ def combine(
         by_slot = y.new_zeros(num_tokens * num_slots + 1, y.shape[1]).index_copy_(0, slots, y)
         return by_slot[:-1].view(num_tokens, num_slots, -1).sum(dim=1)
     # On CPU index_add_ walks the rows in order, so it is deterministic already.
-    out = y.new_zeros(num_tokens + 1, y.shape[1])
-    few_rows = y.device.type == "cpu" and y.shape[0] <= HOST_SORT_SLOTS
-    if few_rows and not torch.compiler.is_compiling():
-        # A few rows (decode): on one thread. index_add_ of even 2 rows enters a parallel
-        # region, and right after a two-thread op beside a busy process it averaged
-        # 0.04-0.37 ms in note 7's runs (1.3 ms inside a decode step), waiting for a
-        # descheduled thread; 0.01-0.04 ms on one thread. The row order, and so the
-        # result, does not depend on the thread count.
-        with single_threaded():
-            return out.index_add_(0, tokens, y)[:-1]
-    return out.index_add_(0, tokens, y)[:-1]
+    return y.new_zeros(num_tokens + 1, y.shape[1]).index_add_(0, tokens, y)[:-1]
 
 
 def sort_slots(
