@@ -100,7 +100,9 @@ def _few_rows_forms(x, ws) -> dict:
     if x.shape[0] == 1:
         forms["W @ [x; x].T"] = lambda: [torch.mm(w, torch.cat([x, x]).t()) for w in ws]
         forms["GEMV W @ x"] = lambda: [torch.mv(w, x[0]) for w in ws]
-        blocks = 4 * torch.get_num_threads()  # grouped._row_blocks
+        from gatelab.dispatch.grouped import _row_blocks
+
+        blocks = _row_blocks(ws[0].shape[0])  # as the dispatcher splits W
         col = x.t().expand(blocks, -1, 1)  # strides (0, 1, in): bmm's transposed layout
         forms["bmm of W's row blocks"] = lambda: [
             torch.bmm(w.view(blocks, -1, w.shape[1]), col) for w in ws
@@ -233,6 +235,7 @@ def _after_a_parallel_op_ms(op, repeats: int = 300) -> tuple[float, float]:
 
 def note_decode_beside_a_busy_process() -> None:
     from gatelab.bench.common import busy_processes
+    from gatelab.dispatch.grouped import _row_blocks
 
     @contextlib.contextmanager
     def single_threaded():
@@ -245,7 +248,7 @@ def note_decode_beside_a_busy_process() -> None:
 
     print("7. decode ops right after a two-thread op, ms median / mean (the mean shows stalls)")
     w, x = torch.randn(2048, 512), torch.randn(1, 512)
-    blocks = 4 * torch.get_num_threads()
+    blocks = _row_blocks(2048)
     w_blocks, col = w.view(blocks, -1, 512), x.t().expand(blocks, -1, 1)
     rows, tokens = torch.randn(2, 512), torch.tensor([0, 0])
 

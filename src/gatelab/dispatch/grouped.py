@@ -376,9 +376,8 @@ def _split_backward(ctx, saved, routed, grad_out, buffers):
             torch.mm(gy_r.t(), act[r], out=g_w_out[e])
         # The bias terms use the phase-wise path's ops on this expert's rows (segment sums,
         # a row-wise sum), so the two strategies give the same bits.
-        one_segment = counts[e : e + 1]
         if g_b_out is not None:
-            g_b_out[e] = _segment_sum(gy_r * scale[r], one_segment)[0]
+            g_b_out[e] = _segment_sum(gy_r * scale[r], counts[e : e + 1])[0]
         _rows_linear(gy_r, w_out[e].t(), g_act[r])
         g_scale[r] = activation.backward_into(hidden[r], scale[r], g_act[r], g_hidden[r], kept[r])
         if b_out is not None:
@@ -386,7 +385,7 @@ def _split_backward(ctx, saved, routed, grad_out, buffers):
         if g_w_in is not None:
             torch.mm(g_hidden[r].t(), xs[r], out=g_w_in[e])
         if g_b_in is not None:
-            g_b_in[e] = _segment_sum(g_hidden[r], one_segment)[0]
+            g_b_in[e] = _segment_sum(g_hidden[r], counts[e : e + 1])[0]
         if need_x:  # into gy's rows: this expert's gy is no longer needed
             _rows_linear(g_hidden[r], w_in[e].t(), gy[r])
 
