@@ -10,6 +10,7 @@ shapes and a stated machine load, and the load reading on faked counters, never 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -29,13 +30,27 @@ from gatelab.dispatch.cpu_threads import (
     cpu_strategy,
     forced_strategy,
     machine_busy,
+    openmp_team,
     run_split,
 )
 from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
 
-STRATEGIES = ("phases", "split")
+STRATEGIES = ("phases", "split", "split-pool")
+"""What the tests force: phase-wise, split on its default runner (torch's OpenMP team
+where torch runs on libgomp), split on pool workers."""
+RUNNERS = ("pool", "team") if openmp_team() is not None else ("pool",)
 THREADS = torch.get_num_threads()
+needs_team = pytest.mark.skipif(
+    openmp_team() is None, reason="torch's parallel backend here is not OpenMP on libgomp"
+)
 NAMES = ["x", "weights", "w_in", "w_out", "b_in", "b_out"]
+
+
+def forced(variant: str | None):
+    """``forced_strategy`` for one of ``STRATEGIES`` (None: the rule's own choice)."""
+    name, _, runner = (variant or "").partition("-")
+    name = name or None
+    return forced_strategy(name, runner or None)
 
 
 def assert_matches_loop(
@@ -47,7 +62,7 @@ def assert_matches_loop(
     inputs = [x, weights, *bank_tensors(bank)]
     want = loop_dispatch(x, experts, weights, bank, case.deterministic)
     want_grads = grads_of(want, inputs)
-    with forced_strategy(strategy):
+    with forced(strategy):
         got = grouped_dispatch(x, experts, weights, bank, case.deterministic)
         got_grads = grads_of(got, inputs)
         with torch.no_grad():
@@ -137,28 +152,29 @@ def test_out_of_range_ids_refused(strategy):
     x, experts, weights, bank = DispatchCase(5, 4, 8, 3, 2).build()
     experts = experts.clone()
     experts[2, 0] = 3
-    with forced_strategy(strategy), pytest.raises(ValueError, match="valid ids are 0..2"):
+    with forced(strategy), pytest.raises(ValueError, match="valid ids are 0..2"):
         grouped_dispatch(x, experts, weights, bank)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(256, 64, 48, 8, 2), (300, 96, 80, 12, 3)])
 def test_split_and_phases_give_the_same_bits(shape, bias):
-    """cpu_strategy's choice can follow the machine's load (machine_busy), so the two
-    strategies must agree bit for bit, outputs and gradients, in float32: MKL's GEMMs
-    split their outputs, not their sums, between threads. Should this fail (another BLAS,
-    another torch), the load-dependent choice would change results and must be revisited."""
+    """cpu_strategy's choice can follow the machine's load (machine_busy), so the
+    strategies (and split's two runners) must agree bit for bit, outputs and gradients, in
+    float32: MKL's GEMMs split their outputs, not their sums, between threads. Should this
+    fail (another BLAS, another torch), the load-dependent choice would change results and
+    must be revisited."""
     case = DispatchCase(*shape, bias=bias, seed=7)
     x, experts, weights, bank = case.build(torch.float32)
     inputs = [x, weights, *bank_tensors(bank)]
     results = []
     for strategy in STRATEGIES:
-        with forced_strategy(strategy):
+        with forced(strategy):
             out = grouped_dispatch(x, experts, weights, bank)
             results.append([out.detach(), *grads_of(out, inputs)])
     names = ["out", *NAMES][: len(results[0])]
-    for name, phases, split in zip(names, *results, strict=True):
-        assert torch.equal(phases, split), name
+    for name, phases, *splits in zip(names, *results, strict=True):
+        assert all(torch.equal(phases, split) for split in splits), name
 
 
 def test_split_is_reproducible_run_to_run():
@@ -171,12 +187,46 @@ def test_split_is_reproducible_run_to_run():
             torch.testing.assert_close(again, first, atol=0, rtol=0)
 
 
-def test_workers_leave_the_callers_thread_count_alone():
+def test_pool_workers_are_single_threaded():
     threads = torch.get_num_threads()
     seen = []
-    run_split(lambda e, start, count: seen.append(torch.get_num_threads()), [3, 0, 2], workers=2)
+    with forced_strategy(None, "pool"):
+        run_split(lambda e, start, count: seen.append(torch.get_num_threads()), [3, 0, 2], 2)
     assert seen == [1, 1]  # one call per expert with rows, single-threaded
     assert torch.get_num_threads() == threads
+
+
+@needs_team
+def test_team_workers_run_inside_torchs_openmp_region():
+    """On the team each call runs inside an OpenMP parallel region of the libgomp torch
+    uses (so torch's ops and MKL run single-threaded there), on up to ``workers`` threads,
+    and nothing changes the caller's thread count."""
+    gomp = ctypes.CDLL(cpu_threads._loaded_libgomp())
+    threads = torch.get_num_threads()
+    seen = []
+
+    def work(e, start, count):
+        seen.append((gomp.omp_in_parallel(), threading.get_ident()))
+        time.sleep(0.01)  # long enough for the second thread to take an expert
+
+    run_split(work, [1] * 6, workers=2)
+    assert len(seen) == 6 and all(inside == 1 for inside, _ in seen)
+    assert len({ident for _, ident in seen}) == 2
+    assert gomp.omp_in_parallel() == 0 and torch.get_num_threads() == threads
+
+
+@needs_team
+def test_team_gemm_gives_the_bits_of_a_one_thread_gemm():
+    """A GEMM inside the team's region is MKL's single-threaded GEMM."""
+    a, b = torch.randn(96, 200), torch.randn(200, 80)
+    out = []
+    cpu_threads.openmp_team()(lambda: out.append(a @ b), 1)
+    torch.set_num_threads(1)
+    try:
+        want = a @ b
+    finally:
+        torch.set_num_threads(THREADS)
+    assert torch.equal(out[0], want)
 
 
 def test_dispatch_never_changes_the_callers_thread_count(monkeypatch):
@@ -198,45 +248,110 @@ def test_dispatch_never_changes_the_callers_thread_count(monkeypatch):
         for case in (DispatchCase(1, 8, 6, 4, 2, seed=1), DispatchCase(64, 8, 6, 8, 2, seed=2)):
             for strategy in (None, *STRATEGIES):  # None: the rule's own choice
                 x, experts, weights, bank = case.build(torch.float32)
-                with forced_strategy(strategy):
+                with forced(strategy):
                     grouped_dispatch(x, experts, weights, bank).sum().backward()
                     with torch.no_grad():
                         grouped_dispatch(x, experts, weights, bank)
     assert calls == []
 
 
-def test_run_split_visits_each_expert_once_with_its_rows():
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_run_split_visits_each_expert_once_with_its_rows(runner):
     calls = []
-    run_split(lambda e, start, count: calls.append((e, start, count)), [2, 0, 5, 1], workers=2)
+    with forced_strategy(None, runner):
+        run_split(lambda e, start, count: calls.append((e, start, count)), [2, 0, 5, 1], 2)
+        run_split(lambda e, start, count: calls.append("none"), [0, 0], 2)  # no experts
     assert sorted(calls) == [(0, 0, 2), (2, 2, 5), (3, 7, 1)]
 
 
-def test_run_split_reraises_a_workers_error():
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_run_split_reraises_a_workers_error(runner):
     def fail(e, start, count):
         if e == 1:
             raise RuntimeError("expert 1 failed")
 
-    with pytest.raises(RuntimeError, match="expert 1 failed"):
+    with forced_strategy(None, runner), pytest.raises(RuntimeError, match="expert 1 failed"):
         run_split(fail, [1, 1, 1], workers=2)
 
 
-def test_rule_depends_on_threads_experts_work_and_balance():
-    work = SPLIT_MIN_WORK_PER_EXPERT
-    dim, hidden = 512, 256  # the "fine" experts: 256 rows per expert reach the threshold
-    rows = work // (dim * hidden)
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_rule_depends_on_threads_experts_rows_work_and_balance(runner):
+    work = SPLIT_MIN_WORK_PER_EXPERT[runner]
+    dim, hidden = 512, 256
+    rows = work // (dim * hidden)  # rows per expert that reach the work threshold
+
+    def rule(counts, threads=2, busy=False, dim=dim):
+        with forced_strategy(None, runner):
+            return cpu_strategy(counts, dim, hidden, threads=threads, busy=busy)
+
     for busy in (False, True):  # enough work: split whether or not the machine is busy
-        assert cpu_strategy([rows] * 64, dim, hidden, threads=2, busy=busy) == "split"
-    idle = [0] * 60 + [rows] * 4
-    assert cpu_strategy(idle, dim, hidden, threads=2, busy=False) == "split"  # idle experts
+        assert rule([rows] * 64, busy=busy) == "split"
+    assert rule([0] * 60 + [rows] * 4) == "split"  # idle experts
     small = [rows - 1] * 64
-    assert cpu_strategy(small, dim, hidden, threads=2, busy=False) == "phases"  # little work
-    assert cpu_strategy(small, dim, hidden, threads=2, busy=True) == "split"  # ... but busy
-    assert cpu_strategy([1] * 64, dim, hidden, threads=2, busy=False) == "phases"  # decode
+    assert rule(small) == "phases"  # little work ...
+    assert rule(small, busy=True) == "split"  # ... but busy
+    ones = [1] * 64  # a decode step: one row per expert, phase-wise even with much work
+    for busy in (False, True):
+        assert rule(ones, busy=busy, dim=10 * work) == "phases"
+    assert rule([2] * 64, dim=work) == "split"
     hot = [10 * rows, rows, rows, rows, rows]
     for busy in (False, True):  # never split: one thread, too few experts, a hot expert
-        assert cpu_strategy([rows] * 64, dim, hidden, threads=1, busy=busy) == "phases"
-        assert cpu_strategy([rows] * 3, dim, hidden, threads=2, busy=busy) == "phases"
-        assert cpu_strategy(hot, dim, hidden, threads=2, busy=busy) == "phases"
+        assert rule([rows] * 64, threads=1, busy=busy) == "phases"
+        assert rule([rows] * 3, busy=busy) == "phases"
+        assert rule(hot, busy=busy) == "phases"
+
+
+def test_no_team_without_openmp_or_libgomp(monkeypatch):
+    find_team = cpu_threads.openmp_team.__wrapped__  # uncached
+    monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "ATen parallel backend: native")
+    assert find_team() is None
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_threads, "_loaded_libgomp", lambda: None)
+    assert find_team() is None
+
+
+@needs_team
+def test_split_inside_split_runs_in_one_thread():
+    """A split pass started from a worker (a nested OpenMP region: one thread) finishes."""
+    calls = []
+
+    def outer(e, start, count):
+        run_split(lambda *task: calls.append(task), [1, 2], workers=2)
+
+    run_split(outer, [1, 1, 1], workers=2)
+    assert sorted(calls) == sorted([(0, 0, 1), (1, 1, 2)] * 3)
+
+
+@needs_team
+def test_split_from_two_python_threads_at_once():
+    """Each calling thread gets its own OpenMP team; the results are the usual bits."""
+    case = DispatchCase(300, 24, 16, 12, 3, bias=True, seed=5)
+    x, experts, weights, bank = case.build(torch.float32)
+    with forced_strategy("split"):
+        want = grouped_dispatch(x, experts, weights, bank)
+    got, errors = [], []
+
+    def call():
+        try:
+            with forced_strategy("split"):
+                for _ in range(5):
+                    got.append(grouped_dispatch(x, experts, weights, bank))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    callers = [threading.Thread(target=call) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert not errors and len(got) == 10
+    assert all(torch.equal(g, want) for g in got)
+
+
+def test_the_team_splits_smaller_experts_than_the_pool():
+    assert SPLIT_MIN_WORK_PER_EXPERT["team"] < SPLIT_MIN_WORK_PER_EXPERT["pool"]
+    if openmp_team() is not None:  # the default runner where there is a team
+        assert cpu_threads._runner() == "team"
 
 
 class _FakeClock:
@@ -304,6 +419,9 @@ def test_machine_busy_sees_a_spinning_process(monkeypatch):
 def test_forced_strategy_is_validated_and_restored():
     with pytest.raises(ValueError, match="valid: phases, split"):
         with forced_strategy("fast"):
+            pass
+    with pytest.raises(ValueError, match="valid: team, pool"):
+        with forced_strategy("split", "threads"):
             pass
     with forced_strategy("split"):
         assert cpu_strategy([1], 4, 4) == "split"

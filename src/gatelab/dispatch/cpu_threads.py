@@ -4,15 +4,25 @@ The grouped dispatcher runs each phase (gather, first GEMM, activation, second G
 all experts in turn, every op using torch's intra-op threads. With many small experts
 that is many small two-thread ops, each ending in a barrier between the threads: on an
 idle machine the barriers cost little, but when another process takes a core each
-barrier waits for a descheduled thread (a scheduler time slice, milliseconds).
+barrier waits for a descheduled thread (a scheduler time slice, milliseconds), and MKL's
+small GEMMs use two threads less well than two one-thread GEMMs side by side.
 
-"split" runs the experts instead on a pool of workers, one per intra-op thread, each
-doing the whole forward (or backward) of one expert after another with single-threaded
-ops. Workers take the next expert from a shared queue, largest first, so a worker that
-is descheduled simply takes fewer experts: one join per pass instead of one barrier per
-op. Each expert's rows and weights are disjoint slices, so the result does not depend
-on which worker ran which expert (the same bits as the phase-wise path when MKL's
-single-threaded GEMM gives the bits of its multi-threaded one, and the same bits run to run).
+"split" runs the experts instead on one worker per intra-op thread, each doing the whole
+forward (or backward) of one expert after another with single-threaded ops. Workers take
+the next expert from a shared queue, largest first, so a worker that is descheduled
+simply takes fewer experts: one join per pass instead of one barrier per op. Each
+expert's rows and weights are disjoint slices, so the result does not depend on which
+worker ran which expert (the same bits as the phase-wise path when MKL's single-threaded
+GEMM gives the bits of its multi-threaded one, and the same bits run to run).
+
+The workers are torch's own OpenMP threads where torch runs on OpenMP (its Linux wheels):
+:func:`run_split` opens a parallel region of torch's OpenMP runtime (``GOMP_parallel``
+through ctypes) whose threads run the Python work. Inside the region torch's ops and
+MKL run single-threaded, as they do in any nested region; no thread count is changed
+and no extra thread competes with the team, which keeps spinning for milliseconds after
+each parallel op (libgomp's busy-wait) and used to take a core from separate workers.
+Elsewhere the workers are a pool of single-threaded Python threads, and split is kept to
+larger experts (:data:`SPLIT_MIN_WORK_PER_EXPERT`).
 
 :func:`cpu_strategy` chooses between the two at run time from the shape and, for small
 experts, from whether other processes hold the cores (:func:`machine_busy`). The two give
@@ -24,7 +34,10 @@ thresholds are in ``benchmarks/cpu_notes.py`` and docs/benchmarks.md ("CPU strat
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,38 +46,54 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 STRATEGIES = ("phases", "split")
+RUNNERS = ("team", "pool")
+"""Where split's workers run: torch's OpenMP team, or a pool of Python threads."""
 
 # "split" needs enough experts to keep every worker busy while the last ones finish: with
 # fewer than this many active experts per worker the join waits on one worker's last expert.
 SPLIT_MIN_EXPERTS_PER_WORKER = 2
-# Split only experts with at least this much work (multiply-adds rows * D * F on average
-# per active expert, ~0.7 ms of single-threaded GEMM per projection). Below it the hand-off
-# costs more than the barriers it saves: it wakes two threads while the caller's OpenMP
-# team still spins after its last parallel op (libgomp busy-waits for milliseconds after
-# a parallel region), so one worker loses its core for a scheduler slice: 4-7 ms stalls
-# in a 10 ms call of 16 experts of 256 x 256 x 128 (shape 4096,256,128,16,1: phases 6.8
-# ms, split 10.3 ms idle), and at one token per call (decode) greedy generate() ran 25%
-# slower. From 32M multiply-adds per expert (note 5's shapes from 4096,512,256,64,8 up)
-# split is as fast as phases idle and faster beside a busy process.
-SPLIT_MIN_WORK_PER_EXPERT = 32 * 2**20
+# Experts of one row (a decode step: at T = 1 each expert gets one row) stay phase-wise:
+# there every thread streams part of one expert's weights (``grouped._one_row_products``),
+# where a split worker streams a whole expert alone and the workers' Python overhead
+# per expert, serialised by the GIL, is as long as the product itself. Measured
+# (note 8): at 1,512,1024,8,2 a layer took 0.66 ms phase-wise and 1.04 ms split on the
+# team; at 8,512,1024,8,2 (2 rows per expert) 3.2 and 3.1 ms, and 3.1 ms split beside a
+# busy process against 6.6 ms phase-wise.
+SPLIT_MIN_ROWS_PER_EXPERT = 2
+# On an idle machine split only experts with at least this much work (multiply-adds
+# rows * D * F on average per active expert), by where split's workers run. On torch's
+# OpenMP team split wins from ~8M (512,512,256,64,8 and 4096,256,128,16,1 up) and loses
+# below ~2M, where each expert's Python overhead, serialised by the GIL, outweighs its
+# GEMMs (note 5: 1024,256,64,32,1 at 0.29 of dense against 0.36 phase-wise). Pool workers
+# need 8x more: the caller's OpenMP team still spins after its last parallel op, so one
+# worker loses its core for a scheduler slice (4-7 ms stalls in a 10 ms call at
+# 4096,256,128,16,1: phases 6.8 ms, pool split 10.3 ms).
+SPLIT_MIN_WORK_PER_EXPERT = {"team": 4 * 2**20, "pool": 32 * 2**20}
 
 _forced = threading.local()
 
 
 @contextlib.contextmanager
-def forced_strategy(name: str | None) -> Iterator[None]:
-    """Make :func:`cpu_strategy` return ``name`` in this thread (None: choose by shape).
+def forced_strategy(name: str | None, runner: str | None = None) -> Iterator[None]:
+    """Make :func:`cpu_strategy` return ``name`` in this thread (None: choose by shape),
+    and split run on ``runner`` (None: the team where there is one).
 
     For the benchmarks and tests that compare the strategies on one shape.
     """
     if name is not None and name not in STRATEGIES:
         raise ValueError(f"unknown CPU strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    previous = getattr(_forced, "name", None)
-    _forced.name = name
+    if runner is not None and runner not in RUNNERS:
+        raise ValueError(f"unknown split runner {runner!r}; valid: {', '.join(RUNNERS)}")
+    if runner == "team" and openmp_team() is None:
+        raise ValueError(
+            "split runner 'team' needs torch on OpenMP (libgomp) on Linux; use runner='pool'"
+        )
+    previous = getattr(_forced, "name", None), getattr(_forced, "runner", None)
+    _forced.name, _forced.runner = name, runner
     try:
         yield
     finally:
-        _forced.name = previous
+        _forced.name, _forced.runner = previous
 
 
 def cpu_strategy(
@@ -79,17 +108,17 @@ def cpu_strategy(
 
     ``threads`` defaults to torch's intra-op thread count, ``busy`` to
     :func:`machine_busy`. Split needs at least two threads, at least
-    ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread and no expert holding more
+    ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread, no expert holding more
     than one thread's share of the rows (a hot expert would run on one thread while the
-    others wait; phase-wise, its GEMMs use every thread). It is then chosen when the
-    experts hold ``SPLIT_MIN_WORK_PER_EXPERT`` multiply-adds each on average, or when
-    other processes hold the cores torch's threads need.
+    others wait; phase-wise, its GEMMs use every thread) and at least
+    ``SPLIT_MIN_ROWS_PER_EXPERT`` rows per active expert on average. It is then chosen
+    when the experts hold ``SPLIT_MIN_WORK_PER_EXPERT[runner]`` multiply-adds each on
+    average, or when other processes hold the cores torch's threads need.
 
     Measured on 2 cores (``benchmarks/cpu_notes.py`` note 5): above the work threshold
-    the two strategies are within a few percent of each other idle, and split is faster
-    beside a busy process (one join per pass instead of a barrier per op); below it
-    phases wins idle, and split still wins beside a busy process (512,512,256,64,8:
-    0.62 against 0.42 of dense speed).
+    split is as fast as phases or faster idle, and faster beside a busy process (one join
+    per pass instead of a barrier per op); below it phases wins idle, and split still
+    wins beside a busy process.
     """
     forced = getattr(_forced, "name", None)
     if forced is not None:
@@ -99,9 +128,9 @@ def cpu_strategy(
     rows = sum(counts)
     if threads < 2 or active < SPLIT_MIN_EXPERTS_PER_WORKER * threads:
         return "phases"
-    if max(counts) * threads > rows:
+    if max(counts) * threads > rows or rows < SPLIT_MIN_ROWS_PER_EXPERT * active:
         return "phases"
-    if rows * dim * hidden_dim >= SPLIT_MIN_WORK_PER_EXPERT * active:
+    if rows * dim * hidden_dim >= SPLIT_MIN_WORK_PER_EXPERT[_runner()] * active:
         return "split"
     busy = machine_busy(threads) if busy is None else busy
     return "split" if busy else "phases"
@@ -176,6 +205,67 @@ def machine_busy(threads: int | None = None) -> bool:
     return _LOAD.other_cores() > _CPUS - threads + BUSY_CORES
 
 
+# -- torch's OpenMP team -----------------------------------------------------------------------
+
+# void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags):
+# libgomp's entry for `#pragma omp parallel`; every thread of the team calls fn(data).
+# ctypes takes the GIL for the callback on each thread and releases it around the call.
+_TEAM_BODY = ctypes.CFUNCTYPE(None, ctypes.py_object)
+
+
+@functools.cache
+def openmp_team() -> Callable[[Callable[[], None], int], None] | None:
+    """``run(fn, threads)``: call ``fn()`` once on each of ``threads`` threads of torch's
+    own OpenMP team, returning when all have finished; None where torch's parallel backend
+    is not OpenMP from a libgomp this process has loaded (Linux only).
+
+    ``fn`` must not raise (ctypes would print the error and go on); :func:`run_split`
+    catches and re-raises.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    path = _loaded_libgomp()
+    if path is None:
+        return None
+    try:
+        parallel = ctypes.CDLL(path).GOMP_parallel
+    except (OSError, AttributeError):
+        return None
+    parallel.argtypes = [_TEAM_BODY, ctypes.py_object, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+    body = _TEAM_BODY(lambda fn: fn())  # kept alive by the closure below
+
+    def run(fn: Callable[[], None], threads: int) -> None:
+        parallel(body, fn, threads, 0)
+
+    return run
+
+
+def _loaded_libgomp() -> str | None:
+    """The path of the libgomp mapped into this process (the one torch links), if any."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if os.path.basename(path).startswith("libgomp"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _runner() -> str:
+    forced = getattr(_forced, "runner", None)
+    if forced is not None:
+        return forced
+    return "team" if openmp_team() is not None else "pool"
+
+
+# -- pool workers (no OpenMP team) -------------------------------------------------------------
+
+
 def _single_threaded() -> None:
     torch.set_num_threads(1)  # thread-local: OpenMP's and MKL's settings of this worker only
 
@@ -202,10 +292,12 @@ def run_split(
     work: Callable[[int, int, int], None], counts: Sequence[int], workers: int | None = None
 ) -> None:
     """Call ``work(expert, start, count)`` for every expert with rows, on ``workers``
-    single-threaded workers (default: torch's intra-op thread count), largest first.
+    single-threaded workers (default: torch's intra-op thread count), largest first:
+    torch's OpenMP team where there is one, else a pool of threads.
 
     ``start`` is the expert's first row in the expert-sorted rows. Returns when every call
-    has finished; the first exception raised by a call is re-raised here.
+    has finished; the first exception raised by a call is re-raised here, after the
+    others have finished.
     """
     workers = torch.get_num_threads() if workers is None else workers
     starts, start = [], 0
@@ -213,13 +305,24 @@ def run_split(
         starts.append(start)
         start += count
     tasks = sorted(((e, starts[e], c) for e, c in enumerate(counts) if c), key=lambda t: -t[2])
+    if not tasks:
+        return
     queue = iter(tasks)  # next() on a list iterator is atomic under the GIL
+    errors: list[BaseException] = []
 
     def drain() -> None:
-        with torch.no_grad():  # grad mode is thread-local: workers compute raw values
-            for task in queue:
-                work(*task)
+        try:
+            with torch.no_grad():  # grad mode is thread-local: workers compute raw values
+                for task in queue:
+                    work(*task)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+            errors.append(error)
 
-    futures = [_pool(workers).submit(drain) for _ in range(min(workers, len(tasks)))]
-    for future in futures:
-        future.result()
+    threads = min(workers, len(tasks))
+    if _runner() == "team":
+        openmp_team()(drain, threads)
+    else:
+        for future in [_pool(workers).submit(drain) for _ in range(threads)]:
+            future.result()
+    if errors:
+        raise errors[0]
