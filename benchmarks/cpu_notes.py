@@ -1,6 +1,6 @@
 """The measurements behind the CPU dispatch choices (docs/benchmarks.md, "CPU strategies").
 
-    python benchmarks/cpu_notes.py            # all notes, about 3 minutes on 2 cores
+    python benchmarks/cpu_notes.py            # all notes, about 8 minutes on 2 cores
     python benchmarks/cpu_notes.py --only 3   # one note
 
 Everything compared is timed side by side in one process (median of 7 after 3 warm-up
@@ -18,14 +18,19 @@ starts its own busy process for the contended half (``busy_processes``, as
    [rows, 512] @ [512, 512] (why small experts cost more than their FLOPs, and where two
    threads on one GEMM stop paying: ``cpu_threads.SPLIT_MAX_ROWS_PER_EXPERT``).
 5. The two strategies (``cpu_threads``) on MoE layers, fwd+bwd ratio to the equal-FLOP
-   dense MLP, idle and with one busy process: the effect behind ``cpu_strategy``.
-6. The forward GEMMs alone, the experts' (T*k/E rows each) against the dense MLP's: the
-   ratio no dispatcher built on these GEMMs can pass on each shape of the sweep.
+   dense MLP, idle and with one busy process: phases, split on torch's OpenMP team and
+   split on pool workers, on the sweep's training shapes and three with less work per
+   expert: the effects behind ``cpu_strategy`` and ``SPLIT_MIN_WORK_PER_EXPERT``.
+6. The six fwd+bwd GEMMs alone, the experts' (T*k/E rows each) against the dense MLP's,
+   two-thread GEMMs expert after expert (phases) and one-thread GEMMs side by side on the
+   OpenMP team (split): the ratio no dispatcher built on these GEMMs can pass.
 7. A decode step's small ops timed right after a two-thread op, idle and beside a busy
    process: the bmm of W's row blocks on two threads and on one, MKL's one-thread GEMV,
    and index_add_ of two rows on two threads and on one. What one-thread forms would gain
    beside a busy process; the dispatcher does not use them (docs/benchmarks.md: toggling
    the caller's thread count changed split workers' results).
+8. Decode-sized calls (1-16 tokens), phases against split on the team, idle and busy:
+   why experts of one row stay phase-wise (``SPLIT_MIN_ROWS_PER_EXPERT``).
 """
 
 from __future__ import annotations
@@ -142,81 +147,141 @@ def note_gemm_efficiency() -> None:
         torch.set_num_threads(threads)
 
 
+# Shapes below the team's work threshold (rows * D * F per expert: 0.5M, 2M, 4M), added to
+# the sweep's training shapes in note 5 to show where split stops paying idle.
+SMALL_EXPERT_SHAPES = ("1024,256,64,32,1", "256,512,128,64,8", "1024,512,128,64,4")
+
+
+def _strategy_variants(moe):
+    """phases, split on torch's OpenMP team (where there is one) and split on pool workers."""
+    from gatelab.bench.variants import Variant
+    from gatelab.dispatch.cpu_threads import forced_strategy, openmp_team
+
+    forced = {"phases": ("phases", None), "split pool": ("split", "pool")}
+    if openmp_team() is not None:
+        forced["split team"] = ("split", "team")
+    variants = {}
+    for label, (name, runner) in forced.items():
+
+        def forward(x, name=name, runner=runner):
+            with forced_strategy(name, runner):
+                return moe(x)
+
+        variants[label] = Variant(forward, list(moe.parameters()))
+    return variants
+
+
 def note_strategies() -> None:
     from gatelab.bench.common import busy_processes
     from gatelab.bench.moe import measure
-    from gatelab.bench.shapes import SWEEP_TRAINING
-    from gatelab.bench.variants import Variant, build_gatelab_moe, dense_mlp
-    from gatelab.dispatch.cpu_threads import cpu_strategy, forced_strategy
+    from gatelab.bench.shapes import SWEEP_TRAINING, parse_shape
+    from gatelab.bench.variants import build_gatelab_moe, dense_mlp
+    from gatelab.dispatch.cpu_threads import cpu_strategy
 
-    print("5. fwd+bwd ratio dense / MoE (min of 5 round-robin), phases vs split")
+    shapes = [*SWEEP_TRAINING, *(parse_shape(spec) for spec in SMALL_EXPERT_SHAPES)]
+    print("5. fwd+bwd ratio dense / MoE (min of 5 round-robin): phases, split on the OpenMP")
+    print("   team, split on pool workers; and what cpu_strategy picks")
     for contended in (False, True):
         with busy_processes(int(contended)):
-            for shape in SWEEP_TRAINING:
+            for shape in shapes:
                 torch.manual_seed(0)
                 moe = build_gatelab_moe(shape, "cpu", torch.float32)
                 variants = {"dense": dense_mlp(shape, "cpu", torch.float32)}
-                for name in ("phases", "split"):
-
-                    def forward(x, name=name, moe=moe):
-                        with forced_strategy(name):
-                            return moe(x)
-
-                    variants[name] = Variant(forward, list(moe.parameters()))
+                variants.update(_strategy_variants(moe))
                 x = torch.randn(shape.tokens, shape.dim, requires_grad=True)
                 result = measure(variants, x, torch.randn_like(x), 1, 5, None)
                 dense = result["dense"]["fwd_bwd_min_s"]
-                ratios = {n: dense / result[n]["fwd_bwd_min_s"] for n in ("phases", "split")}
+                ratios = "  ".join(
+                    f"{name} {dense / result[name]['fwd_bwd_min_s']:.2f}"
+                    for name in variants
+                    if name != "dense"
+                )
                 with torch.no_grad():
                     counts = moe.router(x).experts.flatten().bincount(minlength=shape.num_experts)
                 chosen = cpu_strategy(counts.tolist(), shape.dim, shape.hidden_dim)
+                work = (
+                    shape.tokens * shape.top_k // shape.num_experts * shape.dim * shape.hidden_dim
+                )
                 print(
                     f"   {'busy' if contended else 'idle'} {shape.spec:18s} "
-                    f"phases {ratios['phases']:.2f}  split {ratios['split']:.2f}  "
-                    f"(auto picks {chosen})"
+                    f"{work / 2**20:6.1f}M/expert  {ratios}  (auto picks {chosen})"
                 )
 
 
-def _expert_gemms(rows: int, dim: int, hidden: int, experts: int):
-    """The forward GEMMs of ``experts`` experts of ``rows`` rows each, into reused outputs."""
+def _expert_gemms(rows: int, dim: int, hidden: int, experts: int, team: bool = False):
+    """The forward and backward GEMMs of ``experts`` experts of ``rows`` rows each, into
+    reused outputs; with ``team``, the experts shared out over torch's OpenMP team (each
+    GEMM single-threaded, as split runs them)."""
+    from gatelab.dispatch.cpu_threads import openmp_team
+
     x, w_in = torch.randn(experts, rows, dim), torch.randn(experts, 2 * hidden, dim)
     act, w_out = torch.randn(experts, rows, hidden), torch.randn(experts, dim, hidden)
     h, y = torch.empty(experts, rows, 2 * hidden), torch.empty(experts, rows, dim)
+    g_w_in, g_w_out = torch.empty_like(w_in), torch.empty_like(w_out)
+    g_act, g_x = torch.empty(experts, rows, hidden), torch.empty_like(x)
+
+    def one(e: int) -> None:
+        torch.mm(x[e], w_in[e].t(), out=h[e])  # forward
+        torch.mm(act[e], w_out[e].t(), out=y[e])
+        torch.mm(y[e], w_out[e], out=g_act[e])  # backward: grad of act, of W_out, ...
+        torch.mm(y[e].t(), act[e], out=g_w_out[e])
+        torch.mm(h[e].t(), x[e], out=g_w_in[e])  # ... of W_in, of x
+        torch.mm(h[e], w_in[e], out=g_x[e])
 
     def run():
         for e in range(experts):
-            torch.mm(x[e], w_in[e].t(), out=h[e])
-            torch.mm(act[e], w_out[e].t(), out=y[e])
+            one(e)
 
-    return run
+    def run_on_team():
+        queue = iter(range(experts))
+
+        def drain():
+            for e in queue:
+                one(e)
+
+        openmp_team()(drain, torch.get_num_threads())
+
+    return run_on_team if team else run
 
 
-def _alternating_min_ms(a, b, rounds: int = 9) -> tuple[float, float]:
-    """Fastest of ``rounds`` calls of each, a and b alternating (load falls on both)."""
-    a(), b()
-    times = ([], [])
+def _dense_gemms(tokens: int, dim: int, hidden: int):
+    """The dense MLP's six GEMMs (forward and backward) of ``tokens`` rows."""
+    return _expert_gemms(tokens, dim, hidden, 1)
+
+
+def _alternating_min_ms(*fns, rounds: int = 9) -> list[float]:
+    """Fastest of ``rounds`` calls of each, the calls alternating (load falls on all)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, out in zip((a, b), times, strict=True):
+        for fn, out in zip(fns, times, strict=True):
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
-    return min(times[0]) * 1e3, min(times[1]) * 1e3
+    return [min(t) * 1e3 for t in times]
 
 
 def note_gemm_ceiling() -> None:
-    print("6. forward GEMMs alone (fastest of 9, alternating): E experts of T*k/E rows each")
     from gatelab.bench.shapes import SWEEP_TRAINING
+    from gatelab.dispatch.cpu_threads import openmp_team
 
+    print("6. the six fwd+bwd GEMMs alone (fastest of 9, alternating): E experts of T*k/E")
+    print("   rows each, two-thread GEMMs one expert after another (phases) and one-thread")
+    print("   GEMMs side by side on the OpenMP team (split), against the dense MLP's")
+    team = openmp_team() is not None
     for shape in SWEEP_TRAINING:
         t, d, f, e, k = shape.tokens, shape.dim, shape.hidden_dim, shape.num_experts, shape.top_k
         rows = max(1, t * k // e)
-        experts, dense = _alternating_min_ms(
-            _expert_gemms(rows, d, f, e), _expert_gemms(t, d, k * f, 1)
+        fns = [_dense_gemms(t, d, k * f), _expert_gemms(rows, d, f, e)]
+        if team:
+            fns.append(_expert_gemms(rows, d, f, e, team=True))
+        dense, *experts = _alternating_min_ms(*fns)
+        ceilings = "  ".join(
+            f"{name} {ms:7.2f} ms (ceiling {dense / ms:.2f})"
+            for name, ms in zip(("phases", "split"), experts, strict=False)
         )
-        print(
-            f"   {shape.spec:18s} experts {experts:7.2f} ms  dense {dense:7.2f} ms  "
-            f"ceiling of the ratio {dense / experts:.2f}"
-        )
+        print(f"   {shape.spec:18s} dense {dense:7.2f} ms  {ceilings}")
 
 
 def _after_a_parallel_op_ms(op, repeats: int = 300) -> tuple[float, float]:
@@ -278,6 +343,59 @@ def note_decode_beside_a_busy_process() -> None:
                 print(f"   {label} {name:34s} {median:6.3f} / {mean:6.3f}")
 
 
+def note_decode_rows() -> None:
+    from gatelab.bench.common import busy_processes
+    from gatelab.dispatch import grouped_dispatch
+    from gatelab.dispatch.cpu_threads import forced_strategy, openmp_team
+    from gatelab.experts import GLU, ExpertWeights
+
+    print("8. decode-sized calls, ms per layer (median of 15, round-robin; the layers'")
+    print("   weights, ~300 MB, stream from memory): phases vs split on the team")
+    if openmp_team() is None:
+        print("   (skipped: torch's parallel backend here is not OpenMP on libgomp)")
+        return
+    shapes = (
+        (1, 512, 1024, 8, 2),
+        (1, 512, 128, 64, 8),
+        (8, 512, 1024, 8, 2),
+        (16, 2048, 512, 64, 8),
+    )
+    for busy in (0, 1):
+        with busy_processes(busy), torch.no_grad():
+            for t, d, f, e, k in shapes:
+                layers = max(1, 300 * 2**20 // (e * 3 * f * d * 4))
+                banks = [
+                    ExpertWeights(
+                        torch.randn(e, 2 * f, d) * 0.05,
+                        torch.randn(e, d, f) * 0.05,
+                        None,
+                        None,
+                        GLU("silu"),
+                    )
+                    for _ in range(layers)
+                ]
+                x, weights = torch.randn(t, d), torch.softmax(torch.randn(t, k), -1)
+                ids = [torch.stack([torch.randperm(e)[:k] for _ in range(t)]) for _ in banks]
+
+                def call(strategy, banks=banks, ids=ids, x=x, weights=weights):
+                    with forced_strategy(strategy):
+                        for bank, experts in zip(banks, ids, strict=True):
+                            grouped_dispatch(x, experts, weights, bank, deterministic=True)
+
+                times = {"phases": [], "split": []}
+                for name in times:
+                    call(name)
+                for _ in range(15):
+                    for name, out in times.items():
+                        start = time.perf_counter()
+                        call(name)
+                        out.append((time.perf_counter() - start) / layers * 1e3)
+                label = "busy" if busy else "idle"
+                rows = t * k / min(e, t * k)  # per active expert, at most
+                medians = "  ".join(f"{n} {sorted(v)[7]:6.3f}" for n, v in times.items())
+                print(f"   {label} {t},{d},{f},{e},{k} (~{rows:.1f} rows/expert)  {medians}")
+
+
 NOTES = {
     1: note_fresh_output,
     2: note_fresh_weight_grad,
@@ -286,6 +404,7 @@ NOTES = {
     5: note_strategies,
     6: note_gemm_ceiling,
     7: note_decode_beside_a_busy_process,
+    8: note_decode_rows,
 }
 
 

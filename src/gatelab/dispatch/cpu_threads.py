@@ -55,19 +55,19 @@ SPLIT_MIN_EXPERTS_PER_WORKER = 2
 # Experts of one row (a decode step: at T = 1 each expert gets one row) stay phase-wise:
 # there every thread streams part of one expert's weights (``grouped._one_row_products``),
 # where a split worker streams a whole expert alone and the workers' Python overhead
-# per expert, serialised by the GIL, is as long as the product itself. Measured
-# (note 8): at 1,512,1024,8,2 a layer took 0.66 ms phase-wise and 1.04 ms split on the
-# team; at 8,512,1024,8,2 (2 rows per expert) 3.2 and 3.1 ms, and 3.1 ms split beside a
-# busy process against 6.6 ms phase-wise.
+# per expert, serialised by the GIL, is as long as the product itself. Measured (note 8,
+# ms per layer, weights from memory): at 1,512,128,64,8 phases 0.39 and split on the team
+# 0.93 idle, 0.54 and 2.97 beside a busy process; at 16,2048,512,64,8 (2 rows per expert)
+# 33.3 and 29.9 idle, 75.0 and 40.1 busy.
 SPLIT_MIN_ROWS_PER_EXPERT = 2
 # On an idle machine split only experts with at least this much work (multiply-adds
 # rows * D * F on average per active expert), by where split's workers run. On torch's
-# OpenMP team split wins from ~8M (512,512,256,64,8 and 4096,256,128,16,1 up) and loses
-# below ~2M, where each expert's Python overhead, serialised by the GIL, outweighs its
-# GEMMs (note 5: 1024,256,64,32,1 at 0.29 of dense against 0.36 phase-wise). Pool workers
-# need 8x more: the caller's OpenMP team still spins after its last parallel op, so one
-# worker loses its core for a scheduler slice (4-7 ms stalls in a 10 ms call at
-# 4096,256,128,16,1: phases 6.8 ms, pool split 10.3 ms).
+# OpenMP team split loses at 0.25-0.5M, where each expert's Python overhead, serialised
+# by the GIL, outweighs its GEMMs (1024,256,64,32,1: 0.29 of dense against 0.36
+# phase-wise), is within noise of phases at 2-4M and ahead from 8M (note 5: 512,512,256,
+# 64,8 at 0.68 against 0.63). Pool workers need 8x more: the caller's OpenMP team still
+# spins after its last parallel op, so one worker loses its core for a scheduler slice
+# (4-7 ms stalls in a 10 ms call at 4096,256,128,16,1: phases 6.8 ms, pool split 10.3 ms).
 SPLIT_MIN_WORK_PER_EXPERT = {"team": 4 * 2**20, "pool": 32 * 2**20}
 
 _forced = threading.local()
@@ -117,8 +117,8 @@ def cpu_strategy(
 
     Measured on 2 cores (``benchmarks/cpu_notes.py`` note 5): above the work threshold
     split is as fast as phases or faster idle, and faster beside a busy process (one join
-    per pass instead of a barrier per op); below it phases wins idle, and split still
-    wins beside a busy process.
+    per pass instead of a barrier per op); below it phases is as fast or faster idle, and
+    split still wins beside a busy process.
     """
     forced = getattr(_forced, "name", None)
     if forced is not None:
