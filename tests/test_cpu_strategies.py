@@ -310,6 +310,20 @@ def test_no_team_without_openmp_or_libgomp(monkeypatch):
     assert find_team() is None
 
 
+def test_torchs_libgomp_is_told_from_other_packages_copies():
+    torch_dir = "/env/site-packages/torch"
+    sklearn = "/env/site-packages/scikit_learn.libs/libgomp-e985bcbb.so.1.0.0"
+    system = "/usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    wheel = torch_dir + "/lib/libgomp.so.1"
+    find = cpu_threads._torchs_libgomp
+    assert find({sklearn, wheel, "/usr/lib/libc.so.6"}, torch_dir) == wheel
+    assert find({sklearn, system}, torch_dir) == system  # a torch built on the system's
+    assert find({sklearn}, torch_dir) is None
+    other = "/env/site-packages/torch_other/libgomp-1a2b.so.1"  # not inside torch's folder
+    assert find({other}, torch_dir) is None
+    assert find(set(), torch_dir) is None
+
+
 @needs_team
 def test_split_inside_split_runs_in_one_thread():
     """A split pass started from a worker (a nested OpenMP region: one thread) finishes."""

@@ -244,16 +244,26 @@ def openmp_team() -> Callable[[Callable[[], None], int], None] | None:
 
 
 def _loaded_libgomp() -> str | None:
-    """The path of the libgomp mapped into this process (the one torch links), if any."""
+    """The path of the libgomp torch runs on, among those mapped into this process."""
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rstrip("\n").split(maxsplit=5)[-1]
-                if os.path.basename(path).startswith("libgomp"):
-                    return path
+            mapped = {line.rstrip("\n").split(maxsplit=5)[-1] for line in maps}
     except OSError:
-        pass
-    return None
+        return None
+    return _torchs_libgomp(mapped, os.path.dirname(torch.__file__))
+
+
+def _torchs_libgomp(mapped: set[str], torch_dir: str) -> str | None:
+    """Of the ``mapped`` paths, torch's libgomp: the one inside torch's package (its PyPI
+    wheels bundle one), else a sole system ``libgomp.so.1``. Other packages bundle their
+    own copies under other names (scikit-learn's ``libgomp-<hash>.so.1.0.0``): their
+    threads are not torch's team, so they are never taken."""
+    libgomps = sorted(p for p in mapped if os.path.basename(p).startswith("libgomp"))
+    inside = [p for p in libgomps if p.startswith(os.path.join(torch_dir, ""))]
+    if inside:
+        return inside[0]
+    plain = [p for p in libgomps if os.path.basename(p) == "libgomp.so.1"]
+    return plain[0] if len(plain) == 1 else None
 
 
 def _runner() -> str:
