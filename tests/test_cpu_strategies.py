@@ -324,6 +324,17 @@ def test_torchs_libgomp_is_told_from_other_packages_copies():
     assert find(set(), torch_dir) is None
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_one_workers_work_runs_in_the_calling_thread(runner):
+    """One expert, or one worker: no region or pool (a one-thread OpenMP region would let
+    the ops inside open two-thread regions of their own)."""
+    caller, seen = threading.get_ident(), []
+    with forced_strategy(None, runner):
+        run_split(lambda *task: seen.append(threading.get_ident()), [0, 3, 0], workers=2)
+        run_split(lambda *task: seen.append(threading.get_ident()), [1, 3, 2], workers=1)
+    assert seen == [caller] * 4
+
+
 @needs_team
 def test_split_inside_split_runs_in_one_thread():
     """A split pass started from a worker (a nested OpenMP region: one thread) finishes."""

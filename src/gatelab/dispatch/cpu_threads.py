@@ -305,8 +305,9 @@ def run_split(
     single-threaded workers (default: torch's intra-op thread count), largest first:
     torch's OpenMP team where there is one, else a pool of threads.
 
-    ``start`` is the expert's first row in the expert-sorted rows. Returns when every call
-    has finished; the first exception raised by a call is re-raised here, after the
+    ``start`` is the expert's first row in the expert-sorted rows. With one worker's work
+    (one expert, or one worker) the calls run in the calling thread. Returns when every
+    call has finished; the first exception raised by a call is re-raised here, after the
     others have finished.
     """
     workers = torch.get_num_threads() if workers is None else workers
@@ -329,7 +330,9 @@ def run_split(
             errors.append(error)
 
     threads = min(workers, len(tasks))
-    if _runner() == "team":
+    if threads == 1:  # one worker's work: the caller's own thread does it, as phases would
+        drain()
+    elif _runner() == "team":
         openmp_team()(drain, threads)
     else:
         for future in [_pool(workers).submit(drain) for _ in range(threads)]:
