@@ -275,6 +275,21 @@ def test_run_split_reraises_a_workers_error(runner):
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
+def test_a_workers_error_stops_the_others_early(runner):
+    calls = []
+
+    def fail_first(e, start, count):
+        calls.append(e)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        time.sleep(0.005)
+
+    with forced_strategy(None, runner), pytest.raises(KeyboardInterrupt):
+        run_split(fail_first, [1] * 40, workers=2)
+    assert len(calls) < 40
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_rule_depends_on_threads_experts_rows_work_and_balance(runner):
     work = SPLIT_MIN_WORK_PER_EXPERT[runner]
     dim, hidden = 512, 256

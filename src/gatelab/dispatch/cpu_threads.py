@@ -307,8 +307,8 @@ def run_split(
 
     ``start`` is the expert's first row in the expert-sorted rows. With one worker's work
     (one expert, or one worker) the calls run in the calling thread. Returns when every
-    call has finished; the first exception raised by a call is re-raised here, after the
-    others have finished.
+    call has finished; the first exception raised by a call (Ctrl-C included) is re-raised
+    here, once the other workers have finished the calls they were in.
     """
     workers = torch.get_num_threads() if workers is None else workers
     starts, start = [], 0
@@ -325,6 +325,8 @@ def run_split(
         try:
             with torch.no_grad():  # grad mode is thread-local: workers compute raw values
                 for task in queue:
+                    if errors:  # another worker failed (or was interrupted): stop early
+                        return
                     work(*task)
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller
             errors.append(error)
