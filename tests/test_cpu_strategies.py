@@ -198,9 +198,9 @@ def test_pool_workers_are_single_threaded():
 
 @needs_team
 def test_team_workers_run_inside_torchs_openmp_region():
-    """On the team each call runs inside an OpenMP parallel region of the libgomp torch
-    uses (so torch's ops and MKL run single-threaded there), on up to ``workers`` threads,
-    and nothing changes the caller's thread count."""
+    """On the team each call runs inside an active OpenMP parallel region of the libgomp
+    torch uses, on up to ``workers`` threads, and nothing changes the caller's thread
+    count."""
     gomp = ctypes.CDLL(cpu_threads._loaded_libgomp())
     threads = torch.get_num_threads()
     seen = []
@@ -216,17 +216,13 @@ def test_team_workers_run_inside_torchs_openmp_region():
 
 
 @needs_team
-def test_team_gemm_gives_the_bits_of_a_one_thread_gemm():
-    """A GEMM inside the team's region is MKL's single-threaded GEMM."""
-    a, b = torch.randn(96, 200), torch.randn(200, 80)
-    out = []
-    cpu_threads.openmp_team()(lambda: out.append(a @ b), 1)
-    torch.set_num_threads(1)
-    try:
-        want = a @ b
-    finally:
-        torch.set_num_threads(THREADS)
-    assert torch.equal(out[0], want)
+def test_regions_opened_inside_the_team_run_on_one_thread():
+    """What makes the workers' ops single-threaded: a parallel region opened inside the
+    team's (as torch's ops and MKL open theirs) gets a team of one thread."""
+    gomp = ctypes.CDLL(cpu_threads._loaded_libgomp())
+    team, sizes = openmp_team(), []
+    team(lambda: team(lambda: sizes.append(gomp.omp_get_num_threads()), 2), 2)
+    assert sizes == [1, 1]
 
 
 def test_dispatch_never_changes_the_callers_thread_count(monkeypatch):
