@@ -147,7 +147,7 @@ def note_gemm_efficiency() -> None:
         torch.set_num_threads(threads)
 
 
-# Shapes below the team's work threshold (rows * D * F per expert: 0.5M, 2M, 4M), added to
+# Shapes at and below the team's work threshold (rows * D * F per expert: 0.5M, 2M, 4M), added to
 # the sweep's training shapes in note 5 to show where split stops paying idle.
 SMALL_EXPERT_SHAPES = ("1024,256,64,32,1", "256,512,128,64,8", "1024,512,128,64,4")
 
