@@ -1,6 +1,6 @@
 """The measurements behind the CPU dispatch choices (docs/benchmarks.md, "CPU strategies").
 
-    python benchmarks/cpu_notes.py            # all notes, about 8 minutes on 2 cores
+    python benchmarks/cpu_notes.py            # all notes, about 15 minutes on 2 cores
     python benchmarks/cpu_notes.py --only 3   # one note
 
 Everything compared is timed side by side in one process (median of 7 after 3 warm-up
@@ -18,12 +18,14 @@ starts its own busy process for the contended half (``busy_processes``, as
    [rows, 512] @ [512, 512] (why small experts cost more than their FLOPs, and where two
    threads on one GEMM stop paying: ``cpu_threads.SPLIT_MAX_ROWS_PER_EXPERT``).
 5. The two strategies (``cpu_threads``) on MoE layers, fwd+bwd ratio to the equal-FLOP
-   dense MLP, idle and with one busy process: phases, split on torch's OpenMP team and
-   split on pool workers, on the sweep's training shapes and three with less work per
+   dense MLP, idle and with one busy process: phases (its GEMMs MKL batched calls, and
+   as a torch.mm loop), split on torch's OpenMP team and split on pool workers, on the sweep's training shapes and three with less work per
    expert: the effects behind ``cpu_strategy`` and ``SPLIT_MIN_WORK_PER_EXPERT``.
 6. The six fwd+bwd GEMMs alone, the experts' (T*k/E rows each) against the dense MLP's,
-   two-thread GEMMs expert after expert (phases) and one-thread GEMMs side by side on the
-   OpenMP team (split): the ratio no dispatcher built on these GEMMs can pass.
+   idle and beside a busy process: two-thread GEMMs expert after expert (the torch.mm
+   loop), one MKL batched call per GEMM (``gemm_batch``, phases) and one-thread GEMMs
+   side by side on the OpenMP team (split): the ratio no dispatcher built on these GEMMs
+   can pass, and why phases batches its GEMMs.
 7. A decode step's small ops timed right after a two-thread op, idle and beside a busy
    process: the bmm of W's row blocks on two threads and on one, MKL's one-thread GEMV,
    and index_add_ of two rows on two threads and on one. What one-thread forms would gain
@@ -153,19 +155,24 @@ SMALL_EXPERT_SHAPES = ("1024,256,64,32,1", "256,512,128,64,8", "1024,512,128,64,
 
 
 def _strategy_variants(moe):
-    """phases, split on torch's OpenMP team (where there is one) and split on pool workers."""
+    """phases (GEMMs in MKL batched calls, and as a torch.mm loop), split on torch's
+    OpenMP team (where there is one) and split on pool workers."""
     from gatelab.bench.variants import Variant
+    from gatelab.dispatch import gemm_batch
     from gatelab.dispatch.cpu_threads import forced_strategy, openmp_team
 
-    forced = {"phases": ("phases", None), "split pool": ("split", "pool")}
+    forced = {"phases": ("phases", None), "phases mm-loop": ("phases", "loop")}
+    forced["split pool"] = ("split", "pool")
     if openmp_team() is not None:
         forced["split team"] = ("split", "team")
     variants = {}
     for label, (name, runner) in forced.items():
 
         def forward(x, name=name, runner=runner):
-            with forced_strategy(name, runner):
-                return moe(x)
+            loop = runner == "loop"
+            with forced_strategy(name, None if loop else runner):
+                with gemm_batch.disabled() if loop else contextlib.nullcontext():
+                    return moe(x)
 
         variants[label] = Variant(forward, list(moe.parameters()))
     return variants
@@ -179,8 +186,9 @@ def note_strategies() -> None:
     from gatelab.dispatch.cpu_threads import cpu_strategy
 
     shapes = [*SWEEP_TRAINING, *(parse_shape(spec) for spec in SMALL_EXPERT_SHAPES)]
-    print("5. fwd+bwd ratio dense / MoE (min of 5 round-robin): phases, split on the OpenMP")
-    print("   team, split on pool workers; and what cpu_strategy picks")
+    print("5. fwd+bwd ratio dense / MoE (min of 5 round-robin): phases (MKL batched GEMMs),")
+    print("   phases with a torch.mm loop, split on pool workers, split on the OpenMP team;")
+    print("   and what cpu_strategy picks")
     for contended in (False, True):
         with busy_processes(int(contended)):
             for shape in shapes:
@@ -208,10 +216,14 @@ def note_strategies() -> None:
                 )
 
 
-def _expert_gemms(rows: int, dim: int, hidden: int, experts: int, team: bool = False):
+def _expert_gemms(
+    rows: int, dim: int, hidden: int, experts: int, team: bool = False, batched: bool = False
+):
     """The forward and backward GEMMs of ``experts`` experts of ``rows`` rows each, into
     reused outputs; with ``team``, the experts shared out over torch's OpenMP team (each
-    GEMM single-threaded, as split runs them)."""
+    GEMM single-threaded, as split runs them); with ``batched``, each of the six an MKL
+    batched call over all experts (``gemm_batch``, as phases runs them)."""
+    from gatelab.dispatch import gemm_batch
     from gatelab.dispatch.cpu_threads import openmp_team
 
     x, w_in = torch.randn(experts, rows, dim), torch.randn(experts, 2 * hidden, dim)
@@ -231,6 +243,22 @@ def _expert_gemms(rows: int, dim: int, hidden: int, experts: int, team: bool = F
     def run():
         for e in range(experts):
             one(e)
+
+    counts = torch.full((experts,), rows)
+    flat = {name: t.view(experts * rows, -1) for name, t in (("x", x), ("act", act), ("h", h))}
+    flat.update({name: t.view(experts * rows, -1) for name, t in (("y", y), ("g_act", g_act))})
+    flat["g_x"] = g_x.view(experts * rows, -1)
+
+    def run_batched():
+        gemm_batch.linear(flat["x"], w_in, counts, flat["h"])
+        gemm_batch.linear(flat["act"], w_out, counts, flat["y"])
+        gemm_batch.linear(flat["y"], w_out.transpose(1, 2), counts, flat["g_act"])
+        gemm_batch.weight_grad(flat["y"], flat["act"], counts, g_w_out)
+        gemm_batch.weight_grad(flat["h"], flat["x"], counts, g_w_in)
+        gemm_batch.linear(flat["h"], w_in.transpose(1, 2), counts, flat["g_x"])
+
+    if batched:
+        return run_batched
 
     def run_on_team():
         queue = iter(range(experts))
@@ -263,25 +291,32 @@ def _alternating_min_ms(*fns, rounds: int = 9) -> list[float]:
 
 
 def note_gemm_ceiling() -> None:
+    from gatelab.bench.common import busy_processes
     from gatelab.bench.shapes import SWEEP_TRAINING
     from gatelab.dispatch.cpu_threads import openmp_team
 
     print("6. the six fwd+bwd GEMMs alone (fastest of 9, alternating): E experts of T*k/E")
-    print("   rows each, two-thread GEMMs one expert after another (phases) and one-thread")
-    print("   GEMMs side by side on the OpenMP team (split), against the dense MLP's")
-    team = openmp_team() is not None
-    for shape in SWEEP_TRAINING:
-        t, d, f, e, k = shape.tokens, shape.dim, shape.hidden_dim, shape.num_experts, shape.top_k
-        rows = max(1, t * k // e)
-        fns = [_dense_gemms(t, d, k * f), _expert_gemms(rows, d, f, e)]
-        if team:
-            fns.append(_expert_gemms(rows, d, f, e, team=True))
-        dense, *experts = _alternating_min_ms(*fns)
-        ceilings = "  ".join(
-            f"{name} {ms:7.2f} ms (ceiling {dense / ms:.2f})"
-            for name, ms in zip(("phases", "split"), experts, strict=False)
-        )
-        print(f"   {shape.spec:18s} dense {dense:7.2f} ms  {ceilings}")
+    print("   rows each: two-thread torch.mm one expert after another (mm-loop), one MKL")
+    print("   batched call per GEMM over all experts (batched, as phases runs them) and")
+    print("   one-thread GEMMs side by side on the OpenMP team (split), against the dense")
+    print("   MLP's; idle, then beside one busy process")
+    arrangements = {"mm-loop": {}, "batched": {"batched": True}}
+    if openmp_team() is not None:
+        arrangements["split"] = {"team": True}
+    for contended in (False, True):
+        with busy_processes(int(contended)):
+            for shape in SWEEP_TRAINING:
+                t, d, f, e = shape.tokens, shape.dim, shape.hidden_dim, shape.num_experts
+                rows = max(1, t * shape.top_k // e)
+                fns = [_dense_gemms(t, d, shape.top_k * f)]
+                fns += [_expert_gemms(rows, d, f, e, **how) for how in arrangements.values()]
+                dense, *experts = _alternating_min_ms(*fns)
+                ceilings = "  ".join(
+                    f"{name} {ms:7.2f} ms ({dense / ms:.2f})"
+                    for name, ms in zip(arrangements, experts, strict=True)
+                )
+                label = "busy" if contended else "idle"
+                print(f"   {label} {shape.spec:18s} dense {dense:7.2f} ms  {ceilings}")
 
 
 def _after_a_parallel_op_ms(op, repeats: int = 300) -> tuple[float, float]:

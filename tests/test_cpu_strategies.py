@@ -1,8 +1,8 @@
 """The grouped dispatcher's CPU strategies (issue 17), each against the loop oracle.
 
-``phases`` (each phase over all experts, multi-threaded ops) and ``split`` (each expert's
-whole pass on one single-threaded worker) are forced in turn with
-``cpu_threads.forced_strategy``; both must equal the loop dispatcher in float64, outputs
+``phases`` (each phase over all experts, multi-threaded ops; its GEMMs one MKL batched
+call, or a loop of torch.mm) and ``split`` (each expert's whole pass on one
+single-threaded worker) are forced in turn with ``cpu_threads.forced_strategy``; all must equal the loop dispatcher in float64, outputs
 and every gradient, on random shapes and on the edge cases, and the inference path (no
 autograd node) must equal the training path. :func:`cpu_strategy`'s rule is tested on
 shapes and a stated machine load, and the load reading on faked counters, never on timings.
@@ -10,6 +10,7 @@ shapes and a stated machine load, and the load reading on faked counters, never 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -22,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatelab.bench.common import busy_processes
-from gatelab.dispatch import cpu_threads, grouped_dispatch, loop_dispatch
+from gatelab.dispatch import cpu_threads, gemm_batch, grouped_dispatch, loop_dispatch
 from gatelab.dispatch.cpu_threads import (
     BUSY_CORES,
     LOAD_WINDOW_S,
@@ -35,9 +36,10 @@ from gatelab.dispatch.cpu_threads import (
 )
 from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
 
-STRATEGIES = ("phases", "split", "split-pool")
-"""What the tests force: phase-wise, split on its default runner (torch's OpenMP team
-where torch runs on libgomp), split on pool workers."""
+STRATEGIES = ("phases", "phases-loop", "split", "split-pool")
+"""What the tests force: phase-wise (its GEMMs one MKL batched call where torch has MKL),
+phase-wise looping over experts with torch.mm, split on its default runner (torch's
+OpenMP team where torch runs on libgomp), split on pool workers."""
 RUNNERS = ("pool", "team") if openmp_team() is not None else ("pool",)
 THREADS = torch.get_num_threads()
 needs_team = pytest.mark.skipif(
@@ -46,11 +48,14 @@ needs_team = pytest.mark.skipif(
 NAMES = ["x", "weights", "w_in", "w_out", "b_in", "b_out"]
 
 
+@contextlib.contextmanager
 def forced(variant: str | None):
     """``forced_strategy`` for one of ``STRATEGIES`` (None: the rule's own choice)."""
     name, _, runner = (variant or "").partition("-")
-    name = name or None
-    return forced_strategy(name, runner or None)
+    loop = runner == "loop"
+    with forced_strategy(name or None, None if loop else runner or None):
+        with gemm_batch.disabled() if loop else contextlib.nullcontext():
+            yield
 
 
 def assert_matches_loop(

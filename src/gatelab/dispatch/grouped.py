@@ -1,9 +1,9 @@
 """The grouped dispatcher: sort slots by expert, one grouped GEMM per projection, combine.
 
 ``torch.nn.functional.grouped_mm`` runs each projection for all experts in one call where
-the running torch has a kernel for the dtype, device and alignment; elsewhere (float64,
-odd widths, old torch) a loop of plain matmuls over the same sorted rows gives the same
-result.
+the running torch has a kernel for the dtype, device and alignment; on CPU MKL's batched
+GEMM does (``gemm_batch.py``), and elsewhere (float64 on GPUs, odd widths, old torch) a
+loop of plain matmuls over the same sorted rows gives the same result.
 
 The experts run inside one autograd Function, :class:`GroupedExperts`, so that forward and
 backward touch each [slots, width] tensor as few times as possible:
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
+from . import gemm_batch
 from .checks import check_dispatch_inputs
 from .cpu_threads import cpu_strategy, run_split
 from .grouped_mm import _GROUPED_MM, grouped_mm_op, grouped_mm_supported
@@ -58,12 +59,16 @@ def grouped_linear(
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
     host_counts = counts.tolist()
+    # Experts of gemm_batch.MIN_ROWS rows or more in one MKL call where it runs; the loop
+    # below takes the rest.
+    many = max(host_counts, default=0) >= gemm_batch.MIN_ROWS
+    batched = many and gemm_batch.linear(x, w, counts, out)
     one_row = _one_row_products(x, w, out) if 1 in host_counts else None
     start = 0
     for e, count in enumerate(host_counts):
         if count == 1 and one_row is not None:  # decode: most experts get one row
             one_row(e, start)
-        elif count:
+        elif count and not (batched and count >= gemm_batch.MIN_ROWS):
             rows = slice(start, start + count)
             _rows_linear(x[rows], w[e], out[rows])
         start += count
@@ -141,13 +146,19 @@ def grouped_weight_grad(
     if _use_kernel(grad_t, inp) if kernel is None else kernel:
         return _GROUPED_MM(grad_t, inp, offs=offsets)
     out = grad.new_empty(counts.shape[0], grad.shape[1], inp.shape[1])
+    host_counts = counts.tolist()
+    many = max(host_counts, default=0) >= gemm_batch.MIN_ROWS
+    batched = many and gemm_batch.weight_grad(grad, inp, counts, out)
     start = 0
-    for e, count in enumerate(counts.tolist()):
+    for e, count in enumerate(host_counts):
+        rows = slice(start, start + count)
+        start += count
+        if batched and count >= gemm_batch.MIN_ROWS:
+            continue  # written by the batched call
         if count:
-            torch.mm(grad_t[:, start : start + count], inp[start : start + count], out=out[e])
+            torch.mm(grad_t[:, rows], inp[rows], out=out[e])
         else:
             out[e].zero_()
-        start += count
     return out
 
 
