@@ -130,11 +130,7 @@ def linear(x: Tensor, w: Tensor, counts: Tensor, out: Tensor) -> bool:
         return False
     if _weight_layout(w) is None:
         return False
-    counts = counts.to(torch.int64)
-    starts = counts.cumsum(0) - counts
-    chosen = (counts >= MIN_ROWS).nonzero().squeeze(1)
-    if chosen.numel():
-        _call(_function(x.dtype), _linear_groups(x, w, counts, starts, out, chosen))
+    _call_for_large_experts(_linear_groups, x, w, counts, out)
     return True
 
 
@@ -148,16 +144,20 @@ def weight_grad(grad: Tensor, inp: Tensor, counts: Tensor, out: Tensor) -> bool:
     """
     if out.shape[1] < MIN_ROWS or not (_widths(out) and _takes(grad, inp, out)):
         return False
-    if not out.is_contiguous():
+    if not (out.is_contiguous() and _row_major(grad) and _row_major(inp)):
         return False
-    if not (_row_major(grad) and _row_major(inp)):
-        return False
+    _call_for_large_experts(_weight_grad_groups, grad, inp, counts, out)
+    return True
+
+
+def _call_for_large_experts(groups_of, a: Tensor, b: Tensor, counts: Tensor, out: Tensor):
+    """One batched call over the experts of at least MIN_ROWS rows, its arguments built
+    by ``groups_of(a, b, counts, starts, out, chosen)``."""
     counts = counts.to(torch.int64)
-    starts = counts.cumsum(0) - counts
     chosen = (counts >= MIN_ROWS).nonzero().squeeze(1)
     if chosen.numel():
-        _call(_function(grad.dtype), _weight_grad_groups(grad, inp, counts, starts, out, chosen))
-    return True
+        starts = counts.cumsum(0) - counts
+        _call(_function(a.dtype), groups_of(a, b, counts, starts, out, chosen))
 
 
 def _takes(*tensors: Tensor) -> bool:
