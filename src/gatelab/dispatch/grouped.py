@@ -304,22 +304,34 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
     tokens, counts = routed[1], routed[3]
     xs, hidden, act, kept, y = buffers
     x = x.to(w_in.dtype)
+    host_counts = counts.tolist()
+    # Each expert's rows of every buffer, cut in one call per buffer (a slice per expert
+    # and buffer from Python costs more than the small experts' ops themselves).
+    rows = _per_expert_rows(host_counts, (tokens, xs, hidden, act, kept, y, scale))
+    w_in_e, w_out_e = w_in.unbind(), w_out.unbind()
 
     def expert(e: int, start: int, count: int) -> None:
-        r = slice(start, start + count)
-        torch.index_select(x, 0, tokens[r], out=xs[r])
-        _rows_linear(xs[r], w_in[e], hidden[r])
+        tokens_e, xs_e, hidden_e, act_e, kept_e, y_e, scale_e = rows[e]
+        torch.index_select(x, 0, tokens_e, out=xs_e)
+        _rows_linear(xs_e, w_in_e[e], hidden_e)
         if b_in is not None:
-            hidden[r] += b_in[e]
-        act_r = activation.forward_into(hidden[r], scale[r], act[r], kept[r])
-        if act_r.data_ptr() != act[r].data_ptr():  # an activation that returns a new tensor
-            act[r] = act_r
-        _rows_linear(act[r], w_out[e], y[r])
+            hidden_e += b_in[e]
+        act_r = activation.forward_into(hidden_e, scale_e, act_e, kept_e)
+        if act_r.data_ptr() != act_e.data_ptr():  # an activation that returns a new tensor
+            act_e.copy_(act_r)
+        _rows_linear(act_e, w_out_e[e], y_e)
         if b_out is not None:
-            y[r].addcmul_(scale[r], b_out[e])
+            y_e.addcmul_(scale_e, b_out[e])
 
-    run_split(expert, counts.tolist())
+    run_split(expert, host_counts)
     return hidden, act, y
+
+
+def _per_expert_rows(counts: list[int], tensors) -> list[tuple[Tensor, ...]]:
+    """For each expert, its rows of each of ``tensors`` (rows sorted by expert; padding
+    rows after the routed ones are left out)."""
+    sizes = [*counts, tensors[0].shape[0] - sum(counts)]
+    return list(zip(*(t.split(sizes) for t in tensors), strict=True))
 
 
 def _phases_backward(ctx, saved, routed, grad_out, buffers):
@@ -379,26 +391,35 @@ def _split_backward(ctx, saved, routed, grad_out, buffers):
     g_scale = scale.new_empty(scale.shape[0])
     grad_out = grad_out.to(gy.dtype)
     activation = ctx.activation
+    rows = _per_expert_rows(
+        host_counts, (tokens, gy, xs, hidden, act, kept, scale, g_act, g_hidden, g_scale)
+    )
+    w_in_t, w_out_t = w_in.transpose(1, 2).unbind(), w_out.transpose(1, 2).unbind()
+    grads_e = [None if g is None else g.unbind() for g in (g_w_in, g_w_out, g_b_in, g_b_out)]
+    counts_e = counts.split(1)
 
     def expert(e: int, start: int, count: int) -> None:
-        r = slice(start, start + count)
-        gy_r = torch.index_select(grad_out, 0, tokens[r], out=gy[r])
-        if g_w_out is not None:
-            torch.mm(gy_r.t(), act[r], out=g_w_out[e])
+        tokens_e, gy_e, xs_e, hidden_e, act_e, kept_e, scale_e, g_act_e, g_hidden_e, g_scale_e = (
+            rows[e]
+        )
+        g_w_in_e, g_w_out_e, g_b_in_e, g_b_out_e = (None if g is None else g[e] for g in grads_e)
+        torch.index_select(grad_out, 0, tokens_e, out=gy_e)
+        if g_w_out_e is not None:
+            torch.mm(gy_e.t(), act_e, out=g_w_out_e)
         # The bias terms use the phase-wise path's ops on this expert's rows (segment sums,
         # a row-wise sum), so the two strategies give the same bits.
-        if g_b_out is not None:
-            g_b_out[e] = _segment_sum(gy_r * scale[r], counts[e : e + 1])[0]
-        _rows_linear(gy_r, w_out[e].t(), g_act[r])
-        g_scale[r] = activation.backward_into(hidden[r], scale[r], g_act[r], g_hidden[r], kept[r])
+        if g_b_out_e is not None:
+            g_b_out_e.copy_(_segment_sum(gy_e * scale_e, counts_e[e])[0])
+        _rows_linear(gy_e, w_out_t[e], g_act_e)
+        g_scale_e.copy_(activation.backward_into(hidden_e, scale_e, g_act_e, g_hidden_e, kept_e))
         if b_out is not None:
-            g_scale[r] += (gy_r * b_out[e]).sum(dim=1)
-        if g_w_in is not None:
-            torch.mm(g_hidden[r].t(), xs[r], out=g_w_in[e])
-        if g_b_in is not None:
-            g_b_in[e] = _segment_sum(g_hidden[r], counts[e : e + 1])[0]
+            g_scale_e += (gy_e * b_out[e]).sum(dim=1)
+        if g_w_in_e is not None:
+            torch.mm(g_hidden_e.t(), xs_e, out=g_w_in_e)
+        if g_b_in_e is not None:
+            g_b_in_e.copy_(_segment_sum(g_hidden_e, counts_e[e])[0])
         if need_x:  # into gy's rows: this expert's gy is no longer needed
-            _rows_linear(g_hidden[r], w_in[e].t(), gy[r])
+            _rows_linear(g_hidden_e, w_in_t[e], gy_e)
 
     run_split(expert, host_counts)
     return gy if need_x else None, g_scale, g_w_in, g_w_out, g_b_in, g_b_out
