@@ -305,8 +305,9 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
     xs, hidden, act, kept, y = buffers
     x = x.to(w_in.dtype)
     host_counts = counts.tolist()
-    # Each expert's rows of every buffer, cut in one call per buffer (a slice per expert
-    # and buffer from Python costs more than the small experts' ops themselves).
+    # Each expert's rows of every buffer, cut in one call per buffer: a slice per expert
+    # and buffer from Python costs about as much as a small expert's elementwise op, and
+    # the workers' Python runs one at a time (the GIL).
     rows = _per_expert_rows(host_counts, (tokens, xs, hidden, act, kept, y, scale))
     w_in_e, w_out_e = w_in.unbind(), w_out.unbind()
 
