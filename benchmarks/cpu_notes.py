@@ -19,7 +19,8 @@ starts its own busy process for the contended half (``busy_processes``, as
    threads on one GEMM stop paying: ``cpu_threads.SPLIT_MAX_ROWS_PER_EXPERT``).
 5. The two strategies (``cpu_threads``) on MoE layers, fwd+bwd ratio to the equal-FLOP
    dense MLP, idle and with one busy process: phases (its GEMMs MKL batched calls, and
-   as a torch.mm loop), split on torch's OpenMP team and split on pool workers, on the sweep's training shapes and three with less work per
+   as a torch.mm loop), split on pool workers and on torch's OpenMP team (its pass in
+   C++, ``dispatch/native.py``, and its Python loop), on the sweep's training shapes and three with less work per
    expert: the effects behind ``cpu_strategy`` and ``SPLIT_MIN_WORK_PER_EXPERT``.
 6. The six fwd+bwd GEMMs alone, the experts' (T*k/E rows each) against the dense MLP's,
    idle and beside a busy process: two-thread GEMMs expert after expert (the torch.mm
@@ -155,23 +156,26 @@ SMALL_EXPERT_SHAPES = ("1024,256,64,32,1", "256,512,128,64,8", "1024,512,128,64,
 
 
 def _strategy_variants(moe):
-    """phases (GEMMs in MKL batched calls, and as a torch.mm loop), split on torch's
-    OpenMP team (where there is one) and split on pool workers."""
+    """phases (GEMMs in MKL batched calls, and as a torch.mm loop), split on pool workers,
+    and split on torch's OpenMP team (where there is one): its C++ pass (where it builds)
+    and its Python loop."""
     from gatelab.bench.variants import Variant
-    from gatelab.dispatch import gemm_batch
+    from gatelab.dispatch import gemm_batch, native
     from gatelab.dispatch.cpu_threads import forced_strategy, openmp_team
 
     forced = {"phases": ("phases", None), "phases mm-loop": ("phases", "loop")}
     forced["split pool"] = ("split", "pool")
     if openmp_team() is not None:
         forced["split team"] = ("split", "team")
+        forced["split team python"] = ("split", "python")
+    switches = {"loop": gemm_batch.disabled, "python": native.disabled}
     variants = {}
     for label, (name, runner) in forced.items():
 
         def forward(x, name=name, runner=runner):
-            loop = runner == "loop"
-            with forced_strategy(name, None if loop else runner):
-                with gemm_batch.disabled() if loop else contextlib.nullcontext():
+            off = switches.get(runner)
+            with forced_strategy(name, "team" if runner == "python" else None if off else runner):
+                with off() if off else contextlib.nullcontext():
                     return moe(x)
 
         variants[label] = Variant(forward, list(moe.parameters()))
@@ -187,8 +191,8 @@ def note_strategies() -> None:
 
     shapes = [*SWEEP_TRAINING, *(parse_shape(spec) for spec in SMALL_EXPERT_SHAPES)]
     print("5. fwd+bwd ratio dense / MoE (min of 5 round-robin): phases (MKL batched GEMMs),")
-    print("   phases with a torch.mm loop, split on pool workers, split on the OpenMP team;")
-    print("   and what cpu_strategy picks")
+    print("   phases with a torch.mm loop, split on pool workers, split on the OpenMP team")
+    print("   (its C++ pass, and its Python loop); and what cpu_strategy picks")
     for contended in (False, True):
         with busy_processes(int(contended)):
             for shape in shapes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import threading
 import time
 
@@ -23,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatelab.bench.common import busy_processes
-from gatelab.dispatch import cpu_threads, gemm_batch, grouped_dispatch, loop_dispatch
+from gatelab.dispatch import cpu_threads, gemm_batch, grouped_dispatch, loop_dispatch, native
 from gatelab.dispatch.cpu_threads import (
     BUSY_CORES,
     LOAD_WINDOW_S,
@@ -36,10 +37,11 @@ from gatelab.dispatch.cpu_threads import (
 )
 from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
 
-STRATEGIES = ("phases", "phases-loop", "split", "split-pool")
+STRATEGIES = ("phases", "phases-loop", "split", "split-python", "split-pool")
 """What the tests force: phase-wise (its GEMMs one MKL batched call where torch has MKL),
 phase-wise looping over experts with torch.mm, split on its default runner (torch's
-OpenMP team where torch runs on libgomp), split on pool workers."""
+OpenMP team where torch runs on libgomp; its pass in C++ where that builds), split's
+Python loop on the team, split on pool workers."""
 RUNNERS = ("pool", "team") if openmp_team() is not None else ("pool",)
 THREADS = torch.get_num_threads()
 needs_team = pytest.mark.skipif(
@@ -52,9 +54,9 @@ NAMES = ["x", "weights", "w_in", "w_out", "b_in", "b_out"]
 def forced(variant: str | None):
     """``forced_strategy`` for one of ``STRATEGIES`` (None: the rule's own choice)."""
     name, _, runner = (variant or "").partition("-")
-    loop = runner == "loop"
-    with forced_strategy(name or None, None if loop else runner or None):
-        with gemm_batch.disabled() if loop else contextlib.nullcontext():
+    off = {"loop": gemm_batch.disabled, "python": native.disabled}.get(runner)
+    with forced_strategy(name or None, None if off else runner or None):
+        with off() if off else contextlib.nullcontext():
             yield
 
 
@@ -190,6 +192,50 @@ def test_split_is_reproducible_run_to_run():
         for _ in range(3):
             again = grouped_dispatch(x, experts, weights, bank)
             torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
+@needs_team
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the loop")
+def test_split_runs_its_cpp_loop_where_it_builds(monkeypatch):
+    """With a compiler the C++ loop builds, and split on the team runs both passes in
+    it (the bit test above then compares it with the Python loop and phases)."""
+    assert native.available()
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(native, name)
+        monkeypatch.setattr(
+            native, name, lambda *a, real=real, name=name: (calls.append(name), real(*a))[1]
+        )
+    case = DispatchCase(256, 64, 48, 8, 2, seed=1)
+    x, experts, weights, bank = case.build(torch.float32)
+    with forced("split"):
+        grouped_dispatch(x, experts, weights, bank).sum().backward()
+    assert calls == ["forward", "backward"]
+
+
+def test_cpp_loop_falls_back_to_python_when_it_cannot_build(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension: c++ not found")
+
+    build = native._build.__wrapped__  # uncached
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    assert build() is False
+    assert "keeps its Python loop" in caplog.text and "c++ not found" in caplog.text
+    monkeypatch.setenv("GATELAB_NATIVE", "0")
+    assert build() is False
+    with native.disabled():
+        assert not native.available()
+
+
+def test_cpp_loop_leaves_few_rows_and_other_activations_to_python():
+    from gatelab.dispatch.grouped import _native_split
+    from gatelab.experts.activation import GLU, AutogradActivation
+
+    assert _native_split(AutogradActivation(torch.tanh), [40, 50]) is None
+    assert _native_split(GLU("silu"), [40, _FEW_ROWS[1]]) is None  # a few-row expert
+    assert _native_split(GLU("silu"), [0, 0]) is None
 
 
 def test_pool_workers_are_single_threaded():
@@ -392,7 +438,7 @@ def test_split_from_two_python_threads_at_once():
 def test_the_team_splits_smaller_experts_than_the_pool():
     assert SPLIT_MIN_WORK_PER_EXPERT["team"] < SPLIT_MIN_WORK_PER_EXPERT["pool"]
     if openmp_team() is not None:  # the default runner where there is a team
-        assert cpu_threads._runner() == "team"
+        assert cpu_threads.split_runner() == "team"
 
 
 class _FakeClock:

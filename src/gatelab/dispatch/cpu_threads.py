@@ -21,8 +21,9 @@ through ctypes) whose threads run the Python work. Inside the region torch's ops
 MKL run single-threaded, as they do in any nested region; no thread count is changed
 and no extra thread competes with the team, which keeps spinning for milliseconds after
 each parallel op (libgomp's busy-wait) and used to take a core from separate workers.
-Elsewhere the workers are a pool of single-threaded Python threads, and split is kept to
-larger experts (:data:`SPLIT_MIN_WORK_PER_EXPERT`).
+On the team the whole pass runs in C++ where that builds (``native.py``), one call whose
+workers are the same team's threads. Elsewhere the workers are a pool of single-threaded
+Python threads, and split is kept to larger experts (:data:`SPLIT_MIN_WORK_PER_EXPERT`).
 
 :func:`cpu_strategy` chooses between the two at run time from the shape and, for small
 experts, from whether other processes hold the cores (:func:`machine_busy`). The two give
@@ -130,7 +131,7 @@ def cpu_strategy(
         return "phases"
     if max(counts) * threads > rows or rows < SPLIT_MIN_ROWS_PER_EXPERT * active:
         return "phases"
-    if rows * dim * hidden_dim >= SPLIT_MIN_WORK_PER_EXPERT[_runner()] * active:
+    if rows * dim * hidden_dim >= SPLIT_MIN_WORK_PER_EXPERT[split_runner()] * active:
         return "split"
     busy = machine_busy(threads) if busy is None else busy
     return "split" if busy else "phases"
@@ -266,7 +267,8 @@ def _torchs_libgomp(mapped: set[str], torch_dir: str) -> str | None:
     return plain[0] if len(plain) == 1 else None
 
 
-def _runner() -> str:
+def split_runner() -> str:
+    """Where split's workers run now: "team" or "pool" (as forced, else the team if any)."""
     forced = getattr(_forced, "runner", None)
     if forced is not None:
         return forced
@@ -334,7 +336,7 @@ def run_split(
     threads = min(workers, len(tasks))
     if threads == 1:  # one worker's work: the caller's own thread does it, as phases would
         drain()
-    elif _runner() == "team":
+    elif split_runner() == "team":
         openmp_team()(drain, threads)
     else:
         for future in [_pool(workers).submit(drain) for _ in range(threads)]:

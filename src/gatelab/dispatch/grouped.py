@@ -25,9 +25,9 @@ from torch import Tensor
 
 from ..experts.activation import as_activation
 from ..experts.bank import ExpertWeights
-from . import gemm_batch
+from . import gemm_batch, native
 from .checks import check_dispatch_inputs
-from .cpu_threads import cpu_strategy, run_split
+from .cpu_threads import cpu_strategy, run_split, split_runner
 from .grouped_mm import _GROUPED_MM, grouped_mm_op, grouped_mm_supported
 from .workspace import saved_buffer, scratch
 
@@ -305,6 +305,14 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
     xs, hidden, act, kept, y = buffers
     x = x.to(w_in.dtype)
     host_counts = counts.tolist()
+    in_cpp = _native_split(activation, host_counts)
+    if in_cpp is not None:
+        order, kind, glu, workers = in_cpp
+        native.forward(
+            x, tokens, host_counts, order, w_in, w_out, b_in, b_out, scale, *buffers,
+            kind, glu, workers,
+        )  # fmt: skip
+        return hidden, act, y
     # Each expert's rows of every buffer, cut in one call per buffer: a slice per expert
     # and buffer from Python costs about as much as a small expert's elementwise op, and
     # the workers' Python runs one at a time (the GIL).
@@ -326,6 +334,21 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
 
     run_split(expert, host_counts)
     return hidden, act, y
+
+
+def _native_split(activation, counts: list[int]) -> tuple[list[int], int, bool, int] | None:
+    """(experts largest first, activation index, glu, workers) where split's pass runs
+    in C++ (``native.py``), else None: it needs the build, torch's OpenMP team, one of
+    the named activations, and experts of more than ``_FEW_ROWS`` rows (the few-row
+    forms of ``_rows_linear`` stay in Python)."""
+    kernel = native.activation_index(activation)
+    active = [c for c in counts if c]
+    if kernel is None or not active or min(active) <= _FEW_ROWS[1]:
+        return None
+    if split_runner() != "team" or not native.available():
+        return None
+    order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
+    return order, *kernel, min(torch.get_num_threads(), len(active))
 
 
 def _per_expert_rows(counts: list[int], tensors) -> list[tuple[Tensor, ...]]:
@@ -392,11 +415,21 @@ def _split_backward(ctx, saved, routed, grad_out, buffers):
     g_scale = scale.new_empty(scale.shape[0])
     grad_out = grad_out.to(gy.dtype)
     activation = ctx.activation
+    grads = (g_w_in, g_w_out, g_b_in, g_b_out)
+    in_cpp = _native_split(activation, host_counts)
+    if in_cpp is not None:
+        order, kind, glu, workers = in_cpp
+        native.backward(
+            grad_out, tokens, host_counts, order, counts, xs, hidden, act, kept, scale,
+            w_in, w_out, b_out, gy, g_act, g_hidden, g_scale, *grads, need_x, kind, glu,
+            workers,
+        )  # fmt: skip
+        return gy if need_x else None, g_scale, *grads
     rows = _per_expert_rows(
         host_counts, (tokens, gy, xs, hidden, act, kept, scale, g_act, g_hidden, g_scale)
     )
     w_in_t, w_out_t = w_in.transpose(1, 2).unbind(), w_out.transpose(1, 2).unbind()
-    grads_e = [None if g is None else g.unbind() for g in (g_w_in, g_w_out, g_b_in, g_b_out)]
+    grads_e = [None if g is None else g.unbind() for g in grads]
     counts_e = counts.split(1)
 
     def expert(e: int, start: int, count: int) -> None:

@@ -1,0 +1,182 @@
+// The split strategy's expert loop in C++ (gatelab/dispatch/native.py builds and loads it).
+//
+// One call runs a whole forward or backward pass over all experts: the workers are torch's
+// intra-op threads (at::parallel_for, one chunk per worker), each taking the next expert
+// from a shared counter, largest first, and running that expert's ops single-threaded
+// (ATen and MKL do not open nested parallel regions). The ops are the ones
+// grouped._split_forward / _split_backward and experts/activation.py call from Python,
+// in the same order on the same views, so the bits are the same; what goes away is the
+// Python per op and the GIL between the workers.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+// The activations of gatelab.experts.activation._KERNELS, by index.
+enum Activation : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+
+void act_forward(const Tensor& x, Tensor out, int64_t kind) {
+  switch (kind) {
+    case kSilu: at::silu_out(out, x); break;
+    case kGelu: at::gelu_out(out, x, "none"); break;
+    case kGeluTanh: at::gelu_out(out, x, "tanh"); break;
+    case kRelu: at::clamp_min_out(out, x, 0); break;
+    default: TORCH_CHECK(false, "gatelab split_experts: unknown activation ", kind);
+  }
+}
+
+void act_backward(const Tensor& grad, const Tensor& x, Tensor out, int64_t kind) {
+  switch (kind) {
+    case kSilu: at::silu_backward_out(out, grad, x); break;
+    case kGelu: at::gelu_backward_out(out, grad, x, "none"); break;
+    case kGeluTanh: at::gelu_backward_out(out, grad, x, "tanh"); break;
+    case kRelu: at::threshold_backward_out(out, grad, x, 0); break;
+    default: TORCH_CHECK(false, "gatelab split_experts: unknown activation ", kind);
+  }
+}
+
+// Each worker takes experts from ``order`` (largest first) until none are left or one
+// worker has failed; at::parallel_for rethrows the first error in the caller.
+template <typename Fn>
+void for_each_expert(const std::vector<int64_t>& order, int64_t workers, const Fn& fn) {
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  auto drain = [&]() {
+    at::NoGradGuard no_grad;
+    try {
+      for (size_t i = next++; i < order.size() && !failed; i = next++) {
+        fn(order[i]);
+      }
+    } catch (...) {
+      failed = true;
+      throw;
+    }
+  };
+  if (workers <= 1) {
+    drain();
+    return;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { drain(); });
+}
+
+std::vector<int64_t> starts_of(c10::IntArrayRef counts) {
+  std::vector<int64_t> starts(counts.size());
+  int64_t start = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    starts[e] = start;
+    start += counts[e];
+  }
+  return starts;
+}
+
+void split_forward(
+    const Tensor& x, const Tensor& tokens, c10::IntArrayRef counts, c10::IntArrayRef order,
+    const Tensor& w_in, const Tensor& w_out, const OptTensor& b_in, const OptTensor& b_out,
+    const Tensor& scale, const Tensor& xs, const Tensor& hidden, const Tensor& act,
+    const Tensor& kept, const Tensor& y, int64_t activation, bool glu, int64_t workers) {
+  const auto starts = starts_of(counts);
+  const std::vector<int64_t> experts(order.begin(), order.end());
+  const int64_t ffn = w_out.size(2);
+  for_each_expert(experts, workers, [&](int64_t e) {
+    const int64_t start = starts[e], count = counts[e];
+    Tensor xs_e = xs.narrow(0, start, count), hidden_e = hidden.narrow(0, start, count);
+    Tensor act_e = act.narrow(0, start, count), kept_e = kept.narrow(0, start, count);
+    Tensor y_e = y.narrow(0, start, count), scale_e = scale.narrow(0, start, count);
+    at::index_select_out(xs_e, x, 0, tokens.narrow(0, start, count));
+    at::mm_out(hidden_e, xs_e, w_in[e].t());
+    if (b_in.has_value()) hidden_e.add_((*b_in)[e]);
+    if (glu) {  // act(gate) * up, hidden laid out [gate | up]
+      act_forward(hidden_e.narrow(1, 0, ffn), kept_e, activation);
+      at::mul_out(act_e, kept_e, hidden_e.narrow(1, ffn, ffn)).mul_(scale_e);
+    } else {
+      act_forward(hidden_e, kept_e, activation);
+      at::mul_out(act_e, kept_e, scale_e);
+    }
+    at::mm_out(y_e, act_e, w_out[e].t());
+    if (b_out.has_value()) y_e.addcmul_(scale_e, (*b_out)[e]);
+  });
+}
+
+Tensor segment_sum(const Tensor& rows, const Tensor& count) {
+  return at::segment_reduce(rows, "sum", count, {}, {}, 0, /*unsafe=*/true)[0];
+}
+
+void split_backward(
+    const Tensor& grad_out, const Tensor& tokens, c10::IntArrayRef counts,
+    c10::IntArrayRef order, const Tensor& counts_tensor, const Tensor& xs,
+    const Tensor& hidden, const Tensor& act, const Tensor& kept, const Tensor& scale,
+    const Tensor& w_in, const Tensor& w_out, const OptTensor& b_out, const Tensor& gy,
+    const Tensor& g_act, const Tensor& g_hidden, const Tensor& g_scale,
+    const OptTensor& g_w_in, const OptTensor& g_w_out, const OptTensor& g_b_in,
+    const OptTensor& g_b_out, bool need_x, int64_t activation, bool glu, int64_t workers) {
+  const auto starts = starts_of(counts);
+  const std::vector<int64_t> experts(order.begin(), order.end());
+  const int64_t ffn = w_out.size(2);
+  for_each_expert(experts, workers, [&](int64_t e) {
+    const int64_t start = starts[e], count = counts[e];
+    Tensor gy_e = gy.narrow(0, start, count), xs_e = xs.narrow(0, start, count);
+    Tensor hidden_e = hidden.narrow(0, start, count), act_e = act.narrow(0, start, count);
+    Tensor kept_e = kept.narrow(0, start, count), scale_e = scale.narrow(0, start, count);
+    Tensor g_act_e = g_act.narrow(0, start, count);
+    Tensor g_hidden_e = g_hidden.narrow(0, start, count);
+    Tensor count_e = counts_tensor.narrow(0, e, 1);
+    at::index_select_out(gy_e, grad_out, 0, tokens.narrow(0, start, count));
+    if (g_w_out.has_value()) {
+      Tensor out = (*g_w_out)[e];
+      at::mm_out(out, gy_e.t(), act_e);
+    }
+    if (g_b_out.has_value()) (*g_b_out)[e].copy_(segment_sum(gy_e * scale_e, count_e));
+    at::mm_out(g_act_e, gy_e, w_out[e]);
+    Tensor g_scale_e;
+    if (glu) {
+      Tensor gate = hidden_e.narrow(1, 0, ffn), up = hidden_e.narrow(1, ffn, ffn);
+      Tensor grad_gate = g_hidden_e.narrow(1, 0, ffn), grad_up = g_hidden_e.narrow(1, ffn, ffn);
+      at::mul_out(grad_up, g_act_e, kept_e);
+      g_scale_e = at::mul_out(grad_gate, grad_up, up).sum(1);
+      grad_up.mul_(scale_e);
+      act_backward(g_act_e.mul_(scale_e).mul_(up), gate, grad_gate, activation);
+    } else {
+      g_scale_e = at::mul_out(g_hidden_e, kept_e, g_act_e).sum(1);
+      act_backward(g_act_e.mul_(scale_e), hidden_e, g_hidden_e, activation);
+    }
+    Tensor g_scale_rows = g_scale.narrow(0, start, count);
+    g_scale_rows.copy_(g_scale_e);
+    if (b_out.has_value()) g_scale_rows.add_((gy_e * (*b_out)[e]).sum(1));
+    if (g_w_in.has_value()) {
+      Tensor out = (*g_w_in)[e];
+      at::mm_out(out, g_hidden_e.t(), xs_e);
+    }
+    if (g_b_in.has_value()) (*g_b_in)[e].copy_(segment_sum(g_hidden_e, count_e));
+    if (need_x) at::mm_out(gy_e, g_hidden_e, w_in[e]);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gatelab_split, m) {
+  m.def(
+      "forward(Tensor x, Tensor tokens, int[] counts, int[] order, Tensor w_in, Tensor w_out, "
+      "Tensor? b_in, Tensor? b_out, Tensor scale, Tensor(a!) xs, Tensor(b!) hidden, "
+      "Tensor(c!) act, Tensor(d!) kept, Tensor(e!) y, int activation, bool glu, "
+      "int workers) -> ()");
+  m.def(
+      "backward(Tensor grad_out, Tensor tokens, int[] counts, int[] order, "
+      "Tensor counts_tensor, Tensor xs, Tensor hidden, Tensor act, Tensor kept, "
+      "Tensor scale, Tensor w_in, Tensor w_out, Tensor? b_out, Tensor(a!) gy, "
+      "Tensor(b!) g_act, Tensor(c!) g_hidden, Tensor(d!) g_scale, Tensor(e!)? g_w_in, "
+      "Tensor(f!)? g_w_out, Tensor(g!)? g_b_in, Tensor(h!)? g_b_out, bool need_x, "
+      "int activation, bool glu, int workers) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gatelab_split, CPU, m) {
+  m.impl("forward", &split_forward);
+  m.impl("backward", &split_backward);
+}
