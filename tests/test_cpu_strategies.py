@@ -213,6 +213,23 @@ def test_split_runs_its_cpp_loop_where_it_builds(monkeypatch):
     assert calls == ["forward", "backward"]
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_threads_started_later_keep_torchs_thread_count(strategy):
+    """Pool workers set themselves to one thread, which ATen also stores as the default
+    every later thread (and an extension's first parallel region) starts from: the pool
+    puts it back, so no strategy leaves later threads, or the caller, single-threaded."""
+    cpu_threads._POOLS.clear()  # a fresh pool: its workers start during this call
+    case = DispatchCase(256, 64, 48, 8, 2, seed=2)
+    x, experts, weights, bank = case.build(torch.float32)
+    with forced(strategy):
+        grouped_dispatch(x, experts, weights, bank).sum().backward()
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [THREADS] and torch.get_num_threads() == THREADS
+
+
 def test_cpp_loop_falls_back_to_python_when_it_cannot_build(monkeypatch, caplog):
     import torch.utils.cpp_extension as cpp_extension
 

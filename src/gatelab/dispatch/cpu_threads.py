@@ -278,8 +278,14 @@ def split_runner() -> str:
 # -- pool workers (no OpenMP team) -------------------------------------------------------------
 
 
-def _single_threaded() -> None:
-    torch.set_num_threads(1)  # thread-local: OpenMP's and MKL's settings of this worker only
+def _single_threaded(started: threading.Barrier) -> None:
+    # ATen sets a thread's count up lazily, from a process-wide default, on its first
+    # parallel op: run that set-up first (get_num_threads does), so that this thread
+    # keeps the 1 set next. set_num_threads(1) sets OpenMP's and MKL's count of this
+    # thread, and also that default, which _pool then puts back.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+    started.wait()
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
@@ -293,9 +299,20 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
+            started = threading.Barrier(workers + 1)
             pool = ThreadPoolExecutor(
-                workers, thread_name_prefix="gatelab-experts", initializer=_single_threaded
+                workers,
+                thread_name_prefix="gatelab-experts",
+                initializer=_single_threaded,
+                initargs=(started,),
             )
+            for _ in range(workers):  # start every worker now, each waiting at the barrier
+                pool.submit(int)
+            started.wait()
+            # Each worker's torch.set_num_threads(1) also set ATen's process-wide default
+            # to 1, which every thread started later (and an extension's first parallel
+            # region) would take: put the caller's count back (its own count unchanged).
+            torch.set_num_threads(torch.get_num_threads())
             _POOLS[key] = pool
     return pool
 

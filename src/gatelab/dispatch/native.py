@@ -4,8 +4,9 @@ Split runs each expert's whole pass on one single-threaded worker. From Python e
 expert costs ~25 small torch calls, and the workers' Python runs one at a time under
 the GIL: with many small experts that is most of the pass (docs/benchmarks.md, "CPU
 strategies"). ``split_experts.cpp`` runs the same ops on the same views in C++, one
-call per pass, its workers torch's own intra-op threads (``at::parallel_for``), so the
-results keep their bits (tested against the Python loop) and the GIL is held by no one.
+call per pass, its workers torch's own OpenMP threads (one parallel region of torch's
+libgomp, as ``cpu_threads.openmp_team`` opens from Python), so the results keep their
+bits (tested against the Python loop) and the GIL is held by no one.
 
 The source is compiled with ``torch.utils.cpp_extension.load`` the first time split runs
 in a process (about 10 s on 2 cores; torch caches the build under
@@ -70,8 +71,8 @@ def _build() -> bool:
         load(
             name=_NAME,
             sources=[str(_SOURCE)],
-            # at::parallel_for is a header template: its omp pragmas must be compiled here
-            # (libgomp.so.1 resolves to the one torch has loaded).
+            # The workers are an omp parallel region; libgomp.so.1 resolves to the copy
+            # torch has loaded (its soname), so they are torch's own team.
             extra_cflags=["-O2", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

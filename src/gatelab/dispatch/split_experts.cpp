@@ -1,18 +1,18 @@
 // The split strategy's expert loop in C++ (gatelab/dispatch/native.py builds and loads it).
 //
 // One call runs a whole forward or backward pass over all experts: the workers are torch's
-// intra-op threads (at::parallel_for, one chunk per worker), each taking the next expert
-// from a shared counter, largest first, and running that expert's ops single-threaded
-// (ATen and MKL do not open nested parallel regions). The ops are the ones
+// OpenMP threads (one parallel region, a worker per intra-op thread), each taking the
+// next expert from a shared counter, largest first, and running that expert's ops
+// single-threaded (ATen and MKL do not open nested parallel regions). The ops are the ones
 // grouped._split_forward / _split_backward and experts/activation.py call from Python,
 // in the same order on the same views, so the bits are the same; what goes away is the
 // Python per op and the GIL between the workers.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <exception>
 #include <vector>
 
 namespace {
@@ -44,11 +44,15 @@ void act_backward(const Tensor& grad, const Tensor& x, Tensor out, int64_t kind)
 }
 
 // Each worker takes experts from ``order`` (largest first) until none are left or one
-// worker has failed; at::parallel_for rethrows the first error in the caller.
+// worker has failed; the first error is rethrown in the caller. The workers are an OpenMP
+// region of torch's own libgomp (as cpu_threads.openmp_team opens from Python), not
+// at::parallel_for: that header template would run ATen's lazy thread-count set-up in
+// this library's copy, which re-applies a process-wide default to the calling thread.
 template <typename Fn>
 void for_each_expert(const std::vector<int64_t>& order, int64_t workers, const Fn& fn) {
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
+  std::exception_ptr error;
   auto drain = [&]() {
     at::NoGradGuard no_grad;
     try {
@@ -56,15 +60,16 @@ void for_each_expert(const std::vector<int64_t>& order, int64_t workers, const F
         fn(order[i]);
       }
     } catch (...) {
-      failed = true;
-      throw;
+      if (!failed.exchange(true)) error = std::current_exception();
     }
   };
   if (workers <= 1) {
     drain();
-    return;
+  } else {
+#pragma omp parallel num_threads(workers)
+    drain();
   }
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { drain(); });
+  if (error) std::rethrow_exception(error);
 }
 
 std::vector<int64_t> starts_of(c10::IntArrayRef counts) {
