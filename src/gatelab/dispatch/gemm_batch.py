@@ -30,15 +30,14 @@ builds) or the check fails, :func:`available` is False and the callers loop.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .switch import ThreadSwitch
 
 _SYMBOLS = {torch.float32: "cblas_sgemm_batch", torch.float64: "cblas_dgemm_batch"}
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS_LAYOUT and CBLAS_TRANSPOSE values
@@ -57,23 +56,15 @@ MIN_ROWS = 12
 # Model widths are multiples of 64 in practice; odd test widths take the loop.
 WIDTH_MULTIPLE = 8
 
-_state = threading.local()
 
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Loop over experts with ``torch.mm`` instead, in this thread (benchmarks, tests)."""
-    previous = getattr(_state, "off", False)
-    _state.off = True
-    try:
-        yield
-    finally:
-        _state.off = previous
+_SWITCH = ThreadSwitch()
+disabled = _SWITCH.off
+"""Loop over experts with ``torch.mm`` instead, in this thread (benchmarks, tests)."""
 
 
 def available(dtype: torch.dtype) -> bool:
     """Whether the batched call runs for ``dtype`` here (and is not :func:`disabled`)."""
-    return not getattr(_state, "off", False) and _function(dtype) is not None
+    return _SWITCH.on and _function(dtype) is not None
 
 
 @functools.cache

@@ -17,17 +17,16 @@ keeps its Python loop; the reason is logged once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..experts.activation import GLU, Plain
+from .switch import ThreadSwitch
 
 _SOURCE = Path(__file__).with_name("split_experts.cpp")
 _NAME = "gatelab_split_experts"
@@ -35,24 +34,17 @@ _NAME = "gatelab_split_experts"
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 _log = logging.getLogger(__name__)
-_state = threading.local()
 _BUILD_LOCK = threading.Lock()  # one build per process, whichever thread gets there first
 
 
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Run split's Python loop instead, in this thread (benchmarks, tests)."""
-    previous = getattr(_state, "off", False)
-    _state.off = True
-    try:
-        yield
-    finally:
-        _state.off = previous
+_SWITCH = ThreadSwitch()
+disabled = _SWITCH.off
+"""Run split's Python loop instead, in this thread (benchmarks, tests)."""
 
 
 def available() -> bool:
     """Whether the C++ loop is built and loaded here (building it on first call)."""
-    return not getattr(_state, "off", False) and _load()
+    return _SWITCH.on and _load()
 
 
 def _load() -> bool:
