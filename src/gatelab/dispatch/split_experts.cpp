@@ -43,13 +43,23 @@ void act_backward(const Tensor& grad, const Tensor& x, Tensor out, int64_t kind)
   }
 }
 
-// Each worker takes experts from ``order`` (largest first) until none are left or one
-// worker has failed; the first error is rethrown in the caller. The workers are an OpenMP
-// region of torch's own libgomp (as cpu_threads.openmp_team opens from Python), not
+// Rows start..start+count of the expert-sorted [N, ...] buffers: one expert's rows.
+struct Rows {
+  int64_t start, count;
+  Tensor operator()(const Tensor& t) const { return t.narrow(0, start, count); }
+};
+
+// Calls fn(e, rows of e) for each expert of ``order`` (largest first; ``counts`` gives
+// every expert's rows), each worker taking the next until none are left or one worker
+// has failed; the first error is rethrown in the caller. The workers are an OpenMP region
+// of torch's own libgomp (as cpu_threads.openmp_team opens from Python), not
 // at::parallel_for: that header template would run ATen's lazy thread-count set-up in
 // this library's copy, which re-applies a process-wide default to the calling thread.
 template <typename Fn>
-void for_each_expert(const std::vector<int64_t>& order, int64_t workers, const Fn& fn) {
+void for_each_expert(
+    c10::IntArrayRef counts, c10::IntArrayRef order, int64_t workers, const Fn& fn) {
+  std::vector<int64_t> starts(counts.size());
+  for (size_t e = 1; e < counts.size(); ++e) starts[e] = starts[e - 1] + counts[e - 1];
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
   std::exception_ptr error;
@@ -57,7 +67,8 @@ void for_each_expert(const std::vector<int64_t>& order, int64_t workers, const F
     at::NoGradGuard no_grad;
     try {
       for (size_t i = next++; i < order.size() && !failed; i = next++) {
-        fn(order[i]);
+        const int64_t e = order[i];
+        fn(e, Rows{starts[e], counts[e]});
       }
     } catch (...) {
       if (!failed.exchange(true)) error = std::current_exception();
@@ -72,30 +83,16 @@ void for_each_expert(const std::vector<int64_t>& order, int64_t workers, const F
   if (error) std::rethrow_exception(error);
 }
 
-std::vector<int64_t> starts_of(c10::IntArrayRef counts) {
-  std::vector<int64_t> starts(counts.size());
-  int64_t start = 0;
-  for (size_t e = 0; e < counts.size(); ++e) {
-    starts[e] = start;
-    start += counts[e];
-  }
-  return starts;
-}
-
 void split_forward(
     const Tensor& x, const Tensor& tokens, c10::IntArrayRef counts, c10::IntArrayRef order,
     const Tensor& w_in, const Tensor& w_out, const OptTensor& b_in, const OptTensor& b_out,
     const Tensor& scale, const Tensor& xs, const Tensor& hidden, const Tensor& act,
     const Tensor& kept, const Tensor& y, int64_t activation, bool glu, int64_t workers) {
-  const auto starts = starts_of(counts);
-  const std::vector<int64_t> experts(order.begin(), order.end());
   const int64_t ffn = w_out.size(2);
-  for_each_expert(experts, workers, [&](int64_t e) {
-    const int64_t start = starts[e], count = counts[e];
-    Tensor xs_e = xs.narrow(0, start, count), hidden_e = hidden.narrow(0, start, count);
-    Tensor act_e = act.narrow(0, start, count), kept_e = kept.narrow(0, start, count);
-    Tensor y_e = y.narrow(0, start, count), scale_e = scale.narrow(0, start, count);
-    at::index_select_out(xs_e, x, 0, tokens.narrow(0, start, count));
+  for_each_expert(counts, order, workers, [&](int64_t e, const Rows& rows) {
+    Tensor xs_e = rows(xs), hidden_e = rows(hidden), act_e = rows(act), kept_e = rows(kept);
+    Tensor y_e = rows(y), scale_e = rows(scale);
+    at::index_select_out(xs_e, x, 0, rows(tokens));
     at::mm_out(hidden_e, xs_e, w_in[e].t());
     if (b_in.has_value()) hidden_e.add_((*b_in)[e]);
     if (glu) {  // act(gate) * up, hidden laid out [gate | up]
@@ -122,18 +119,12 @@ void split_backward(
     const Tensor& g_act, const Tensor& g_hidden, const Tensor& g_scale,
     const OptTensor& g_w_in, const OptTensor& g_w_out, const OptTensor& g_b_in,
     const OptTensor& g_b_out, bool need_x, int64_t activation, bool glu, int64_t workers) {
-  const auto starts = starts_of(counts);
-  const std::vector<int64_t> experts(order.begin(), order.end());
   const int64_t ffn = w_out.size(2);
-  for_each_expert(experts, workers, [&](int64_t e) {
-    const int64_t start = starts[e], count = counts[e];
-    Tensor gy_e = gy.narrow(0, start, count), xs_e = xs.narrow(0, start, count);
-    Tensor hidden_e = hidden.narrow(0, start, count), act_e = act.narrow(0, start, count);
-    Tensor kept_e = kept.narrow(0, start, count), scale_e = scale.narrow(0, start, count);
-    Tensor g_act_e = g_act.narrow(0, start, count);
-    Tensor g_hidden_e = g_hidden.narrow(0, start, count);
-    Tensor count_e = counts_tensor.narrow(0, e, 1);
-    at::index_select_out(gy_e, grad_out, 0, tokens.narrow(0, start, count));
+  for_each_expert(counts, order, workers, [&](int64_t e, const Rows& rows) {
+    Tensor gy_e = rows(gy), xs_e = rows(xs), hidden_e = rows(hidden), act_e = rows(act);
+    Tensor kept_e = rows(kept), scale_e = rows(scale), g_act_e = rows(g_act);
+    Tensor g_hidden_e = rows(g_hidden), count_e = counts_tensor.narrow(0, e, 1);
+    at::index_select_out(gy_e, grad_out, 0, rows(tokens));
     if (g_w_out.has_value()) {
       Tensor out = (*g_w_out)[e];
       at::mm_out(out, gy_e.t(), act_e);
@@ -152,7 +143,7 @@ void split_backward(
       g_scale_e = at::mul_out(g_hidden_e, kept_e, g_act_e).sum(1);
       act_backward(g_act_e.mul_(scale_e), hidden_e, g_hidden_e, activation);
     }
-    Tensor g_scale_rows = g_scale.narrow(0, start, count);
+    Tensor g_scale_rows = rows(g_scale);
     g_scale_rows.copy_(g_scale_e);
     if (b_out.has_value()) g_scale_rows.add_((gy_e * (*b_out)[e]).sum(1));
     if (g_w_in.has_value()) {
