@@ -11,9 +11,10 @@ starts its own busy process for the contended half (``busy_processes``, as
 1. Fresh vs reused output: a 64-expert GEMM set into a new 64 MB tensor (torch's
    grouped_mm) vs into a reused buffer; why ``workspace.py`` pools buffers.
 2. The same for a weight gradient [64, 512, 512].
-3. Few rows (``grouped._FEW_ROWS``): x @ W.T, W @ x.T and W @ (x.T contiguous) for 1-8
-   rows of one expert, weights in cache and streamed from memory; for one row also the
-   GEMV, a duplicated row and the bmm over row blocks of W that ``_one_row_products`` runs.
+3. Few rows (``native.ROWS_MAX``, ``grouped._FEW_ROWS``): x @ W.T, W @ x.T, W @ (x.T
+   contiguous) and the C++ few-row kernel for 1-12 rows of one expert, two weight
+   shapes, weights in cache and streamed from memory; for one row also the GEMV, a
+   duplicated row and the bmm over row blocks of W that ``_one_row_products`` runs.
 4. GEMM efficiency against rows per expert, one thread and two: GFLOP/s of
    [rows, 512] @ [512, 512] (why small experts cost more than their FLOPs, and where two
    threads on one GEMM stop paying: ``cpu_threads.SPLIT_MAX_ROWS_PER_EXPERT``).
@@ -32,8 +33,10 @@ starts its own busy process for the contended half (``busy_processes``, as
    and index_add_ of two rows on two threads and on one. What one-thread forms would gain
    beside a busy process; the dispatcher does not use them (docs/benchmarks.md: toggling
    the caller's thread count changed split workers' results).
-8. Decode-sized calls (1-16 tokens), phases against split on the team, idle and busy:
-   why experts of one row stay phase-wise (``SPLIT_MIN_ROWS_PER_EXPERT``).
+8. Decode-sized calls (1-16 tokens), idle and busy: phase-wise in one C++ call
+   (``native.small_forward``), from Python with the few-row kernel, from Python with
+   MKL's few-row forms (before the C++ parts), and split on the team: why experts of
+   one row stay phase-wise (``SPLIT_MIN_ROWS_PER_EXPERT``) and what the C++ parts gain.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ def note_fresh_weight_grad() -> None:
 
 def _few_rows_forms(x, ws) -> dict:
     """The ways to multiply c rows x by each expert weight W in ws."""
+    from gatelab.dispatch import native
+
     xt = x.t().contiguous()
     forms = {
         "x @ W.T": lambda: [torch.mm(x, w.t()) for w in ws],
@@ -115,20 +120,27 @@ def _few_rows_forms(x, ws) -> dict:
         forms["bmm of W's row blocks"] = lambda: [
             torch.bmm(w.view(blocks, -1, w.shape[1]), col) for w in ws
         ]
+    w_all = torch.stack(ws)  # [E, out, in], as the bank holds them
+    out = torch.empty(x.shape[0], w_all.shape[1])
+    if native.rows_fit(x, w_all, out):
+        threads, count = torch.get_num_threads(), [x.shape[0]]
+        forms["C++ few-row kernel"] = lambda: [
+            native.rows_linear(x, w_all, [e], [0], count, out, threads) for e in range(len(ws))
+        ]
     return forms
 
 
 def note_few_rows() -> None:
-    out_dim, in_dim = 2048, 512
-    print(f"3. one expert's [{out_dim}, {in_dim}] weight times c rows, us per expert (GB/s read)")
-    for label, copies in (("in cache", 2), ("from memory", 48)):
-        ws = [torch.randn(out_dim, in_dim) for _ in range(copies)]
-        for rows in (1, 2, 3, 4, 6, 8):
-            cells = []
-            for name, fn in _few_rows_forms(torch.randn(rows, in_dim), ws).items():
-                us = median_ms(fn) * 1e3 / copies
-                cells.append(f"{name} {us:6.0f} ({4 * out_dim * in_dim / us / 1e3:4.1f})")
-            print(f"   {label:11s} c={rows}: " + "  ".join(cells))
+    print("3. one expert's weight [out, in] times c rows, us per expert (GB/s read)")
+    for out_dim, in_dim in ((2048, 512), (512, 1024)):
+        for label, copies in (("in cache", 2), ("from memory", 48)):
+            ws = [torch.randn(out_dim, in_dim) for _ in range(copies)]
+            for rows in (1, 2, 3, 4, 6, 8, 12):
+                cells = []
+                for name, fn in _few_rows_forms(torch.randn(rows, in_dim), ws).items():
+                    us = median_ms(fn) * 1e3 / copies
+                    cells.append(f"{name} {us:6.0f} ({4 * out_dim * in_dim / us / 1e3:4.1f})")
+                print(f"   [{out_dim}, {in_dim}] {label:11s} c={rows}: " + "  ".join(cells))
 
 
 def _gflops(rows: int, batch: int, threads: int) -> float:
@@ -168,7 +180,7 @@ def _strategy_variants(moe):
     if openmp_team() is not None:
         forced["split team"] = ("split", "team")
         forced["split team python"] = ("split", "python")
-    switches = {"loop": gemm_batch.disabled, "python": native.disabled}
+    switches = {"loop": gemm_batch.disabled, "python": lambda: native.disabled("split")}
     variants = {}
     for label, (name, runner) in forced.items():
 
@@ -384,12 +396,13 @@ def note_decode_beside_a_busy_process() -> None:
 
 def note_decode_rows() -> None:
     from gatelab.bench.common import busy_processes
-    from gatelab.dispatch import grouped_dispatch
+    from gatelab.dispatch import grouped_dispatch, native
     from gatelab.dispatch.cpu_threads import forced_strategy, openmp_team
     from gatelab.experts import GLU, ExpertWeights
 
     print("8. decode-sized calls, ms per layer (median of 15, round-robin; the layers'")
-    print("   weights, ~300 MB, stream from memory): phases vs split on the team")
+    print("   weights, ~300 MB, stream from memory): phases (C++ call), phases from")
+    print("   Python (few-row kernel), phases from Python (MKL forms), split on the team")
     if openmp_team() is None:
         print("   (skipped: torch's parallel backend here is not OpenMP on libgomp)")
         return
@@ -416,12 +429,15 @@ def note_decode_rows() -> None:
                 x, weights = torch.randn(t, d), torch.softmax(torch.randn(t, k), -1)
                 ids = [torch.stack([torch.randperm(e)[:k] for _ in range(t)]) for _ in banks]
 
-                def call(strategy, banks=banks, ids=ids, x=x, weights=weights):
+                def call(variant, banks=banks, ids=ids, x=x, weights=weights):
+                    strategy, _, off = variant.partition(" ")
+                    parts = {"": None, "python": ("small",), "mkl": ("small", "rows")}[off]
                     with forced_strategy(strategy):
-                        for bank, experts in zip(banks, ids, strict=True):
-                            grouped_dispatch(x, experts, weights, bank, deterministic=True)
+                        with native.disabled(*parts) if parts else contextlib.nullcontext():
+                            for bank, experts in zip(banks, ids, strict=True):
+                                grouped_dispatch(x, experts, weights, bank, deterministic=True)
 
-                times = {"phases": [], "split": []}
+                times = {"phases": [], "phases python": [], "phases mkl": [], "split": []}
                 for name in times:
                     call(name)
                 for _ in range(15):

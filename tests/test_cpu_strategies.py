@@ -34,14 +34,18 @@ from gatelab.dispatch.cpu_threads import (
     machine_busy,
     openmp_team,
     run_split,
+    split_runner,
 )
 from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
 
-STRATEGIES = ("phases", "phases-loop", "split", "split-python", "split-pool")
+SAME_BITS = ("phases", "phases-loop", "split", "split-python", "split-pool")
 """What the tests force: phase-wise (its GEMMs one MKL batched call where torch has MKL),
 phase-wise looping over experts with torch.mm, split on its default runner (torch's
 OpenMP team where torch runs on libgomp; its pass in C++ where that builds), split's
-Python loop on the team, split on pool workers."""
+Python loop on the team, split on pool workers. With the C++ build, experts of up to
+``native.ROWS_MAX`` rows take its few-row kernel in all of them: they give the same bits."""
+STRATEGIES = (*SAME_BITS, "phases-mkl", "split-mkl")
+"""Also phase-wise and split with few-row experts on MKL's forms (no C++ build)."""
 RUNNERS = ("pool", "team") if openmp_team() is not None else ("pool",)
 THREADS = torch.get_num_threads()
 needs_team = pytest.mark.skipif(
@@ -54,7 +58,12 @@ NAMES = ["x", "weights", "w_in", "w_out", "b_in", "b_out"]
 def forced(variant: str | None):
     """``forced_strategy`` for one of ``STRATEGIES`` (None: the rule's own choice)."""
     name, _, runner = (variant or "").partition("-")
-    off = {"loop": gemm_batch.disabled, "python": native.disabled}.get(runner)
+    switches = {
+        "loop": gemm_batch.disabled,
+        "python": lambda: native.disabled("split"),
+        "mkl": lambda: native.disabled("rows"),
+    }
+    off = switches.get(runner)
     with forced_strategy(name or None, None if off else runner or None):
         with off() if off else contextlib.nullcontext():
             yield
@@ -170,18 +179,38 @@ def test_split_and_phases_give_the_same_bits(shape, bias):
     strategies (and split's two runners) must agree bit for bit, outputs and gradients, in
     float32: MKL's GEMMs split their outputs, not their sums, between threads. Should this
     fail (another BLAS, another torch), the load-dependent choice would change results and
-    must be revisited."""
+    must be revisited. Not so for experts of a few rows: see the next test."""
     case = DispatchCase(*shape, bias=bias, seed=7)
     x, experts, weights, bank = case.build(torch.float32)
     inputs = [x, weights, *bank_tensors(bank)]
-    results = []
-    for strategy in STRATEGIES:
-        with forced(strategy):
-            out = grouped_dispatch(x, experts, weights, bank)
-            results.append([out.detach(), *grads_of(out, inputs)])
-    names = ["out", *NAMES][: len(results[0])]
-    for name, phases, *splits in zip(names, *results, strict=True):
-        assert all(torch.equal(phases, split) for split in splits), name
+    for group in (SAME_BITS, ("phases-mkl", "split-mkl")):
+        results = []
+        for strategy in group:
+            with forced(strategy):
+                out = grouped_dispatch(x, experts, weights, bank)
+                results.append([out.detach(), *grads_of(out, inputs)])
+        names = ["out", *NAMES][: len(results[0])]
+        for name, phases, *splits in zip(names, *results, strict=True):
+            assert all(torch.equal(phases, split) for split in splits), (group, name)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(20, 64, 32, 16, 2), (9, 96, 64, 8, 3), (2, 64, 64, 4, 2)])
+def test_strategies_give_the_same_bits_at_decode(shape, bias):
+    """Inference with experts of 0 to about 6 rows (a decode step), where the strategy
+    may follow the load too: the same output bits, through the C++ few-row kernel (one
+    dot product per output, whatever the threads). Two things keep this from gradients
+    and other widths, so it is not claimed there: MKL's GEMMs of 5-7 rows give other bits
+    on one thread than on two, and ATen's elementwise kernels run the elements of a slice
+    that fill no whole pair of vectors with scalar code (silu, gelu and their backward
+    then differ in the last bit), so the widths here are multiples of 32 floats."""
+    case = DispatchCase(*shape, bias=bias, seed=7)
+    x, experts, weights, bank = case.build(torch.float32)
+    outputs = []
+    for strategy in SAME_BITS:
+        with forced(strategy), torch.no_grad():
+            outputs.append(grouped_dispatch(x, experts, weights, bank))
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
 
 
 def test_split_is_reproducible_run_to_run():
@@ -253,6 +282,8 @@ def test_cpp_loop_leaves_few_rows_and_other_activations_to_python():
     assert _native_split(AutogradActivation(torch.tanh), [40, 50]) is None
     assert _native_split(GLU("silu"), [40, _FEW_ROWS[1]]) is None  # a few-row expert
     assert _native_split(GLU("silu"), [0, 0]) is None
+    if native.available() and split_runner() == "team":  # with the few-row kernel: C++
+        assert _native_split(GLU("silu"), [40, 1], few=native.ROWS_MAX) is not None
 
 
 def test_pool_workers_are_single_threaded():

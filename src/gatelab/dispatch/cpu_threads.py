@@ -54,7 +54,8 @@ RUNNERS = ("team", "pool")
 # fewer than this many active experts per worker the join waits on one worker's last expert.
 SPLIT_MIN_EXPERTS_PER_WORKER = 2
 # Experts of one row (a decode step: at T = 1 each expert gets one row) stay phase-wise:
-# there every thread streams part of one expert's weights (``grouped._one_row_products``),
+# there every thread streams part of one expert's weights (the few-row kernel,
+# ``native.rows_linear``; without the build ``grouped._one_row_products``),
 # where a split worker streams a whole expert alone and the workers' Python overhead
 # per expert, serialised by the GIL, is as long as the product itself. Measured (note 8,
 # ms per layer, weights from memory): at 1,512,128,64,8 phases 0.39 and split on the team

@@ -59,37 +59,62 @@ def grouped_linear(
         return _GROUPED_MM(x, w_t, offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1]) if out is None else out
     host_counts = counts.tolist()
-    # Experts of gemm_batch.MIN_ROWS rows or more in one MKL call where it runs; the loop
+    # Experts of at most `few` rows in one call of the C++ few-row kernel (native.py),
+    # those of gemm_batch.MIN_ROWS rows or more in one MKL call where it runs; the loop
     # below takes the rest.
+    few = native.ROWS_MAX if native.rows_fit(x, w, out) else 0
+    if few:
+        _few_rows_linear(x, w, host_counts, out, few)
     many = max(host_counts, default=0) >= gemm_batch.MIN_ROWS
     batched = many and gemm_batch.linear(x, w, counts, out)
-    one_row = _one_row_products(x, w, out) if 1 in host_counts else None
+    one_row = _one_row_products(x, w, out) if not few and 1 in host_counts else None
     start = 0
     for e, count in enumerate(host_counts):
-        if count == 1 and one_row is not None:  # decode: most experts get one row
+        if count <= few or (batched and count >= gemm_batch.MIN_ROWS):
+            pass
+        elif count == 1 and one_row is not None:  # decode: most experts get one row
             one_row(e, start)
-        elif count and not (batched and count >= gemm_batch.MIN_ROWS):
+        elif count:
             rows = slice(start, start + count)
             _rows_linear(x[rows], w[e], out[rows])
         start += count
     return out
 
 
-# How MKL reads one expert's row-major weight W [out, in] for c rows x (benchmarks/
-# cpu_notes.py, note 3, 2 cores): with 2 to 4 rows, W @ x.T streams W from memory at up to
-# 2.5x the speed of x @ W.T; from 6 rows the two are equal or x @ W.T wins. W @ x.T must
-# see x as a transposed row-major matrix: a column-major x (x.T made contiguous, or an
-# expanded row) runs 3-5x slower. One row is a matrix-vector product, and MKL's GEMV runs
-# on one thread at 12-14 GB/s from memory; cut into row blocks of W and run as one bmm,
-# the blocks run on every thread: 2-3x faster from memory (a decode step through a
-# multi-layer model) and as fast as the GEMV in cache. Each row's dot product is the same
-# on any thread or block count (MKL's GEMV gives other bits).
+def _few_rows_linear(x: Tensor, w: Tensor, counts: list[int], out: Tensor, few: int) -> None:
+    """The experts of 1 to ``few`` rows in one ``native.rows_linear`` call on every thread."""
+    experts, starts, sizes, start = [], [], [], 0
+    for e, count in enumerate(counts):
+        if 0 < count <= few:
+            experts.append(e)
+            starts.append(start)
+            sizes.append(count)
+        start += count
+    if experts:
+        native.rows_linear(x, w, experts, starts, sizes, out, torch.get_num_threads())
+
+
+# Without the C++ build (native.py; with it, experts of up to native.ROWS_MAX rows take
+# its few-row kernel instead), the forms below. How MKL reads one expert's row-major
+# weight W [out, in] for c rows x (benchmarks/cpu_notes.py, note 3, 2 cores): with 2 to 4
+# rows, W @ x.T streams W from memory at up to 2.5x the speed of x @ W.T; from 6 rows the
+# two are equal or x @ W.T wins. W @ x.T must see x as a transposed row-major matrix: a
+# column-major x (x.T made contiguous, or an expanded row) runs 3-5x slower. One row is a
+# matrix-vector product, and MKL's GEMV runs on one thread at 12-14 GB/s from memory; cut
+# into row blocks of W and run as one bmm, the blocks run on every thread: 2-3x faster
+# from memory (a decode step through a multi-layer model) and as fast as the GEMV in
+# cache. Each row's dot product is the same on any thread or block count (MKL's GEMV
+# gives other bits).
 _FEW_ROWS = (1, 4)
 
 
-def _rows_linear(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
-    """out [c, out] = x [c, in] @ w.T for one expert's w [out, in]."""
+def _rows_linear(x: Tensor, w: Tensor, out: Tensor, few: int = 0) -> Tensor:
+    """out [c, out] = x [c, in] @ w.T for one expert's w [out, in]; up to ``few`` rows
+    by the C++ few-row kernel on this thread (the caller checked ``native.rows_fit``)."""
     rows = x.shape[0]
+    if 0 < rows <= few:
+        native.rows_linear(x, w.unsqueeze(0), [0], [0], [rows], out, 1)
+        return out
     one_row = _one_row_products(x, w.unsqueeze(0), out) if rows == 1 else None
     if one_row is not None:
         one_row(0, 0)
@@ -305,12 +330,16 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
     xs, hidden, act, kept, y = buffers
     x = x.to(w_in.dtype)
     host_counts = counts.tolist()
-    in_cpp = _native_split(activation, host_counts)
+    # The few-row experts take the kernel phase-wise runs on them (grouped_linear), so
+    # that the two strategies keep the same bits.
+    fits = native.rows_fit(xs, w_in, hidden) and native.rows_fit(act, w_out, y)
+    few = native.ROWS_MAX if fits else 0
+    in_cpp = _native_split(activation, host_counts, few)
     if in_cpp is not None:
         order, kind, glu, workers = in_cpp
         native.forward(
             x, tokens, host_counts, order, w_in, w_out, b_in, b_out, scale, *buffers,
-            kind, glu, workers,
+            kind, glu, few, workers,
         )  # fmt: skip
         return hidden, act, y
     # Each expert's rows of every buffer, cut in one call per buffer: a slice per expert
@@ -322,13 +351,13 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
     def expert(e: int, start: int, count: int) -> None:
         tokens_e, xs_e, hidden_e, act_e, kept_e, y_e, scale_e = rows[e]
         torch.index_select(x, 0, tokens_e, out=xs_e)
-        _rows_linear(xs_e, w_in_e[e], hidden_e)
+        _rows_linear(xs_e, w_in_e[e], hidden_e, few)
         if b_in is not None:
             hidden_e += b_in[e]
         act_r = activation.forward_into(hidden_e, scale_e, act_e, kept_e)
         if act_r.data_ptr() != act_e.data_ptr():  # an activation that returns a new tensor
             act_e.copy_(act_r)
-        _rows_linear(act_e, w_out_e[e], y_e)
+        _rows_linear(act_e, w_out_e[e], y_e, few)
         if b_out is not None:
             y_e.addcmul_(scale_e, b_out[e])
 
@@ -336,14 +365,17 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
     return hidden, act, y
 
 
-def _native_split(activation, counts: list[int]) -> tuple[list[int], int, bool, int] | None:
+def _native_split(
+    activation, counts: list[int], few: int = 0
+) -> tuple[list[int], int, bool, int] | None:
     """(experts largest first, activation index, glu, workers) where split's pass runs
-    in C++ (``native.py``), else None: it needs the build, torch's OpenMP team, one of
-    the named activations, and experts of more than ``_FEW_ROWS`` rows (the few-row
-    forms of ``_rows_linear`` stay in Python)."""
+    in C++ (``native.py``), else None: it needs the build, torch's OpenMP team and one of
+    the named activations. Experts of up to ``few`` rows take the C++ few-row kernel;
+    without it (``few`` 0) every expert needs more than ``_FEW_ROWS`` rows, since the
+    few-row forms of ``_rows_linear`` are Python's alone."""
     kernel = native.activation_index(activation)
     active = [c for c in counts if c]
-    if kernel is None or not active or min(active) <= _FEW_ROWS[1]:
+    if kernel is None or not active or (not few and min(active) <= _FEW_ROWS[1]):
         return None
     if split_runner() != "team" or not native.available():
         return None
@@ -581,6 +613,26 @@ def sort_slots_host(
     )
 
 
+def _small_inference(x, experts, weights, bank, activation) -> Tensor | None:
+    """A small CPU inference call (a decode step) in one C++ call: the phase-wise forward
+    with its sort and combine (``native.small_forward``, the same ops and bits), where it
+    builds, takes these tensors, and phase-wise is the strategy the rule picks; else None.
+
+    At one token, Python's ~40 small torch calls around the two projections took about
+    as long as the projections (docs/benchmarks.md, "CPU strategies").
+    """
+    kernel = native.activation_index(activation)
+    if kernel is None or not native.small_fits(x, bank):
+        return None
+    counts = [0] * bank.num_experts
+    for e in experts.reshape(-1).tolist():
+        if e >= 0:  # check_dispatch_inputs has refused ids past the experts
+            counts[e] += 1
+    if cpu_strategy(counts, bank.w_out.shape[1], bank.w_out.shape[2]) != "phases":
+        return None
+    return native.small_forward(x, experts, weights, bank, kernel)
+
+
 def padded_targets(routed, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """(slots, tokens) for :func:`combine` with the padding rows sent to the dropped row."""
     slots, tokens, valid = routed[0], routed[1], routed[5]
@@ -608,15 +660,24 @@ def grouped_dispatch(
 ) -> Tensor:
     """Sum over slots of weight * expert(x) for x [T, D], experts/weights [T, K]."""
     check_dispatch_inputs(x, experts, weights, bank)
+    activation, shape = as_activation(bank.activate), tuple(experts.shape)
+    tensors = (x, weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out)
+    inference = not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in tensors
+    )
     host = experts.device.type == "cpu" and experts.numel() <= HOST_SORT_SLOTS
     if host and not torch.compiler.is_compiling():
+        if (
+            inference
+            and (out := _small_inference(x, experts, weights, bank, activation)) is not None
+        ):
+            return out
         routed = sort_slots_host(experts, bank.num_experts)
     else:
         routed = sort_slots(experts, bank.num_experts)
     slot_weights = weights.reshape(-1)[routed[0]]
     inputs = (x, slot_weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out)
-    activation, shape = as_activation(bank.activate), tuple(experts.shape)
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
+    if inference:
         # Inference (decode): the same forward without an autograd node: no saved
         # buffers, leases or ctx (the Function's own overhead was ~185 us a call at one
         # token, beside ~250 us of GEMMs).

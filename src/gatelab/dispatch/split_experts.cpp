@@ -1,4 +1,5 @@
-// The split strategy's expert loop in C++ (gatelab/dispatch/native.py builds and loads it).
+// The split strategy's expert loop in C++, and a small inference call's phase-wise forward
+// (gatelab/dispatch/native.py builds and loads both, with few_rows.cpp).
 //
 // One call runs a whole forward or backward pass over all experts: the workers are torch's
 // OpenMP threads (one parallel region, a worker per intra-op thread), each taking the
@@ -11,9 +12,17 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <exception>
 #include <vector>
+
+namespace gatelab_native {
+// few_rows.cpp: out[start:start+count] = x[start:start+count] @ w[e].T per listed expert.
+void rows_linear(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef experts,
+                 c10::IntArrayRef starts, c10::IntArrayRef counts, const at::Tensor& out,
+                 int64_t workers);
+}  // namespace gatelab_native
 
 namespace {
 
@@ -48,6 +57,18 @@ struct Rows {
   int64_t start, count;
   Tensor operator()(const Tensor& t) const { return t.narrow(0, start, count); }
 };
+
+// out's rows = x's rows @ w[e].T: few_rows.cpp's kernel up to ``few_rows`` rows (what
+// grouped._rows_linear runs there, so the bits match), else a GEMM.
+void expert_linear(const Tensor& x, const Tensor& w, int64_t e, const Rows& rows,
+                   const Tensor& out, int64_t few_rows) {
+  if (rows.count <= few_rows) {
+    gatelab_native::rows_linear(x, w, {e}, {rows.start}, {rows.count}, out, 1);
+  } else {
+    Tensor out_e = rows(out);
+    at::mm_out(out_e, rows(x), w[e].t());
+  }
+}
 
 // Calls fn(e, rows of e) for each expert of ``order`` (largest first; ``counts`` gives
 // every expert's rows), each worker taking the next until none are left or one worker
@@ -87,13 +108,14 @@ void split_forward(
     const Tensor& x, const Tensor& tokens, c10::IntArrayRef counts, c10::IntArrayRef order,
     const Tensor& w_in, const Tensor& w_out, const OptTensor& b_in, const OptTensor& b_out,
     const Tensor& scale, const Tensor& xs, const Tensor& hidden, const Tensor& act,
-    const Tensor& kept, const Tensor& y, int64_t activation, bool glu, int64_t workers) {
+    const Tensor& kept, const Tensor& y, int64_t activation, bool glu, int64_t few_rows,
+    int64_t workers) {
   const int64_t ffn = w_out.size(2);
   for_each_expert(counts, order, workers, [&](int64_t e, const Rows& rows) {
     Tensor xs_e = rows(xs), hidden_e = rows(hidden), act_e = rows(act), kept_e = rows(kept);
     Tensor y_e = rows(y), scale_e = rows(scale);
     at::index_select_out(xs_e, x, 0, rows(tokens));
-    at::mm_out(hidden_e, xs_e, w_in[e].t());
+    expert_linear(xs, w_in, e, rows, hidden, few_rows);
     if (b_in.has_value()) hidden_e.add_((*b_in)[e]);
     if (glu) {  // act(gate) * up, hidden laid out [gate | up]
       act_forward(hidden_e.narrow(1, 0, ffn), kept_e, activation);
@@ -102,7 +124,7 @@ void split_forward(
       act_forward(hidden_e, kept_e, activation);
       at::mul_out(act_e, kept_e, scale_e);
     }
-    at::mm_out(y_e, act_e, w_out[e].t());
+    expert_linear(act, w_out, e, rows, y, few_rows);
     if (b_out.has_value()) y_e.addcmul_(scale_e, (*b_out)[e]);
   });
 }
@@ -155,6 +177,85 @@ void split_backward(
   });
 }
 
+// One projection phase-wise over all experts, as grouped.grouped_linear runs it on CPU:
+// experts of 1 to ``few_rows`` rows in one few-row kernel call on ``workers`` threads,
+// larger ones one multi-threaded GEMM each (MKL's batched call gives these bits too).
+void linear_phase(const Tensor& x, const Tensor& w, const std::vector<int64_t>& counts,
+                  const Tensor& out, int64_t few_rows, int64_t workers) {
+  std::vector<int64_t> few, few_starts, few_counts;
+  int64_t start = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    const int64_t count = counts[e];
+    if (count > 0 && count <= few_rows) {
+      few.push_back(e);
+      few_starts.push_back(start);
+      few_counts.push_back(count);
+    } else if (count > 0) {
+      Tensor out_e = out.narrow(0, start, count);
+      at::mm_out(out_e, x.narrow(0, start, count), w[e].t());
+    }
+    start += count;
+  }
+  if (!few.empty()) gatelab_native::rows_linear(x, w, few, few_starts, few_counts, out, workers);
+}
+
+// A small inference call (a decode step) whole: grouped.sort_slots_host, then
+// grouped._phases_forward and combine, the same ops on the same buffers in the same order
+// (so the same bits as the Python path; tested), without ~40 Python-level torch calls.
+// experts, weights [T, K]; ids outside 0..E-1 are empty slots (padding rows, dropped).
+Tensor small_forward(
+    const Tensor& x, const Tensor& experts, const Tensor& weights, const Tensor& w_in,
+    const Tensor& w_out, const OptTensor& b_in, const OptTensor& b_out, int64_t activation,
+    bool glu, int64_t few_rows, int64_t workers) {
+  const int64_t tokens = experts.size(0), k = experts.size(1), slots = tokens * k;
+  const int64_t num_experts = w_in.size(0), ffn = w_out.size(2);
+  const Tensor ids = experts.to(at::kLong).contiguous();
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  // A stable counting sort of the slots by expert, empty slots (key E) last.
+  std::vector<int64_t> counts(num_experts + 1, 0), next(num_experts + 1, 0);
+  std::vector<int64_t> key(slots);
+  for (int64_t i = 0; i < slots; ++i) {
+    key[i] = (id[i] >= 0 && id[i] < num_experts) ? id[i] : num_experts;
+    ++counts[key[i]];
+  }
+  for (int64_t e = 1; e <= num_experts; ++e) next[e] = next[e - 1] + counts[e - 1];
+  const auto long_opts = ids.options();
+  Tensor order = at::empty({slots}, long_opts), rows_token = at::empty({slots}, long_opts);
+  Tensor target = at::empty({slots}, long_opts), row_expert = at::empty({slots}, long_opts);
+  int64_t* order_p = order.mutable_data_ptr<int64_t>();
+  int64_t* token_p = rows_token.mutable_data_ptr<int64_t>();
+  int64_t* target_p = target.mutable_data_ptr<int64_t>();
+  int64_t* expert_p = row_expert.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots; ++i) {
+    const int64_t row = next[key[i]]++;
+    order_p[row] = i;
+    token_p[row] = i / k;
+    target_p[row] = key[i] < num_experts ? i / k : tokens;  // padding: a dropped row
+    expert_p[row] = std::min(key[i], std::max<int64_t>(num_experts - 1, 0));
+  }
+  counts.pop_back();
+
+  const auto opts = w_in.options();
+  Tensor xs = at::index_select(x.to(w_in.scalar_type()), 0, rows_token);
+  Tensor scale = weights.reshape(-1).index_select(0, order).to(w_in.scalar_type()).unsqueeze(1);
+  Tensor hidden = at::empty({slots, w_in.size(1)}, opts);
+  linear_phase(xs, w_in, counts, hidden, few_rows, workers);
+  if (b_in.has_value()) hidden.add_(b_in->index_select(0, row_expert));
+  Tensor act = at::empty({slots, ffn}, opts), kept = at::empty({slots, ffn}, opts);
+  if (glu) {
+    act_forward(hidden.narrow(1, 0, ffn), kept, activation);
+    at::mul_out(act, kept, hidden.narrow(1, ffn, ffn)).mul_(scale);
+  } else {
+    act_forward(hidden, kept, activation);
+    at::mul_out(act, kept, scale);
+  }
+  Tensor y = at::empty({slots, w_out.size(1)}, opts);
+  linear_phase(act, w_out, counts, y, few_rows, workers);
+  if (b_out.has_value()) y.addcmul_(scale, b_out->index_select(0, row_expert));
+  Tensor out = at::zeros({tokens + 1, y.size(1)}, opts).index_add_(0, target, y);
+  return out.narrow(0, 0, tokens).to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gatelab_split, m) {
@@ -162,7 +263,7 @@ TORCH_LIBRARY(gatelab_split, m) {
       "forward(Tensor x, Tensor tokens, int[] counts, int[] order, Tensor w_in, Tensor w_out, "
       "Tensor? b_in, Tensor? b_out, Tensor scale, Tensor(a!) xs, Tensor(b!) hidden, "
       "Tensor(c!) act, Tensor(d!) kept, Tensor(e!) y, int activation, bool glu, "
-      "int workers) -> ()");
+      "int few_rows, int workers) -> ()");
   m.def(
       "backward(Tensor grad_out, Tensor tokens, int[] counts, int[] order, "
       "Tensor counts_tensor, Tensor xs, Tensor hidden, Tensor act, Tensor kept, "
@@ -170,9 +271,14 @@ TORCH_LIBRARY(gatelab_split, m) {
       "Tensor(b!) g_act, Tensor(c!) g_hidden, Tensor(d!) g_scale, Tensor(e!)? g_w_in, "
       "Tensor(f!)? g_w_out, Tensor(g!)? g_b_in, Tensor(h!)? g_b_out, bool need_x, "
       "int activation, bool glu, int workers) -> ()");
+  m.def(
+      "small_forward(Tensor x, Tensor experts, Tensor weights, Tensor w_in, Tensor w_out, "
+      "Tensor? b_in, Tensor? b_out, int activation, bool glu, int few_rows, int workers) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gatelab_split, CPU, m) {
   m.impl("forward", &split_forward);
   m.impl("backward", &split_backward);
+  m.impl("small_forward", &small_forward);
 }
