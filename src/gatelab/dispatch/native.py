@@ -43,9 +43,12 @@ _NAME = "gatelab_split_experts"
 # The kernels of experts/activation.py that the C++ loop has, by its index.
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 ROWS_MAX = 6
-"""Experts of 1 to this many rows take ``few_rows.cpp``: there it read weights 1.0-2.4x
-as fast as MKL's best form on six weight shapes, at 8-12 rows 0.8-1.6x (note 3 of
-``benchmarks/cpu_notes.py``)."""
+"""Experts of 1 to this many rows take ``few_rows.cpp``. Against MKL's best form of each
+row count (note 3 of ``benchmarks/cpu_notes.py``, [2048, 512] and [512, 1024] weights, 2
+threads) it took 0.43-0.65x the time at 1-6 rows with the weight in cache and about
+0.5-1.0x streamed from memory (one row: 0.8-1.0x the bmm over row blocks in three
+repeats); at 8 rows 0.6-0.8x in cache and 0.8-1.0x from memory, at 12 rows 0.9x to
+1.3x: past 6 rows the gain is within this machine's noise, so MKL keeps those."""
 _ROWS_DTYPES = (torch.float32, torch.float64)
 
 _log = logging.getLogger(__name__)
