@@ -254,7 +254,9 @@ class GroupedExperts(torch.autograd.Function):
         run = _split_backward if _strategy(x, counts, w_out) == "split" else _phases_backward
         inputs = (x, xs, hidden, act, kept, scale, w_in, w_out, b_out)
         g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out = run(ctx, inputs, routed, grad_out, buffers)
-        if need_x:
+        if need_x and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            g_x = _combine_routed(g_x, routed, ctx.shape[0]).to(x.dtype)
+        elif need_x:
             g_x = combine(g_x, *padded_targets(routed, ctx.shape), ctx.shape, ctx.deterministic)
             g_x = g_x.to(x.dtype)
         # Padding rows computed on unwritten rows: their weights get no gradient.
@@ -543,6 +545,17 @@ def combine(
         return by_slot[:-1].view(num_tokens, num_slots, -1).sum(dim=1)
     # On CPU index_add_ walks the rows in order, so it is deterministic already.
     return y.new_zeros(num_tokens + 1, y.shape[1]).index_add_(0, tokens, y)[:-1]
+
+
+def _combine_routed(y: Tensor, routed, num_tokens: int) -> Tensor:
+    """:func:`combine` on CPU of the routed rows alone (read on the host), into a [T, D]
+    tensor that is not a view: autograd then adds the router's gradient of the layer
+    input into it in place, instead of into a new [T, D] tensor (1.2 ms of a 26 ms step
+    at 4096,256,128,16,1, mostly the new tensor's first-touch page faults). Each row's
+    sum runs in the same order as combine's, so the bits are the same."""
+    offsets = routed[4]
+    rows = int(offsets[-1]) if offsets.numel() else 0
+    return y.new_zeros(num_tokens, y.shape[1]).index_add_(0, routed[1][:rows], y[:rows])
 
 
 def sort_slots(
