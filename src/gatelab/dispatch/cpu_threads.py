@@ -55,12 +55,13 @@ RUNNERS = ("team", "pool")
 SPLIT_MIN_EXPERTS_PER_WORKER = 2
 # Experts of one row (a decode step: at T = 1 each expert gets one row) stay phase-wise:
 # there every thread streams part of one expert's weights (the few-row kernel,
-# ``native.rows_linear``; without the build ``grouped._one_row_products``),
-# where a split worker streams a whole expert alone and the workers' Python overhead
-# per expert, serialised by the GIL, is as long as the product itself. Measured (note 8,
-# ms per layer, weights from memory): at 1,512,128,64,8 phases 0.39 and split on the team
-# 0.93 idle, 0.54 and 2.97 beside a busy process; at 16,2048,512,64,8 (2 rows per expert)
-# 33.3 and 29.9 idle, 75.0 and 40.1 busy.
+# ``native.rows_linear``; without the build ``grouped._one_row_products``), and a small
+# inference call runs whole in one C++ call (``native.small_forward``), where a split
+# worker streams a whole expert alone. Measured (note 8, ms per layer, weights from
+# memory, two runs): at 1,512,128,64,8 phases 0.25 and split on the team 0.40-0.46 idle,
+# 0.33-0.96 and 1.05-1.23 beside a busy process; at 16,2048,512,64,8 (2 rows per expert)
+# 21.7-27.4 and 22.4-26.4 idle, 42.6-64.1 and 29.6-38.2 busy (Python's phase-wise
+# path with MKL's forms, before the C++ parts: 40.4-44.0 idle, 87.0-94.1 busy).
 SPLIT_MIN_ROWS_PER_EXPERT = 2
 # On an idle machine split only experts with at least this much work (multiply-adds
 # rows * D * F on average per active expert), by where split's workers run. On torch's
