@@ -97,7 +97,7 @@ void block(const T* w, int64_t in, const T* x, int64_t x_stride, int64_t rows, T
 
 // W bytes per work item. Each item is a fresh stream for the thread that takes it, and the
 // prefetcher needs a run to get ahead: eight experts of 2 rows streamed from memory on 2
-// threads read 39-49 GB/s in 256 KB items against 25-28 GB/s in 64 KB and 15-22 in 16 KB
+// threads read 39-49 GB/s in 256 KB items against 23-28 GB/s in 64 KB and 15-22 in 16 KB
 // (three weight shapes); 512 KB and 1 MB were no better. Small enough that a descheduled
 // thread leaves little undone.
 constexpr int64_t kBlockBytes = 256 * 1024;
