@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from gatelab.dispatch import grouped_dispatch, loop_dispatch, native
 from gatelab.dispatch.cpu_threads import forced_strategy
-from gatelab.dispatch.grouped import grouped_linear
+from gatelab.dispatch.grouped import few_row_experts, grouped_linear
 
 
 def _builds() -> bool:
@@ -29,17 +29,6 @@ def _builds() -> bool:
 
 
 pytestmark = pytest.mark.skipif(not _builds(), reason="the C++ few-row kernel does not build here")
-
-
-def _listing(counts: list[int], few: int) -> tuple[list[int], list[int], list[int]]:
-    experts, starts, sizes, start = [], [], [], 0
-    for e, count in enumerate(counts):
-        if 0 < count <= few:
-            experts.append(e)
-            starts.append(start)
-            sizes.append(count)
-        start += count
-    return experts, starts, sizes
 
 
 @settings(max_examples=60, deadline=None)
@@ -57,7 +46,7 @@ def test_rows_linear_matches_a_float64_matmul(counts, out_dim, in_dim, workers, 
     x = torch.randn(sum(counts), in_dim, generator=gen, dtype=dtype)
     w = torch.randn(len(counts), out_dim, in_dim, generator=gen, dtype=dtype)
     out = torch.full((x.shape[0], out_dim), float("nan"), dtype=dtype)
-    experts, starts, sizes = _listing(counts, few=6)
+    experts, starts, sizes = few_row_experts(counts, few=6)
     native.rows_linear(x, w, experts, starts, sizes, out, workers)
     want = out.clone().double()
     for e, start, size in zip(experts, starts, sizes, strict=True):

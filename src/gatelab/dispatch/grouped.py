@@ -83,6 +83,14 @@ def grouped_linear(
 
 def _few_rows_linear(x: Tensor, w: Tensor, counts: list[int], out: Tensor, few: int) -> None:
     """The experts of 1 to ``few`` rows in one ``native.rows_linear`` call on every thread."""
+    experts, starts, sizes = few_row_experts(counts, few)
+    if experts:
+        native.rows_linear(x, w, experts, starts, sizes, out, torch.get_num_threads())
+
+
+def few_row_experts(counts: list[int], few: int) -> tuple[list[int], list[int], list[int]]:
+    """(experts, their first rows, their row counts) of the experts holding 1 to ``few``
+    of the expert-sorted rows that ``counts`` [E] describes."""
     experts, starts, sizes, start = [], [], [], 0
     for e, count in enumerate(counts):
         if 0 < count <= few:
@@ -90,8 +98,7 @@ def _few_rows_linear(x: Tensor, w: Tensor, counts: list[int], out: Tensor, few: 
             starts.append(start)
             sizes.append(count)
         start += count
-    if experts:
-        native.rows_linear(x, w, experts, starts, sizes, out, torch.get_num_threads())
+    return experts, starts, sizes
 
 
 # Without the C++ build (native.py; with it, experts of up to native.ROWS_MAX rows take
