@@ -1,14 +1,14 @@
 // Few-row expert products in C++ (gatelab/dispatch/native.py builds and loads it).
 //
 // At decode an expert gets 1 to a few rows, and out = x @ W.T is a pass over W's bytes:
-// the time is reading W from memory. MKL's GEMM reaches 7-14 GB/s there on 2 cores at
-// 3-8 rows (benchmarks/cpu_notes.py, note 3), a fraction of the memory's bandwidth. Here
-// each W row is read once, dotted with every x row while it sits in L1, and the rows of W
-// of all the listed experts are shared between torch's OpenMP threads in one parallel
-// region (one barrier per projection, not one per expert).
+// the time is reading W from memory. MKL's forms read W from memory at 5-28 GB/s there on
+// 2 cores at 1-6 rows (benchmarks/cpu_notes.py, note 3), short of the memory's bandwidth.
+// Here each W row is read once, dotted with every x row while it sits in L1, and the rows
+// of W of all the listed experts are shared between torch's OpenMP threads in one
+// parallel region (one barrier per projection, not one per expert).
 //
-// Every output element is one dot product computed by one thread in a fixed order (vector
-// lanes, then their sum, then the tail), so the bits do not depend on the thread count.
+// Every output element is one dot product computed by one thread in a fixed order (see
+// row_dots), so the bits do not depend on the thread count.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -1,5 +1,6 @@
-"""The dispatcher's C++ parts, built on first use: split's expert loop
-(``split_experts.cpp``) and the few-row expert products (``few_rows.cpp``).
+"""The dispatcher's C++ parts, built on first use: split's expert loop and a small
+inference call's forward (``split_experts.cpp``), and the few-row expert products
+(``few_rows.cpp``).
 
 Split runs each expert's whole pass on one single-threaded worker. From Python every
 expert costs ~25 small torch calls, and the workers' Python runs one at a time under
@@ -14,10 +15,12 @@ MKL's GEMM reads them at a fraction of the memory's bandwidth there. ``few_rows.
 reads each weight row once, dots it with every input row, and shares the rows of all
 such experts between torch's threads in one parallel region (:func:`rows_linear`). The
 phase-wise loop, both split loops and the C++ split all use it for those experts, so
-strategies still agree bit for bit; its float64 results are tested against a matmul.
+the strategies' outputs keep their bits; its float64 results are tested against a matmul.
+A small inference call (a decode step) runs whole in one C++ call (:func:`small_forward`):
+at one token the Python around the two projections cost as much as they did.
 
-The sources are compiled with ``torch.utils.cpp_extension.load`` the first time split runs
-in a process (about 15 s on 2 cores; torch caches the build under
+The sources are compiled with ``torch.utils.cpp_extension.load`` the first time a CPU
+call needs them in a process (about 15 s on 2 cores; torch caches the build under
 ``~/.cache/torch_extensions`` and reuses it until the source or torch changes). Where
 there is no C++ compiler, or ``GATELAB_NATIVE=0`` is set, or the build fails, split
 keeps its Python loop and few-row experts MKL's GEMMs; the reason is logged once.
