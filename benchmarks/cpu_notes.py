@@ -10,7 +10,9 @@ starts its own busy process for the contended half (``busy_processes``, as
 
 1. Fresh vs reused output: a 64-expert GEMM set into a new 64 MB tensor (torch's
    grouped_mm) vs into a reused buffer; why ``workspace.py`` pools buffers.
-2. The same for a weight gradient [64, 512, 512].
+2. The same for a weight gradient [64, 512, 512], and the first touch alone: filling a
+   new [128, 128, 512] tensor (fine-128's w_in gradient) against a reused one; why
+   ``workspace.gradient_buffer`` keeps each weight's gradient buffers.
 3. Few rows (``native.ROWS_MAX``, ``grouped._FEW_ROWS``): x @ W.T, W @ x.T, W @ (x.T
    contiguous) and the C++ few-row kernel for 1-12 rows of one expert, two weight
    shapes, weights in cache and streamed from memory; for one row also the GEMV, a
@@ -98,6 +100,11 @@ def note_fresh_weight_grad() -> None:
     print(
         f"2. weight gradient [64, 512, 512]: new 64 MB tensor {fresh:.1f} ms, reused {kept:.1f} ms"
     )
+    shape = (128, 128, 512)  # 32 MB: above glibc's largest mmap threshold
+    reused = torch.empty(shape)
+    fresh = median_ms(lambda: torch.empty(shape).fill_(1.0))
+    kept = median_ms(lambda: reused.fill_(1.0))
+    print(f"   fill [128, 128, 512]: new tensor {fresh:.1f} ms, reused {kept:.1f} ms")
 
 
 def _few_rows_forms(x, ws) -> dict:

@@ -398,3 +398,20 @@ def test_all_experts_router_refuses_non_finite_input():
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         AllExpertsRouter(8, 4)(x)
     AllExpertsRouter(8, 4, nan_policy="ignore")(x)
+
+
+@pytest.mark.parametrize(
+    "bad", [None, float("nan"), float("inf"), float("-inf"), (float("inf"), float("-inf"))]
+)
+def test_finite_check_is_exact_where_the_sum_overflows(bad):
+    """The check reads the logits' sum first: finite logits whose sum overflows must pass,
+    and every non-finite value (inf and -inf together sum to NaN) must still be caught."""
+    router = ROUTERS.get("topk")(8, 4, 1)
+    logits = torch.full((6, 4), 3e38)  # finite; their float32 sum is inf
+    if bad is None:
+        router._check_logits(logits)
+        return
+    for i, value in enumerate(bad if isinstance(bad, tuple) else (bad,)):
+        logits[i, 1] = value
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        router._check_logits(logits)

@@ -29,7 +29,7 @@ from . import gemm_batch, native
 from .checks import check_dispatch_inputs
 from .cpu_threads import cpu_strategy, run_split, split_runner
 from .grouped_mm import _GROUPED_MM, grouped_mm_op, grouped_mm_supported
-from .workspace import saved_buffer, scratch
+from .workspace import gradient_buffer, saved_buffer, scratch
 
 
 def _use_kernel(a: Tensor, b: Tensor) -> bool:
@@ -169,15 +169,22 @@ def _row_blocks(out_dim: int) -> int:
 
 
 def grouped_weight_grad(
-    grad: Tensor, inp: Tensor, counts: Tensor, offsets: Tensor, kernel: bool | None = None
+    grad: Tensor,
+    inp: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    kernel: bool | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
-    """Per-expert grad[e].T @ inp[e] for rows sorted by expert -> [E, out, in]."""
+    """Per-expert grad[e].T @ inp[e] for rows sorted by expert -> [E, out, in]; on CPU
+    into ``weight``'s reused gradient buffer (``workspace.gradient_buffer``) if given."""
     grad_t = grad.t()
     if kernel is None and torch.compiler.is_compiling():
         return grouped_mm_op(grad_t, inp, offsets)
     if _use_kernel(grad_t, inp) if kernel is None else kernel:
         return _GROUPED_MM(grad_t, inp, offs=offsets)
-    out = grad.new_empty(counts.shape[0], grad.shape[1], inp.shape[1])
+    shape = (counts.shape[0], grad.shape[1], inp.shape[1])
+    out = grad.new_empty(shape) if weight is None else gradient_buffer(weight, shape)
     host_counts = counts.tolist()
     many = max(host_counts, default=0) >= gemm_batch.MIN_ROWS
     batched = many and gemm_batch.weight_grad(grad, inp, counts, out)
@@ -411,7 +418,7 @@ def _phases_backward(ctx, saved, routed, grad_out, buffers):
     _gather(grad_out, tokens, gy)
     g_w_out = g_b_out = g_w_in = g_b_in = g_xs = None
     if need_w_out:
-        g_w_out = grouped_weight_grad(gy, act, counts, offsets)
+        g_w_out = grouped_weight_grad(gy, act, counts, offsets, weight=w_out)
     if need_b_out:
         g_b_out = _segment_sum(gy * scale, counts)
     g_act = grouped_linear(gy, w_out.transpose(1, 2), counts, offsets, out=g_act)
@@ -419,7 +426,7 @@ def _phases_backward(ctx, saved, routed, grad_out, buffers):
     if b_out is not None:
         g_scale += (gy * b_out[experts]).sum(dim=1)
     if need_w_in:
-        g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets)
+        g_w_in = grouped_weight_grad(g_hidden, xs, counts, offsets, weight=w_in)
     if need_b_in:
         g_b_in = _segment_sum(g_hidden, counts)
     if need_x:  # into gy's buffer: gy is no longer needed
@@ -440,23 +447,18 @@ def _split_backward(ctx, saved, routed, grad_out, buffers):
     need_x, _, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
     host_counts = counts.tolist()
     idle = [e for e, c in enumerate(host_counts) if not c]
-
-    def expert_grad(need: bool, shape: tuple[int, ...]) -> Tensor | None:
-        """An [E, ...] gradient whose idle experts' rows are zero (no worker writes them)."""
-        if not need:
-            return None
-        grad = w_in.new_empty(shape)
-        grad[idle] = 0
-        return grad
-
-    g_w_in = expert_grad(need_w_in, w_in.shape)
-    g_w_out = expert_grad(need_w_out, w_out.shape)
-    g_b_in = expert_grad(need_b_in, (len(host_counts), hidden.shape[1]))
-    g_b_out = expert_grad(need_b_out, (len(host_counts), w_out.shape[1]))
+    num_experts = len(host_counts)
+    g_w_in = gradient_buffer(w_in) if need_w_in else None
+    g_w_out = gradient_buffer(w_out) if need_w_out else None
+    g_b_in = w_in.new_empty(num_experts, hidden.shape[1]) if need_b_in else None
+    g_b_out = w_in.new_empty(num_experts, w_out.shape[1]) if need_b_out else None
+    grads = (g_w_in, g_w_out, g_b_in, g_b_out)
+    for grad in grads:
+        if grad is not None:
+            grad[idle] = 0  # no worker writes the idle experts' rows
     g_scale = scale.new_empty(scale.shape[0])
     grad_out = grad_out.to(gy.dtype)
     activation = ctx.activation
-    grads = (g_w_in, g_w_out, g_b_in, g_b_out)
     in_cpp = _native_split(activation, host_counts)
     if in_cpp is not None:
         order, kind, glu, workers = in_cpp

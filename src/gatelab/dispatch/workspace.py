@@ -10,7 +10,11 @@ is a plain ``torch.empty``.
 
 What a layer saves for backward (gathered rows, pre-activation, activation) comes from a
 pool instead (``saved_buffer``): a buffer returns to it only when the autograd node that
-saved it is freed. ``release_workspace()`` frees the calling thread's scratch and the idle pool.
+saved it is freed. The experts' weight gradients come from a third pool
+(``gradient_buffer``): a gradient outlives the backward (autograd makes it the parameter's
+``.grad``), so its buffer is reused only once nothing else holds its memory, typically
+after the optimizer's ``zero_grad()``. ``release_workspace()`` frees the calling thread's
+scratch and the idle pools.
 
 Both hand out uninitialised memory (as ``torch.empty`` does on CUDA), so no output may
 depend on a row nobody wrote: every dispatcher entry checks the expert ids (``checks.py``)
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import torch
 from torch import Tensor
@@ -58,6 +63,9 @@ def release_workspace() -> None:
     _WORKSPACE.buffers.clear()
     with _POOL_LOCK:
         _POOL.clear()
+    with _GRADIENTS_LOCK:
+        for buffers in list(_GRADIENTS.values()):
+            buffers[:] = [b for b in buffers if _held_elsewhere(b)]
 
 
 class _Lease:
@@ -74,7 +82,9 @@ class _Lease:
 
 
 _POOL: dict[torch.dtype, list[Tensor]] = {}
-_POOL_LOCK = threading.Lock()
+# Re-entrant: a _Lease's __del__ can run inside an allocation made under the lock (the
+# cyclic garbage collector), in the same thread.
+_POOL_LOCK = threading.RLock()
 
 
 def saved_buffer(shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, _Lease | None]:
@@ -94,3 +104,56 @@ def saved_buffer(shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, _Lease |
     if buffer is None:
         buffer = torch.empty(numel, dtype=like.dtype)
     return buffer[:numel].view(shape), _Lease(buffer)
+
+
+# The buffers of each weight's gradients, by id of the weight: dropped with the weight.
+_GRADIENTS: dict[int, list[Tensor]] = {}
+_GRADIENTS_LOCK = threading.Lock()
+
+
+def _storage_users(t: Tensor) -> int | None:
+    """How many references hold ``t``'s memory (None where torch has no such count)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if use_count is None else use_count(t.untyped_storage()._cdata)
+
+
+# What the count reads for a tensor that alone holds its memory (1, plus the temporary
+# storage object the count itself takes).
+_SOLE = _storage_users(torch.empty(1))
+
+
+def _held_elsewhere(buffer: Tensor) -> bool:
+    return _storage_users(buffer) != _SOLE
+
+
+def gradient_buffer(weight: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+    """An uninitialised tensor for ``weight``'s gradient (of ``shape``, default the
+    weight's), which autograd will keep as its ``.grad``.
+
+    A fresh CPU tensor above glibc's mmap threshold (32 MB at most) is new pages from the
+    OS on every step, and their first touch can cost more than the GEMMs that write them:
+    filling a fresh [128, 128, 512] float32 tensor took 12.0 ms, a reused one 0.6 ms
+    (fine-128's w_in gradient; docs/benchmarks.md, "CPU strategies"). So each weight keeps
+    its gradients' buffers, handed out again once nothing else holds their memory: the
+    ``.grad`` was dropped (``zero_grad()``) or the new gradient was summed into a kept
+    ``.grad``. The handed-out tensor is a fresh view, which autograd's AccumulateGrad
+    takes as the ``.grad`` without a copy, as it takes a new tensor. The buffers go when
+    the weight does (or, while free, at :func:`release_workspace`).
+    """
+    shape = tuple(weight.shape) if shape is None else shape
+    if weight.device.type != "cpu" or torch.compiler.is_compiling() or _SOLE is None:
+        return torch.empty(shape, dtype=weight.dtype, device=weight.device)
+    numel, key = math.prod(shape), id(weight)
+    with _GRADIENTS_LOCK:
+        buffers = _GRADIENTS.get(key)
+        if buffers is None:
+            buffers = _GRADIENTS[key] = []
+            # The callback runs when the weight is freed: no lock (it may run inside
+            # any allocation, this function's included), a dict pop is atomic.
+            weakref.finalize(weight, _GRADIENTS.pop, key, None)
+        fits = (b for b in buffers if b.numel() == numel and b.dtype == weight.dtype)
+        buffer = next((b for b in fits if not _held_elsewhere(b)), None)
+        if buffer is None:
+            buffer = torch.empty(numel, dtype=weight.dtype)
+            buffers.append(buffer)
+        return buffer.view(shape)
