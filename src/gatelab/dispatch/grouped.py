@@ -580,7 +580,13 @@ def sort_slots(
     reached here unchecked under torch.compile) are padding. Their ``experts`` are
     clamped to a real expert (so bias gathers stay in range) and :func:`padded_targets`
     sends their outputs to a dropped row.
+
+    On CPU outside ``torch.compile`` the C++ build gives the same tensors from a counting
+    sort (``native.sort_slots``): 0.05 ms against 0.17-1.1 ms for these ops at 4K-32K
+    slots (docs/benchmarks.md, "CPU strategies").
     """
+    if not torch.compiler.is_compiling() and native.sort_fits(experts):
+        return native.sort_slots(experts, num_experts)
     num_slots = experts.shape[1]
     key = experts.reshape(-1)
     key = torch.where((key < 0) | (key >= num_experts), num_experts, key)
@@ -595,9 +601,9 @@ def sort_slots(
     return slots, tokens, experts, counts, counts.cumsum(0).to(torch.int32), valid
 
 
-# At most this many slots on CPU, the sort runs on the host: a few Python list operations
-# instead of a dozen tiny torch ops (about 10 us each, most of a one-token decode step's
-# routing cost; gatelab bench generate).
+# At most this many slots on CPU without the C++ sort, the sort runs in Python: a few list
+# operations instead of a dozen tiny torch ops (about 10 us each, most of a one-token
+# decode step's routing cost; gatelab bench generate).
 HOST_SORT_SLOTS = 256
 
 
@@ -688,14 +694,13 @@ def grouped_dispatch(
         t is not None and t.requires_grad for t in tensors
     )
     host = experts.device.type == "cpu" and experts.numel() <= HOST_SORT_SLOTS
-    if host and not torch.compiler.is_compiling():
-        if (
-            inference
-            and (out := _small_inference(x, experts, weights, bank, activation)) is not None
-        ):
+    host = host and not torch.compiler.is_compiling()
+    if host and inference:
+        if (out := _small_inference(x, experts, weights, bank, activation)) is not None:
             return out
+    if host and not native.sort_fits(experts):
         routed = sort_slots_host(experts, bank.num_experts)
-    else:
+    else:  # in C++ on CPU where that builds (6-9 us a decode step, Python's 46-128 us)
         routed = sort_slots(experts, bank.num_experts)
     slot_weights = weights.reshape(-1)[routed[0]]
     inputs = (x, slot_weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out)

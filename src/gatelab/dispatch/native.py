@@ -58,8 +58,9 @@ _log = logging.getLogger(__name__)
 _BUILD_LOCK = threading.Lock()  # one build per process, whichever thread gets there first
 
 
-PARTS = ("split", "rows", "small")
-"""The C++ parts: split's loop, the few-row kernel and the small-call forward."""
+PARTS = ("split", "rows", "small", "sort")
+"""The C++ parts: split's loop, the few-row kernel, the small-call forward and the
+slots' counting sort."""
 _SWITCHES = {part: ThreadSwitch() for part in PARTS}
 
 
@@ -183,3 +184,20 @@ def small_forward(x, experts, weights, bank, kernel: tuple[int, bool]) -> torch.
         x, experts, weights, bank.w_in, bank.w_out, bank.b_in, bank.b_out, *kernel,
         ROWS_MAX, torch.get_num_threads(),
     )  # fmt: skip
+
+
+def sort_fits(experts: torch.Tensor) -> bool:
+    """Whether :func:`sort_slots` takes ``experts`` (building it on first call): [T, K]
+    int64 on CPU, and this part on."""
+    return (
+        experts.device.type == "cpu"
+        and experts.dim() == 2
+        and experts.dtype == torch.int64
+        and enabled("sort")
+    )
+
+
+def sort_slots(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """``gatelab_split::sort_slots``: ``grouped.sort_slots``'s six tensors from a stable
+    counting sort on the host, one pass over the slots (check :func:`sort_fits` first)."""
+    return tuple(torch.ops.gatelab_split.sort_slots(experts, num_experts))

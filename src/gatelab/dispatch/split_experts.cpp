@@ -199,19 +199,21 @@ void linear_phase(const Tensor& x, const Tensor& w, const std::vector<int64_t>& 
   if (!few.empty()) gatelab_native::rows_linear(x, w, few, few_starts, few_counts, out, workers);
 }
 
-// A small inference call (a decode step) whole: grouped.sort_slots_host, then
-// grouped._phases_forward and combine, the same ops on the same buffers in the same order
-// (so the same bits as the Python path; tested), without ~40 Python-level torch calls.
-// experts, weights [T, K]; ids outside 0..E-1 are empty slots (padding rows, dropped).
-Tensor small_forward(
-    const Tensor& x, const Tensor& experts, const Tensor& weights, const Tensor& w_in,
-    const Tensor& w_out, const OptTensor& b_in, const OptTensor& b_out, int64_t activation,
-    bool glu, int64_t few_rows, int64_t workers) {
+// grouped.sort_slots on the host: a stable counting sort of the T*K slots of experts
+// [T, K] by expert, empty slots (ids outside 0..E-1, key E) last. The same six tensors:
+// slots, their tokens and (clamped) experts [T*K], counts [E], int32 end offsets [E] and
+// which rows are routed; ``target`` is each row's token, T for a padding row (combine's
+// dropped row). ``all`` = false leaves out counts, offsets and valid (small_forward
+// needs the host counts alone: a decode step's every tensor op shows).
+struct SortedSlots {
+  Tensor slots, tokens, experts, counts, offsets, valid, target;
+  std::vector<int64_t> host_counts;  // [E]
+};
+
+SortedSlots sort_slots_host(const Tensor& experts, int64_t num_experts, bool all) {
   const int64_t tokens = experts.size(0), k = experts.size(1), slots = tokens * k;
-  const int64_t num_experts = w_in.size(0), ffn = w_out.size(2);
   const Tensor ids = experts.to(at::kLong).contiguous();
   const int64_t* id = ids.const_data_ptr<int64_t>();
-  // A stable counting sort of the slots by expert, empty slots (key E) last.
   std::vector<int64_t> counts(num_experts + 1, 0), next(num_experts + 1, 0);
   std::vector<int64_t> key(slots);
   for (int64_t i = 0; i < slots; ++i) {
@@ -220,21 +222,58 @@ Tensor small_forward(
   }
   for (int64_t e = 1; e <= num_experts; ++e) next[e] = next[e - 1] + counts[e - 1];
   const auto long_opts = ids.options();
-  Tensor order = at::empty({slots}, long_opts), rows_token = at::empty({slots}, long_opts);
-  Tensor target = at::empty({slots}, long_opts), row_expert = at::empty({slots}, long_opts);
-  int64_t* order_p = order.mutable_data_ptr<int64_t>();
-  int64_t* token_p = rows_token.mutable_data_ptr<int64_t>();
-  int64_t* target_p = target.mutable_data_ptr<int64_t>();
-  int64_t* expert_p = row_expert.mutable_data_ptr<int64_t>();
+  SortedSlots out;
+  out.slots = at::empty({slots}, long_opts);
+  out.tokens = at::empty({slots}, long_opts);
+  out.target = at::empty({slots}, long_opts);
+  out.experts = at::empty({slots}, long_opts);
+  out.valid = at::empty({all ? slots : 0}, long_opts.dtype(at::kBool));
+  int64_t* slot_p = out.slots.mutable_data_ptr<int64_t>();
+  int64_t* token_p = out.tokens.mutable_data_ptr<int64_t>();
+  int64_t* target_p = out.target.mutable_data_ptr<int64_t>();
+  int64_t* expert_p = out.experts.mutable_data_ptr<int64_t>();
+  bool* valid_p = out.valid.mutable_data_ptr<bool>();
+  const int64_t top = std::max<int64_t>(num_experts - 1, 0);
   for (int64_t i = 0; i < slots; ++i) {
     const int64_t row = next[key[i]]++;
-    order_p[row] = i;
+    const bool routed = key[i] < num_experts;
+    slot_p[row] = i;
     token_p[row] = i / k;
-    target_p[row] = key[i] < num_experts ? i / k : tokens;  // padding: a dropped row
-    expert_p[row] = std::min(key[i], std::max<int64_t>(num_experts - 1, 0));
+    target_p[row] = routed ? i / k : tokens;
+    expert_p[row] = std::min(key[i], top);
+    if (all) valid_p[row] = routed;
   }
   counts.pop_back();
+  if (all) {
+    out.counts = at::tensor(counts, long_opts);
+    out.offsets = out.counts.cumsum(0).to(at::kInt);
+  }
+  out.host_counts = std::move(counts);
+  return out;
+}
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sort_slots(
+    const Tensor& experts, int64_t num_experts) {
+  TORCH_CHECK(experts.dim() == 2 && experts.scalar_type() == at::kLong,
+              "gatelab sort_slots: experts must be [T, K] int64");
+  SortedSlots s = sort_slots_host(experts, num_experts, true);
+  return {s.slots, s.tokens, s.experts, s.counts, s.offsets, s.valid};
+}
+
+// A small inference call (a decode step) whole: sort_slots_host, then
+// grouped._phases_forward and combine, the same ops on the same buffers in the same order
+// (so the same bits as the Python path; tested), without ~40 Python-level torch calls.
+// experts, weights [T, K]; ids outside 0..E-1 are empty slots (padding rows, dropped).
+Tensor small_forward(
+    const Tensor& x, const Tensor& experts, const Tensor& weights, const Tensor& w_in,
+    const Tensor& w_out, const OptTensor& b_in, const OptTensor& b_out, int64_t activation,
+    bool glu, int64_t few_rows, int64_t workers) {
+  const int64_t tokens = experts.size(0), slots = experts.numel();
+  const int64_t ffn = w_out.size(2);
+  SortedSlots sorted = sort_slots_host(experts, w_in.size(0), false);
+  const Tensor &order = sorted.slots, &rows_token = sorted.tokens, &target = sorted.target;
+  const Tensor& row_expert = sorted.experts;
+  const std::vector<int64_t>& counts = sorted.host_counts;
   const auto opts = w_in.options();
   Tensor xs = at::index_select(x.to(w_in.scalar_type()), 0, rows_token);
   Tensor scale = weights.reshape(-1).index_select(0, order).to(w_in.scalar_type()).unsqueeze(1);
@@ -272,6 +311,9 @@ TORCH_LIBRARY(gatelab_split, m) {
       "Tensor(f!)? g_w_out, Tensor(g!)? g_b_in, Tensor(h!)? g_b_out, bool need_x, "
       "int activation, bool glu, int workers) -> ()");
   m.def(
+      "sort_slots(Tensor experts, int num_experts) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
+  m.def(
       "small_forward(Tensor x, Tensor experts, Tensor weights, Tensor w_in, Tensor w_out, "
       "Tensor? b_in, Tensor? b_out, int activation, bool glu, int few_rows, int workers) "
       "-> Tensor");
@@ -280,5 +322,6 @@ TORCH_LIBRARY(gatelab_split, m) {
 TORCH_LIBRARY_IMPL(gatelab_split, CPU, m) {
   m.impl("forward", &split_forward);
   m.impl("backward", &split_backward);
+  m.impl("sort_slots", &sort_slots);
   m.impl("small_forward", &small_forward);
 }
