@@ -259,6 +259,27 @@ def test_skip_pregate_transcoder_commands(tmp_path, capsys):
     assert "no MoE block" in capsys.readouterr().err
 
 
+def test_pregate_modes_stay_exact_when_the_load_reading_flips(tmp_path, monkeypatch):
+    """The strategy rule reads the machine's load; a reading that flips between pregate's
+    timed modes must not make them differ in the last bit (it pins one strategy)."""
+    import itertools
+    import json
+
+    from gatelab.cli import main
+    from gatelab.dispatch import cpu_threads
+    from gatelab.experiments._trained_lm import trained_moe_lm
+
+    run_dir = trained_moe_lm("smoke", 0, tmp_path).run_dir
+    (tmp_path / "prose.txt").write_text(PROSE)
+    flips = itertools.cycle([False, True, True, False, False, False, True])
+    monkeypatch.setattr(cpu_threads, "machine_busy", lambda threads=None: next(flips))
+    args = [str(run_dir), "--set", f"prose={tmp_path / 'prose.txt'}", "--seq-len", "24"]
+    out = tmp_path / "p"
+    assert main(["pregate", *args, "--max-prompts", "3", "--steps", "3", "--out", str(out)]) == 0
+    modes = json.loads((out / "pregate.json").read_text())["modes"]
+    assert [m["exact"] for m in modes] == [True, True, True]
+
+
 def test_moe_runtime_experiment_smoke(tmp_path):
     from gatelab import experiments
 

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _compare_modes(model, gates, prompts, capacity: int, directory: Path) -> list[dict]:
     """tokens/s, resident bytes and exactness of the resident, on-demand and prefetch modes."""
+    from ..dispatch.cpu_threads import forced_strategy
     from ..edit.offload import OffloadedExperts, resident_expert_bytes
     from ..inspect.access import prompt_batches
 
@@ -99,7 +100,10 @@ def _compare_modes(model, gates, prompts, capacity: int, directory: Path) -> lis
 
     def timed():
         start = time.perf_counter()
-        with torch.no_grad():
+        # One CPU strategy for all three modes: the load-dependent choice between
+        # phase-wise and split can change the last bit (docs/benchmarks.md), and
+        # "exact" compares the modes' logits bit for bit.
+        with torch.no_grad(), forced_strategy("phases"):
             logits = [model(b.to(device)).logits for b in batches]
         return time.perf_counter() - start, logits
 

@@ -12,6 +12,7 @@ from .expert_parallel import ExpertParallel, layer_bytes
 from .grouped import grouped_dispatch, grouped_linear, grouped_mm_supported
 from .loop import loop_dispatch
 from .triton import triton_available, triton_dispatch
+from .workspace import release_workspace
 
 DISPATCHERS = Registry("dispatcher")
 DISPATCHERS.register("loop")(loop_dispatch)
@@ -54,6 +55,7 @@ __all__ = [
     "grouped_mm_supported",
     "layer_bytes",
     "loop_dispatch",
+    "release_workspace",
     "triton_available",
     "triton_dispatch",
 ]

@@ -1,6 +1,6 @@
-"""The dispatcher's C++ parts, built on first use: split's expert loop and a small
-inference call's forward (``split_experts.cpp``), and the few-row expert products
-(``few_rows.cpp``).
+"""The dispatcher's C++ parts, built on first use: split's expert loop, a small
+inference call's forward and the slots' sort (``split_experts.cpp``), and the few-row
+expert products (``few_rows.cpp``).
 
 Split runs each expert's whole pass on one single-threaded worker. From Python every
 expert costs ~25 small torch calls, and the workers' Python runs one at a time under
@@ -17,7 +17,9 @@ such experts between torch's threads in one parallel region (:func:`rows_linear`
 phase-wise loop, both split loops and the C++ split all use it for those experts, so
 the strategies' outputs keep their bits; its float64 results are tested against a matmul.
 A small inference call (a decode step) runs whole in one C++ call (:func:`small_forward`):
-at one token the Python around the two projections cost as much as they did.
+at one token the Python around the two projections cost as much as they did. The slots'
+sort by expert is one counting sort on the host (:func:`sort_slots`), where torch took a
+dozen ops around a stable argsort.
 
 The sources are compiled with ``torch.utils.cpp_extension.load`` the first time a CPU
 call needs them in a process (about 15 s on 2 cores; torch caches the build under

@@ -1,5 +1,6 @@
-// The split strategy's expert loop in C++, and a small inference call's phase-wise forward
-// (gatelab/dispatch/native.py builds and loads both, with few_rows.cpp).
+// The split strategy's expert loop in C++, the slots' counting sort and a small inference
+// call's phase-wise forward (gatelab/dispatch/native.py builds and loads them, with
+// few_rows.cpp).
 //
 // One call runs a whole forward or backward pass over all experts: the workers are torch's
 // OpenMP threads (one parallel region, a worker per intra-op thread), each taking the

@@ -24,7 +24,9 @@ How it works here (:class:`OffloadedExperts`):
   misses on demand), stacks them into a compact bank, renumbers the routing to it and runs
   the same dispatcher on it. Each expert's arithmetic is unchanged, so outputs equal the
   resident model's exactly (tested) when the model runs gatelab's dispatch (gatelab models;
-  HF models loaded with ``experts_implementation="gatelab"``).
+  HF models loaded with ``experts_implementation="gatelab"``) under one CPU strategy (the
+  load-dependent choice between phase-wise and split can change the last bit; pin it with
+  ``gatelab.dispatch.cpu_threads.forced_strategy`` to compare runs bit for bit).
 - With ``pregates``, a forward pre-hook on block l asks the pre-gate for each token's top
   ``prefetch_k`` experts of the next MoE layer and queues the most-voted ones (at most the
   capacity) on a single prefetch thread, which reads them from the host tier into the cache.

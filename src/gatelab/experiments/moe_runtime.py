@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..dispatch.cpu_threads import forced_strategy
 from ..edit.offload import OffloadedExperts, resident_expert_bytes
 from ..edit.pregate import PreGates, collect_pairs, hit_rate, train_pregates
 from ..edit.skip import (
@@ -247,7 +248,9 @@ def _chunks(evals, cfg) -> list[torch.Tensor]:
 def _timed(model, chunks) -> tuple[float, list[torch.Tensor]]:
     logits = []
     start = time.perf_counter()
-    with torch.no_grad():
+    # One CPU strategy in every mode: "exact" compares logits bit for bit, and the
+    # load-dependent choice between phase-wise and split can change the last bit.
+    with torch.no_grad(), forced_strategy("phases"):
         for ids in chunks:
             logits.append(model(ids).logits)
     return time.perf_counter() - start, logits
