@@ -154,3 +154,15 @@ def test_gradient_buffers_go_with_their_weights():
     del layer
     gc.collect()
     assert not set(weights) & set(workspace._GRADIENTS)
+
+
+def test_a_cast_weight_drops_its_old_gradient_buffers_once_free():
+    workspace.release_workspace()
+    layer = _layer()
+    x = torch.randn(6, 8).double()
+    layer(x).sum().backward()
+    layer.zero_grad()
+    layer.float()  # the same Parameter objects, now float32
+    layer(x.float()).sum().backward()
+    kept = _pooled_gradients(layer)
+    assert len(kept) == 2 and all(b.dtype == torch.float32 for b in kept)

@@ -151,7 +151,11 @@ def gradient_buffer(weight: Tensor, shape: tuple[int, ...] | None = None) -> Ten
             # The callback runs when the weight is freed: no lock (it may run inside
             # any allocation, this function's included), a dict pop is atomic.
             weakref.finalize(weight, _GRADIENTS.pop, key, None)
-        fits = (b for b in buffers if b.numel() == numel and b.dtype == weight.dtype)
+        fits, others = [], []
+        for b in buffers:
+            (fits if b.numel() == numel and b.dtype == weight.dtype else others).append(b)
+        # Buffers of another size or dtype (the weight was cast since) go once free.
+        buffers[:] = fits + [b for b in others if _held_elsewhere(b)]
         buffer = next((b for b in fits if not _held_elsewhere(b)), None)
         if buffer is None:
             buffer = torch.empty(numel, dtype=weight.dtype)
