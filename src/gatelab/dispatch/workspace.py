@@ -132,7 +132,7 @@ def gradient_buffer(weight: Tensor, shape: tuple[int, ...] | None = None) -> Ten
 
     A fresh CPU tensor above glibc's mmap threshold (32 MB at most) is new pages from the
     OS on every step, and their first touch can cost more than the GEMMs that write them:
-    filling a fresh [128, 128, 512] float32 tensor took 12.0 ms, a reused one 0.6 ms
+    filling a fresh [128, 128, 512] float32 tensor took 12.0-14.4 ms, a reused one 0.5 ms
     (fine-128's w_in gradient; docs/benchmarks.md, "CPU strategies"). So each weight keeps
     its gradients' buffers, handed out again once nothing else holds their memory: the
     ``.grad`` was dropped (``zero_grad()``) or the new gradient was summed into a kept
