@@ -582,8 +582,8 @@ def sort_slots(
     sends their outputs to a dropped row.
 
     On CPU outside ``torch.compile`` the C++ build gives the same tensors from a counting
-    sort (``native.sort_slots``): 0.05 ms against 0.17-1.1 ms for these ops at 4K-32K
-    slots (docs/benchmarks.md, "CPU strategies").
+    sort (``native.sort_slots``): 0.025-0.13 ms against 0.16-1.05 ms for these ops at
+    4K-32K slots (docs/benchmarks.md, "CPU strategies").
     """
     if not torch.compiler.is_compiling() and native.sort_fits(experts):
         return native.sort_slots(experts, num_experts)

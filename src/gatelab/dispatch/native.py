@@ -201,5 +201,6 @@ def sort_fits(experts: torch.Tensor) -> bool:
 
 def sort_slots(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
     """``gatelab_split::sort_slots``: ``grouped.sort_slots``'s six tensors from a stable
-    counting sort on the host, one pass over the slots (check :func:`sort_fits` first)."""
+    counting sort on the host, a counting pass and a placing pass over the slots (check
+    :func:`sort_fits` first)."""
     return tuple(torch.ops.gatelab_split.sort_slots(experts, num_experts))
