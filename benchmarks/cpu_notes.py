@@ -39,6 +39,9 @@ starts its own busy process for the contended half (``busy_processes``, as
    (``native.small_forward``), from Python with the few-row kernel, from Python with
    MKL's few-row forms (before the C++ parts), and split on the team: why experts of
    one row stay phase-wise (``SPLIT_MIN_ROWS_PER_EXPERT``) and what the C++ parts gain.
+9. Phases against split with its pass in C++, idle, training (fwd+bwd) and inference
+   shapes of 0.5 to 256 rows per expert, most below the Python loop's work threshold:
+   where split in C++ starts to pay (``cpu_threads.SPLIT_NATIVE_MIN``).
 """
 
 from __future__ import annotations
@@ -458,6 +461,80 @@ def note_decode_rows() -> None:
                 print(f"   {label} {t},{d},{f},{e},{k} (~{rows:.1f} rows/expert)  {medians}")
 
 
+# Training and inference shapes of 0.5 to 256 rows per expert, most with little work per
+# expert (below the team's Python-loop threshold, 4M): where split in C++ starts to pay.
+ROWS_SHAPES = {
+    "train": (
+        "256,256,64,128,2", "512,256,64,256,2", "256,512,128,256,4", "256,256,64,64,2",
+        "512,512,256,128,2", "256,256,64,32,2", "256,512,128,64,4", "1024,256,64,32,1",
+        "2048,256,64,128,4", "4096,256,64,64,2", "8192,256,128,64,2",
+    ),
+    "inference": (
+        "4,512,128,64,8", "8,512,1024,8,2", "16,2048,512,64,8", "32,1024,256,64,8",
+        "64,512,256,32,4", "128,512,1024,8,2",
+    ),
+}  # fmt: skip
+
+
+def note_split_rows() -> None:
+    from gatelab.bench.shapes import parse_shape
+    from gatelab.bench.variants import build_gatelab_moe
+    from gatelab.dispatch.cpu_threads import SPLIT_NATIVE_MIN, forced_strategy, openmp_team
+
+    if openmp_team() is None:
+        print("9. skipped: split's C++ pass runs on torch's OpenMP team, and there is none")
+        return
+    print("9. phases / split time (split's pass in C++ on the team), idle, median of 9")
+    print(
+        f"   alternating; cpu_threads.SPLIT_NATIVE_MIN (rows, multiply-adds) = {SPLIT_NATIVE_MIN}"
+    )
+    for mode, specs in ROWS_SHAPES.items():
+        for spec in specs:
+            shape = parse_shape(spec)
+            torch.manual_seed(0)
+            moe = build_gatelab_moe(shape, "cpu", torch.float32)
+            x = torch.randn(shape.tokens, shape.dim, requires_grad=mode == "train")
+            grad = torch.randn_like(x)
+
+            def call(name, moe=moe, x=x, grad=grad, mode=mode):
+                with forced_strategy(name):
+                    if mode == "train":
+                        moe(x).backward(grad)
+                        x.grad = None
+                        for p in moe.parameters():
+                            p.grad = None
+                        return
+                    with torch.no_grad():
+                        for _ in range(20):  # a decode step is a fraction of a millisecond
+                            moe(x)
+
+            phases, split = _alternating_median_ms(
+                lambda call=call: call("phases"), lambda call=call: call("split")
+            )
+            rows = shape.tokens * shape.top_k / shape.num_experts
+            work = rows * shape.dim * shape.hidden_dim / 2**20
+            print(
+                f"   {mode:9s} {spec:18s} {rows:6.1f} rows {work:6.2f}M/expert  "
+                f"phases {phases:8.2f} ms  split {split:8.2f} ms  ratio {phases / split:.2f}"
+            )
+
+
+def _alternating_median_ms(*fns, rounds: int = 9) -> list[float]:
+    """Median of ``rounds`` calls of each, the calls alternating and their order reversed
+    every round (what runs first after the other's pass does not always pay for it)."""
+    for fn in fns:
+        fn()
+        fn()
+    times = [[] for _ in fns]
+    for round_ in range(rounds):
+        order = list(zip(fns, times, strict=True))
+        for fn, out in order if round_ % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] * 1e3 for t in times]
+
+
 NOTES = {
     1: note_fresh_output,
     2: note_fresh_weight_grad,
@@ -467,6 +544,7 @@ NOTES = {
     6: note_gemm_ceiling,
     7: note_decode_beside_a_busy_process,
     8: note_decode_rows,
+    9: note_split_rows,
 }
 
 

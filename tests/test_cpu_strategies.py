@@ -24,11 +24,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatelab.bench.common import busy_processes
-from gatelab.dispatch import cpu_threads, gemm_batch, grouped_dispatch, loop_dispatch, native
+from gatelab.dispatch import (
+    cpu_threads,
+    gemm_batch,
+    grouped,
+    grouped_dispatch,
+    loop_dispatch,
+    native,
+)
 from gatelab.dispatch.cpu_threads import (
     BUSY_CORES,
     LOAD_WINDOW_S,
     SPLIT_MIN_WORK_PER_EXPERT,
+    SPLIT_NATIVE_MIN,
     cpu_strategy,
     forced_strategy,
     machine_busy,
@@ -37,6 +45,7 @@ from gatelab.dispatch.cpu_threads import (
     split_runner,
 )
 from gatelab.dispatch.grouped import _FEW_ROWS, sort_slots, sort_slots_host
+from gatelab.experts.activation import Plain, as_activation
 
 SAME_BITS = ("phases", "phases-loop", "split", "split-python", "split-pool")
 """What the tests force: phase-wise (its GEMMs one MKL batched call where torch has MKL),
@@ -409,6 +418,43 @@ def test_rule_depends_on_threads_experts_rows_work_and_balance(runner):
         assert rule([rows] * 64, threads=1, busy=busy) == "phases"
         assert rule([rows] * 3, busy=busy) == "phases"
         assert rule(hot, busy=busy) == "phases"
+
+
+def test_split_in_cpp_is_chosen_from_fewer_rows_and_less_work():
+    """SPLIT_NATIVE_MIN: with split's passes in C++ on the team, idle split from 16 rows
+    per expert at any width and from 8 rows with enough work; never for the pool."""
+    (rows, _), (some_rows, some_work) = SPLIT_NATIVE_MIN
+    dim = 64
+    hidden = some_work // (some_rows * dim)  # some_rows rows of this width reach some_work
+
+    def rule(counts, native=True, runner="team", hidden=hidden):
+        with forced_strategy(None, runner):
+            return cpu_strategy(counts, dim, hidden, threads=2, busy=False, native=native)
+
+    assert rule([rows] * 64, hidden=1) == "split"
+    assert rule([rows] * 64, native=False, hidden=1) == "phases"
+    assert rule([rows - 1] * 64, hidden=1) == "phases"
+    assert rule([some_rows] * 64) == "split"
+    assert rule([some_rows] * 64, hidden=hidden - 1) == "phases"
+    assert rule([some_rows - 1] * 64, hidden=2 * hidden) == "phases"  # work, too few rows
+    assert rule([rows] * 64, runner="pool", hidden=1) == "phases"
+    assert rule([10 * rows] + [rows] * 3) == "phases"  # a hot expert still stays phase-wise
+
+
+@pytest.mark.skipif(
+    openmp_team() is None or not native.available(), reason="needs the team and the C++ build"
+)
+def test_dispatch_tells_the_rule_where_split_runs_in_cpp():
+    """grouped asks with native=True only where both of split's passes would run in C++."""
+    silu = Plain("silu")
+    assert grouped._cpu_strategy([16] * 64, torch.empty(64, 64, 1), silu) == "split"
+    assert grouped._cpu_strategy([16] * 63 + [4], torch.empty(64, 64, 1), silu) == "phases"
+
+    def custom(h):  # an activation the C++ loop lacks: the Python loop's threshold
+        return h.relu()
+
+    custom_act = as_activation(custom)
+    assert grouped._cpu_strategy([16] * 64, torch.empty(64, 64, 1), custom_act) == "phases"
 
 
 def test_no_team_without_openmp_or_libgomp(monkeypatch):

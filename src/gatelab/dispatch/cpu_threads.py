@@ -65,13 +65,21 @@ SPLIT_MIN_EXPERTS_PER_WORKER = 2
 SPLIT_MIN_ROWS_PER_EXPERT = 2
 # On an idle machine split only experts with at least this much work (multiply-adds
 # rows * D * F on average per active expert), by where split's workers run. On torch's
-# OpenMP team split loses at 0.25-0.5M, where each expert's Python overhead, serialised
-# by the GIL, outweighs its GEMMs (1024,256,64,32,1: 0.29 of dense against 0.36
+# OpenMP team with split's Python loop (no C++ build, or an activation it lacks) split
+# loses at 0.25-0.5M, where each expert's Python overhead, serialised by the GIL,
+# outweighs its GEMMs (1024,256,64,32,1: 0.29 of dense against 0.36
 # phase-wise), is within noise of phases at 2-4M and ahead from 8M (note 5: 512,512,256,
 # 64,8 at 0.68 against 0.63). Pool workers need 8x more: the caller's OpenMP team still
 # spins after its last parallel op, so one worker loses its core for a scheduler slice
 # (4-7 ms stalls in a 10 ms call at 4096,256,128,16,1: phases 6.8 ms, pool split 10.3 ms).
 SPLIT_MIN_WORK_PER_EXPERT = {"team": 4 * 2**20, "pool": 32 * 2**20}
+# Split's pass in C++ on the team (``native.py``) pays no Python per expert, and idle it
+# leads phases from far less work: (rows, multiply-adds) per active expert from which it
+# is chosen. Note 9 (phases / split time, 2 cores, two runs): fwd+bwd 1.15-1.38 at 16
+# rows (0.25-1M multiply-adds), 0.95-1.17 at 32-256 rows, 1.10-1.19 at 8 rows and 1M but
+# 0.83-0.89 at 8 rows and 0.12M, 0.61-0.94 at 4 rows; inference 1.15-1.19 at 8 rows and
+# 1M, 0.65-1.05 at 0.5-4 rows (the few-row kernel's ground, see SPLIT_MIN_ROWS_PER_EXPERT).
+SPLIT_NATIVE_MIN = ((16, 0), (8, 2**20))
 
 _forced = threading.local()
 
@@ -105,23 +113,26 @@ def cpu_strategy(
     hidden_dim: int,
     threads: int | None = None,
     busy: bool | None = None,
+    native: bool = False,
 ) -> str:
     """Return "split" or "phases" for experts of width ``dim`` -> ``hidden_dim`` holding
     ``counts`` rows, from the shape and how busy the machine is.
 
     ``threads`` defaults to torch's intra-op thread count, ``busy`` to
-    :func:`machine_busy`. Split needs at least two threads, at least
+    :func:`machine_busy`; ``native``: split's passes would run in C++ (the caller knows:
+    the build, the activation, the rows). Split needs at least two threads, at least
     ``SPLIT_MIN_EXPERTS_PER_WORKER`` active experts per thread, no expert holding more
     than one thread's share of the rows (a hot expert would run on one thread while the
     others wait; phase-wise, its GEMMs use every thread) and at least
     ``SPLIT_MIN_ROWS_PER_EXPERT`` rows per active expert on average. It is then chosen
     when the experts hold ``SPLIT_MIN_WORK_PER_EXPERT[runner]`` multiply-adds each on
-    average, or when other processes hold the cores torch's threads need.
+    average, or, in C++ on the team, reach one of the ``SPLIT_NATIVE_MIN`` (rows,
+    multiply-adds) pairs, or when other processes hold the cores torch's threads need.
 
-    Measured on 2 cores (``benchmarks/cpu_notes.py`` note 5): above the work threshold
-    split is as fast as phases or faster idle, and faster beside a busy process (one join
-    per pass instead of a barrier per op); below it phases is as fast or faster idle, and
-    split still wins beside a busy process.
+    Measured on 2 cores (``benchmarks/cpu_notes.py`` notes 5 and 9): above these
+    thresholds split is as fast as phases or faster idle, and faster beside a busy
+    process (one join per pass instead of a barrier per op); below them phases is as
+    fast or faster idle, and split still wins beside a busy process.
     """
     forced = getattr(_forced, "name", None)
     if forced is not None:
@@ -133,8 +144,13 @@ def cpu_strategy(
         return "phases"
     if max(counts) * threads > rows or rows < SPLIT_MIN_ROWS_PER_EXPERT * active:
         return "phases"
-    if rows * dim * hidden_dim >= SPLIT_MIN_WORK_PER_EXPERT[split_runner()] * active:
+    runner = split_runner()
+    if rows * dim * hidden_dim >= SPLIT_MIN_WORK_PER_EXPERT[runner] * active:
         return "split"
+    if native and runner == "team":
+        for min_rows, min_work in SPLIT_NATIVE_MIN:
+            if rows >= min_rows * active and rows * dim * hidden_dim >= min_work * active:
+                return "split"
     busy = machine_busy(threads) if busy is None else busy
     return "split" if busy else "phases"
 

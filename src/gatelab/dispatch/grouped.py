@@ -265,7 +265,8 @@ class GroupedExperts(torch.autograd.Function):
             scratch("act", (rows, ffn), hidden),
             scratch("g_hidden", hidden.shape, hidden),
         )
-        run = _split_backward if _strategy(x, counts, w_out) == "split" else _phases_backward
+        split = _strategy(x, counts, w_out, ctx.activation) == "split"
+        run = _split_backward if split else _phases_backward
         inputs = (x, xs, hidden, act, kept, scale, w_in, w_out, b_out)
         g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out = run(ctx, inputs, routed, grad_out, buffers)
         if need_x and x.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -287,10 +288,17 @@ class _NoGrad:
         self.leases = []
 
 
-def _strategy(x: Tensor, counts: Tensor, w_out: Tensor) -> str:
+def _strategy(x: Tensor, counts: Tensor, w_out: Tensor, activation) -> str:
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return "phases"
-    return cpu_strategy(counts.tolist(), w_out.shape[1], w_out.shape[2])
+    return _cpu_strategy(counts.tolist(), w_out, activation)
+
+
+def _cpu_strategy(counts: list[int], w_out: Tensor, activation) -> str:
+    """``cpu_strategy`` for these experts; split's passes run in C++ where both of them
+    would (``_native_split`` without the few-row kernel: what backward asks)."""
+    native = _native_split(activation, counts) is not None
+    return cpu_strategy(counts, w_out.shape[1], w_out.shape[2], native=native)
 
 
 def _forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed):
@@ -314,7 +322,8 @@ def _forward(ctx, x, slot_weights, w_in, w_out, b_in, b_out, activation, routed)
     act = buffer("act", (rows, ffn), need_w_out)
     y = scratch("rows_out", xs.shape, w_in)
     scale = slot_weights.to(hidden.dtype).unsqueeze(1)
-    run = _split_forward if _strategy(x, counts, w_out) == "split" else _phases_forward
+    split = _strategy(x, counts, w_out, activation) == "split"
+    run = _split_forward if split else _phases_forward
     hidden, act, y = run(
         (x, w_in, w_out, b_in, b_out, activation, scale), routed, (xs, hidden, act, kept, y)
     )
@@ -656,7 +665,7 @@ def _small_inference(x, experts, weights, bank, activation) -> Tensor | None:
     for e in experts.reshape(-1).tolist():
         if e >= 0:  # check_dispatch_inputs has refused ids past the experts
             counts[e] += 1
-    if cpu_strategy(counts, bank.w_out.shape[1], bank.w_out.shape[2]) != "phases":
+    if _cpu_strategy(counts, bank.w_out, activation) != "phases":
         return None
     return native.small_forward(x, experts, weights, bank, kernel)
 
