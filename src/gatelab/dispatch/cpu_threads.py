@@ -75,10 +75,10 @@ SPLIT_MIN_ROWS_PER_EXPERT = 2
 SPLIT_MIN_WORK_PER_EXPERT = {"team": 4 * 2**20, "pool": 32 * 2**20}
 # Split's pass in C++ on the team (``native.py``) pays no Python per expert, and idle it
 # leads phases from far less work: (rows, multiply-adds) per active expert from which it
-# is chosen. Note 9 (phases / split time, 2 cores, two runs): fwd+bwd 1.15-1.38 at 16
-# rows (0.25-1M multiply-adds), 0.95-1.17 at 32-256 rows, 1.10-1.19 at 8 rows and 1M but
-# 0.83-0.89 at 8 rows and 0.12M, 0.61-0.94 at 4 rows; inference 1.15-1.19 at 8 rows and
-# 1M, 0.65-1.05 at 0.5-4 rows (the few-row kernel's ground, see SPLIT_MIN_ROWS_PER_EXPERT).
+# is chosen. Note 9 and the same A/B ad hoc (phases / split time, 2 cores): fwd+bwd
+# 1.15-1.38 at 16 rows (0.25-1M multiply-adds), 0.95-1.17 at 32-256 rows, 1.10-1.19 at
+# 8 rows and 1M but 0.83-0.89 at 8 rows and 0.12M, 0.61-0.94 at 4 rows; inference
+# 1.15-1.19 at 8 rows and 1M, 0.65-1.05 at 0.5-4 rows (the few-row kernel's ground).
 SPLIT_NATIVE_MIN = ((16, 0), (8, 2**20))
 
 _forced = threading.local()
