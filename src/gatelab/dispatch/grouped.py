@@ -296,8 +296,8 @@ def _strategy(x: Tensor, counts: Tensor, w_out: Tensor, activation) -> str:
 
 def _cpu_strategy(counts: list[int], w_out: Tensor, activation) -> str:
     """``cpu_strategy`` for these experts; split's passes run in C++ where both of them
-    would (``_native_split`` without the few-row kernel: what backward asks)."""
-    native = _native_split(activation, counts) is not None
+    would (``_split_in_cpp`` without the few-row kernel: what backward asks)."""
+    native = _split_in_cpp(activation, counts)
     return cpu_strategy(counts, w_out.shape[1], w_out.shape[2], native=native)
 
 
@@ -398,14 +398,20 @@ def _native_split(
     the named activations. Experts of up to ``few`` rows take the C++ few-row kernel;
     without it (``few`` 0) every expert needs more than ``_FEW_ROWS`` rows, since the
     few-row forms of ``_rows_linear`` are Python's alone."""
-    kernel = native.activation_index(activation)
-    active = [c for c in counts if c]
-    if kernel is None or not active or (not few and min(active) <= _FEW_ROWS[1]):
-        return None
-    if split_runner() != "team" or not native.available():
+    if not _split_in_cpp(activation, counts, few):
         return None
     order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
-    return order, *kernel, min(torch.get_num_threads(), len(active))
+    return order, *native.activation_index(activation), min(torch.get_num_threads(), len(order))
+
+
+def _split_in_cpp(activation, counts: list[int], few: int = 0) -> bool:
+    """Whether :func:`_native_split` runs split's pass in C++ (cheap: a decode step asks
+    the strategy rule, and so this, on every call)."""
+    if native.activation_index(activation) is None or not any(counts):
+        return False
+    if not few and any(0 < c <= _FEW_ROWS[1] for c in counts):
+        return False
+    return split_runner() == "team" and native.available()
 
 
 def _per_expert_rows(counts: list[int], tensors) -> list[tuple[Tensor, ...]]:
