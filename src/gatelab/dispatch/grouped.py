@@ -240,7 +240,7 @@ class GroupedExperts(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.activation, ctx.has_b_in = activation, b_in is not None
         ctx.shape, ctx.deterministic = shape, deterministic
-        return combine(out, *padded_targets(routed, shape), shape, deterministic).to(x.dtype)
+        return _combine_out(out, routed, shape, deterministic).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -269,13 +269,13 @@ class GroupedExperts(torch.autograd.Function):
         run = _split_backward if split else _phases_backward
         inputs = (x, xs, hidden, act, kept, scale, w_in, w_out, b_out)
         g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out = run(ctx, inputs, routed, grad_out, buffers)
-        if need_x and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            g_x = _combine_routed(g_x, routed, ctx.shape[0]).to(x.dtype)
-        elif need_x:
-            g_x = combine(g_x, *padded_targets(routed, ctx.shape), ctx.shape, ctx.deterministic)
-            g_x = g_x.to(x.dtype)
-        # Padding rows computed on unwritten rows: their weights get no gradient.
-        g_scale = torch.where(valid, g_scale, 0).to(slot_weights.dtype) if need_scale else None
+        if need_x:
+            g_x = _combine_out(g_x, routed, ctx.shape, ctx.deterministic).to(x.dtype)
+        # Padding rows computed on unwritten rows: their weights get no gradient (on CPU
+        # outside torch.compile the host knows whether there are any).
+        if need_scale and (not _host_side(x) or _routed_rows(routed) < rows):
+            g_scale = torch.where(valid, g_scale, 0)
+        g_scale = g_scale.to(slot_weights.dtype) if need_scale else None
         return g_x, g_scale, g_w_in, g_w_out, g_b_in, g_b_out, None, None, None, None
 
 
@@ -571,14 +571,33 @@ def combine(
     return y.new_zeros(num_tokens + 1, y.shape[1]).index_add_(0, tokens, y)[:-1]
 
 
+def _combine_out(y: Tensor, routed, shape: tuple[int, int], deterministic: bool) -> Tensor:
+    """:func:`combine` of the sorted rows ``y`` into [T, D]; on CPU outside torch.compile
+    :func:`_combine_routed`, which gives the same bits."""
+    if _host_side(y):
+        return _combine_routed(y, routed, shape[0])
+    return combine(y, *padded_targets(routed, shape), shape, deterministic)
+
+
+def _host_side(t: Tensor) -> bool:
+    """Whether the dispatcher may read sizes on the host here: CPU, not under torch.compile."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _routed_rows(routed) -> int:
+    """How many of :func:`sort_slots`' rows are routed (read on the host)."""
+    offsets = routed[4]
+    return int(offsets[-1]) if offsets.numel() else 0
+
+
 def _combine_routed(y: Tensor, routed, num_tokens: int) -> Tensor:
     """:func:`combine` on CPU of the routed rows alone (read on the host), into a [T, D]
-    tensor that is not a view: autograd then adds the router's gradient of the layer
-    input into it in place, instead of into a new [T, D] tensor (1.2 ms of a 26 ms step
-    at 4096,256,128,16,1, mostly the new tensor's first-touch page faults). Each row's
-    sum runs in the same order as combine's, so the bits are the same."""
-    offsets = routed[4]
-    rows = int(offsets[-1]) if offsets.numel() else 0
+    tensor that is not a view: no ``torch.where`` over the slots to send padding rows
+    to a dropped row, and in backward autograd then adds the router's gradient of the
+    layer input into it in place, instead of into a new [T, D] tensor (1.2 ms of a 26 ms
+    step at 4096,256,128,16,1, mostly the new tensor's first-touch page faults). Each
+    row's sum runs in the same order as combine's, so the bits are the same."""
+    rows = _routed_rows(routed)
     return y.new_zeros(num_tokens, y.shape[1]).index_add_(0, routed[1][:rows], y[:rows])
 
 
@@ -724,5 +743,5 @@ def grouped_dispatch(
         # buffers, leases or ctx (the Function's own overhead was ~185 us a call at one
         # token, beside ~250 us of GEMMs).
         y, _ = _forward(_NoGrad(), *inputs, activation, routed)
-        return combine(y, *padded_targets(routed, shape), shape, deterministic).to(x.dtype)
+        return _combine_out(y, routed, shape, deterministic).to(x.dtype)
     return GroupedExperts.apply(*inputs, activation, routed, shape, deterministic)
