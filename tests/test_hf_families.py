@@ -7,8 +7,8 @@ The classes are found by reading transformers' modeling sources for
 class with tiny sizes and run standalone through the interface's call
 ``forward(hidden_states, top_k_index, top_k_weights)`` (two routes per token, or one route
 per row with unit weight where that is all the eager forward takes): outputs and every
-gradient must match the module's eager forward. A class that cannot be built tiny is skipped with the
-reason; one gatelab does not support must fail with its one clear error.
+gradient must match the module's eager forward. A class that cannot be built tiny is
+skipped with the reason; one gatelab does not support must fail with its one clear error.
 """
 
 from __future__ import annotations
