@@ -88,12 +88,12 @@ def _build(module_name: str, class_name: str):
         pytest.skip(f"{class_name}: cannot import {module_name}: {exc}")
     cls = getattr(module, class_name)
     init = getattr(cls.__init__, "__wrapped__", cls.__init__)
-    # Ernie-VL's experts take their width as an argument (one per modality in the config).
-    extra = (
-        {"intermediate_size": TINY["ffn"]}
-        if "intermediate_size" in init.__code__.co_varnames
-        else {}
-    )
+    # Ernie-VL's experts take their width as an argument (one per modality in the config);
+    # BailingHybrid's and Step3p7's their layer (it picks the layer's SwiGLU limit).
+    names = init.__code__.co_varnames[: init.__code__.co_argcount]
+    extra = {"intermediate_size": TINY["ffn"]} if "intermediate_size" in names else {}
+    if "layer_idx" in names:
+        extra["layer_idx"] = 0
     errors = []
     for config_cls in _config_candidates(module, cls):
         try:
@@ -111,6 +111,8 @@ def _build(module_name: str, class_name: str):
         with torch.no_grad():
             for param in experts.parameters():
                 param.copy_(torch.randn(param.shape) * 0.2)
+        if hasattr(experts, "limit") and experts.limit is None:
+            experts.limit = 0.3  # a SwiGLU clamp the default config leaves off: exercise it
         return experts
     pytest.skip(f"{class_name}: no config class builds it tiny ({'; '.join(errors)})")
 
