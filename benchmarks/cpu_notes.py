@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 
 import torch
@@ -303,17 +304,28 @@ def _dense_gemms(tokens: int, dim: int, hidden: int):
     return _expert_gemms(tokens, dim, hidden, 1)
 
 
-def _alternating_min_ms(*fns, rounds: int = 9) -> list[float]:
-    """Fastest of ``rounds`` calls of each, the calls alternating (load falls on all)."""
+def _alternating_ms(
+    *fns, rounds: int = 9, warmup: int = 1, reverse: bool = False
+) -> list[list[float]]:
+    """``rounds`` timings (ms) of each, the calls alternating (load falls on all); with
+    ``reverse`` their order flips every round (what runs first after the other's pass
+    does not always pay for it)."""
     for fn in fns:
-        fn()
+        for _ in range(warmup):
+            fn()
     times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, times, strict=True):
+    for round_ in range(rounds):
+        order = list(zip(fns, times, strict=True))
+        for fn, out in order[::-1] if reverse and round_ % 2 else order:
             start = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - start)
-    return [min(t) * 1e3 for t in times]
+            out.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _alternating_min_ms(*fns, rounds: int = 9) -> list[float]:
+    """Fastest of ``rounds`` calls of each, the calls alternating (load falls on all)."""
+    return [min(t) for t in _alternating_ms(*fns, rounds=rounds)]
 
 
 def note_gemm_ceiling() -> None:
@@ -508,8 +520,14 @@ def note_split_rows() -> None:
                         for _ in range(20):  # a decode step is a fraction of a millisecond
                             moe(x)
 
-            phases, split = _alternating_median_ms(
-                lambda call=call: call("phases"), lambda call=call: call("split")
+            phases, split = (
+                statistics.median(t)
+                for t in _alternating_ms(
+                    lambda call=call: call("phases"),
+                    lambda call=call: call("split"),
+                    warmup=2,
+                    reverse=True,
+                )
             )
             rows = shape.tokens * shape.top_k / shape.num_experts
             work = rows * shape.dim * shape.hidden_dim / 2**20
@@ -517,22 +535,6 @@ def note_split_rows() -> None:
                 f"   {mode:9s} {spec:18s} {rows:6.1f} rows {work:6.2f}M/expert  "
                 f"phases {phases:8.2f} ms  split {split:8.2f} ms  ratio {phases / split:.2f}"
             )
-
-
-def _alternating_median_ms(*fns, rounds: int = 9) -> list[float]:
-    """Median of ``rounds`` calls of each, the calls alternating and their order reversed
-    every round (what runs first after the other's pass does not always pay for it)."""
-    for fn in fns:
-        fn()
-        fn()
-    times = [[] for _ in fns]
-    for round_ in range(rounds):
-        order = list(zip(fns, times, strict=True))
-        for fn, out in order if round_ % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return [sorted(t)[len(t) // 2] * 1e3 for t in times]
 
 
 NOTES = {

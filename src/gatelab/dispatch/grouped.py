@@ -289,7 +289,7 @@ class _NoGrad:
 
 
 def _strategy(x: Tensor, counts: Tensor, w_out: Tensor, activation) -> str:
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _host_side(x):
         return "phases"
     return _cpu_strategy(counts.tolist(), w_out, activation)
 
@@ -713,7 +713,7 @@ def compact_slots(routed) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     triton dispatcher's launch grid) and the double-backward path.
     """
     slots, tokens, experts, counts, offsets, _ = routed
-    rows = int(offsets[-1]) if offsets.numel() else 0
+    rows = _routed_rows(routed)
     return slots[:rows], tokens[:rows], experts[:rows], counts, offsets
 
 
@@ -727,8 +727,7 @@ def grouped_dispatch(
     inference = not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in tensors
     )
-    host = experts.device.type == "cpu" and experts.numel() <= HOST_SORT_SLOTS
-    host = host and not torch.compiler.is_compiling()
+    host = _host_side(experts) and experts.numel() <= HOST_SORT_SLOTS
     if host and inference:
         if (out := _small_inference(x, experts, weights, bank, activation)) is not None:
             return out
