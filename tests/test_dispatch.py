@@ -242,6 +242,25 @@ def test_sort_slots_drops_every_id_outside_the_bank():
     assert int(counts.sum()) == slots.numel() == int(offsets[-1]) == 2
 
 
+@pytest.mark.parametrize("top_k", [1, 3])
+@pytest.mark.parametrize("empty_rate", [0.0, 0.3])
+def test_cpu_combine_gives_the_combines_sums(top_k, empty_rate):
+    """The CPU combine (routed rows only; at k = 1 with every token routed, a gather in
+    token order) gives the device path's sums, as a [T, D] tensor that is no view (so
+    autograd can add the router's gradient into it in place)."""
+    from gatelab.dispatch.grouped import _combine_out, combine, padded_targets, sort_slots
+
+    gen = torch.Generator().manual_seed(top_k)
+    tokens, num_experts, shape = 37, 5, (37, top_k)
+    experts = torch.argsort(torch.rand(tokens, num_experts, generator=gen), dim=1)[:, :top_k]
+    experts = experts.masked_fill(torch.rand(shape, generator=gen) < empty_rate, EMPTY)
+    routed = sort_slots(experts, num_experts)
+    y = torch.randn(tokens * top_k, 6, generator=gen)
+    want = combine(y, *padded_targets(routed, shape), shape, deterministic=True)
+    got = _combine_out(y, routed, shape, deterministic=True)
+    assert torch.equal(got, want) and got._base is None
+
+
 @pytest.mark.parametrize("name", SAFE_DISPATCHERS)
 def test_dtype_mismatch_raises_naming_both(name):
     x, experts, weights, bank = DispatchCase(6, 4, 8, 4, 2).build(torch.float32)

@@ -24,6 +24,7 @@ from gatelab.routing import (
     attach_bias_update,
     update_expert_bias,
 )
+from gatelab.routing.routers import top_k
 
 
 def softmax(row):
@@ -65,6 +66,25 @@ def test_topk_k1_normalized_weight_is_one():
     r = identity_router(TopKRouter(4, 4, top_k=1, normalize=True))(torch.tensor(LOGITS))
     assert r.experts[:, 0].tolist() == [2, 2, 3]
     assert r.weights.tolist() == [[1.0], [1.0], [1.0]]
+
+
+def test_top_k_of_one_is_topk_with_ties_to_the_first_expert():
+    """k = 1 takes torch.max: topk's values, indices and gradient where no scores tie,
+    the first of tied experts where they do, and NaN as the largest score."""
+    scores = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
+    values, experts = top_k(scores, 1)
+    want = scores.topk(1, dim=-1)
+    assert torch.equal(experts, want.indices) and torch.equal(values, want.values)
+    g = torch.randn(64, 1, dtype=torch.float64)
+    (got,) = torch.autograd.grad(values, scores, g)
+    (ref,) = torch.autograd.grad(want.values, scores, g)
+    assert torch.equal(got, ref)
+    assert top_k(torch.zeros(1, 16), 1)[1].tolist() == [[0]]
+    assert top_k(torch.tensor([[1.0, 3.0, 3.0, 2.0]]), 1)[1].tolist() == [[1]]
+    nan = float("nan")
+    assert top_k(torch.tensor([[1.0, nan, 3.0, nan]]), 1)[1].tolist() == [[1]]
+    two = top_k(torch.tensor(LOGITS), 2)
+    assert torch.equal(two.indices, torch.tensor(LOGITS).topk(2, dim=-1).indices)
 
 
 def test_topk_jitter_only_in_training():

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..routing import EMPTY, ROUTERS, Routing
-from ..routing.routers import Router
+from ..routing.routers import Router, top_k
 from .lora import LoRALinear, add_lora, lora_modules, lora_parameters
 
 
@@ -79,7 +79,7 @@ class PhatGooseRouter(Router):
 
     def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
-        weights, experts = scores.topk(self.top_k, dim=-1)
+        weights, experts = top_k(scores, self.top_k)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         return Routing(logits, scores, experts, weights)
 

@@ -575,7 +575,7 @@ def _combine_out(y: Tensor, routed, shape: tuple[int, int], deterministic: bool)
     """:func:`combine` of the sorted rows ``y`` into [T, D]; on CPU outside torch.compile
     :func:`_combine_routed`, which gives the same bits."""
     if _host_side(y):
-        return _combine_routed(y, routed, shape[0])
+        return _combine_routed(y, routed, shape)
     return combine(y, *padded_targets(routed, shape), shape, deterministic)
 
 
@@ -590,15 +590,27 @@ def _routed_rows(routed) -> int:
     return int(offsets[-1]) if offsets.numel() else 0
 
 
-def _combine_routed(y: Tensor, routed, num_tokens: int) -> Tensor:
+def _combine_routed(y: Tensor, routed, shape: tuple[int, int]) -> Tensor:
     """:func:`combine` on CPU of the routed rows alone (read on the host), into a [T, D]
     tensor that is not a view: no ``torch.where`` over the slots to send padding rows
     to a dropped row, and in backward autograd then adds the router's gradient of the
     layer input into it in place, instead of into a new [T, D] tensor (1.2 ms of a 26 ms
     step at 4096,256,128,16,1, mostly the new tensor's first-touch page faults). Each
-    row's sum runs in the same order as combine's, so the bits are the same."""
+    row's sum runs in the same order as combine's, so the bits are the same.
+
+    With one slot per token and every token routed, each token's sum is its one row, so
+    the combine is a gather of the rows in token order: no zero fill and no scatter
+    (0.06 against 0.11 ms at [4096, 256]). Its values are combine's (0 + v = v; only
+    a -0.0 keeps its sign)."""
+    num_tokens, num_slots = shape
     rows = _routed_rows(routed)
-    return y.new_zeros(num_tokens, y.shape[1]).index_add_(0, routed[1][:rows], y[:rows])
+    tokens = routed[1][:rows]
+    if num_slots == 1 and rows == num_tokens:
+        row_of_token = torch.empty_like(tokens).index_copy_(
+            0, tokens, torch.arange(rows, device=tokens.device)
+        )
+        return y.index_select(0, row_of_token)
+    return y.new_zeros(num_tokens, y.shape[1]).index_add_(0, tokens, y[:rows])
 
 
 def sort_slots(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .routers import ROUTERS, Router
+from .routers import ROUTERS, Router, top_k
 from .routing import EMPTY, Routing
 from .schedules import Exponential, Linear, Schedule, build_schedule
 
@@ -137,7 +137,7 @@ class DenseToSparseRouter(Router):
             experts = noisy.argmax(dim=-1, keepdim=True)
             weights = combine.gather(1, experts)
         else:
-            top, experts = sample.topk(self.top_k, dim=-1)
+            top, experts = top_k(sample, self.top_k)
             keep = top > self.threshold
             weights = torch.where(keep, combine.gather(1, experts), torch.zeros_like(top))
             experts = experts.masked_fill(~keep, EMPTY)

@@ -126,6 +126,20 @@ def _check_sizes(dim: int, num_experts: int, top_k: int) -> None:
         )
 
 
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) [T, k] of each row's k largest ``scores`` [T, E], largest first:
+    how every router here picks a token's experts.
+
+    k = 1 takes ``torch.max``, which returns the first of tied maxima and runs a plain
+    reduction: at [4096, 16] on 2 CPU threads 0.04 ms against 0.3 for ``torch.topk``,
+    whose pick among ties is unspecified (on CPU it chose expert 10 of 16 on a row of
+    equal scores). NaN counts as the largest score in both.
+    """
+    if k == 1:
+        return scores.max(dim=-1, keepdim=True)
+    return scores.topk(k, dim=-1)
+
+
 def _normalize(weights: Tensor) -> Tensor:
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
@@ -164,7 +178,7 @@ class TopKRouter(Router):
 
     def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
-        weights, experts = scores.topk(self.top_k, dim=-1)
+        weights, experts = top_k(scores, self.top_k)
         if self.normalize:
             weights = _normalize(weights)
         return Routing(logits, scores, experts, weights)
@@ -194,7 +208,7 @@ class TopKSoftmaxRouter(Router):
 
     def route(self, logits: Tensor) -> Routing:
         shifted = logits if self.bias is None else logits + self.bias.float()
-        top, experts = shifted.topk(self.top_k, dim=-1)
+        top, experts = top_k(shifted, self.top_k)
         return Routing(logits, shifted.softmax(dim=-1), experts, top.softmax(dim=-1))
 
 
@@ -252,7 +266,7 @@ class SigmoidRouter(Router):
         biased = scores + expert_bias.float()
         if self.n_group > 1:
             biased = self._mask_groups(biased)
-        experts = biased.topk(self.top_k, dim=-1).indices
+        experts = top_k(biased, self.top_k)[1]
         weights = scores.gather(1, experts)
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

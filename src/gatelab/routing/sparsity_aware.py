@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .routers import ROUTERS, Router
+from .routers import ROUTERS, Router, top_k
 from .routing import Routing
 
 
@@ -126,7 +126,7 @@ class SparsityAwareRouter(Router):
         if z is None:
             z = -logits * self.temperature
         scores = logits.softmax(dim=-1)
-        weights, experts = scores.topk(self.top_k, dim=-1)
+        weights, experts = top_k(scores, self.top_k)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         hidden = self.first_layer()[0].shape[1]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .routers import ROUTERS, Router, _normalize
+from .routers import ROUTERS, Router, _normalize, top_k
 from .routing import Routing
 
 
@@ -138,7 +138,7 @@ class TemperatureRouter(Router):
 
     def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
-        weights, experts = scores.topk(self.top_k, dim=-1)
+        weights, experts = top_k(scores, self.top_k)
         if self.normalize:
             weights = _normalize(weights)
         return Routing(logits, scores, experts, weights, {"temperature": self.temperature})

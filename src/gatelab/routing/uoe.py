@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .routers import ROUTERS, ExpertChoiceRouter, Router, _check_sizes
+from .routers import ROUTERS, ExpertChoiceRouter, Router, _check_sizes, top_k
 from .routing import EMPTY, Routing
 
 
@@ -87,7 +87,7 @@ class UoERouter(Router):
 
     def route(self, logits: Tensor) -> Routing:
         scores = logits.softmax(dim=-1)
-        top, experts = scores.topk(self.top_k, dim=-1)
+        top, experts = top_k(scores, self.top_k)
         return Routing(logits, scores, experts, unit_weights(top))
 
 
