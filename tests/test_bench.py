@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -93,7 +94,8 @@ def test_times_finite_and_ratios_consistent(result):
         for name, entry in variants.items():
             if entry["skipped"] is not None:
                 cpu_only = name == "gatelab_triton"  # CUDA-only variant
-                assert cpu_only or (name.startswith("hf_") and not hf_available())
+                training_only = name == "gemm_bound" and shape["decode"]
+                assert cpu_only or training_only or (name.startswith("hf_") and not hf_available())
                 continue
             assert TIMED_KEYS <= set(entry)
             assert _positive(entry["fwd_s"]) and _positive(entry["fwd_bwd_s"])
@@ -340,12 +342,56 @@ def test_summary_geomean_min_and_hf_comparison(result):
             shape["variants"]["hf_grouped_mm"][key] / shape["variants"]["gatelab_grouped"][key]
         )
         assert row["beats"] == (row["speedup"] > 1)
+    bound = result["shapes"][0]["variants"]["gemm_bound"]["fwd_bwd_s"]
+    share = bound / result["shapes"][0]["variants"]["gatelab_grouped"]["fwd_bwd_s"]
+    assert training["share_of_bound"]["values"] == [pytest.approx(share)]
+    assert "gemm_bound" not in decode["variants"]  # a decode shape's bound is the roofline
     assert summary["contended_vs_idle"] is None
     assert result["contended"] == 0 and result["shape_set"] is None
     table = format_table(result)
     for text in ("summary", "geomean", "training shapes", "decode shapes", "beats HF"):
         assert text in table
+    assert "GEMM bound time / gatelab grouped time" in table
     assert "contended: 0" in table
+
+
+@pytest.mark.parametrize("in_cpp", [True, False])
+def test_gemm_bound_runs_the_layers_products(in_cpp):
+    """The GEMM bound runs, on the batch's routing, each expert's two forward and four
+    backward products (split's, in C++ or from Python) and the router's three; checked
+    against torch.mm on every expert."""
+    from gatelab.bench.variants import _ExpertGemms, build_gatelab_moe, gemm_bound
+    from gatelab.dispatch import native
+
+    shape = Shape("t", 40, 16, 8, 5, 2)
+    moe = build_gatelab_moe(shape, "cpu", torch.float32)
+    x = torch.randn(40, 16, requires_grad=True)
+    context = native.disabled("split") if not in_cpp else contextlib.nullcontext()
+    with context:
+        gemms = _ExpertGemms(moe, x)
+    assert gemms.in_cpp == (in_cpp and native.available())
+    with torch.no_grad():
+        routed = moe.router(x).experts.reshape(-1)
+    assert gemms.counts == torch.bincount(routed, minlength=5).tolist()
+    gemms.forward(x.detach())
+    g_x = gemms.backward(x.detach())
+    torch.testing.assert_close(g_x, gemms.g_logits @ moe.router.weight.detach())
+    start = 0
+    for e, count in enumerate(gemms.counts):
+        rows = slice(start, start + count)
+        start += count
+        xs, act, gy, g_h = gemms.xs[rows], gemms.act[rows], gemms.gy[rows], gemms.g_hidden[rows]
+        w_in, w_out = gemms.w_in[e], gemms.w_out[e]
+        torch.testing.assert_close(gemms.hidden[rows], xs @ w_in.t())
+        torch.testing.assert_close(gemms.y[rows], act @ w_out.t())
+        torch.testing.assert_close(gemms.g_act[rows], gy @ w_out)
+        torch.testing.assert_close(gemms.g_xs[rows], g_h @ w_in)
+        if count:
+            torch.testing.assert_close(gemms.g_w_out[e], gy.t() @ act)
+            torch.testing.assert_close(gemms.g_w_in[e], g_h.t() @ xs)
+    out = gemm_bound(moe, x).forward(x)
+    out.backward(torch.randn(40, 16))
+    assert out.shape == x.shape and x.grad.shape == x.shape
 
 
 def test_geomean():

@@ -12,6 +12,10 @@ forward+backward, median of repeats after warm-up:
 - ``hf_eager`` and ``hf_grouped_mm``: a ``MixtralSparseMoeBlock`` from transformers that
   holds the very same parameters as the gatelab layer, run with each experts
   implementation. Once per shape the gatelab output is checked against HF eager's.
+- ``gemm_bound`` (CPU, training shapes): the gatelab layer's matrix products alone on the
+  batch's routing, the router's and every expert's, one-thread GEMMs side by side
+  (:func:`~gatelab.bench.variants.gemm_bound`); its ratio bounds what any dispatcher
+  built on these GEMMs can reach on this machine.
 
 The ratio reported for each variant is dense time / variant time (> 1: faster than dense).
 For small-batch (decode) shapes, where the cost is reading the weights, the forward time
@@ -88,6 +92,7 @@ from .variants import (
     gatelab_grouped,
     gatelab_loop,
     gatelab_triton,
+    gemm_bound,
     hf_available,
     hf_eager,
     hf_grouped_mm,
@@ -311,6 +316,11 @@ def skip_reason(name: str, shape: Shape, settings: BenchSettings) -> str | None:
             return "--no-hf"
         if not hf_available():
             return "transformers is not installed (pip install 'gatelab[hf]')"
+    if name == "gemm_bound":
+        if settings.device != "cpu":
+            return "CPU only (one-thread GEMMs on torch's threads)"
+        if shape.decode:
+            return "training shapes only (a decode shape's bound is the roofline)"
     if name == "gatelab_triton":
         if settings.device != "cuda":
             return "CUDA only (triton kernels)"
@@ -336,7 +346,7 @@ def bench_shape(
     hf_check = None
     if settings.hf and hf_available():
         hf_check = check_against_hf(moe, hf_eager(moe), x)
-    variants, skipped = build_variants(shape, settings, moe, log)
+    variants, skipped = build_variants(shape, settings, moe, x, log)
     compile_s = compile_variants(variants, x, grad_out, device_sync(device), log)
     log(f"  {shape.name}: timing {', '.join(variants)} round-robin")
     timed = measure(variants, x, grad_out, settings.warmup, settings.repeats, device_sync(device))
@@ -387,11 +397,12 @@ def compile_variants(
 
 
 def build_variants(
-    shape: Shape, settings: BenchSettings, moe: MoE, log: Callable[[str], None]
+    shape: Shape, settings: BenchSettings, moe: MoE, x: Tensor, log: Callable[[str], None]
 ) -> tuple[dict[str, Variant], dict[str, str]]:
-    """The variants to time on ``shape`` (built in ``VARIANTS`` order, so the dense MLP's
-    initialisation draws from the seeded generator as it always has; a compiled variant
-    shares its eager variant's parameters) and why the others are skipped."""
+    """The variants to time on ``shape`` with input ``x`` (built in ``VARIANTS`` order, so
+    the dense MLP's initialisation draws from the seeded generator as it always has; a
+    compiled variant shares its eager variant's parameters) and why the others are
+    skipped."""
     builders: dict[str, Callable[[], Variant]] = {
         "dense": lambda: dense_mlp(shape, settings.device, settings.torch_dtype),
         "gatelab_grouped": lambda: gatelab_grouped(moe),
@@ -399,6 +410,7 @@ def build_variants(
         "gatelab_loop": lambda: gatelab_loop(moe),
         "hf_eager": lambda: hf_eager(moe),
         "hf_grouped_mm": lambda: hf_grouped_mm(moe),
+        "gemm_bound": lambda: gemm_bound(moe, x),
         **{
             name: (
                 lambda name=name: compiled(
@@ -550,6 +562,19 @@ def _stats(values: list[float | None], names: list[str]) -> dict | None:
     }
 
 
+def _share_of_bound(shapes: list[dict]) -> dict | None:
+    """gatelab grouped's forward+backward time against the GEMM bound's on each training
+    shape (bound time / gatelab time; 1: nothing but the GEMMs), with the statistics of
+    :func:`_stats`; None where the bound was timed on no shape."""
+    shares = []
+    for shape in shapes:
+        ours = shape["variants"]["gatelab_grouped"]
+        bound = shape["variants"].get("gemm_bound", {"skipped": "not run"})
+        timed = ours["skipped"] is None and bound["skipped"] is None
+        shares.append(bound["fwd_bwd_s"] / ours["fwd_bwd_s"] if timed else None)
+    return _stats(shares, [s["name"] for s in shapes])
+
+
 def _against_hf(shape: dict) -> dict:
     """gatelab grouped vs HF grouped_mm on one shape, in the shape's mode."""
     mode = _mode(shape)
@@ -575,7 +600,8 @@ def summarize(shapes: list[dict], baseline: dict | None = None, contended: int =
 
     - ``training``: the shapes with T > 64 and, per variant, ``ratio_fwd_bwd`` on each
       (``values``, None where skipped), their ``geomean`` and ``min`` (at ``min_shape``)
-      over the shapes it was timed on (``timed_shapes``);
+      over the shapes it was timed on (``timed_shapes``); and ``share_of_bound``, the
+      same statistics of GEMM bound time / gatelab grouped time (None without the bound);
     - ``decode``: likewise ``ratio_fwd`` on the decode shapes, and ``roofline`` the same
       statistics of the roofline fraction;
     - ``gatelab_vs_hf_grouped_mm``: per shape (forward+backward on training shapes, forward
@@ -588,7 +614,10 @@ def summarize(shapes: list[dict], baseline: dict | None = None, contended: int =
     decode = [s for s in shapes if s["decode"]]
     return {
         "ratio": "dense time / variant time (> 1: faster than the equal-FLOP dense MLP)",
-        "training": _group(training, "ratio_fwd_bwd", roofline=False),
+        "training": {
+            **_group(training, "ratio_fwd_bwd", roofline=False),
+            "share_of_bound": _share_of_bound(training),
+        },
         "decode": _group(decode, "ratio_fwd", roofline=True),
         "gatelab_vs_hf_grouped_mm": [_against_hf(s) for s in shapes],
         "contended_vs_idle": (

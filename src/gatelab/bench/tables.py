@@ -11,6 +11,7 @@ _LABELS = {
     "gatelab_loop": "gatelab loop",
     "hf_eager": "HF eager",
     "hf_grouped_mm": "HF grouped_mm",
+    "gemm_bound": "GEMM bound",
     "dense_compiled": "dense compiled",
     "gatelab_grouped_compiled": "grouped compiled",
     "hf_grouped_mm_compiled": "HF gmm compiled",
@@ -114,6 +115,13 @@ def format_moe_summary(summary: dict, settings: dict) -> str:
             training["shapes"],
             training["variants"],
         )
+        share = training.get("share_of_bound")
+        if share is not None:
+            lines += [""] + _ratio_block(
+                "training shapes, GEMM bound time / gatelab grouped time:",
+                training["shapes"],
+                {"gatelab_grouped": share},
+            )
     if decode["shapes"]:
         if training["shapes"]:
             lines.append("")

@@ -1,5 +1,6 @@
 """What ``gatelab bench moe`` times on each shape: the equal-FLOP dense MLP, gatelab's MoE
-through each dispatcher, and HF's Mixtral block holding the very same parameters."""
+through each dispatcher, HF's Mixtral block holding the very same parameters, and (CPU
+training shapes) the layer's matrix products alone, a bound on any dispatcher's speed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dispatch import native
+from ..dispatch.cpu_threads import run_split, split_runner
 from ..layers import MoE
 from .shapes import Shape
 
@@ -22,6 +25,7 @@ VARIANTS = (
     "gatelab_loop",
     "hf_eager",
     "hf_grouped_mm",
+    "gemm_bound",
 )
 MOE_VARIANTS = VARIANTS[1:]
 COMPILED_VARIANTS = ("dense_compiled", "gatelab_grouped_compiled", "hf_grouped_mm_compiled")
@@ -98,6 +102,107 @@ def _redispatched(moe: MoE, dispatcher: str) -> Variant:
         dispatcher=dispatcher,
     ).eval()
     return Variant(layer, list(layer.parameters()))
+
+
+class _ExpertGemms:
+    """The matrix products of one MoE layer on one batch, in reused buffers: the router's
+    logits GEMM and its two gradient GEMMs, and for each expert, on the rows the router
+    sends it, the two forward and four backward GEMMs of the grouped dispatcher's split
+    strategy (SwiGLU experts: gate_up [E, 2F, D], down [E, D, F]). The rows sit in expert
+    order already and hold fixed random values (a GEMM's speed does not depend on them).
+
+    The experts' GEMMs run one thread each, shared out over torch's threads largest
+    expert first: in one C++ call per pass where the dispatcher's C++ part builds
+    (``native.gemms_only``: split's loop, its GEMMs alone; forward products of up to
+    ``native.ROWS_MAX`` rows take its few-row kernel, as split's do), else from Python
+    (``cpu_threads.run_split``). The router's GEMMs run on all threads.
+    """
+
+    def __init__(self, moe: MoE, x: Tensor):
+        with torch.no_grad():
+            experts = moe.router(x.reshape(-1, moe.dim)).experts
+        routed = experts[experts >= 0]
+        self.counts = torch.bincount(routed, minlength=moe.num_experts).tolist()
+        active = [e for e, count in enumerate(self.counts) if count]
+        self.order = sorted(active, key=lambda e: -self.counts[e])
+        rows, dim, ffn = routed.numel(), moe.dim, moe.hidden_dim
+        self.w_router = moe.router.weight.detach()
+        self.w_in = moe.experts.gate_up_proj.detach()  # [E, 2F, D]
+        self.w_out = moe.experts.down_proj.detach()  # [E, D, F]
+        like = {"device": x.device, "dtype": self.w_in.dtype}
+        self.xs, self.gy = torch.randn(rows, dim, **like), torch.randn(rows, dim, **like)
+        self.act, self.g_act = torch.randn(rows, ffn, **like), torch.empty(rows, ffn, **like)
+        self.hidden = torch.empty(rows, 2 * ffn, **like)
+        self.g_hidden = torch.randn(rows, 2 * ffn, **like)
+        self.y, self.g_xs = torch.empty(rows, dim, **like), torch.empty(rows, dim, **like)
+        self.g_w_in, self.g_w_out = torch.empty_like(self.w_in), torch.empty_like(self.w_out)
+        self.g_logits = torch.randn(x.shape[0], moe.num_experts, **like)
+        self.in_cpp = split_runner() == "team" and native.available() and bool(active)
+
+    def forward(self, x: Tensor) -> None:
+        torch.mm(x, self.w_router.t())  # the router's logits [T, E], a new tensor as there
+        self._experts(backward=False)
+
+    def backward(self, x: Tensor) -> Tensor:
+        """Runs the backward GEMMs; returns the router's gradient of x [T, D]."""
+        self._experts(backward=True)
+        torch.mm(self.g_logits.t(), x)  # the router weight's gradient [E, D]
+        return torch.mm(self.g_logits, self.w_router)
+
+    def _experts(self, backward: bool) -> None:
+        if self.in_cpp:
+            workers = min(torch.get_num_threads(), len(self.order))
+            native.gemms_only(
+                self.xs, self.act, self.gy, self.g_hidden, self.w_in, self.w_out,
+                self.counts, self.order, self.hidden, self.y, self.g_act, self.g_xs,
+                self.g_w_in, self.g_w_out, backward, native.ROWS_MAX, workers,
+            )  # fmt: skip
+            return
+        run_split(self._backward_expert if backward else self._forward_expert, self.counts)
+
+    def _forward_expert(self, e: int, start: int, count: int) -> None:
+        rows = slice(start, start + count)
+        torch.mm(self.xs[rows], self.w_in[e].t(), out=self.hidden[rows])
+        torch.mm(self.act[rows], self.w_out[e].t(), out=self.y[rows])
+
+    def _backward_expert(self, e: int, start: int, count: int) -> None:
+        rows = slice(start, start + count)
+        gy, act, g_hidden = self.gy[rows], self.act[rows], self.g_hidden[rows]
+        torch.mm(gy, self.w_out[e], out=self.g_act[rows])
+        torch.mm(gy.t(), act, out=self.g_w_out[e])
+        torch.mm(g_hidden.t(), self.xs[rows], out=self.g_w_in[e])
+        torch.mm(g_hidden, self.w_in[e], out=self.g_xs[rows])
+
+
+class _GemmsAlone(torch.autograd.Function):
+    """Runs :class:`_ExpertGemms` as a layer would: forward, and backward on ``backward()``."""
+
+    @staticmethod
+    def forward(ctx, x, gemms):
+        ctx.gemms = gemms
+        ctx.save_for_backward(x)
+        gemms.forward(x)
+        return x.new_empty(x.shape)  # never written or read: no pass over [T, D]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return ctx.gemms.backward(x), None
+
+
+def gemm_bound(moe: MoE, x: Tensor) -> Variant:
+    """The layer's matrix products alone on ``x``: a bound on the speed of a dispatcher
+    built on these GEMMs (CPU, training shapes).
+
+    The router's GEMMs and each expert's on the rows the router sends it for ``x``
+    (:class:`_ExpertGemms`), with nothing between them: no top-k, sort, gather,
+    activation or combine, and each expert's GEMMs one thread each, side by side, as
+    the split strategy runs them (note 6 of ``benchmarks/cpu_notes.py`` found that
+    arrangement at least as fast as two-thread GEMMs on every sweep shape). Dense time /
+    this time is how close to the dense MLP such a layer can get on this machine.
+    """
+    gemms = _ExpertGemms(moe, x)
+    return Variant(lambda inputs: _GemmsAlone.apply(inputs, gemms))
 
 
 def triton_available() -> bool:

@@ -1,6 +1,7 @@
 """The dispatcher's C++ parts, built on first use: split's expert loop, a small
 inference call's forward and the slots' sort (``split_experts.cpp``), and the few-row
-expert products (``few_rows.cpp``).
+expert products (``few_rows.cpp``); also split's GEMMs alone, which ``gatelab bench moe``
+times as a bound (``gemms_only``).
 
 Split runs each expert's whole pass on one single-threaded worker. From Python every
 expert costs ~25 small torch calls, and the workers' Python runs one at a time under
@@ -138,6 +139,12 @@ def forward(*args) -> None:
 def backward(*args) -> None:
     """``gatelab_split::backward``: see ``split_experts.cpp`` for the arguments."""
     torch.ops.gatelab_split.backward(*args)
+
+
+def gemms_only(*args) -> None:
+    """``gatelab_split::gemms_only``: split's GEMMs alone (``gatelab bench moe``'s bound);
+    see ``split_experts.cpp`` for the arguments."""
+    torch.ops.gatelab_split.gemms_only(*args)
 
 
 def rows_fit(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:

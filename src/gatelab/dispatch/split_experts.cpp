@@ -181,6 +181,31 @@ void split_backward(
   });
 }
 
+// Split's matrix products alone, nothing between them (``gatelab bench moe``'s GEMM
+// bound): forward hidden = xs @ w_in[e].T and y = act @ w_out[e].T (expert_linear, as
+// split_forward runs them), backward the four GEMMs of split_backward: g_act = gy @
+// w_out[e], g_w_out[e] = gy.T @ act, g_w_in[e] = g_hidden.T @ xs, g_xs = g_hidden @ w_in[e].
+void gemms_only(
+    const Tensor& xs, const Tensor& act, const Tensor& gy, const Tensor& g_hidden,
+    const Tensor& w_in, const Tensor& w_out, c10::IntArrayRef counts, c10::IntArrayRef order,
+    const Tensor& hidden, const Tensor& y, const Tensor& g_act, const Tensor& g_xs,
+    const Tensor& g_w_in, const Tensor& g_w_out, bool backward, int64_t few_rows,
+    int64_t workers) {
+  for_each_expert(counts, order, workers, [&](int64_t e, const Rows& rows) {
+    if (!backward) {
+      expert_linear(xs, w_in, e, rows, hidden, few_rows);
+      expert_linear(act, w_out, e, rows, y, few_rows);
+      return;
+    }
+    Tensor gy_e = rows(gy), g_hidden_e = rows(g_hidden), g_act_e = rows(g_act);
+    Tensor g_xs_e = rows(g_xs), g_w_out_e = g_w_out[e], g_w_in_e = g_w_in[e];
+    at::mm_out(g_act_e, gy_e, w_out[e]);
+    at::mm_out(g_w_out_e, gy_e.t(), rows(act));
+    at::mm_out(g_w_in_e, g_hidden_e.t(), rows(xs));
+    at::mm_out(g_xs_e, g_hidden_e, w_in[e]);
+  });
+}
+
 // One projection phase-wise over all experts, as grouped.grouped_linear runs it on CPU:
 // experts of 1 to ``few_rows`` rows in one few-row kernel call on ``workers`` threads,
 // larger ones one multi-threaded GEMM each (MKL's batched call gives these bits too).
@@ -318,6 +343,11 @@ TORCH_LIBRARY(gatelab_split, m) {
       "sort_slots(Tensor experts, int num_experts) -> (Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)");
   m.def(
+      "gemms_only(Tensor xs, Tensor act, Tensor gy, Tensor g_hidden, Tensor w_in, "
+      "Tensor w_out, int[] counts, int[] order, Tensor(a!) hidden, Tensor(b!) y, "
+      "Tensor(c!) g_act, Tensor(d!) g_xs, Tensor(e!) g_w_in, Tensor(f!) g_w_out, "
+      "bool backward, int few_rows, int workers) -> ()");
+  m.def(
       "small_forward(Tensor x, Tensor experts, Tensor weights, Tensor w_in, Tensor w_out, "
       "Tensor? b_in, Tensor? b_out, int activation, bool glu, int few_rows, int workers) "
       "-> Tensor");
@@ -327,5 +357,6 @@ TORCH_LIBRARY_IMPL(gatelab_split, CPU, m) {
   m.impl("forward", &split_forward);
   m.impl("backward", &split_backward);
   m.impl("sort_slots", &sort_slots);
+  m.impl("gemms_only", &gemms_only);
   m.impl("small_forward", &small_forward);
 }
