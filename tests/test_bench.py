@@ -394,6 +394,25 @@ def test_gemm_bound_runs_the_layers_products(in_cpp):
     assert out.shape == x.shape and x.grad.shape == x.shape
 
 
+def test_gemm_bound_takes_bf16_and_few_row_experts():
+    """bfloat16 experts of a few rows each: the C++ loop keeps MKL's GEMMs there (the
+    few-row kernel is float32 and float64 only), as split's forward does."""
+    from gatelab.bench.variants import _ExpertGemms, build_gatelab_moe
+
+    moe = build_gatelab_moe(Shape("t", 8, 16, 8, 5, 2), "cpu", torch.bfloat16)
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    gemms = _ExpertGemms(moe, x)
+    assert gemms.few == 0 and max(gemms.counts) <= 6
+    gemms.forward(x)
+    gemms.backward(x)
+    start = 0
+    for e, count in enumerate(gemms.counts):
+        rows = slice(start, start + count)
+        start += count
+        want = gemms.xs[rows].float() @ gemms.w_in[e].float().t()
+        torch.testing.assert_close(gemms.hidden[rows].float(), want, atol=0.05, rtol=0.02)
+
+
 def test_geomean():
     assert geomean([1.0, 4.0]) == pytest.approx(2.0)
     assert geomean([0.5]) == 0.5

@@ -114,7 +114,7 @@ class _ExpertGemms:
     The experts' GEMMs run one thread each, shared out over torch's threads largest
     expert first: in one C++ call per pass where the dispatcher's C++ part builds
     (``native.gemms_only``: split's loop, its GEMMs alone; forward products of up to
-    ``native.ROWS_MAX`` rows take its few-row kernel, as split's do), else from Python
+    ``native.ROWS_MAX`` rows take its few-row kernel where split's do), else from Python
     (``cpu_threads.run_split``). The router's GEMMs run on all threads.
     """
 
@@ -138,6 +138,9 @@ class _ExpertGemms:
         self.g_w_in, self.g_w_out = torch.empty_like(self.w_in), torch.empty_like(self.w_out)
         self.g_logits = torch.randn(x.shape[0], moe.num_experts, **like)
         self.in_cpp = split_runner() == "team" and native.available() and bool(active)
+        # The few-row kernel where split's forward takes it (float32 and float64).
+        fits = native.rows_fit(self.xs, self.w_in, self.hidden)
+        self.few = native.ROWS_MAX if fits and native.rows_fit(self.act, self.w_out, self.y) else 0
 
     def forward(self, x: Tensor) -> None:
         torch.mm(x, self.w_router.t())  # the router's logits [T, E], a new tensor as there
@@ -155,7 +158,7 @@ class _ExpertGemms:
             native.gemms_only(
                 self.xs, self.act, self.gy, self.g_hidden, self.w_in, self.w_out,
                 self.counts, self.order, self.hidden, self.y, self.g_act, self.g_xs,
-                self.g_w_in, self.g_w_out, backward, native.ROWS_MAX, workers,
+                self.g_w_in, self.g_w_out, backward, self.few, workers,
             )  # fmt: skip
             return
         run_split(self._backward_expert if backward else self._forward_expert, self.counts)
