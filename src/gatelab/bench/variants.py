@@ -1,6 +1,7 @@
 """What ``gatelab bench moe`` times on each shape: the equal-FLOP dense MLP, gatelab's MoE
 through each dispatcher, HF's Mixtral block holding the very same parameters, and (CPU
-training shapes) the layer's matrix products alone, a bound on any dispatcher's speed."""
+training shapes) the layer's matrix products alone, a bound on the speed of a dispatcher
+built on those GEMMs."""
 
 from __future__ import annotations
 
