@@ -573,7 +573,7 @@ def combine(
 
 def _combine_out(y: Tensor, routed, shape: tuple[int, int], deterministic: bool) -> Tensor:
     """:func:`combine` of the sorted rows ``y`` into [T, D]; on CPU outside torch.compile
-    :func:`_combine_routed`, which gives the same bits."""
+    :func:`_combine_routed`, which gives the same sums."""
     if _host_side(y):
         return _combine_routed(y, routed, shape)
     return combine(y, *padded_targets(routed, shape), shape, deterministic)
