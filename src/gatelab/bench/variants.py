@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dispatch import native
-from ..dispatch.cpu_threads import run_split, split_runner
+from ..dispatch.cpu_threads import run_split
+from ..dispatch.grouped import _native_split, split_few_rows
+from ..experts.activation import as_activation
 from ..layers import MoE
 from .shapes import Shape
 
@@ -113,10 +115,10 @@ class _ExpertGemms:
     order already and hold fixed random values (a GEMM's speed does not depend on them).
 
     The experts' GEMMs run one thread each, shared out over torch's threads largest
-    expert first: in one C++ call per pass where the dispatcher's C++ part builds
-    (``native.gemms_only``: split's loop, its GEMMs alone; forward products of up to
-    ``native.ROWS_MAX`` rows take its few-row kernel where split's do), else from Python
-    (``cpu_threads.run_split``). The router's GEMMs run on all threads.
+    expert first, where split runs them: in one C++ call per pass where split's pass is
+    in C++ (``native.gemms_only``: split's loop, its GEMMs alone; forward products of up
+    to ``native.ROWS_MAX`` rows take its few-row kernel where split's do), else from
+    Python (``cpu_threads.run_split``). The router's GEMMs run on all threads.
     """
 
     def __init__(self, moe: MoE, x: Tensor):
@@ -124,8 +126,6 @@ class _ExpertGemms:
             experts = moe.router(x.reshape(-1, moe.dim)).experts
         routed = experts[experts >= 0]
         self.counts = torch.bincount(routed, minlength=moe.num_experts).tolist()
-        active = [e for e, count in enumerate(self.counts) if count]
-        self.order = sorted(active, key=lambda e: -self.counts[e])
         rows, dim, ffn = routed.numel(), moe.dim, moe.hidden_dim
         self.w_router = moe.router.weight.detach()
         self.w_in = moe.experts.gate_up_proj.detach()  # [E, 2F, D]
@@ -138,10 +138,11 @@ class _ExpertGemms:
         self.y, self.g_xs = torch.empty(rows, dim, **like), torch.empty(rows, dim, **like)
         self.g_w_in, self.g_w_out = torch.empty_like(self.w_in), torch.empty_like(self.w_out)
         self.g_logits = torch.randn(x.shape[0], moe.num_experts, **like)
-        self.in_cpp = split_runner() == "team" and native.available() and bool(active)
-        # The few-row kernel where split's forward takes it (float32 and float64).
-        fits = native.rows_fit(self.xs, self.w_in, self.hidden)
-        self.few = native.ROWS_MAX if fits and native.rows_fit(self.act, self.w_out, self.y) else 0
+        # Where, in what order and on how many workers split runs these experts.
+        self.few = split_few_rows(self.xs, self.w_in, self.hidden, self.act, self.w_out, self.y)
+        activation = as_activation(moe.experts.weights().activate)
+        self.split = _native_split(activation, self.counts, self.few)
+        self.in_cpp = self.split is not None
 
     def forward(self, x: Tensor) -> None:
         torch.mm(x, self.w_router.t())  # the router's logits [T, E], a new tensor as there
@@ -154,11 +155,11 @@ class _ExpertGemms:
         return torch.mm(self.g_logits, self.w_router)
 
     def _experts(self, backward: bool) -> None:
-        if self.in_cpp:
-            workers = min(torch.get_num_threads(), len(self.order))
+        if self.split is not None:
+            order, _, _, workers = self.split
             native.gemms_only(
                 self.xs, self.act, self.gy, self.g_hidden, self.w_in, self.w_out,
-                self.counts, self.order, self.hidden, self.y, self.g_act, self.g_xs,
+                self.counts, order, self.hidden, self.y, self.g_act, self.g_xs,
                 self.g_w_in, self.g_w_out, backward, self.few, workers,
             )  # fmt: skip
             return

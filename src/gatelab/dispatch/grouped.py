@@ -355,10 +355,7 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
     xs, hidden, act, kept, y = buffers
     x = x.to(w_in.dtype)
     host_counts = counts.tolist()
-    # The few-row experts take the kernel phase-wise runs on them (grouped_linear), so
-    # that the two strategies keep the same bits.
-    fits = native.rows_fit(xs, w_in, hidden) and native.rows_fit(act, w_out, y)
-    few = native.ROWS_MAX if fits else 0
+    few = split_few_rows(xs, w_in, hidden, act, w_out, y)
     in_cpp = _native_split(activation, host_counts, few)
     if in_cpp is not None:
         order, kind, glu, workers = in_cpp
@@ -388,6 +385,15 @@ def _split_forward(inputs, routed, buffers) -> tuple[Tensor, Tensor, Tensor]:
 
     run_split(expert, host_counts)
     return hidden, act, y
+
+
+def split_few_rows(xs, w_in, hidden, act, w_out, y) -> int:
+    """Up to how many rows split's forward runs an expert's two products with the C++
+    few-row kernel (``native.ROWS_MAX`` where both take it, else 0): the kernel
+    phase-wise runs on such experts (``grouped_linear``), so the strategies keep the
+    same bits."""
+    fits = native.rows_fit(xs, w_in, hidden) and native.rows_fit(act, w_out, y)
+    return native.ROWS_MAX if fits else 0
 
 
 def _native_split(
