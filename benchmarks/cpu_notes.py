@@ -42,6 +42,15 @@ starts its own busy process for the contended half (``busy_processes``, as
 9. Phases against split with its pass in C++, idle, training (fwd+bwd) and inference
    shapes of 0.5 to 256 rows per expert, most below the Python loop's work threshold:
    where split in C++ starts to pay (``cpu_threads.SPLIT_NATIVE_MIN``).
+10. An expert's SwiGLU elementwise work on one thread, at the rows and width each
+    expert gets in the sweep's small-expert shapes: ``GLU.forward_into`` and
+    ``backward_into`` (what every strategy runs) against the SiLU and its backward
+    alone, which a fused one-pass kernel would still compute: what fusing the passes
+    could save (docs/benchmarks.md, issue 17's results at commit abe0281).
+11. A Mixtral router's selection, forward and backward without its GEMM: softmax, top-k
+    of the probabilities and renormalising (``TopKRouter(normalize=True)``, as HF's
+    Mixtral) against the same weights as a softmax over the k chosen logits, alternating,
+    at the sweep's router shapes (docs/benchmarks.md, the same section).
 """
 
 from __future__ import annotations
@@ -537,6 +546,97 @@ def note_split_rows() -> None:
             )
 
 
+# Rows per expert and expert width F of top1-16, fine-128, fine-short and fine.
+_EXPERT_SIZES = ((256, 128), (128, 64), (64, 256), (512, 256))
+
+
+def note_glu_passes() -> None:
+    from gatelab.experts.activation import GLU
+
+    with _one_thread():
+        for rows, ffn in _EXPERT_SIZES:
+            forward, silu, backward, silu_back = _glu_passes_us(GLU("silu"), rows, ffn)
+            print(
+                f"10. [{rows:3d} rows, F {ffn:3d}] forward_into {forward:6.1f} us (silu alone "
+                f"{silu:6.1f}), backward_into {backward:6.1f} us (silu_backward alone "
+                f"{silu_back:6.1f}): at most {forward + backward - silu - silu_back:6.1f} us "
+                "an expert for a fused kernel"
+            )
+
+
+def _glu_passes_us(glu, rows: int, ffn: int) -> tuple[float, float, float, float]:
+    """One expert's forward_into, its SiLU alone, backward_into, its SiLU backward alone (us)."""
+    hidden, scale = torch.randn(rows, 2 * ffn), torch.rand(rows, 1)
+    act, kept, grad_hidden = torch.empty(rows, ffn), torch.empty(rows, ffn), hidden.clone()
+    gate, grad = hidden[:, :ffn], torch.randn(rows, ffn)
+    scratch = grad.clone()
+
+    def backward():
+        scratch.copy_(grad)  # backward_into may overwrite its grad
+        glu.backward_into(hidden, scale, scratch, grad_hidden, kept)
+
+    forward = _median_us(lambda: glu.forward_into(hidden, scale, act, kept))
+    silu = _median_us(lambda: torch.ops.aten.silu.out(gate, out=kept))
+    copy = _median_us(lambda: scratch.copy_(grad))
+    silu_back = _median_us(
+        lambda: torch.ops.aten.silu_backward.grad_input(grad, gate, grad_input=act)
+    )
+    return forward, silu, _median_us(backward) - copy, silu_back
+
+
+def _median_us(fn, repeats: int = 2000) -> float:
+    """Mean us of ``repeats`` back-to-back calls after 50 warm-up calls (one call is too
+    short to time alone)."""
+    for _ in range(50):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread, as split's workers run an expert."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def note_router_selection() -> None:
+    # [T, E] and k of the routers of top1-16, fine-short, fine-128, fine and mid-32.
+    for tokens, experts, k in ((4096, 16, 1), (512, 64, 8), (2048, 128, 8), (4096, 64, 8),
+                               (2048, 32, 4)):  # fmt: skip
+        old, new = _alternating_ms(*_router_selections(tokens, experts, k), rounds=201)
+        print(
+            f"11. router [{tokens}, {experts}] k {k}: softmax, top-k, renormalise "
+            f"{statistics.median(old):.3f} ms, softmax of the chosen logits "
+            f"{statistics.median(new):.3f} ms (fwd+bwd)"
+        )
+
+
+def _router_selections(tokens: int, experts: int, k: int):
+    """Two ways to the same renormalised top-k weights, each run forward and backward."""
+    from gatelab.routing.routers import top_k  # torch.max at k = 1, else torch.topk
+
+    logits, grad = torch.randn(tokens, experts), torch.randn(tokens, k)
+
+    def renormalised():
+        chosen = logits.clone().requires_grad_()
+        probs, _ = top_k(chosen.softmax(-1), k)
+        (probs / probs.sum(-1, keepdim=True).clamp_min(1e-20)).backward(grad)
+
+    def chosen_softmax():
+        chosen = logits.clone().requires_grad_()
+        chosen.softmax(-1)  # the Routing's scores; outside the weights' graph
+        top_k(chosen, k)[0].softmax(-1).backward(grad)
+
+    return renormalised, chosen_softmax
+
+
 NOTES = {
     1: note_fresh_output,
     2: note_fresh_weight_grad,
@@ -547,6 +647,8 @@ NOTES = {
     7: note_decode_beside_a_busy_process,
     8: note_decode_rows,
     9: note_split_rows,
+    10: note_glu_passes,
+    11: note_router_selection,
 }
 
 
