@@ -51,6 +51,10 @@ starts its own busy process for the contended half (``busy_processes``, as
     of the probabilities and renormalising (``TopKRouter(normalize=True)``, as HF's
     Mixtral) against the same weights as a softmax over the k chosen logits, alternating,
     at the sweep's router shapes (docs/benchmarks.md, the same section).
+12. The router's gradient into the layer input: an MoE step as built against the same
+    step with the router reading a detached input (its weight gradient still computed),
+    alternating with the dense MLP, on top1-16 and fine-short. Two consumers of x give
+    autograd two fresh [T, D] gradients to add where the dense MLP has one.
 """
 
 from __future__ import annotations
@@ -637,6 +641,48 @@ def _router_selections(tokens: int, experts: int, k: int):
     return renormalised, chosen_softmax
 
 
+def note_router_input_grad() -> None:
+    from gatelab.bench.moe import measure
+    from gatelab.bench.shapes import parse_shape
+
+    for spec in ("top1-16=4096,256,128,16,1", "fine-short=512,512,256,64,8"):
+        shape = parse_shape(spec)
+        variants = _router_input_variants(shape)
+        x = torch.randn(shape.tokens, shape.dim, requires_grad=True)
+        result = measure(variants, x, torch.randn_like(x), 2, 21, None)
+        ms = {name: result[name]["fwd_bwd_s"] * 1e3 for name in variants}
+        print(
+            f"12. {shape.name}: fwd+bwd dense {ms['dense']:.2f} ms, MoE {ms['moe']:.2f} ms, "
+            f"MoE with the router's input detached {ms['detached']:.2f} ms (medians of 21)"
+        )
+
+
+def _router_input_variants(shape) -> dict:
+    """The dense MLP, the MoE layer, and the same layer whose router sees x detached."""
+    from gatelab.bench.variants import Variant, build_gatelab_moe, dense_mlp
+
+    torch.manual_seed(0)
+    moe = build_gatelab_moe(shape, "cpu", torch.float32)
+    detach = [False]
+    moe.router.register_forward_pre_hook(
+        lambda module, args: (args[0].detach(), *args[1:]) if detach[0] else None
+    )
+
+    def detached(x):
+        detach[0] = True
+        try:
+            return moe(x)
+        finally:
+            detach[0] = False
+
+    params = list(moe.parameters())
+    return {
+        "dense": dense_mlp(shape, "cpu", torch.float32),
+        "moe": Variant(moe, params),
+        "detached": Variant(detached, params),
+    }
+
+
 NOTES = {
     1: note_fresh_output,
     2: note_fresh_weight_grad,
@@ -649,6 +695,7 @@ NOTES = {
     9: note_split_rows,
     10: note_glu_passes,
     11: note_router_selection,
+    12: note_router_input_grad,
 }
 
 
