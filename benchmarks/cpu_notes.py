@@ -388,15 +388,6 @@ def note_decode_beside_a_busy_process() -> None:
     from gatelab.bench.common import busy_processes
     from gatelab.dispatch.grouped import _row_blocks
 
-    @contextlib.contextmanager
-    def single_threaded():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
     print("7. decode ops right after a two-thread op, ms median / mean (the mean shows stalls)")
     w, x = torch.randn(2048, 512), torch.randn(1, 512)
     blocks = _row_blocks(2048)
@@ -407,11 +398,11 @@ def note_decode_beside_a_busy_process() -> None:
         rows.new_zeros(2, 512).index_add_(0, tokens, rows)
 
     def index_add_one_thread():
-        with single_threaded():
+        with _one_thread():
             index_add()
 
     def bmm_one_thread():
-        with single_threaded():
+        with _one_thread():
             torch.bmm(w_blocks, col)
 
     ops = {
@@ -601,7 +592,7 @@ def _median_us(fn, repeats: int = 2000) -> float:
 
 @contextlib.contextmanager
 def _one_thread():
-    """torch on one thread, as split's workers run an expert."""
+    """torch on one thread (as split's workers run an expert), its count restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
