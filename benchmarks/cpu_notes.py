@@ -4,7 +4,8 @@
     python benchmarks/cpu_notes.py --only 3   # one note
 
 Everything compared is timed side by side in one process (median of 7 after 3 warm-up
-calls; note 5 alternates its variants round-robin). Run it on an idle machine; note 5
+calls; notes 5, 11 and 12 alternate their variants round-robin; note 10 takes the mean
+of 2,000 back-to-back calls of a few microseconds each). Run it on an idle machine; note 5
 starts its own busy process for the contended half (``busy_processes``, as
 ``gatelab bench moe --contended`` does); notes 5 and 6 run issue 17's training shapes.
 
@@ -570,16 +571,16 @@ def _glu_passes_us(glu, rows: int, ffn: int) -> tuple[float, float, float, float
         scratch.copy_(grad)  # backward_into may overwrite its grad
         glu.backward_into(hidden, scale, scratch, grad_hidden, kept)
 
-    forward = _median_us(lambda: glu.forward_into(hidden, scale, act, kept))
-    silu = _median_us(lambda: torch.ops.aten.silu.out(gate, out=kept))
-    copy = _median_us(lambda: scratch.copy_(grad))
-    silu_back = _median_us(
+    forward = _mean_us(lambda: glu.forward_into(hidden, scale, act, kept))
+    silu = _mean_us(lambda: torch.ops.aten.silu.out(gate, out=kept))
+    copy = _mean_us(lambda: scratch.copy_(grad))
+    silu_back = _mean_us(
         lambda: torch.ops.aten.silu_backward.grad_input(grad, gate, grad_input=act)
     )
-    return forward, silu, _median_us(backward) - copy, silu_back
+    return forward, silu, _mean_us(backward) - copy, silu_back
 
 
-def _median_us(fn, repeats: int = 2000) -> float:
+def _mean_us(fn, repeats: int = 2000) -> float:
     """Mean us of ``repeats`` back-to-back calls after 50 warm-up calls (one call is too
     short to time alone)."""
     for _ in range(50):
