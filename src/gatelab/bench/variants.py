@@ -142,7 +142,11 @@ class _ExpertGemms:
         self.few = split_few_rows(self.xs, self.w_in, self.hidden, self.act, self.w_out, self.y)
         activation = as_activation(moe.experts.weights().activate)
         self.split = _native_split(activation, self.counts, self.few)
-        self.in_cpp = self.split is not None
+
+    @property
+    def in_cpp(self) -> bool:
+        """Whether the experts' GEMMs run in split's C++ loop (else from Python)."""
+        return self.split is not None
 
     def forward(self, x: Tensor) -> None:
         torch.mm(x, self.w_router.t())  # the router's logits [T, E], a new tensor as there
